@@ -1,0 +1,1 @@
+"""NVIDIA CUDA backend (Triton kernels, cupy where Triton cannot serve). Registered; kernels pending."""

@@ -1,0 +1,1 @@
+"""The pure-PyTorch reference backend: the executable contract, on any torch device."""

@@ -1,0 +1,63 @@
+"""Reference backend: every operator through the references in ``hal.ops``, on any torch device.
+
+It is the numerical contract that ``hal conformance`` certifies other backends against, and the
+last link of fallback chains. Its priority is the lowest so that any available device backend
+wins automatic selection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hal.ops.ep import dispatch_layout_reference
+from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference
+from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
+from hal.ops.mla_reference import mla_decode_reference
+from hal.plugin import Availability, BackendInfo, hookimpl
+
+
+@hookimpl
+def hal_backend_info() -> BackendInfo:
+    return BackendInfo(description="pure PyTorch reference (Hopper numerics), any torch device", priority=0, device_types=None)
+
+
+@hookimpl
+def hal_backend_availability() -> Availability:
+    return Availability(True, device=f"torch {torch.__version__}, any device")
+
+
+@hookimpl
+def hal_mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal):
+    return mla_decode_reference(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+    )
+
+
+@hookimpl
+def hal_gemm_fp8_nt(a, a_scales, b, b_scales, out):
+    gemm_fp8_nt_reference(a, a_scales, b, b_scales, out)
+
+
+@hookimpl
+def hal_m_grouped_gemm_fp8_nt_contiguous(a, a_scales, b, b_scales, out, m_indices):
+    m_grouped_contiguous_reference(a, a_scales, b, b_scales, out, m_indices)
+
+
+@hookimpl
+def hal_m_grouped_gemm_fp8_nt_masked(a, a_scales, b, b_scales, out, masked_m, expected_m):
+    m_grouped_masked_reference(a, a_scales, b, b_scales, out, masked_m, expected_m)
+
+
+@hookimpl
+def hal_per_token_cast_to_fp8(x):
+    return per_token_cast_reference(x)
+
+
+@hookimpl
+def hal_per_block_cast_to_fp8(x):
+    return per_block_cast_reference(x)
+
+
+@hookimpl
+def hal_ep_dispatch_layout(topk_idx, num_experts, num_ranks):
+    return dispatch_layout_reference(topk_idx, num_experts, num_ranks)

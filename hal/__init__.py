@@ -1,0 +1,80 @@
+"""unihal: one interface for DeepSeek-class LLM kernels, with vendor backends as plugins.
+
+Operators (validated here, run on the selected backend)::
+
+    hal.get_mla_metadata, hal.flash_mla_with_kvcache                  # MLA decode (FlashMLA)
+    hal.gemm_fp8_fp8_bf16_nt                                          # FP8 GEMM (DeepGEMM)
+    hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous / _masked           # MoE grouped FP8 GEMM
+    hal.per_token_cast_to_fp8, hal.per_block_cast_to_fp8              # FP8 quantisation
+    hal.get_dispatch_layout                                           # EP layout (DeepEP)
+    hal.rebalance_experts                                             # EPLB (host-side planner)
+
+Backend selection: ``HAL_BACKEND=name`` or ``HAL_BACKEND=a,b`` (fallback chain),
+``HAL_BACKEND_<OPERATOR>=name`` per operator, :func:`use_backend` in code; see
+:mod:`hal.selection`. ``hal backends`` shows what this machine has.
+"""
+
+from hal.errors import (
+    ArgumentError,
+    BackendError,
+    BackendUnavailableError,
+    DeviceError,
+    DTypeError,
+    HalError,
+    LayoutError,
+    OperatorNotSupportedError,
+    ShapeError,
+    UnknownBackendError,
+    ValueRangeError,
+)
+from hal.operator import OPERATORS, Operator
+from hal.registry import Backend, backends, get_backend
+from hal.selection import Selection, select, use_backend
+from hal.ops.ep import get_dispatch_layout
+from hal.ops.eplb import rebalance_experts
+from hal.ops.fp8_quant import per_block_cast_to_fp8, per_token_cast_to_fp8
+from hal.ops.gemm import (
+    get_m_alignment_for_contiguous_layout,
+    gemm_fp8_fp8_bf16_nt,
+    m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
+    m_grouped_gemm_fp8_fp8_bf16_nt_masked,
+)
+from hal.ops.mla import flash_mla_with_kvcache, get_mla_metadata
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # operators
+    "get_mla_metadata",
+    "flash_mla_with_kvcache",
+    "gemm_fp8_fp8_bf16_nt",
+    "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+    "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+    "get_m_alignment_for_contiguous_layout",
+    "per_token_cast_to_fp8",
+    "per_block_cast_to_fp8",
+    "get_dispatch_layout",
+    "rebalance_experts",
+    # backends and selection
+    "Backend",
+    "backends",
+    "get_backend",
+    "Operator",
+    "OPERATORS",
+    "Selection",
+    "select",
+    "use_backend",
+    # errors
+    "HalError",
+    "ArgumentError",
+    "ShapeError",
+    "DTypeError",
+    "DeviceError",
+    "LayoutError",
+    "ValueRangeError",
+    "BackendError",
+    "UnknownBackendError",
+    "BackendUnavailableError",
+    "OperatorNotSupportedError",
+]

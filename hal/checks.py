@@ -1,0 +1,148 @@
+"""Argument checks shared by every operator: dtype, rank, shape, device, layout, value range.
+
+Each check raises the matching :mod:`hal.errors` type with the operator, the argument, what was
+expected, what was given and what to do. Value-range checks read tensor contents, which on an
+accelerator costs a device synchronisation: they run on CPU tensors always, on other devices
+unless ``HAL_CHECK_VALUES=0``, and never while a CUDA graph is being captured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from hal.errors import DeviceError, DTypeError, LayoutError, ShapeError, ValueRangeError
+
+__all__ = [
+    "FP8",
+    "expect_tensor",
+    "expect_same_device",
+    "expect_int",
+    "value_checks_enabled",
+    "expect_in_range",
+]
+
+FP8 = torch.float8_e4m3fn
+ENV_CHECK_VALUES = "HAL_CHECK_VALUES"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_text(shape: Sequence[int | None], dims: Sequence[str] | None) -> str:
+    parts = []
+    for i, size in enumerate(shape):
+        name = dims[i] if dims else None
+        if size is None:
+            parts.append(name or "*")
+        else:
+            parts.append(f"{name}={size}" if name else str(size))
+    return "[" + ", ".join(parts) + "]"
+
+
+def expect_tensor(
+    op: str,
+    name: str,
+    value: object,
+    *,
+    dtypes: torch.dtype | Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+    dims: Sequence[str] | None = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Check one tensor argument and return it.
+
+    Args:
+        op: operator name for messages.
+        name: argument name for messages.
+        value: the argument.
+        dtypes: accepted dtype(s).
+        shape: expected sizes; ``None`` entries accept any size (rank is still checked).
+        dims: names of the dimensions, used in messages (``("batch", "s_q", "h_q", "d")``).
+        contiguous: require a contiguous (row-major, dense) tensor.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise DTypeError(op, name, "a torch.Tensor", type(value).__name__, f"Pass '{name}' as a tensor.")
+    if dtypes is not None:
+        accepted = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
+        if value.dtype not in accepted:
+            wanted = " or ".join(_dtype_name(d) for d in accepted)
+            raise DTypeError(
+                op, name, f"dtype {wanted}", f"dtype {_dtype_name(value.dtype)}", f"Convert '{name}' with .to({wanted.split(' or ')[0]})."
+            )
+    if shape is not None:
+        actual = tuple(value.shape)
+        expected_text = _shape_text(shape, dims)
+        if len(actual) != len(shape):
+            raise ShapeError(
+                op, name, f"a {len(shape)}-d tensor of shape {expected_text}", f"a {len(actual)}-d tensor of shape {list(actual)}",
+                f"Reshape '{name}' to {expected_text}.",
+            )
+        for i, (want, got) in enumerate(zip(shape, actual)):
+            if want is not None and want != got:
+                dim = dims[i] if dims else f"dim {i}"
+                raise ShapeError(
+                    op, name, f"shape {expected_text}", f"shape {list(actual)} ({dim} is {got}, not {want})",
+                    f"Give '{name}' the shape {expected_text}.",
+                )
+    if contiguous and not value.is_contiguous():
+        raise LayoutError(
+            op, name, "a contiguous tensor", f"strides {tuple(value.stride())} for shape {list(value.shape)}",
+            f"Pass '{name}.contiguous()'.",
+        )
+    return value
+
+
+def expect_same_device(op: str, reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` must live on ``reference``'s device."""
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise DeviceError(
+                op, name, f"a tensor on {reference.device} (the device of '{reference_name}')", f"a tensor on {tensor.device}",
+                f"Move '{name}' with .to('{reference.device}').",
+            )
+
+
+def expect_int(op: str, name: str, value: object, *, minimum: int | None = None, allowed: Sequence[int] | None = None) -> int:
+    """Check a Python integer argument (bool rejected) and return it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DTypeError(op, name, "an int", type(value).__name__, f"Pass '{name}' as a Python int.")
+    if allowed is not None and value not in allowed:
+        raise ValueRangeError(op, name, "one of " + ", ".join(map(str, allowed)), str(value), f"Use a supported '{name}'.")
+    if minimum is not None and value < minimum:
+        raise ValueRangeError(op, name, f"an int >= {minimum}", str(value), f"Use '{name}' >= {minimum}.")
+    return value
+
+
+def value_checks_enabled(tensor: torch.Tensor) -> bool:
+    """Whether checks that read ``tensor``'s contents should run (see the module docstring)."""
+    if tensor.device.type == "cpu":
+        return True
+    if os.environ.get(ENV_CHECK_VALUES, "1").strip() in ("0", "false", "no", "off"):
+        return False
+    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def expect_in_range(
+    op: str, name: str, values: torch.Tensor, low: int, high: int, *, what: str, fix: str
+) -> None:
+    """Every element of ``values`` must satisfy ``low <= v < high`` (skipped per :func:`value_checks_enabled`).
+
+    Args:
+        what: description of the elements for the message (``"block ids"``).
+        fix: what the caller should do.
+    """
+    if values.numel() == 0 or not value_checks_enabled(values):
+        return
+    bad = (values < low) | (values >= high)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        where = f"[{', '.join(map(str, index))}]"
+        raise ValueRangeError(
+            op, name, f"{what} in [{low}, {high})", f"{int(values[index])} at {name}{where} ({int(bad.sum())} out of range)", fix
+        )

@@ -1,0 +1,84 @@
+"""The ``hal`` command line.
+
+``hal backends [--json]``: discovered backends, availability (and why not), operators, selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import hal
+from hal.report import backends_report
+
+
+def _print_backends(report: dict[str, Any], console: Console) -> None:
+    table = Table(title="Backends (entry-point group 'hal.backends')", show_lines=True)
+    table.add_column("backend", overflow="fold")
+    table.add_column("status", overflow="fold")
+    table.add_column("operators", overflow="fold")
+    for b in report["backends"]:
+        if b["available"]:
+            status = "[green]available[/]" + (" [yellow](simulated)[/]" if b["simulated"] else "")
+        else:
+            status = f"[red]unavailable[/]: {escape(b['reason'])}"
+        if b["device"]:
+            status += f"\ndevice: {escape(b['device'])}"
+        name = f"[bold]{escape(b['name'])}[/] (priority {b['priority']})\n{escape(b['description'])}\n[dim]{escape(b['source'])}[/]"
+        operators = "\n".join(b["operators"]) or "(none)"
+        table.add_row(name, status, operators)
+    console.print(table)
+
+    for device_type, per_op in report["selection"].items():
+        chosen = Table(title=f"Selection for {device_type} tensors")
+        chosen.add_column("operator", overflow="fold")
+        chosen.add_column("backend")
+        chosen.add_column("why", overflow="fold")
+        for op_name, pick in per_op.items():
+            if pick["backend"] is None:
+                chosen.add_row(op_name, "[red]none[/]", escape(pick["error"]))
+            else:
+                chosen.add_row(op_name, pick["backend"], escape(pick["reason"]))
+        console.print(chosen)
+    if report["environment"]:
+        console.print("Environment: " + escape(", ".join(f"{k}={v}" for k, v in report["environment"].items())))
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    report = backends_report()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_backends(report, Console())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hal", description="unihal: DeepSeek-class LLM kernels on any accelerator.")
+    parser.add_argument("--version", action="version", version=f"unihal {hal.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    backends = commands.add_parser("backends", help="list backends, their availability, operators and the selection")
+    backends.add_argument("--json", action="store_true", help="print the report as JSON")
+    backends.set_defaults(run=_cmd_backends)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except hal.HalError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Run an operator on the backend selected for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hal.operator import Operator
+from hal.selection import select
+
+__all__ = ["call"]
+
+
+def call(op: Operator, device_arg: str, device: torch.device, /, **arguments: Any) -> Any:
+    """Select the backend for ``op`` on ``device`` and call its implementation with ``arguments``.
+
+    Arguments must already be validated by the operator's spec (``hal.ops``).
+    """
+    selection = select(op, device.type, device_arg=device_arg)
+    implementation = selection.backend.impl(op.hook)
+    assert implementation is not None  # selection only returns backends that implement the hook
+    return implementation(**arguments)

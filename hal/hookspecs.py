@@ -1,0 +1,172 @@
+"""Every hook a backend may implement: the one file a vendor reads.
+
+A backend plugin is a module with ``@hal.plugin.hookimpl`` functions named as below. Two hooks
+describe the backend; each remaining hook is one operator. Operator hooks are never broadcast to
+every plugin: unihal validates the arguments (see ``hal.ops``), selects exactly one backend for
+the call and invokes that backend's implementation directly. An implementation therefore
+receives arguments that already satisfy the contract written in each docstring, and must follow
+the numerics of the reference in ``hal.ops`` within the tolerances of ``hal conformance``.
+
+Tensors arrive on a device listed in the backend's ``BackendInfo.device_types``.
+"""
+
+from __future__ import annotations
+
+import pluggy
+import torch
+
+from hal.plugin import PROJECT, Availability, BackendInfo
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+# --- backend description -------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_backend_info() -> BackendInfo:
+    """Static description of the backend (priority, accepted device types). Must not fail."""
+
+
+@hookspec(firstresult=True)
+def hal_backend_availability() -> Availability:
+    """Probe this machine. Called lazily once per process; exceptions mark the backend unavailable."""
+
+
+# --- MLA decode (FlashMLA) -----------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_get_mla_metadata(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional: the backend's own split-KV schedule for ``hal_mla_decode``.
+
+    Args:
+        cache_seqlens: int32 [batch], number of cached keys per sequence.
+        num_q_tokens_per_head_k: ``s_q * h_q // h_kv``.
+        num_heads_k: ``h_kv`` (1 for MLA).
+
+    Returns:
+        ``(tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [batch + 1])``.
+        Backends that omit this hook get the contract's scheduler
+        (:func:`hal.ops.mla.schedule_mla_splits`); every ``hal_mla_decode`` must accept that one.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_mla_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head latent attention decode over a paged KV cache.
+
+    Args:
+        q: [batch, s_q, h_q, d] bf16/fp16, d = 576 (512 latent + 64 rope).
+        k_cache: [num_blocks, 64, h_kv, d], dtype of q; V is its first ``head_dim_v`` channels.
+        block_table: int32 [batch, max_blocks_per_seq]; entries used by a sequence are valid ids.
+        cache_seqlens: int32 [batch], each <= max_blocks_per_seq * 64.
+        head_dim_v: 512.
+        tile_scheduler_metadata, num_splits: a schedule from ``hal_get_mla_metadata``.
+        softmax_scale: already resolved (default d ** -0.5 applied by the caller).
+        causal: already False when s_q == 1.
+
+    Returns:
+        ``(out [batch, s_q, h_q, head_dim_v] dtype of q, lse float32 [batch, h_q, s_q])``.
+    """
+
+
+# --- FP8 GEMM (DeepGEMM) -------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_gemm_fp8_nt(
+    a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, out: torch.Tensor
+) -> None:
+    """``out = (a * a_scales) @ (b * b_scales).T`` with fp32 accumulation, written in place.
+
+    Args:
+        a: float8_e4m3fn [M, K], contiguous (K-major); K % 128 == 0.
+        a_scales: float32 [M, K // 128], any strides (DeepGEMM's column-major TMA layout included).
+        b: float8_e4m3fn [N, K], contiguous (K-major).
+        b_scales: float32 [ceil(N / 128), K // 128], one scale per 128x128 block.
+        out: bfloat16 [M, N], contiguous; every element is overwritten.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_m_grouped_gemm_fp8_nt_contiguous(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    out: torch.Tensor,
+    m_indices: torch.Tensor,
+) -> None:
+    """MoE grouped GEMM, rows of ``a`` grouped contiguously by expert.
+
+    Args:
+        a: float8_e4m3fn [M, K]; a_scales float32 [M, K // 128].
+        b: float8_e4m3fn [G, N, K]; b_scales float32 [G, ceil(N / 128), K // 128].
+        out: bfloat16 [M, N].
+        m_indices: int32 [M], the group of each row in [0, G), or -1 for padding rows whose
+            output is unspecified (a backend may skip them).
+    """
+
+
+@hookspec(firstresult=True)
+def hal_m_grouped_gemm_fp8_nt_masked(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    out: torch.Tensor,
+    masked_m: torch.Tensor,
+    expected_m: int,
+) -> None:
+    """MoE grouped GEMM with a per-group row count (decode layout).
+
+    Args:
+        a: float8_e4m3fn [G, M_max, K]; a_scales float32 [G, M_max, K // 128].
+        b: float8_e4m3fn [G, N, K]; b_scales float32 [G, ceil(N / 128), K // 128].
+        out: bfloat16 [G, M_max, N]; rows at or beyond ``masked_m[g]`` must be left untouched.
+        masked_m: int32 [G], rows to compute per group, each <= M_max.
+        expected_m: a tuning hint (typical masked_m), never a bound.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise activations: x [M, K] (K % 128 == 0) -> (float8_e4m3fn [M, K], float32 [M, K // 128])."""
+
+
+@hookspec(firstresult=True)
+def hal_per_block_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise weights: x [N, K] -> (float8_e4m3fn [N, K], float32 [ceil(N/128), ceil(K/128)])."""
+
+
+# --- Expert parallelism (DeepEP) -----------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_ep_dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Where each token goes: see :func:`hal.ops.ep.get_dispatch_layout` for the full contract.
+
+    Args:
+        topk_idx: int64 [num_tokens, num_topk], expert ids in [0, num_experts) or -1.
+        num_experts: divisible by num_ranks.
+        num_ranks: size of the expert-parallel group.
+
+    Returns:
+        ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R // 8] or None when
+        R <= 8, num_tokens_per_expert int32 [E], is_token_in_rank bool [num_tokens, R])``.
+    """

@@ -1,0 +1,63 @@
+"""What ``hal backends`` shows: every backend, its availability, its operators, and the selection."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from hal import registry
+from hal.errors import HalError
+from hal.operator import OPERATORS
+from hal.selection import ENV_BACKEND, select
+
+__all__ = ["device_types_present", "backends_report"]
+
+
+def device_types_present() -> list[str]:
+    """Torch device types with a device on this machine (``cpu`` always)."""
+    types = ["cpu"]
+    if torch.cuda.is_available():
+        types.append("cuda")
+    return types
+
+
+def backends_report() -> dict[str, Any]:
+    """A JSON-serialisable description of discovery and selection on this machine."""
+    hooks = {op.hook: op.name for op in OPERATORS.values()}
+    backends = []
+    for backend in sorted(registry.backends().values(), key=lambda b: (-b.priority, b.name)):
+        availability = backend.availability()
+        info = backend.info
+        backends.append(
+            {
+                "name": backend.name,
+                "source": backend.source,
+                "description": info.description if info else "",
+                "priority": backend.priority,
+                "device_types": list(info.device_types) if info and info.device_types is not None else None,
+                "available": availability.available,
+                "reason": availability.reason,
+                "device": availability.device,
+                "simulated": availability.simulated,
+                "load_error": backend.load_error,
+                "operators": [hooks[h] for h in backend.implemented_hooks() if h in hooks],
+            }
+        )
+    selection: dict[str, dict[str, dict[str, str]]] = {}
+    for device_type in device_types_present():
+        per_op = selection.setdefault(device_type, {})
+        for op in OPERATORS.values():
+            try:
+                chosen = select(op, device_type)
+                per_op[op.name] = {"backend": chosen.backend.name, "reason": chosen.reason}
+            except HalError as exc:
+                per_op[op.name] = {"backend": None, "error": f"{type(exc).__name__}: {exc}"}
+    env_vars = [ENV_BACKEND] + [op.env_var for op in OPERATORS.values()]
+    return {
+        "backends": backends,
+        "operators": {op.name: {"family": op.family, "hook": op.hook, "summary": op.summary} for op in OPERATORS.values()},
+        "selection": selection,
+        "environment": {var: os.environ[var] for var in env_vars if os.environ.get(var)},
+    }

@@ -1,0 +1,228 @@
+"""Which backend runs an operator: environment variables, code scopes, fallback chains, auto.
+
+Precedence, first match wins:
+
+1. the innermost :func:`use_backend` scope that covers the operator (code is explicit and local);
+2. ``HAL_BACKEND_<OPERATOR>`` (e.g. ``HAL_BACKEND_MLA_DECODE=opencl``);
+3. ``HAL_BACKEND``;
+4. automatic: the highest-priority available backend that implements the operator for the
+   device the inputs live on.
+
+A value is one backend name or a comma-separated fallback chain (``cuda,reference``); ``auto``
+may appear in a chain and stands for step 4. A single name is a demand: if that backend is
+unavailable, lacks the operator or cannot take the inputs' device, a typed error says so and
+nothing else runs. In a chain, each skipped backend is logged once (logger ``hal``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from hal import registry
+from hal.errors import BackendUnavailableError, DeviceError, OperatorNotSupportedError, UnknownBackendError
+from hal.operator import Operator, get_operator
+from hal.registry import Backend
+
+__all__ = ["ENV_BACKEND", "AUTO", "Selection", "use_backend", "select", "parse_chain"]
+
+ENV_BACKEND = "HAL_BACKEND"
+AUTO = "auto"
+
+log = logging.getLogger("hal")
+
+# Stack of (operator name or None for every operator, chain, how it was written).
+_scopes: contextvars.ContextVar[tuple[tuple[str | None, tuple[str, ...], str], ...]] = contextvars.ContextVar(
+    "hal_backend_scopes", default=()
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of selecting a backend for one operator and device type.
+
+    Attributes:
+        op: the operator.
+        device_type: torch device type of the inputs (``"cpu"``, ``"cuda"``...).
+        backend: the backend that runs it.
+        source: what asked for it: ``"HAL_BACKEND=cuda,reference"``, ``"use_backend('x')"``, ``"auto"``.
+        skipped: ``"name: why"`` for each earlier candidate that could not serve.
+    """
+
+    op: Operator
+    device_type: str
+    backend: Backend
+    source: str
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        if self.source == AUTO:
+            text = f"auto: highest-priority available backend for {self.device_type} tensors"
+            if self.skipped:  # the reasons are in each backend's availability; names suffice here
+                text += " (passed over: " + ", ".join(s.split(":", 1)[0] for s in self.skipped) + ")"
+            return text
+        if self.skipped:
+            return f"{self.source}; skipped " + "; ".join(self.skipped)
+        return self.source
+
+
+def parse_chain(text: str | Sequence[str], *, source: str) -> tuple[str, ...]:
+    """Split ``"cuda, reference"`` into names and check each is a discovered backend (or ``auto``)."""
+    names = tuple(n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip())
+    if not names:
+        raise UnknownBackendError(f"{source}: empty backend name; known backends: {_known()}")
+    known = registry.backends()
+    for name in names:
+        if name != AUTO and name not in known:
+            raise UnknownBackendError(
+                f"{source}: unknown backend {name!r}. Known backends: {_known()} (or '{AUTO}'). "
+                "A backend is known once a package registers it under the 'hal.backends' entry-point group; "
+                "`hal backends` lists them."
+            )
+    return names
+
+
+def _known() -> str:
+    return ", ".join(sorted(registry.backends())) or "(none installed)"
+
+
+def _available_names() -> str:
+    names = [b.name for b in registry.backends().values() if b.available]
+    return ", ".join(sorted(names)) or "(none)"
+
+
+@contextlib.contextmanager
+def use_backend(spec: str | Sequence[str], *, op: str | None = None) -> Iterator[None]:
+    """Run the enclosed code with ``spec`` (a name or fallback chain) selected.
+
+    Args:
+        spec: ``"reference"``, ``"cuda,reference"`` or a list of names.
+        op: restrict the scope to one operator (``"mla_decode"``); default: every operator.
+
+    Scopes nest (the innermost covering scope wins), are per thread and per asyncio task, and
+    take precedence over the environment variables.
+    """
+    operator = get_operator(op).name if op is not None else None
+    shown = spec if isinstance(spec, str) else ",".join(spec)
+    where = f"use_backend({shown!r}" + (f", op={op!r})" if op else ")")
+    names = parse_chain(spec, source=where)
+    token = _scopes.set(_scopes.get() + ((operator, names, where),))
+    try:
+        yield
+    finally:
+        _scopes.reset(token)
+
+
+def _requested(op: Operator) -> tuple[tuple[str, ...] | None, str]:
+    for scope_op, names, where in reversed(_scopes.get()):
+        if scope_op is None or scope_op == op.name:
+            return names, where
+    for var in (op.env_var, ENV_BACKEND):
+        value = os.environ.get(var, "").strip()
+        if value:
+            source = f"{var}={value}"
+            return parse_chain(value, source=source), source
+    return None, AUTO
+
+
+def _why_not(backend: Backend, op: Operator, device_type: str) -> str | None:
+    if not backend.available:
+        return f"unavailable ({backend.availability().reason})"
+    if not backend.implements(op.hook):
+        return f"does not implement {op.name}"
+    if not backend.accepts_device(device_type):
+        accepted = ", ".join(backend.info.device_types or ()) if backend.info else ""
+        return f"takes {accepted} tensors, not {device_type}"
+    return None
+
+
+def _auto_order() -> list[Backend]:
+    return sorted(registry.backends().values(), key=lambda b: (-b.priority, b.name))
+
+
+def select(op: Operator | str, device_type: str = "cpu", *, device_arg: str = "inputs") -> Selection:
+    """Select the backend for ``op`` on tensors of ``device_type``; raise a typed error if none can.
+
+    Args:
+        op: the operator or its name.
+        device_type: ``tensor.device.type`` of the inputs.
+        device_arg: the argument whose device was inspected, named in device errors.
+    """
+    operator = op if isinstance(op, Operator) else get_operator(op)
+    chain, source = _requested(operator)
+    return _select_cached(operator, device_type, device_arg, chain, source, registry.generation())
+
+
+@functools.lru_cache(maxsize=512)
+def _select_cached(
+    op: Operator, device_type: str, device_arg: str, chain: tuple[str, ...] | None, source: str, _generation: int
+) -> Selection:
+    known = registry.backends()
+    explicit = chain is not None
+    candidates: list[Backend] = []
+    for name in chain or (AUTO,):
+        candidates.extend(_auto_order() if name == AUTO else [known[name]])
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for backend in candidates:
+        if backend.name in seen:
+            continue
+        seen.add(backend.name)
+        why = _why_not(backend, op, device_type)
+        if why is None:
+            selection = Selection(op, device_type, backend, source, tuple(skipped))
+            if explicit and skipped:
+                log.warning("hal: %s on %s tensors runs on '%s' (%s)", op.name, device_type, backend.name, selection.reason)
+            return selection
+        skipped.append(f"{backend.name}: {why}")
+    raise _no_backend_error(op, device_type, device_arg, source, candidates, skipped)
+
+
+def _no_backend_error(
+    op: Operator, device_type: str, device_arg: str, source: str, candidates: list[Backend], skipped: list[str]
+) -> Exception:
+    capable = sorted(
+        b.name for b in registry.backends().values() if _why_not(b, op, device_type) is None
+    )
+    alternatives = ", ".join(capable) or "(none)"
+    if len(candidates) == 1:
+        backend = candidates[0]
+        if not backend.available:
+            return BackendUnavailableError(
+                f"{op.name}: backend '{backend.name}' (selected by {source}) is unavailable: "
+                f"{backend.availability().reason}. Available backends: {_available_names()}. "
+                f"Select one of them, or give a fallback chain such as '{backend.name},reference'."
+            )
+        if not backend.implements(op.hook):
+            return OperatorNotSupportedError(
+                f"{op.name}: backend '{backend.name}' (selected by {source}) does not implement this operator. "
+                f"Backends that can run it on {device_type} tensors: {alternatives}; "
+                f"set {op.env_var}=<one of them> to override this operator alone."
+            )
+        accepted = ", ".join(backend.info.device_types or ()) if backend.info else "?"
+        return DeviceError(
+            op.name,
+            device_arg,
+            f"a tensor on {accepted} for backend '{backend.name}' (selected by {source})",
+            f"a tensor on {device_type}",
+            f"Move the inputs to {accepted}, or select a backend that takes {device_type} tensors: {alternatives}.",
+        )
+    reasons = "; ".join(skipped)
+    message = (
+        f"{op.name}: no backend in {source} can run it on {device_type} tensors ({reasons}). "
+        f"Backends that can: {alternatives}."
+    )
+    if all("unavailable" in s for s in skipped):
+        return BackendUnavailableError(message)
+    return OperatorNotSupportedError(message)
+
+
+def clear_cache() -> None:
+    """Forget cached selections (environment variables are re-read on every call anyway)."""
+    _select_cached.cache_clear()

@@ -1,0 +1,11 @@
+"""Operator specs: one module per family, each declaring its operators, their checks and references.
+
+- :mod:`hal.ops.mla`: MLA decode over a paged KV cache (FlashMLA).
+- :mod:`hal.ops.gemm`, :mod:`hal.ops.fp8_quant`: FP8 GEMMs with fine-grained scales (DeepGEMM).
+- :mod:`hal.ops.ep`: expert-parallel dispatch layout (DeepEP).
+- :mod:`hal.ops.eplb`: expert-parallel load balancing (EPLB), a host-side planner.
+
+Importing this package declares every operator in :data:`hal.operator.OPERATORS`.
+"""
+
+from hal.ops import ep, eplb, fp8_quant, gemm, mla  # noqa: F401  (declares the operators)

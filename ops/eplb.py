@@ -1,0 +1,177 @@
+"""Expert-parallel load balancing (DeepSeek's EPLB): where to replicate and place experts.
+
+A host-side planning step, not a device kernel: it runs on the CPU in every deployment (as in
+DeepSeek's release) and is therefore not dispatched to backends. Given per-layer load
+statistics it decides how many replicas each logical expert gets and on which physical slot
+(GPU) each replica lives.
+
+Hierarchical policy (when ``num_groups % num_nodes == 0``), DeepSeek's algorithm:
+
+1. pack expert groups onto nodes so that node loads balance (greedy, heaviest group first,
+   into the lightest node that still has room);
+2. within each node, replicate the expert with the highest load per replica, one replica at a
+   time, until the node's physical slots are used;
+3. pack the node's physical experts onto its GPUs the same greedy way.
+
+Otherwise the global policy runs the same steps with one group and one node. Ties are broken as
+DeepSeek's implementation breaks them (the lowest index wins), so results match it exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hal.errors import ShapeError, ValueRangeError
+
+__all__ = ["rebalance_experts", "balanced_packing", "replicate_experts"]
+
+_OP = "rebalance_experts"
+
+
+def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack n items per row into ``num_packs`` packs of n / num_packs items, balancing pack weight.
+
+    Args:
+        weight: float [rows, n], n divisible by num_packs.
+
+    Returns:
+        ``(pack int64 [rows, n], rank_in_pack int64 [rows, n])``.
+    """
+    rows, items = weight.shape
+    capacity = items // num_packs
+    if capacity == 1:
+        identity = torch.arange(items, dtype=torch.int64).expand(rows, items).clone()
+        return identity, torch.zeros(rows, items, dtype=torch.int64)
+    order = weight.float().sort(dim=-1, descending=True).indices
+    pack = torch.full((rows, items), -1, dtype=torch.int64)
+    rank_in_pack = torch.full((rows, items), -1, dtype=torch.int64)
+    for row in range(rows):
+        load = [0.0] * num_packs
+        count = [0] * num_packs
+        for item in order[row].tolist():
+            open_packs = [p for p in range(num_packs) if count[p] < capacity]
+            target = min(open_packs, key=load.__getitem__)
+            pack[row, item] = target
+            rank_in_pack[row, item] = count[target]
+            load[target] += float(weight[row, item])
+            count[target] += 1
+    return pack, rank_in_pack
+
+
+def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give extra replicas, one at a time, to the expert with the highest load per replica.
+
+    Args:
+        weight: float [rows, num_logical].
+        num_physical: slots per row, >= num_logical.
+
+    Returns:
+        ``(phy2log int64 [rows, num_physical], replica_rank int64 [rows, num_physical],
+        count int64 [rows, num_logical])``.
+    """
+    rows, num_logical = weight.shape
+    phy2log = torch.arange(num_physical, dtype=torch.int64).repeat(rows, 1)
+    replica_rank = torch.zeros(rows, num_physical, dtype=torch.int64)
+    count = torch.ones(rows, num_logical, dtype=torch.int64)
+    row_ids = torch.arange(rows)
+    for slot in range(num_logical, num_physical):
+        busiest = (weight / count).max(dim=-1).indices
+        phy2log[:, slot] = busiest
+        replica_rank[:, slot] = count[row_ids, busiest]
+        count[row_ids, busiest] += 1
+    return phy2log, replica_rank, count
+
+
+def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(perm)
+    inverse.scatter_(1, perm, torch.arange(perm.shape[1], dtype=torch.int64).expand_as(perm))
+    return inverse
+
+
+def _rebalance_hierarchical(
+    weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layers, num_logical = weight.shape
+    group_size = num_logical // num_groups
+    groups_per_node = num_groups // num_nodes
+    logical_per_node = num_logical // num_nodes
+    slots_per_gpu = num_physical // num_gpus
+
+    # 1. groups onto nodes; "mlog" numbers logical experts node by node in packed order.
+    group_load = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
+    group_node, group_rank = balanced_packing(group_load, num_nodes)
+    group_first_mlog = (group_node * groups_per_node + group_rank) * group_size
+    log2mlog = (group_first_mlog.unsqueeze(-1) + torch.arange(group_size)).flatten(-2)
+    mlog2log = _inverse_permutation(log2mlog)
+
+    # 2. replicas within each node (rows become (layer, node) pairs).
+    mlog_load = weight.gather(-1, mlog2log).view(-1, logical_per_node)
+    phy2mlog, phy_rank, mlog_count = replicate_experts(mlog_load, num_physical // num_nodes)
+
+    # 3. a node's physical experts onto its GPUs, by load per replica.
+    phy_load = (mlog_load / mlog_count).gather(-1, phy2mlog)
+    gpu, rank_on_gpu = balanced_packing(phy_load, num_gpus // num_nodes)
+    placed2phy = _inverse_permutation(gpu * slots_per_gpu + rank_on_gpu)
+
+    placed2mlog = phy2mlog.gather(-1, placed2phy).view(layers, num_nodes, -1)
+    placed2mlog = (placed2mlog + torch.arange(num_nodes).view(1, -1, 1) * logical_per_node).flatten(-2)
+    phy2log = mlog2log.gather(-1, placed2mlog)
+    replica_rank = phy_rank.gather(-1, placed2phy).view(layers, -1)
+    logcnt = mlog_count.view(layers, -1).gather(-1, log2mlog)
+    return phy2log, replica_rank, logcnt
+
+
+def _validate(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        actual = f"a {weight.dim()}-d tensor" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ShapeError(_OP, "weight", "a 2-d tensor [num_layers, num_logical_experts]", actual, "Pass one row of loads per layer.")
+    for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueRangeError(_OP, name, "a positive int", repr(value), f"Pass '{name}' as a positive int.")
+    num_logical = weight.shape[1]
+    rules = [
+        ("num_groups", num_logical % num_groups == 0, f"a divisor of the {num_logical} logical experts", num_groups),
+        ("num_replicas", num_replicas >= num_logical, f"at least the {num_logical} logical experts", num_replicas),
+        ("num_gpus", num_gpus % num_nodes == 0, f"a multiple of num_nodes={num_nodes}", num_gpus),
+        ("num_replicas", num_replicas % num_gpus == 0, f"a multiple of num_gpus={num_gpus}", num_replicas),
+    ]
+    for name, ok, expected, value in rules:
+        if not ok:
+            raise ValueRangeError(_OP, name, expected, str(value), "Choose sizes that divide evenly.")
+    if num_groups % num_nodes == 0 and num_logical % num_nodes:
+        raise ValueRangeError(_OP, "num_nodes", f"a divisor of the {num_logical} logical experts", str(num_nodes), "Choose sizes that divide evenly.")
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise ValueRangeError(_OP, "weight", "finite non-negative loads", "negative, NaN or infinite entries", "Pass token counts or load estimates.")
+
+
+def rebalance_experts(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plan expert replication and placement for balanced expert-parallel load.
+
+    Args:
+        weight: [num_layers, num_logical_experts] load statistics (any real dtype, any device).
+        num_replicas: physical expert slots, a multiple of num_gpus and >= num_logical_experts.
+        num_groups: expert groups (DeepSeek-V3's node-limited routing groups).
+        num_nodes: server nodes; the hierarchical policy runs when it divides num_groups.
+        num_gpus: GPUs in total, a multiple of num_nodes.
+
+    Returns:
+        ``phy2log`` int64 [num_layers, num_replicas]: the logical expert in each physical slot
+        (slots are numbered GPU by GPU). ``log2phy`` int64 [num_layers, num_logical_experts,
+        max_replicas]: the physical slots of each logical expert, -1 padded. ``logcnt`` int64
+        [num_layers, num_logical_experts]: replicas per logical expert. All on the CPU.
+    """
+    _validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    layers, num_logical = weight.shape
+    weight = weight.float().cpu()
+    if num_groups % num_nodes == 0:
+        phy2log, replica_rank, logcnt = _rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    else:
+        phy2log, replica_rank, logcnt = _rebalance_hierarchical(weight, num_replicas, 1, 1, num_gpus)
+    max_replicas = int(logcnt.max())
+    log2phy = torch.full((layers, num_logical, max_replicas), -1, dtype=torch.int64)
+    log2phy.view(layers, -1).scatter_(
+        -1, phy2log * max_replicas + replica_rank, torch.arange(num_replicas, dtype=torch.int64).expand(layers, -1)
+    )
+    return phy2log, log2phy, logcnt

@@ -1,0 +1,184 @@
+"""FP8 GEMMs with fine-grained scaling (DeepGEMM semantics): dense, MoE contiguous, MoE masked.
+
+Formats (DeepGEMM v1 "NT": both operands K-major):
+
+- LHS ``(A, sa)``: A float8_e4m3fn [M, K] contiguous; sa float32 [M, K // 128], one scale per
+  token per 128 channels. sa may have any strides, including DeepGEMM's column-major
+  TMA-aligned layout from ``get_col_major_tma_aligned_tensor``.
+- RHS ``(B, sb)``: B float8_e4m3fn [N, K] contiguous; sb float32 [ceil(N / 128), K // 128],
+  one scale per 128x128 block.
+- ``out`` bfloat16 [M, N] contiguous, written in place:
+  ``out = sum_k (A[m, k] * sa[m, k // 128]) * (B[n, k] * sb[n // 128, k // 128])`` in fp32.
+- K must be a multiple of 128. Grouped variants add a leading group dimension G to B and sb.
+
+Room for DeepGEMM's later API (v2: ``fp8_gemm_nt`` and nn/tn/tt, bf16 GEMMs, k-grouped weight
+gradients, UE8M0 packed scales) is left by declaring each variant as its own operator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
+from hal.dispatch import call
+from hal.errors import DTypeError, ShapeError, ValueRangeError
+from hal.operator import declare
+from hal.ops.fp8_quant import BLOCK
+
+__all__ = [
+    "GEMM_FP8_NT",
+    "M_GROUPED_CONTIGUOUS",
+    "M_GROUPED_MASKED",
+    "M_ALIGNMENT_CONTIGUOUS",
+    "gemm_fp8_fp8_bf16_nt",
+    "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+    "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+    "get_m_alignment_for_contiguous_layout",
+]
+
+M_ALIGNMENT_CONTIGUOUS = 128
+
+GEMM_FP8_NT = declare("gemm_fp8_nt", "hal_gemm_fp8_nt", "gemm", "FP8 GEMM, per-token LHS and 128x128 RHS scales (gemm_fp8_fp8_bf16_nt)")
+M_GROUPED_CONTIGUOUS = declare(
+    "m_grouped_gemm_fp8_nt_contiguous", "hal_m_grouped_gemm_fp8_nt_contiguous", "gemm",
+    "MoE grouped FP8 GEMM, rows grouped contiguously by expert (m_indices)",
+)
+M_GROUPED_MASKED = declare(
+    "m_grouped_gemm_fp8_nt_masked", "hal_m_grouped_gemm_fp8_nt_masked", "gemm",
+    "MoE grouped FP8 GEMM, fixed rows per expert with a per-expert count (masked_m)",
+)
+
+Operand = tuple[torch.Tensor, torch.Tensor]
+
+
+def get_m_alignment_for_contiguous_layout() -> int:
+    """Row alignment of each expert's segment in the contiguous layout (DeepGEMM: 128)."""
+    return M_ALIGNMENT_CONTIGUOUS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _unpack(op: str, name: str, operand: object) -> Operand:
+    if not (isinstance(operand, (tuple, list)) and len(operand) == 2):
+        raise DTypeError(op, name, "a pair (fp8 tensor, float32 scales)", type(operand).__name__, f"Pass '{name}' as (tensor, scales).")
+    return operand[0], operand[1]
+
+
+def _check_operands(
+    op: str, lhs: object, rhs: object, out: object, *, groups: int | None, lhs_groups: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check both operands and the output; ``groups`` is None for the dense GEMM.
+
+    ``lhs_groups`` says whether A carries the group dimension (masked layout) or not (contiguous).
+    """
+    a, sa = _unpack(op, "lhs", lhs)
+    b, sb = _unpack(op, "rhs", rhs)
+    g_dims: tuple[int | None, ...] = () if groups is None else (None,)
+    g_names: tuple[str, ...] = () if groups is None else ("G",)
+    a_lead = g_dims if lhs_groups else ()
+    a_names = g_names if lhs_groups else ()
+    expect_tensor(op, "lhs[0]", a, dtypes=FP8, shape=a_lead + (None, None), dims=a_names + ("M", "K"), contiguous=True)
+    m, k = a.shape[-2:]
+    if k % BLOCK:
+        raise ShapeError(op, "lhs[0]", f"K a multiple of {BLOCK}", f"K={k}", "Pad K to a multiple of 128 (zeros in both operands).")
+    expect_tensor(op, "rhs[0]", b, dtypes=FP8, shape=g_dims + (None, k), dims=g_names + ("N", "K"), contiguous=True)
+    n = b.shape[-2]
+    num_groups = b.shape[0] if groups is not None else None
+    lead = (num_groups,) if groups is not None else ()
+    expect_tensor(op, "lhs[1]", sa, dtypes=torch.float32, shape=(lead if lhs_groups else ()) + (m, k // BLOCK), dims=a_names + ("M", "K/128"))
+    expect_tensor(op, "rhs[1]", sb, dtypes=torch.float32, shape=lead + (_cdiv(n, BLOCK), k // BLOCK), dims=g_names + ("ceil(N/128)", "K/128"))
+    if lhs_groups:
+        expect_tensor(op, "lhs[0]", a, shape=lead + (m, k), dims=g_names + ("M", "K"))
+    out_shape = (lead if lhs_groups else ()) + (m, n)
+    expect_tensor(op, "out", out, dtypes=torch.bfloat16, shape=out_shape, dims=a_names + ("M", "N"), contiguous=True)
+    expect_same_device(op, "lhs[0]", a, **{"lhs[1]": sa, "rhs[0]": b, "rhs[1]": sb, "out": out})
+    return a, sa, b, sb, out
+
+
+def _check_contiguous_segments(op: str, m_indices: torch.Tensor) -> None:
+    """DeepGEMM's layout: M % 128 == 0 and each 128-row block is one group's rows, then padding."""
+    m = m_indices.shape[0]
+    if m % M_ALIGNMENT_CONTIGUOUS:
+        raise ShapeError(
+            op, "lhs[0]", f"M a multiple of {M_ALIGNMENT_CONTIGUOUS} (get_m_alignment_for_contiguous_layout())", f"M={m}",
+            "Pad each expert's rows to a multiple of 128 and mark the padding rows -1 in m_indices.",
+        )
+    if not value_checks_enabled(m_indices) or m == 0:
+        return
+    blocks = m_indices.view(-1, M_ALIGNMENT_CONTIGUOUS)
+    valid = blocks >= 0
+    mixed = (valid & (blocks != blocks[:, :1])).any(dim=1) | (valid[:, 1:] & ~valid[:, :-1]).any(dim=1)
+    if bool(mixed.any()):
+        block = int(mixed.nonzero()[0])
+        rows = f"rows {block * M_ALIGNMENT_CONTIGUOUS}..{(block + 1) * M_ALIGNMENT_CONTIGUOUS - 1}"
+        raise ValueRangeError(
+            op, "m_indices", "each 128-row block to hold one group's rows followed only by -1 padding",
+            f"{rows} holding {sorted(set(blocks[block].tolist()))}",
+            "Sort rows by expert and pad each expert's segment to a multiple of 128 rows with -1.",
+        )
+
+
+def gemm_fp8_fp8_bf16_nt(lhs: Operand, rhs: Operand, out: torch.Tensor) -> None:
+    """Dense FP8 GEMM ``out = lhs @ rhs.T`` with fine-grained scales (see the module docstring).
+
+    Args:
+        lhs: ``(A float8_e4m3fn [M, K], sa float32 [M, K // 128])``.
+        rhs: ``(B float8_e4m3fn [N, K], sb float32 [ceil(N / 128), K // 128])``.
+        out: bfloat16 [M, N], overwritten.
+    """
+    op = "gemm_fp8_fp8_bf16_nt"
+    a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=None, lhs_groups=False)
+    call(GEMM_FP8_NT, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Operand, rhs: Operand, out: torch.Tensor, m_indices: torch.Tensor) -> None:
+    """MoE grouped FP8 GEMM; A's rows are grouped contiguously by expert.
+
+    Args:
+        lhs: ``(A float8_e4m3fn [M, K], sa float32 [M, K // 128])``; M is a multiple of 128 and
+            each expert's segment of rows is padded to a multiple of 128 rows
+            (:func:`get_m_alignment_for_contiguous_layout`) with rows marked -1.
+        rhs: ``(B float8_e4m3fn [G, N, K], sb float32 [G, ceil(N / 128), K // 128])``.
+        out: bfloat16 [M, N]; rows whose m_indices is -1 are unspecified after the call.
+        m_indices: int32 [M], the expert of each row in [0, G), -1 for padding.
+    """
+    op = "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous"
+    a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=False)
+    expect_tensor(op, "m_indices", m_indices, dtypes=torch.int32, shape=(a.shape[0],), dims=("M",))
+    expect_same_device(op, "lhs[0]", a, m_indices=m_indices)
+    expect_in_range(
+        op, "m_indices", m_indices, -1, b.shape[0], what=f"group ids (-1 for padding; rhs has G={b.shape[0]} groups)",
+        fix="Each row's expert must index a group of rhs.",
+    )
+    _check_contiguous_segments(op, m_indices)
+    call(M_GROUPED_CONTIGUOUS, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out, m_indices=m_indices)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_masked(
+    lhs: Operand, rhs: Operand, out: torch.Tensor, masked_m: torch.Tensor, expected_m: int
+) -> None:
+    """MoE grouped FP8 GEMM over fixed-size per-expert slots, computing the first masked_m[g] rows.
+
+    Args:
+        lhs: ``(A float8_e4m3fn [G, M_max, K], sa float32 [G, M_max, K // 128])``.
+        rhs: ``(B float8_e4m3fn [G, N, K], sb float32 [G, ceil(N / 128), K // 128])``.
+        out: bfloat16 [G, M_max, N]; rows at or beyond masked_m[g] are left untouched.
+        masked_m: int32 [G], rows to compute per group, each in [0, M_max].
+        expected_m: hint for tuning (typical masked_m), a positive int.
+    """
+    op = "m_grouped_gemm_fp8_fp8_bf16_nt_masked"
+    a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=True)
+    groups, m_max = a.shape[0], a.shape[1]
+    expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(groups,), dims=("G",))
+    expect_same_device(op, "lhs[0]", a, masked_m=masked_m)
+    expect_int(op, "expected_m", expected_m, minimum=1)
+    expect_in_range(
+        op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max}, the rows of each lhs group)",
+        fix="Clamp masked_m to the rows each group holds, or allocate a larger M_max.",
+    )
+    call(
+        M_GROUPED_MASKED, "lhs[0]", a.device,
+        a=a, a_scales=sa, b=b, b_scales=sb, out=out, masked_m=masked_m, expected_m=expected_m,
+    )

@@ -1,0 +1,177 @@
+"""MLA decode over a paged KV cache (FlashMLA semantics): the contract, its checks, the entry points.
+
+Shapes (FlashMLA, DeepSeek-V2/V3):
+
+- ``q``: [batch, s_q, h_q, d], bf16 or fp16, d = 576 = 512 latent ("nope") + 64 rope channels.
+  The last dimension must be contiguous.
+- ``k_cache``: [num_blocks, 64, h_kv, d], dtype of q, last dimension contiguous. Pages hold 64
+  tokens; V is the first ``head_dim_v`` = 512 channels of the same cache (MLA absorbs the value
+  projection). h_q must be a multiple of h_kv (1 in DeepSeek's models).
+- ``block_table``: int32 [batch, max_blocks_per_seq]. Token t of sequence b lives at
+  ``k_cache[block_table[b, t // 64], t % 64]``; entries past a sequence's last page are ignored.
+- ``cache_seqlens``: int32 [batch], 0 <= seqlen <= max_blocks_per_seq * 64.
+- Results: ``out`` [batch, s_q, h_q, 512] dtype of q; ``lse`` float32 [batch, h_q, s_q] (note
+  the transposed order), natural-log log-sum-exp of the scaled scores.
+- ``causal`` with s_q > 1 (multi-token prediction): query i sees keys ``0 .. seqlen - s_q + i``.
+  With s_q == 1 causal has no effect.
+
+An FP8 KV cache (FlashMLA's later extension: fp8 latent with per-tile scales, rope in bf16)
+will arrive as a new ``k_cache`` dtype plus scale arguments; until then fp8 caches are rejected
+with a DTypeError rather than misread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
+from hal.dispatch import call
+from hal.errors import DTypeError, LayoutError, ShapeError, ValueRangeError
+from hal.operator import declare
+from hal.ops.mla_schedule import BLOCK_SIZE_N, METADATA_WIDTH, schedule_mla_splits
+from hal.selection import select
+
+__all__ = ["MLA_DECODE", "HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_BLOCK_SIZE", "get_mla_metadata", "flash_mla_with_kvcache", "validate_mla_decode"]
+
+HEAD_DIM_QK = 576
+HEAD_DIM_V = 512
+PAGE_BLOCK_SIZE = BLOCK_SIZE_N
+MLA_DTYPES = (torch.bfloat16, torch.float16)
+
+MLA_DECODE = declare("mla_decode", "hal_mla_decode", "mla", "MLA decode over a paged KV cache (flash_mla_with_kvcache)")
+
+_OP = "flash_mla_with_kvcache"
+_META_OP = "get_mla_metadata"
+
+
+def get_mla_metadata(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV schedule for :func:`flash_mla_with_kvcache`.
+
+    Args:
+        cache_seqlens: int32 [batch].
+        num_q_tokens_per_head_k: ``s_q * h_q // h_kv``.
+        num_heads_k: ``h_kv``.
+
+    Returns:
+        ``(tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [batch + 1])`` on the
+        device of ``cache_seqlens``. Comes from the backend selected for ``mla_decode`` when it
+        has its own scheduler, else from :func:`hal.ops.mla_schedule.schedule_mla_splits`.
+    """
+    expect_tensor(_META_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(None,), dims=("batch",))
+    expect_int(_META_OP, "num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
+    expect_int(_META_OP, "num_heads_k", num_heads_k, minimum=1)
+    backend = select(MLA_DECODE, cache_seqlens.device.type, device_arg="cache_seqlens").backend
+    scheduler = backend.impl("hal_get_mla_metadata")
+    if scheduler is None:
+        return schedule_mla_splits(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    return scheduler(
+        cache_seqlens=cache_seqlens, num_q_tokens_per_head_k=num_q_tokens_per_head_k, num_heads_k=num_heads_k
+    )
+
+
+def validate_mla_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None,
+    causal: bool,
+) -> tuple[float, bool]:
+    """Check every argument of :func:`flash_mla_with_kvcache`; return the resolved (scale, causal)."""
+    if isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.float8_e4m3fn:
+        raise DTypeError(
+            _OP, "k_cache", "dtype bfloat16 or float16 (dtype of q)", "dtype float8_e4m3fn",
+            "The FP8 KV cache is not supported yet; dequantise the cache to q's dtype.",
+        )
+    expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
+    batch, s_q, h_q, _ = q.shape
+    expect_tensor(
+        _OP, "k_cache", k_cache, dtypes=q.dtype, shape=(None, PAGE_BLOCK_SIZE, None, HEAD_DIM_QK),
+        dims=("num_blocks", "page_block_size", "h_kv", "d"),
+    )
+    num_blocks, _, h_kv, _ = k_cache.shape
+    for name, tensor in (("q", q), ("k_cache", k_cache)):
+        if tensor.numel() and tensor.stride(-1) != 1:
+            raise LayoutError(_OP, name, "a contiguous last dimension (stride 1)", f"stride {tensor.stride(-1)}", f"Pass '{name}.contiguous()'.")
+    if h_kv < 1 or h_q % h_kv != 0:
+        raise ShapeError(_OP, "k_cache", f"h_kv dividing h_q={h_q}", f"h_kv={h_kv}", "MLA uses one KV head (h_kv=1).")
+    expect_tensor(_OP, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks_per_seq"))
+    expect_tensor(_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(batch,), dims=("batch",))
+    expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
+    expect_tensor(
+        _OP, "tile_scheduler_metadata", tile_scheduler_metadata, dtypes=torch.int32, shape=(None, METADATA_WIDTH),
+        dims=("num_sm_parts", "8"),
+    )
+    expect_tensor(_OP, "num_splits", num_splits, dtypes=torch.int32, shape=(batch + 1,), dims=("batch+1",))
+    expect_same_device(
+        _OP, "q", q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits,
+    )
+    if softmax_scale is None:
+        softmax_scale = HEAD_DIM_QK**-0.5
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueRangeError(_OP, "softmax_scale", "a positive float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
+    causal = bool(causal) and s_q > 1
+    if value_checks_enabled(cache_seqlens):
+        _check_cache_contents(block_table, cache_seqlens, num_blocks, s_q, causal)
+    return float(softmax_scale), causal
+
+
+def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int, s_q: int, causal: bool) -> None:
+    capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
+    low = s_q if causal else 0
+    expect_in_range(
+        _OP, "cache_seqlens", cache_seqlens, low, capacity + 1,
+        what=f"sequence lengths (at least s_q={s_q} when causal; at most the block table's capacity "
+        f"{block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})" if causal else
+        f"sequence lengths (at most the block table's capacity {block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})",
+        fix="Widen block_table or shorten the sequence.",
+    )
+    pages_used = (cache_seqlens.long() + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]
+    expect_in_range(
+        _OP, "block_table", torch.where(used, block_table, 0), 0, num_blocks,
+        what=f"block ids of used pages (k_cache has {num_blocks} blocks)",
+        fix="Every page a sequence uses must index an existing k_cache block.",
+    )
+
+
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA decode attention over a paged KV cache (see the module docstring for the layouts).
+
+    Args:
+        q: [batch, s_q, h_q, 576] bf16/fp16.
+        k_cache: [num_blocks, 64, h_kv, 576], dtype of q.
+        block_table: int32 [batch, max_blocks_per_seq].
+        cache_seqlens: int32 [batch].
+        head_dim_v: 512.
+        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata`.
+        softmax_scale: default ``576 ** -0.5``.
+        causal: causal mask among the s_q query tokens.
+
+    Returns:
+        ``(out [batch, s_q, h_q, 512] dtype of q, lse float32 [batch, h_q, s_q])``.
+    """
+    scale, causal = validate_mla_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+    )
+    return call(
+        MLA_DECODE, "q", q.device,
+        q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, head_dim_v=head_dim_v,
+        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits, softmax_scale=scale, causal=causal,
+    )
