@@ -28,7 +28,8 @@ from hal.errors import (
     ValueRangeError,
 )
 from hal.operator import OPERATORS, Operator
-from hal.registry import Backend, backends, get_backend
+from hal.registry import Backend, get_backend
+from hal.registry import backends as list_backends
 from hal.selection import Selection, select, use_backend
 from hal.ops.ep import get_dispatch_layout
 from hal.ops.eplb import rebalance_experts
@@ -58,7 +59,7 @@ __all__ = [
     "rebalance_experts",
     # backends and selection
     "Backend",
-    "backends",
+    "list_backends",
     "get_backend",
     "Operator",
     "OPERATORS",

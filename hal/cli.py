@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,9 @@ from rich.markup import escape
 from rich.table import Table
 
 import hal
+from hal.operator import OPERATORS
 from hal.report import backends_report
+from hal.selection import ENV_BACKEND, parse_chain
 
 
 def _print_backends(report: dict[str, Any], console: Console) -> None:
@@ -51,7 +54,16 @@ def _print_backends(report: dict[str, Any], console: Console) -> None:
         console.print("Environment: " + escape(", ".join(f"{k}={v}" for k, v in report["environment"].items())))
 
 
+def _check_environment() -> None:
+    """A misspelt backend in a selection variable is a configuration error, not a table row."""
+    for var in [ENV_BACKEND] + [op.env_var for op in OPERATORS.values()]:
+        value = os.environ.get(var, "").strip()
+        if value:
+            parse_chain(value, source=f"{var}={value}")
+
+
 def _cmd_backends(args: argparse.Namespace) -> int:
+    _check_environment()
     report = backends_report()
     if args.json:
         json.dump(report, sys.stdout, indent=2)
