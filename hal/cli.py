@@ -1,6 +1,7 @@
 """The ``hal`` command line.
 
 ``hal backends [--json]``: discovered backends, availability (and why not), operators, selection.
+``hal conformance [...]``: certify backends against the reference (see ``hal conformance -h``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import hal
+from hal import cli_conformance
 from hal.operator import OPERATORS
 from hal.report import backends_report
 from hal.selection import ENV_BACKEND, parse_chain
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     backends = commands.add_parser("backends", help="list backends, their availability, operators and the selection")
     backends.add_argument("--json", action="store_true", help="print the report as JSON")
     backends.set_defaults(run=_cmd_backends)
+    cli_conformance.add_parser(commands)
     return parser
 
 

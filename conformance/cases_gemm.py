@@ -1,0 +1,221 @@
+"""Conformance cases for the FP8 GEMMs and the FP8 casts (DeepGEMM semantics).
+
+Operands are quantised by the reference casts from bf16 data whose magnitude varies by orders
+of magnitude from one 128-channel slice (LHS) or 128x128 block (RHS) to the next, so a backend
+that applies a scale to the wrong slice is far off, not within rounding. In-place outputs are
+filled with NaN before the run: unwritten elements fail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import hal
+from hal.conformance.case import Case, Family, Measurement, Tensors, judge
+from hal.ops.fp8_quant import BLOCK, dequantize_per_block, dequantize_per_token, per_block_cast_reference, per_token_cast_reference
+from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
+
+__all__ = ["gemm_cases", "cast_cases"]
+
+# (N, K) of the projections DeepGEMM benchmarks for DeepSeek-V3.
+DEEPSEEK_V3_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+
+
+def _ranged(rows: int, cols: int, generator: torch.Generator, row_block: int) -> torch.Tensor:
+    """N(0, 1) data scaled by a log-normal factor per (row_block x 128) tile, as bf16."""
+    tiles = torch.exp(torch.randn(math.ceil(rows / row_block), math.ceil(cols / BLOCK), generator=generator) * 2.0)
+    factor = tiles.repeat_interleave(row_block, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    return (torch.randn(rows, cols, generator=generator) * factor).to(torch.bfloat16)
+
+
+def _lhs(m: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return per_token_cast_reference(_ranged(m, k, generator, row_block=1))
+
+
+def _rhs(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return per_block_cast_reference(_ranged(n, k, generator, row_block=BLOCK))
+
+
+def _tma_aligned(scales: torch.Tensor) -> torch.Tensor:
+    """The same values in DeepGEMM's column-major layout with M padded to a multiple of 4."""
+    m, cols = scales.shape
+    storage = torch.empty(cols, math.ceil(m / 4) * 4, dtype=scales.dtype)
+    storage[:, :m] = scales.t()
+    return storage[:, :m].t()
+
+
+def _poisoned(*shape: int) -> torch.Tensor:
+    return torch.full(shape, math.nan, dtype=torch.bfloat16)
+
+
+class DenseGemmFamily(Family):
+    op = "gemm_fp8_nt"
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        m, n, k = params["m"], params["n"], params["k"]
+        a, sa = _lhs(m, k, generator)
+        if params.get("tma_scales"):
+            sa = _tma_aligned(sa)
+        b, sb = _rhs(n, k, generator)
+        return {"a": a, "sa": sa, "b": b, "sb": sb, "out": _poisoned(m, n)}
+
+    def run(self, inputs: Tensors) -> Tensors:
+        hal.gemm_fp8_fp8_bf16_nt((inputs["a"], inputs["sa"]), (inputs["b"], inputs["sb"]), inputs["out"])
+        return {"out": inputs["out"]}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        out = torch.empty_like(inputs["out"])
+        gemm_fp8_nt_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out)
+        return {"out": out}
+
+
+class ContiguousGemmFamily(Family):
+    op = "m_grouped_gemm_fp8_nt_contiguous"
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        groups, expected_m, n, k = params["groups"], params["expected_m"], params["n"], params["k"]
+        sizes = [max(1, int(expected_m * (0.7 + 0.6 * float(torch.rand(1, generator=generator))))) for _ in range(groups)]
+        if params.get("empty_group"):
+            sizes[groups // 2] = 0
+        padded = [math.ceil(s / BLOCK) * BLOCK for s in sizes]
+        m_indices = torch.cat(
+            [torch.tensor([g] * s + [-1] * (p - s), dtype=torch.int32) for g, (s, p) in enumerate(zip(sizes, padded))]
+        )
+        m = int(m_indices.numel())
+        a, sa = _lhs(m, k, generator)
+        b_parts = [_rhs(n, k, generator) for _ in range(groups)]
+        b = torch.stack([p[0] for p in b_parts])
+        sb = torch.stack([p[1] for p in b_parts])
+        return {"a": a, "sa": sa, "b": b, "sb": sb, "out": _poisoned(m, n), "m_indices": m_indices}
+
+    def run(self, inputs: Tensors) -> Tensors:
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(
+            (inputs["a"], inputs["sa"]), (inputs["b"], inputs["sb"]), inputs["out"], inputs["m_indices"]
+        )
+        return {"out": inputs["out"]}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        out = torch.empty_like(inputs["out"])
+        m_grouped_contiguous_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, inputs["m_indices"])
+        return {"out": out}
+
+    def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
+        rows = inputs["m_indices"] >= 0  # padding rows are unspecified, as in DeepGEMM's test
+        return [judge(self.op, "out", got["out"][rows], expected["out"][rows])]
+
+
+class MaskedGemmFamily(Family):
+    op = "m_grouped_gemm_fp8_nt_masked"
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        groups, m_max, n, k = params["groups"], params["m_max"], params["n"], params["k"]
+        masked = torch.randint(0, m_max + 1, (groups,), generator=generator, dtype=torch.int32)
+        masked[0] = m_max
+        if groups > 1:
+            masked[-1] = 0
+        a_parts = [_lhs(m_max, k, generator) for _ in range(groups)]
+        b_parts = [_rhs(n, k, generator) for _ in range(groups)]
+        return {
+            "a": torch.stack([p[0] for p in a_parts]),
+            "sa": torch.stack([p[1] for p in a_parts]),
+            "b": torch.stack([p[0] for p in b_parts]),
+            "sb": torch.stack([p[1] for p in b_parts]),
+            "out": _poisoned(groups, m_max, n),
+            "masked_m": masked,
+            "expected_m": max(1, params.get("expected_m", m_max // 2)),
+        }
+
+    def run(self, inputs: Tensors) -> Tensors:
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(
+            (inputs["a"], inputs["sa"]), (inputs["b"], inputs["sb"]), inputs["out"], inputs["masked_m"], inputs["expected_m"]
+        )
+        return {"out": inputs["out"]}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        out = _poisoned(*inputs["out"].shape)
+        m_grouped_masked_reference(
+            inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, inputs["masked_m"], inputs["expected_m"]
+        )
+        return {"out": out}
+
+    def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
+        rows = torch.arange(got["out"].shape[1])[None, :] < inputs["masked_m"][:, None].long()
+        measurements = [judge(self.op, "out", got["out"][rows], expected["out"][rows])]
+        beyond = got["out"][~rows]
+        if not bool(torch.isnan(beyond).all()):
+            touched = int((~torch.isnan(beyond)).sum())
+            measurements.append(Measurement("out", "untouched", math.inf, 0, False, f"{touched} element(s) beyond masked_m were written"))
+        return measurements
+
+
+class CastFamily(Family):
+    """Both casts; ``op`` selects per-token or per-block."""
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        self.per_token = op == "per_token_cast_to_fp8"
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        rows, cols = params["rows"], params["cols"]
+        return {"x": _ranged(rows, cols, generator, row_block=1 if self.per_token else BLOCK).to(params.get("dtype", torch.bfloat16))}
+
+    def run(self, inputs: Tensors) -> Tensors:
+        cast = hal.per_token_cast_to_fp8 if self.per_token else hal.per_block_cast_to_fp8
+        values, scales = cast(inputs["x"])
+        return {"values": values, "scales": scales}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        cast = per_token_cast_reference if self.per_token else per_block_cast_reference
+        values, scales = cast(inputs["x"])
+        return {"values": values, "scales": scales}
+
+    def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
+        if got["values"].dtype != torch.float8_e4m3fn:
+            return [Measurement("dequantized", "dtype", math.inf, 0, False, f"values dtype {got['values'].dtype}, expected float8_e4m3fn")]
+        measurements = [judge(self.op, "scales", got["scales"], expected["scales"])]
+        if tuple(got["values"].shape) != tuple(expected["values"].shape) or not measurements[0].passed:
+            measurements.append(judge(self.op, "dequantized", got["values"].float(), expected["values"].float()))
+            return measurements
+        dequantize = dequantize_per_token if self.per_token else dequantize_per_block
+        measurements.append(
+            judge(self.op, "dequantized", dequantize(got["values"], got["scales"]), dequantize(expected["values"], expected["scales"]))
+        )
+        return measurements
+
+
+def gemm_cases() -> list[Case]:
+    dense, contiguous, masked = DenseGemmFamily(), ContiguousGemmFamily(), MaskedGemmFamily()
+    cases: list[Case] = []
+    quick_dense = [(1, 128, 128), (7, 256, 256), (64, 200, 384), (129, 128, 256)]
+    for i, (m, n, k) in enumerate(quick_dense):
+        cases.append(Case(dense, f"m{m}-n{n}-k{k}", {"m": m, "n": n, "k": k}, quick=True, seed=i))
+    cases.append(Case(dense, "m37-n128-k256-tma_scales", {"m": 37, "n": 128, "k": 256, "tma_scales": True}, quick=True, seed=9))
+    for i, (n, k) in enumerate(DEEPSEEK_V3_NK):
+        for j, m in enumerate((1, 64, 128, 4096, 4095)):
+            cases.append(Case(dense, f"m{m}-n{n}-k{k}", {"m": m, "n": n, "k": k}, quick=False, seed=100 + 10 * i + j))
+    cases.append(Case(contiguous, "g4-m100-n128-k256", {"groups": 4, "expected_m": 100, "n": 128, "k": 256}, quick=True, seed=20))
+    cases.append(
+        Case(contiguous, "g5-m60-n256-k128-emptygroup", {"groups": 5, "expected_m": 60, "n": 256, "k": 128, "empty_group": True}, quick=True, seed=21)
+    )
+    for i, (g, m, n, k) in enumerate([(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048), (32, 256, 4096, 7168)]):
+        cases.append(Case(contiguous, f"g{g}-m{m}-n{n}-k{k}", {"groups": g, "expected_m": m, "n": n, "k": k}, quick=False, seed=200 + i))
+    cases.append(Case(masked, "g4-m32-n128-k256", {"groups": 4, "m_max": 32, "n": 128, "k": 256}, quick=True, seed=30))
+    cases.append(Case(masked, "g2-m64-n200-k128", {"groups": 2, "m_max": 64, "n": 200, "k": 128}, quick=True, seed=31))
+    for i, (g, m) in enumerate([(4, 256), (8, 128), (16, 64), (32, 32)]):
+        for j, (n, k) in enumerate([(4096, 7168), (7168, 2048)]):
+            cases.append(Case(masked, f"g{g}-m{m}-n{n}-k{k}", {"groups": g, "m_max": m, "n": n, "k": k}, quick=False, seed=300 + 10 * i + j))
+    return cases
+
+
+def cast_cases() -> list[Case]:
+    cases: list[Case] = []
+    for op in ("per_token_cast_to_fp8", "per_block_cast_to_fp8"):
+        family = CastFamily(op)
+        shapes = [(5, 256), (130, 384)] if op == "per_token_cast_to_fp8" else [(5, 256), (130, 200), (300, 7)]
+        cases += [Case(family, f"{r}x{c}", {"rows": r, "cols": c}, quick=True, seed=40 + i) for i, (r, c) in enumerate(shapes)]
+        cases.append(Case(family, "4096x7168", {"rows": 4096, "cols": 7168}, quick=False, seed=49))
+    return cases
