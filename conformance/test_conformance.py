@@ -1,0 +1,11 @@
+"""The conformance catalogue as pytest tests: ``pytest --pyargs hal.conformance --hal-backend=NAME``."""
+
+from __future__ import annotations
+
+from hal.conformance.runner import execute, pick_device
+
+
+def test_case(hal_backend_name, hal_conformance_case):
+    result = execute(hal_conformance_case, hal_backend_name, pick_device(hal_backend_name))
+    details = "; ".join(f"{m.output} {m.metric}={m.value:.3g} (threshold {m.threshold:g})" for m in result.measurements)
+    assert result.passed, f"{result.status}: {result.reason} [{details}]"
