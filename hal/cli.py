@@ -2,6 +2,7 @@
 
 ``hal backends [--json]``: discovered backends, availability (and why not), operators, selection.
 ``hal conformance [...]``: certify backends against the reference (see ``hal conformance -h``).
+``hal bench [...]``: time backends and peers, fractions of measured peak (see ``hal bench -h``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import hal
-from hal import cli_conformance
+from hal import cli_bench, cli_conformance
 from hal.operator import OPERATORS
 from hal.report import backends_report
 from hal.selection import ENV_BACKEND, parse_chain
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("--json", action="store_true", help="print the report as JSON")
     backends.set_defaults(run=_cmd_backends)
     cli_conformance.add_parser(commands)
+    cli_bench.add_parser(commands)
     return parser
 
 

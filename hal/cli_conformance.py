@@ -36,15 +36,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _backends(requested: list[str]) -> list[str]:
+def resolve_backends(requested: list[str], command: str) -> list[str]:
+    """The backends a command runs on: those named (each must be known and available), else every available one."""
     known = registry.backends()
     if not requested:
         return [name for name, b in sorted(known.items(), key=lambda kv: (-kv[1].priority, kv[0])) if b.available]
     for name in requested:
         if name not in known:
-            raise UnknownBackendError(f"hal conformance: unknown backend {name!r}; known backends: {', '.join(sorted(known))}")
+            raise UnknownBackendError(f"{command}: unknown backend {name!r}; known backends: {', '.join(sorted(known))}")
         if not known[name].available:
-            raise BackendUnavailableError(f"hal conformance: backend {name!r} is unavailable: {known[name].availability().reason}")
+            raise BackendUnavailableError(f"{command}: backend {name!r} is unavailable: {known[name].availability().reason}")
     return requested
 
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         console.print("[red]no case matches the filters[/]")
         return 2
-    backends = _backends(args.backend)
+    backends = resolve_backends(args.backend, "hal conformance")
     console.print(f"Conformance ({mode}): {len(cases)} cases x {len(backends)} backend(s): {', '.join(backends)}")
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as progress:

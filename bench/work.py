@@ -1,0 +1,76 @@
+"""The work each operator does for given inputs: minimum bytes moved and FLOPs.
+
+Bytes count each input read once and each output written once (what a perfect kernel moves);
+FLOPs count multiply-adds as two. The bound a case is judged against is whichever of
+bytes / copy bandwidth and FLOPs / matmul rate is larger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hal.conformance.case import Tensors
+from hal.ops.mla import HEAD_DIM_QK, HEAD_DIM_V
+
+__all__ = ["Work", "work_of"]
+
+
+@dataclass(frozen=True)
+class Work:
+    bytes: float
+    flops: float
+
+
+def _nbytes(*tensors) -> float:
+    return float(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _mla(inputs: Tensors) -> Work:
+    q = inputs["q"]
+    batch, s_q, h_q, _ = q.shape
+    keys = float(inputs["cache_seqlens"].sum())
+    item = q.element_size()
+    kv_bytes = keys * HEAD_DIM_QK * item  # each sequence's keys once; V is inside K
+    out_bytes = batch * s_q * h_q * (HEAD_DIM_V * item + 4)
+    flops = 2.0 * s_q * h_q * keys * (HEAD_DIM_QK + HEAD_DIM_V)
+    return Work(_nbytes(q, inputs["block_table"]) + kv_bytes + out_bytes, flops)
+
+
+def _gemm(inputs: Tensors) -> Work:
+    a, b, out = inputs["a"], inputs["b"], inputs["out"]
+    k = a.shape[-1]
+    if "m_indices" in inputs:
+        rows = float((inputs["m_indices"] >= 0).sum())
+    elif "masked_m" in inputs:
+        rows = float(inputs["masked_m"].sum())
+    else:
+        rows = float(a.shape[0])
+    n = b.shape[-2]
+    bytes_ = rows * k + _nbytes(b, inputs["sb"]) + rows * (k // 128) * 4 + rows * n * out.element_size()
+    return Work(bytes_, 2.0 * rows * n * k)
+
+
+def _cast(inputs: Tensors) -> Work:
+    x = inputs["x"]
+    return Work(_nbytes(x) + x.numel() * (1 + 4 / 128), 0.0)
+
+
+def _layout(inputs: Tensors) -> Work:
+    topk = inputs["topk_idx"]
+    ranks = inputs["num_ranks"]
+    return Work(_nbytes(topk) + topk.shape[0] * ranks + 4 * (ranks + inputs["num_experts"]), 0.0)
+
+
+_WORK = {
+    "mla_decode": _mla,
+    "gemm_fp8_nt": _gemm,
+    "m_grouped_gemm_fp8_nt_contiguous": _gemm,
+    "m_grouped_gemm_fp8_nt_masked": _gemm,
+    "per_token_cast_to_fp8": _cast,
+    "per_block_cast_to_fp8": _cast,
+    "ep_dispatch_layout": _layout,
+}
+
+
+def work_of(op: str, inputs: Tensors) -> Work:
+    return _WORK[op](inputs)

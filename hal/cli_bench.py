@@ -1,0 +1,82 @@
+"""``hal bench``: time backends and peers on the conformance cases; fractions of peak and ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from hal.cli_conformance import resolve_backends
+
+DEFAULT_RESULTS = Path("bench/results")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="time operators on backends and installed peers",
+        description="Median time per case, achieved bandwidth and FLOP rate, fraction of this machine's measured peak, ratio to every other contender.",
+    )
+    parser.add_argument("--backend", action="append", default=[], help="backend to time (repeatable; default: every available backend)")
+    parser.add_argument("--op", action="append", default=[], help="only this operator (repeatable)")
+    parser.add_argument("--case", action="append", default=[], metavar="PATTERN", help="only cases matching this shell pattern")
+    tier = parser.add_mutually_exclusive_group()
+    tier.add_argument("--quick", dest="quick", action="store_true", default=None, help="the small cases (default without a GPU)")
+    tier.add_argument("--full", dest="quick", action="store_false", help="every case, DeepSeek-V3 shapes included (default with a GPU)")
+    parser.add_argument("--no-peers", action="store_true", help="time backends only")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per contender (median reported)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--save", nargs="?", const=DEFAULT_RESULTS, type=Path, metavar="DIR", help=f"write results JSON under DIR (default {DEFAULT_RESULTS})")
+    parser.set_defaults(run=run)
+
+
+def _rate(entry: dict) -> tuple[str, str]:
+    return f"{entry['bytes_per_s'] / 1e9:.2f}", f"{entry['flops_per_s'] / 1e12:.3f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from hal.bench.runner import bench, save_results
+    from hal.conformance.catalogue import select_cases
+
+    quick = args.quick if args.quick is not None else not torch.cuda.is_available()
+    cases = select_cases(quick=quick, ops=args.op, patterns=args.case)
+    if not cases:
+        Console(stderr=True).print("[red]no case matches the filters[/]")
+        return 2
+    backends = resolve_backends(args.backend, "hal bench")
+    console = Console(stderr=args.json)
+    console.print(f"Benchmark ({'quick' if quick else 'full'}): {len(cases)} cases, backends {', '.join(backends)}" + ("" if args.no_peers else " + peers"))
+    report = bench(backends, cases, with_peers=not args.no_peers, repeats=args.repeats, progress=lambda r: console.print(f"  {r['case']}", style="dim"))
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for device, peaks in report["peaks"].items():
+            console.print(
+                f"Measured peaks on {device}: copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+                f"{peaks['matmul_dtype']} matmul {peaks['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s"
+            )
+        table = Table(title="hal bench")
+        for column in ("case", "contender", "median", "GB/s", "TFLOP/s", "% bound", "speedup vs others"):
+            table.add_column(column, overflow="fold")
+        for record in report["cases"]:
+            for i, entry in enumerate(record["results"]):
+                label = record["case"] if i == 0 else ""
+                name = entry["name"] + (" [dim](peer)[/]" if entry["kind"] == "peer" else "")
+                if "median_s" not in entry:
+                    table.add_row(label, name, "-", "-", "-", "-", escape(entry["note"]))
+                    continue
+                gbps, tflops = _rate(entry)
+                ratios = ", ".join(f"{escape(k)} {v:.2f}x" for k, v in entry["speedup_vs"].items())
+                table.add_row(label, name, f"{entry['median_s'] * 1e3:.3f} ms", gbps, tflops, f"{100 * entry['fraction_of_bound']:.1f}", ratios)
+        console.print(table)
+    if args.save:
+        path = save_results(report, args.save)
+        console.print(f"Saved {path}")
+    return 0
