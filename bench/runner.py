@@ -23,7 +23,7 @@ from hal.bench.work import work_of
 from hal.checks import ENV_CHECK_VALUES
 from hal.conformance.case import Case, Tensors
 from hal.conformance.report import environment
-from hal.conformance.runner import pick_device
+from hal.conformance.devices import pick_device
 from hal.operator import get_operator
 from hal.selection import use_backend
 

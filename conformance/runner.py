@@ -19,29 +19,20 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from hal import registry
+from hal.conformance.devices import pick_device
 from hal.conformance.case import Case, CaseResult, Tensors
-from hal.report import device_types_present
+from hal.conformance.golden import Golden, load_goldens
 from hal.selection import use_backend
 
-__all__ = ["pick_device", "execute", "run_backend", "DEFAULT_TIMEOUT_S"]
+__all__ = ["execute", "run_backend", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
 Progress = Callable[[CaseResult], None]
-
-
-def pick_device(backend_name: str) -> str:
-    """The device type a backend's cases run on: its first accepted type present here (accelerators first)."""
-    backend = registry.get_backend(backend_name)
-    present = device_types_present()
-    accepted = backend.info.device_types if backend is not None and backend.info is not None else None
-    if accepted is None:
-        return next((t for t in present if t != "cpu"), "cpu")
-    return next((t for t in accepted if t in present), accepted[0])
 
 
 def _to_device(inputs: Tensors, device: str) -> Tensors:
@@ -59,13 +50,16 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def execute(case: Case, backend_name: str, device: str) -> CaseResult:
-    """Build, run on the backend, compute the reference, compare. Never raises."""
+def execute(case: Case, backend_name: str, device: str, golden: Golden | None = None) -> CaseResult:
+    """Build, run on the backend, compute the reference (or take the golden's), compare. Never raises."""
     start = time.perf_counter()
     result = CaseResult(backend_name, case.id, case.op, "error", device=device)
     try:
-        inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
-        expected = _to_cpu(case.family.expect(_to_device(inputs, device)))
+        if golden is None:
+            inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
+            expected = _to_cpu(case.family.expect(_to_device(inputs, device)))
+        else:
+            inputs, expected = golden.inputs, golden.outputs
     except Exception as exc:  # a harness failure must be visible, not a pass
         result.reason = f"harness could not prepare the case: {_describe(exc)}"
         return result
@@ -92,9 +86,9 @@ def execute(case: Case, backend_name: str, device: str) -> CaseResult:
     return result
 
 
-def _run_with_timeout(case: Case, backend_name: str, device: str, timeout: float) -> CaseResult:
+def _run_with_timeout(case: Case, backend_name: str, device: str, timeout: float, golden: Golden | None) -> CaseResult:
     box: list[CaseResult] = []
-    worker = threading.Thread(target=lambda: box.append(execute(case, backend_name, device)), daemon=True, name=f"hal-case-{case.id}")
+    worker = threading.Thread(target=lambda: box.append(execute(case, backend_name, device, golden)), daemon=True, name=f"hal-case-{case.id}")
     worker.start()
     worker.join(timeout)
     if box:
@@ -103,15 +97,29 @@ def _run_with_timeout(case: Case, backend_name: str, device: str, timeout: float
 
 
 def run_backend(
-    backend_name: str, cases: Sequence[Case], *, timeout: float = DEFAULT_TIMEOUT_S, isolate: bool = False, progress: Progress | None = None
+    backend_name: str,
+    cases: Sequence[Case],
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    isolate: bool = False,
+    golden_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> list[CaseResult]:
-    """Run ``cases`` on one backend; every case yields exactly one result."""
+    """Run ``cases`` on one backend; every case yields exactly one result.
+
+    With ``golden_dir`` each case runs on the recorded inputs and is judged against the recorded
+    outputs (see :mod:`hal.conformance.golden`) instead of the reference.
+    """
     device = pick_device(backend_name)
     if isolate:
-        return _run_isolated(backend_name, device, cases, timeout, progress)
+        return _run_isolated(backend_name, device, cases, timeout, golden_dir, progress)
+    goldens = load_goldens(golden_dir)[1] if golden_dir is not None else None
     results = []
     for case in cases:
-        result = _run_with_timeout(case, backend_name, device, timeout)
+        if goldens is not None and case.id not in goldens:
+            result = CaseResult(backend_name, case.id, case.op, "error", reason=f"no golden recorded for this case in {golden_dir}", device=device)
+        else:
+            result = _run_with_timeout(case, backend_name, device, timeout, goldens[case.id] if goldens is not None else None)
         results.append(result)
         if progress:
             progress(result)
@@ -124,8 +132,10 @@ def _reader(stream: Any, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _start_worker(backend_name: str, device: str, cases: Sequence[Case]) -> tuple[subprocess.Popen, queue.Queue, list[str]]:
+def _start_worker(backend_name: str, device: str, cases: Sequence[Case], golden_dir: Path | None) -> tuple[subprocess.Popen, queue.Queue, list[str]]:
     command = [sys.executable, "-m", "hal.conformance.worker", "--backend", backend_name, "--device", device]
+    if golden_dir is not None:
+        command += ["--golden", str(golden_dir)]
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdin is not None
     child.stdin.write(json.dumps([c.id for c in cases]))
@@ -169,11 +179,13 @@ def _drain(
     return done, None
 
 
-def _run_isolated(backend_name: str, device: str, cases: Sequence[Case], timeout: float, progress: Progress | None) -> list[CaseResult]:
+def _run_isolated(
+    backend_name: str, device: str, cases: Sequence[Case], timeout: float, golden_dir: Path | None, progress: Progress | None
+) -> list[CaseResult]:
     results: list[CaseResult] = []
     pending = list(cases)
     while pending:
-        child, lines, errors = _start_worker(backend_name, device, pending)
+        child, lines, errors = _start_worker(backend_name, device, pending, golden_dir)
         done, failure = _drain(child, lines, errors, backend_name, device, pending, timeout, progress)
         results.extend(done)
         finished = {r.case_id for r in done}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hal.conformance.runner import execute, pick_device
+from hal.conformance.devices import pick_device
+from hal.conformance.runner import execute
 
 
 def test_case(hal_backend_name, hal_conformance_case):

@@ -129,17 +129,20 @@ def value_checks_enabled(tensor: torch.Tensor) -> bool:
 
 
 def expect_in_range(
-    op: str, name: str, values: torch.Tensor, low: int, high: int, *, what: str, fix: str
+    op: str, name: str, values: torch.Tensor, low: int, high: int, *, what: str, fix: str, where: torch.Tensor | None = None
 ) -> None:
     """Every element of ``values`` must satisfy ``low <= v < high`` (skipped per :func:`value_checks_enabled`).
 
     Args:
         what: description of the elements for the message (``"block ids"``).
         fix: what the caller should do.
+        where: optional bool mask of ``values``' shape; elements outside it are not checked.
     """
     if values.numel() == 0 or not value_checks_enabled(values):
         return
     bad = (values < low) | (values >= high)
+    if where is not None:
+        bad &= where
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         where = f"[{', '.join(map(str, index))}]"

@@ -32,8 +32,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--report", type=Path, metavar="DIR", help="write report.json, report.md and report.html into DIR")
     parser.add_argument("--isolate", action="store_true", help="run each backend's cases in a child process (survives crashes, kills hangs)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case (default 300)")
+    parser.add_argument("--golden", type=Path, metavar="DIR", help="judge against goldens recorded in DIR (only the recorded cases run)")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     parser.set_defaults(run=run)
+    actions = parser.add_subparsers(dest="action", metavar="{record}")
+    recorder = actions.add_parser(
+        "record", help="record golden vectors from one backend", description="Run cases on one backend and save inputs and outputs (safetensors + manifest.json with sha256 and versions)."
+    )
+    recorder.add_argument("--backend", required=True, help="backend whose outputs become the goldens")
+    recorder.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write")
+    recorder.add_argument("--op", action="append", default=[], help="only this operator (repeatable)")
+    recorder.add_argument("--case", action="append", default=[], metavar="PATTERN", help="only cases matching this shell pattern")
+    recorder_tier = recorder.add_mutually_exclusive_group()
+    recorder_tier.add_argument("--quick", dest="quick", action="store_true", default=None)
+    recorder_tier.add_argument("--full", dest="quick", action="store_false")
+    recorder.set_defaults(run=run_record)
+
+
+def run_record(args: argparse.Namespace) -> int:
+    from hal.conformance.catalogue import select_cases
+    from hal.conformance.golden import record
+
+    quick = args.quick if args.quick is not None else not torch.cuda.is_available()
+    cases = select_cases(quick=quick, ops=args.op, patterns=args.case)
+    if not cases:
+        Console(stderr=True).print("[red]no case matches the filters[/]")
+        return 2
+    (backend,) = resolve_backends([args.backend], "hal conformance record")
+    manifest = record(backend, cases, args.out)
+    Console().print(f"Recorded {len(cases)} case(s) from {backend} into {manifest.parent} ({manifest.name})")
+    return 0
 
 
 def resolve_backends(requested: list[str], command: str) -> list[str]:
@@ -58,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     quick = args.quick if args.quick is not None else not torch.cuda.is_available()
     mode = "quick" if quick else "full"
     cases = select_cases(quick=quick, ops=args.op, patterns=args.case)
+    if args.golden is not None:
+        from hal.conformance.golden import load_goldens
+
+        recorded = load_goldens(args.golden)[1]
+        cases = [c for c in select_cases(quick=False, ops=args.op, patterns=args.case) if c.id in recorded]
+        mode = f"golden {args.golden}"
     if args.list:
         for case in cases:
             console.print(case.id)
@@ -72,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         task = progress.add_task("", total=len(cases) * len(backends))
         for backend in backends:
             progress.update(task, description=f"[bold]{backend}[/]")
-            results += run_backend(backend, cases, timeout=args.timeout, isolate=args.isolate, progress=lambda r: progress.advance(task))
+            results += run_backend(
+                backend, cases, timeout=args.timeout, isolate=args.isolate, golden_dir=args.golden, progress=lambda r: progress.advance(task)
+            )
 
     table = Table(title=f"Conformance matrix ({mode})")
     table.add_column("case", overflow="fold")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from hal.errors import ShapeError, ValueRangeError
+from hal.errors import DTypeError, ShapeError, ValueRangeError
 
 __all__ = ["rebalance_experts", "balanced_packing", "replicate_experts"]
 
@@ -122,9 +122,12 @@ def _rebalance_hierarchical(
 
 
 def _validate(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        actual = f"a {weight.dim()}-d tensor" if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ShapeError(_OP, "weight", "a 2-d tensor [num_layers, num_logical_experts]", actual, "Pass one row of loads per layer.")
+    if not isinstance(weight, torch.Tensor):
+        raise DTypeError(_OP, "weight", "a torch.Tensor [num_layers, num_logical_experts]", type(weight).__name__, "Pass the loads as a tensor.")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ShapeError(
+            _OP, "weight", "a 2-d tensor [num_layers >= 1, num_logical_experts >= 1]", f"shape {list(weight.shape)}", "Pass one row of loads per layer."
+        )
     for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueRangeError(_OP, name, "a positive int", repr(value), f"Pass '{name}' as a positive int.")

@@ -1,8 +1,10 @@
 """FP8 quantisation with DeepGEMM's fine-grained scales: per token x 128 channels, per 128x128 block.
 
 Numerics follow DeepGEMM's test helpers: amax over each slice, clamped below at 1e-4, scale =
-amax / 448 (448 is float8_e4m3fn's largest finite value), values multiplied by 448 / amax in
-fp32 and rounded to e4m3fn. Dequantisation is ``fp8.float() * scale`` broadcast over the slice.
+amax / 448 (448 is float8_e4m3fn's largest finite value), values multiplied in fp32 by the
+factor ``448.0 / amax`` exactly as torch evaluates that expression (DeepGEMM's helper runs the same
+expression, so codes agree bit for bit, ties included) and rounded to e4m3fn. Dequantisation is
+``fp8.float() * scale`` broadcast over the slice.
 """
 
 from __future__ import annotations

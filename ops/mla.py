@@ -22,6 +22,8 @@ with a DTypeError rather than misread.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
@@ -114,8 +116,8 @@ def validate_mla_decode(
     )
     if softmax_scale is None:
         softmax_scale = HEAD_DIM_QK**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        raise ValueRangeError(_OP, "softmax_scale", "a positive float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < math.inf:
+        raise ValueRangeError(_OP, "softmax_scale", "a positive finite float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
     causal = bool(causal) and s_q > 1
     if value_checks_enabled(cache_seqlens):
         _check_cache_contents(block_table, cache_seqlens, num_blocks, s_q, causal)
@@ -135,7 +137,7 @@ def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor
     pages_used = (cache_seqlens.long() + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE
     used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]
     expect_in_range(
-        _OP, "block_table", torch.where(used, block_table, 0), 0, num_blocks,
+        _OP, "block_table", block_table, 0, num_blocks, where=used,
         what=f"block ids of used pages (k_cache has {num_blocks} blocks)",
         fix="Every page a sequence uses must index an existing k_cache block.",
     )

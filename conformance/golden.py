@@ -1,0 +1,110 @@
+"""Golden vectors: inputs and outputs recorded from a chosen backend, checked later on any backend.
+
+Format (``unihal-golden/1``), one directory:
+
+- ``<case>.safetensors`` per case: tensors ``input.<name>`` and ``output.<name>``;
+- ``manifest.json``: the recording (backend, device, driver and library versions, date) and per
+  case its file, sha256, parameters, seed and the non-tensor inputs (``scalars``) and outputs
+  that were None. No pickle: safetensors holds tensors, JSON everything else.
+
+Goldens recorded from DeepSeek's own kernels on a Hopper GPU pin the real hardware numerics;
+goldens recorded from the reference pin the reference itself against regressions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hal.conformance.case import Case, Tensors
+from hal.conformance.report import environment
+from hal.conformance.devices import pick_device
+from hal.errors import HalError
+from hal.selection import use_backend
+
+__all__ = ["FORMAT", "GoldenError", "Golden", "record", "load_goldens"]
+
+FORMAT = "unihal-golden/1"
+MANIFEST = "manifest.json"
+
+
+class GoldenError(HalError, ValueError):
+    """A golden directory that is missing, malformed or altered since it was recorded."""
+
+
+@dataclass(frozen=True)
+class Golden:
+    """One recorded case: the inputs it was run on and the outputs the recording backend gave."""
+
+    case_id: str
+    inputs: Tensors
+    outputs: Tensors
+
+
+def _file_name(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "__", case_id) + ".safetensors"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record(backend: str, cases: Sequence[Case], directory: Path) -> Path:
+    """Run ``cases`` on ``backend`` and write them with their outputs into ``directory``; return the manifest path."""
+    device = pick_device(backend)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, Any] = {}
+    for case in cases:
+        inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
+        on_device = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        with use_backend(backend):
+            outputs = case.family.run(on_device)
+        tensors = {f"input.{k}": v.contiguous() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        tensors |= {f"output.{k}": v.detach().cpu().contiguous() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
+        path = directory / _file_name(case.id)
+        save_file(tensors, str(path))
+        entries[case.id] = {
+            "file": path.name,
+            "sha256": _sha256(path),
+            "params": dict(case.params),
+            "seed": case.seed,
+            "scalars": {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)},
+            "none_outputs": [k for k, v in outputs.items() if v is None],
+        }
+    manifest = {"format": FORMAT, "recorded_with": {"backend": backend, "device": device, "environment": environment()}, "cases": entries}
+    manifest_path = directory / MANIFEST
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest_path
+
+
+def load_goldens(directory: Path) -> tuple[dict[str, Any], dict[str, Golden]]:
+    """Read and verify a golden directory; raise :class:`GoldenError` on any mismatch."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise GoldenError(f"{directory}: no {MANIFEST}; record goldens with `hal conformance record --backend NAME --out {directory}`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise GoldenError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    goldens = {}
+    for case_id, entry in manifest["cases"].items():
+        path = directory / entry["file"]
+        if not path.is_file():
+            raise GoldenError(f"{case_id}: file {path} is missing")
+        digest = _sha256(path)
+        if digest != entry["sha256"]:
+            raise GoldenError(f"{case_id}: {path.name} has sha256 {digest[:12]}..., manifest says {entry['sha256'][:12]}...; the file was altered")
+        tensors = load_file(str(path))
+        inputs: Tensors = {k.removeprefix("input."): v for k, v in tensors.items() if k.startswith("input.")}
+        inputs |= entry["scalars"]
+        outputs: Tensors = {k.removeprefix("output."): v for k, v in tensors.items() if k.startswith("output.")}
+        outputs |= {k: None for k in entry["none_outputs"]}
+        goldens[case_id] = Golden(case_id, inputs, outputs)
+    return manifest, goldens

@@ -1,0 +1,58 @@
+"""hal bench: timings, fractions of measured peak, peers checked before timing, ratios, JSON."""
+
+from __future__ import annotations
+
+import json
+
+from hal.bench.peaks import measured_peaks
+from hal.bench.runner import bench, save_results
+from hal.bench.work import work_of
+from hal.cli import main
+from hal.conformance.catalogue import select_cases
+
+
+def test_peaks_are_measured_and_plausible():
+    peaks = measured_peaks("cpu")
+    assert 1e8 < peaks.copy_bytes_per_s < 1e13
+    assert 1e8 < peaks.matmul_flops_per_s < 1e15
+
+
+def test_work_model_counts_flops_and_bytes():
+    case = select_cases(quick=True, ops=["gemm_fp8_nt"], patterns=["m7-*"])[0]
+    import torch
+
+    inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
+    work = work_of(case.op, inputs)
+    assert work.flops == 2 * 7 * 256 * 256
+    assert work.bytes >= 7 * 256 + 256 * 256 + 2 * 7 * 256
+
+
+def test_bench_times_backends_and_peers_and_flags_wrong_results(install_plugins):
+    install_plugins({"wrong_scale": "wrong_scale"})
+    cases = select_cases(quick=True, ops=["gemm_fp8_nt"], patterns=["m7-*"])
+    report = bench(["reference", "wrong_scale"], cases, repeats=3)
+    (record,) = report["cases"]
+    by_name = {e["name"]: e for e in record["results"]}
+    assert by_name["reference"]["median_s"] > 0
+    assert 0 < by_name["reference"]["fraction_of_bound"] < 10
+    assert "torch (dequantize + matmul)" in by_name["reference"]["speedup_vs"]
+    assert by_name["torch (dequantize + matmul)"]["kind"] == "peer"
+    assert "median_s" not in by_name["wrong_scale"] and "wrong result" in by_name["wrong_scale"]["note"]
+    assert report["peaks"]["cpu"]["copy_bytes_per_s"] > 0
+    assert report["environment"]["torch"]
+
+
+def test_mla_peer_is_checked_on_out_only():
+    cases = select_cases(quick=True, ops=["mla_decode"], patterns=["*sk2_130_77-bf16"])
+    (record,) = bench(["reference"], cases, repeats=3)["cases"]
+    sdpa = next(e for e in record["results"] if e["kind"] == "peer")
+    assert "median_s" in sdpa, sdpa["note"]
+
+
+def test_save_and_cli_json(tmp_path, capsys):
+    report = bench(["reference"], select_cases(quick=True, ops=["ep_dispatch_layout"])[:1], repeats=3)
+    path = save_results(report, tmp_path)
+    assert json.loads(path.read_text())["cases"][0]["op"] == "ep_dispatch_layout"
+    assert main(["bench", "--backend", "reference", "--op", "per_token_cast_to_fp8", "--repeats", "3", "--json", "--no-peers"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {c["op"] for c in printed["cases"]} == {"per_token_cast_to_fp8"}

@@ -1,0 +1,180 @@
+"""``hal.rebalance_experts`` (DeepSeek's EPLB): the README example, structural invariants of both
+policies, a balance property and the argument checks."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import hal
+
+
+def test_readme_example():
+    weight = torch.tensor(
+        [
+            [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+            [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+        ]
+    )
+    phy2log, log2phy, logcnt = hal.rebalance_experts(weight, num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8)
+    assert phy2log.tolist() == [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
+    check_invariants(weight, phy2log, log2phy, logcnt, 16)
+
+
+def check_invariants(weight, phy2log, log2phy, logcnt, num_replicas):
+    layers, num_logical = weight.shape
+    assert phy2log.dtype == log2phy.dtype == logcnt.dtype == torch.int64
+    assert phy2log.device.type == log2phy.device.type == logcnt.device.type == "cpu"
+    assert phy2log.shape == (layers, num_replicas)
+    assert logcnt.shape == (layers, num_logical)
+    assert log2phy.shape == (layers, num_logical, int(logcnt.max()))
+    assert logcnt.sum(dim=1).tolist() == [num_replicas] * layers
+    assert bool((logcnt >= 1).all())
+    for layer in range(layers):
+        slots = phy2log[layer].tolist()
+        assert all(0 <= e < num_logical for e in slots)
+        for e in range(num_logical):
+            count = int(logcnt[layer, e])
+            where = [s for s, owner in enumerate(slots) if owner == e]
+            assert len(where) == count
+            listed = log2phy[layer, e, :count].tolist()
+            assert sorted(listed) == where
+            assert log2phy[layer, e, count:].tolist() == [-1] * (log2phy.shape[2] - count)
+
+
+def random_weight(layers: int, experts: int, seed: int, *, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    skew = torch.rand(layers, experts, generator=gen) ** 3 * 1000 + 1
+    return skew.to(dtype) if dtype.is_floating_point else skew.round().to(dtype)
+
+
+HIERARCHICAL = [
+    # layers, experts, replicas, groups, nodes, gpus
+    (3, 12, 16, 4, 2, 8),
+    (2, 16, 24, 8, 2, 4),
+    (2, 32, 48, 8, 4, 8),
+    (1, 8, 8, 4, 2, 4),  # no redundant experts
+]
+GLOBAL = [
+    (3, 12, 16, 3, 2, 8),
+    (2, 10, 12, 5, 2, 4),
+    (2, 16, 20, 1, 2, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.float64], ids=["f32", "i64", "f64"])
+@pytest.mark.parametrize("layers, experts, replicas, groups, nodes, gpus", HIERARCHICAL, ids=str)
+def test_hierarchical_invariants(layers, experts, replicas, groups, nodes, gpus, dtype):
+    assert groups % nodes == 0
+    weight = random_weight(layers, experts, seed=experts * 10 + replicas, dtype=dtype)
+    phy2log, log2phy, logcnt = hal.rebalance_experts(weight, replicas, groups, nodes, gpus)
+    check_invariants(weight, phy2log, log2phy, logcnt, replicas)
+
+    group_size = experts // groups
+    slots_per_node = replicas // nodes
+    for layer in range(layers):
+        node_of_slot = [s // slots_per_node for s in range(replicas)]
+        groups_on_node: dict[int, set[int]] = {n: set() for n in range(nodes)}
+        for g in range(groups):
+            nodes_of_group = {node_of_slot[s] for s, e in enumerate(phy2log[layer].tolist()) if e // group_size == g}
+            assert len(nodes_of_group) == 1, f"group {g} of layer {layer} spans nodes {nodes_of_group}"
+            groups_on_node[nodes_of_group.pop()].add(g)
+        assert all(len(gs) == groups // nodes for gs in groups_on_node.values())
+
+
+@pytest.mark.parametrize("layers, experts, replicas, groups, nodes, gpus", GLOBAL, ids=str)
+def test_global_invariants(layers, experts, replicas, groups, nodes, gpus):
+    assert groups % nodes != 0
+    weight = random_weight(layers, experts, seed=experts * 7 + replicas)
+    phy2log, log2phy, logcnt = hal.rebalance_experts(weight, replicas, groups, nodes, gpus)
+    check_invariants(weight, phy2log, log2phy, logcnt, replicas)
+    # greedy replication: removing the last replica of any replicated expert would make it the
+    # busiest per replica (ties allowed)
+    per_replica = weight / logcnt
+    for layer in range(layers):
+        top = float(per_replica[layer].max())
+        for e in range(experts):
+            count = int(logcnt[layer, e])
+            if count > 1:
+                assert float(weight[layer, e]) / (count - 1) >= top * (1 - 1e-6)
+
+
+def test_global_policy_equals_one_group_one_node():
+    weight = random_weight(2, 12, seed=3)
+    a = hal.rebalance_experts(weight, 16, 3, 2, 8)  # 3 % 2 != 0 -> global
+    b = hal.rebalance_experts(weight, 16, 1, 1, 8)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, gpus: int) -> torch.Tensor:
+    """[layers, gpus]: sum of weight[e] / logcnt[e] over each GPU's slots (slots numbered GPU by GPU)."""
+    per_slot = (weight.double() / logcnt.double()).gather(1, phy2log)
+    return per_slot.view(weight.shape[0], gpus, -1).sum(dim=2)
+
+
+@pytest.mark.parametrize(
+    "experts, replicas, groups, nodes, gpus",
+    [(16, 24, 4, 2, 8), (12, 24, 3, 2, 8), (32, 40, 8, 1, 8), (12, 16, 4, 2, 4)],
+    ids=str,
+)
+def test_balance_beats_round_robin_on_skewed_load(experts, replicas, groups, nodes, gpus):
+    gen = torch.Generator().manual_seed(experts + replicas + groups)
+    layers = 4
+    # Zipf-like loads in a random order per layer
+    base = 1000.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 1.2
+    weight = torch.stack([base[torch.randperm(experts, generator=gen)] for _ in range(layers)])
+    weight = weight * (1 + 0.1 * torch.rand(layers, experts, generator=gen, dtype=torch.float64))
+    phy2log, _, logcnt = hal.rebalance_experts(weight, replicas, groups, nodes, gpus)
+    balanced = gpu_loads(weight, phy2log, logcnt, gpus)
+    torch.testing.assert_close(balanced.sum(dim=1), weight.sum(dim=1))  # all load is placed
+    naive = torch.zeros(layers, gpus, dtype=torch.float64)
+    for e in range(experts):
+        naive[:, e % gpus] += weight[:, e]
+    assert bool((balanced.max(dim=1).values <= naive.max(dim=1).values).all())
+
+
+def test_load_is_accepted_on_any_real_dtype_and_results_on_cpu():
+    weight = random_weight(1, 8, seed=9).half()
+    phy2log, log2phy, logcnt = hal.rebalance_experts(weight, 8, 2, 1, 2)
+    check_invariants(weight.float(), phy2log, log2phy, logcnt, 8)
+
+
+def _good_weight() -> torch.Tensor:
+    return random_weight(2, 12, seed=1)
+
+
+INVALID = [
+    ("weight_1d", lambda: (_good_weight()[0], 16, 4, 2, 8), hal.ShapeError, ValueError, "weight"),
+    ("weight_3d", lambda: (_good_weight()[None], 16, 4, 2, 8), hal.ShapeError, ValueError, "weight"),
+    # hal/errors.py: DTypeError covers "a non-tensor where a tensor is required" (as expect_tensor does)
+    ("weight_list", lambda: (_good_weight().tolist(), 16, 4, 2, 8), hal.DTypeError, TypeError, "weight"),
+    ("weight_no_layers", lambda: (torch.rand(0, 12), 16, 4, 2, 8), hal.ShapeError, ValueError, "weight"),
+    ("replicas_below_experts", lambda: (_good_weight(), 8, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
+    ("replicas_not_multiple_of_gpus", lambda: (_good_weight(), 20, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
+    ("replicas_zero", lambda: (_good_weight(), 0, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
+    ("replicas_float", lambda: (_good_weight(), 16.0, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
+    ("groups_not_dividing", lambda: (_good_weight(), 16, 5, 2, 8), hal.ValueRangeError, ValueError, "num_groups"),
+    ("gpus_not_multiple_of_nodes", lambda: (_good_weight(), 18, 3, 2, 9), hal.ValueRangeError, ValueError, "num_gpus"),
+    ("negative_weight", lambda: (_good_weight().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(-1.0)), 16, 4, 2, 8),
+     hal.ValueRangeError, ValueError, "weight"),
+    ("nan_weight", lambda: (_good_weight().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(math.nan)), 16, 4, 2, 8),
+     hal.ValueRangeError, ValueError, "weight"),
+    ("inf_weight", lambda: (_good_weight().index_put_((torch.tensor([0]), torch.tensor([5])), torch.tensor(math.inf)), 16, 4, 2, 8),
+     hal.ValueRangeError, ValueError, "weight"),
+]
+
+
+@pytest.mark.parametrize("make, error, builtin, argument", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_rejects(make, error, builtin, argument):
+    with pytest.raises(error, match=re.escape(f"'{argument}'")) as info:
+        hal.rebalance_experts(*make())
+    assert isinstance(info.value, builtin)
+    assert info.value.argument == argument
+    assert info.value.op == "rebalance_experts"
