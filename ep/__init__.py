@@ -1,0 +1,1 @@
+"""Expert-parallel dispatch and combine across processes (DeepEP semantics) on torch.distributed."""
