@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     for backend, counts in summarize(results).items():
         failed = counts["total"] - counts["pass"]
         style = "green" if failed == 0 else "red"
-        console.print(f"[{style}]{backend}: {counts['pass']}/{counts['total']} passed[/]" + (f" ({', '.join(f'{v} {k}' for k, v in counts.items() if k not in ('pass', 'total') and v)})" if failed else ""))
+        label = backend + (" (simulated, not a hardware pass)" if registry.backends()[backend].availability().simulated else "")
+        console.print(f"[{style}]{label}: {counts['pass']}/{counts['total']} passed[/]" + (f" ({', '.join(f'{v} {k}' for k, v in counts.items() if k not in ('pass', 'total') and v)})" if failed else ""))
     if args.report:
         paths = write_reports(results, args.report, mode=mode)
         console.print("Reports: " + ", ".join(str(p) for p in paths.values()))

@@ -1,0 +1,130 @@
+"""FP8 GEMM with DeepGEMM's fine-grained scaling: dense, MoE contiguous, MoE masked, one kernel.
+
+``out[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sa[m, kb] * sb[n // 128, kb]``: each 128-wide K
+block is one ``tl.dot`` (fp8 on tensor cores where the GPU has them, fp16 otherwise: every e4m3
+value is exact in fp16) whose fp32 partial is promoted with its two scales, as DeepGEMM's kernel
+promotes on CUDA cores. BLOCK_N divides 128, so a tile's columns share one RHS scale block.
+
+Layouts select the B group of a tile: dense (group 0), contiguous (``m_indices`` of the tile's
+first row; DeepGEMM's layout keeps each 128-row block to one group, -1 blocks are skipped),
+masked (grid axis 2 is the group; rows at or beyond ``masked_m[g]`` are neither computed nor
+stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hal.backends.triton.conversions import round_to
+from hal.backends.triton.runtime import fp8_dot_supported, interpreting
+
+__all__ = ["GemmConfig", "fp8_gemm", "DENSE", "CONTIGUOUS", "MASKED"]
+
+BLOCK_K = 128
+DENSE, CONTIGUOUS, MASKED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch parameters; BLOCK_M and BLOCK_N divide 128."""
+
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr,
+    M, N, K,
+    stride_ag, stride_am, stride_sag, stride_sam, stride_sak,
+    stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
+    stride_og, stride_om,
+    LAYOUT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_limit = M
+    if LAYOUT == 1:
+        group = tl.load(group_ptr + pid_m * BLOCK_M)
+        if group < 0:
+            return
+    if LAYOUT == 2:
+        row_limit = tl.load(group_ptr + group)
+        if pid_m * BLOCK_M >= row_limit:
+            return
+    row_ok = rows < row_limit
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + group.to(tl.int64) * stride_ag * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_am
+    b_cols = b_ptr + group.to(tl.int64) * stride_bg + cols[None, :].to(tl.int64) * stride_bn
+    sa_rows = sa_ptr + group * stride_sag * (LAYOUT == 2) + rows * stride_sam
+    sb_block = sb_ptr + group * stride_sbg + (pid_n * BLOCK_N // 128) * stride_sbn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // BLOCK_K):
+        k0 = kb * BLOCK_K
+        a = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float16)
+            b = b.to(tl.float16)
+        partial = tl.dot(a, b, out_dtype=tl.float32)
+        sa = tl.load(sa_rows + kb * stride_sak, mask=row_ok, other=0.0)
+        sb = tl.load(sb_block + kb * stride_sbk)
+        acc += partial * (sa[:, None] * sb)
+    out = out_ptr + group.to(tl.int64) * stride_og * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out, round_to(acc, tl.bfloat16, EXACT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def default_config(m: int, n: int, device: torch.device) -> GemmConfig:
+    """Small tiles in the interpreter (every program runs on the CPU); larger ones on GPUs."""
+    if interpreting():
+        return GemmConfig(block_m=32 if m > 16 else 16, block_n=64, num_warps=4, num_stages=1)
+    return GemmConfig(block_m=64 if m > 32 else 32 if m > 16 else 16, block_n=128, num_warps=4, num_stages=3)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scales: torch.Tensor,
+    b: torch.Tensor,
+    b_scales: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    layout: int = DENSE,
+    groups: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> None:
+    """Launch the kernel (arguments already validated by ``hal.ops.gemm``).
+
+    Args:
+        a: fp8 [M, K] (dense, contiguous) or [G, M, K] (masked); a_scales matching, any strides.
+        b: fp8 [N, K] (dense) or [G, N, K]; b_scales [(G,) ceil(N/128), K/128].
+        out: bf16 [(G,) M, N], contiguous.
+        layout: DENSE, CONTIGUOUS (``groups`` = m_indices int32 [M]) or MASKED (``groups`` = masked_m int32 [G]).
+    """
+    m, k = a.shape[-2:]
+    n = b.shape[-2]
+    if m == 0 or n == 0:
+        return
+    config = config or default_config(m, n, a.device)
+    num_groups = a.shape[0] if layout == MASKED else 1
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), num_groups)
+    lead = lambda t: t.stride(0) if t.dim() == 3 else 0  # noqa: E731  (group stride, 0 when ungrouped)
+    _fp8_gemm_kernel[grid](
+        a, a_scales, b, b_scales, out, groups if groups is not None else out,
+        m, n, k,
+        lead(a), a.stride(-2), lead(a_scales), a_scales.stride(-2), a_scales.stride(-1),
+        lead(b), b.stride(-2), lead(b_scales), b_scales.stride(-2), b_scales.stride(-1),
+        lead(out), out.stride(-2),
+        LAYOUT=layout, UPCAST=not fp8_dot_supported(a.device), EXACT_BF16=interpreting(),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )

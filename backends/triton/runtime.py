@@ -1,0 +1,37 @@
+"""What the shared Triton kernels need to know about where they run.
+
+``TRITON_INTERPRET=1`` runs every kernel in Triton's CPU interpreter (how CI executes the GPU
+kernels without a GPU). Triton reads it when a kernel is decorated, so it must be set before
+this package is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["interpreting", "dot_operand_dtype", "fp8_dot_supported"]
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+
+
+def fp8_dot_supported(device: torch.device) -> bool:
+    """FP8 tensor-core dot needs compute capability 8.9+ (Ada, Hopper); the interpreter emulates it."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def dot_operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention operands are fed to ``tl.dot`` in.
+
+    The interpreter (triton 3.9) returns wrong results for bf16 ``tl.dot`` operands, so bf16 is
+    upcast to fp32 there; fp16 and fp32 are exact. On GPUs operands stay in their own dtype.
+    """
+    if interpreting() and dtype == torch.bfloat16:
+        return torch.float32
+    return dtype

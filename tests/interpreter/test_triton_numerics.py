@@ -1,0 +1,96 @@
+"""Bit-exact conversions and launch edge cases of the shared Triton kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from hal.backends.triton.conversions import encode_e4m3fn, round_to
+from hal.backends.triton.fp8_cast import per_block_cast, per_token_cast
+from hal.backends.triton.fp8_gemm import DENSE, GemmConfig, fp8_gemm
+from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference
+from hal.ops.gemm_reference import gemm_fp8_nt_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _encode_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(y_ptr + offsets, encode_e4m3fn(tl.load(x_ptr + offsets, mask=mask)), mask=mask)
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(y_ptr + offsets, round_to(tl.load(x_ptr + offsets, mask=mask), y_ptr.dtype.element_ty, True), mask=mask)
+
+
+def _edge_values() -> torch.Tensor:
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = codes[torch.isfinite(codes)].sort().values
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.cat([torch.randn(20000, generator=generator) * s for s in (1e-4, 1e-2, 1.0, 50.0, 400.0, 1e4)])
+    special = torch.tensor([0.0, -0.0, 448.0, 464.0, 465.0, 479.9, 480.0, 1e30, float("inf"), float("-inf"), float("nan"), 2**-6, 2**-9, 2**-10, 3 * 2**-11])
+    return torch.cat([finite, (finite[1:] + finite[:-1]) / 2, spread, special])
+
+
+def test_e4m3fn_encoding_matches_torch_bit_for_bit():
+    x = _edge_values().to(DEVICE)
+    codes = torch.empty(x.numel(), dtype=torch.uint8, device=DEVICE)
+    _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, codes, x.numel(), BLOCK=1024)
+    expected = x.cpu().to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(codes.cpu(), expected)
+
+
+def test_bf16_rounding_is_nearest_even():
+    x = _edge_values()
+    x = torch.cat([x, torch.randn(50000, generator=torch.Generator().manual_seed(1))]).to(DEVICE)
+    out = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEVICE)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    expected = x.cpu().bfloat16()
+    same = (out.cpu().view(torch.int16) == expected.view(torch.int16)) | (expected.isnan() & out.cpu().isnan())
+    assert bool(same.all())
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (3, 512), (257, 256)])
+def test_per_token_cast_is_bit_exact(shape):
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 30).bfloat16()
+    values, scales = per_token_cast(x.to(DEVICE))
+    expected_values, expected_scales = per_token_cast_reference(x)
+    assert torch.equal(values.cpu().view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scales.cpu(), expected_scales)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (129, 130), (256, 384)])
+def test_per_block_cast_is_bit_exact(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    values, scales = per_block_cast(x.to(DEVICE))
+    expected_values, expected_scales = per_block_cast_reference(x)
+    assert torch.equal(values.cpu().view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scales.cpu(), expected_scales)
+
+
+@pytest.mark.parametrize("config", [GemmConfig(16, 32, 4, 1), GemmConfig(32, 128, 4, 1), GemmConfig(64, 64, 4, 1)])
+def test_gemm_tile_configs_agree_with_the_reference(config):
+    generator = torch.Generator().manual_seed(4)
+    a, sa = per_token_cast_reference(torch.randn(70, 256, generator=generator))
+    b, sb = per_block_cast_reference(torch.randn(200, 256, generator=generator))
+    expected = torch.empty(70, 200, dtype=torch.bfloat16)
+    gemm_fp8_nt_reference(a, sa, b, sb, expected)
+    out = torch.full((70, 200), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    fp8_gemm(a.to(DEVICE), sa.to(DEVICE), b.to(DEVICE), sb.to(DEVICE), out, layout=DENSE, config=config)
+    torch.testing.assert_close(out.cpu().float(), expected.float(), rtol=2**-7, atol=1e-3 * float(expected.float().abs().max()))
+
+
+def test_empty_m_writes_nothing():
+    a = torch.empty(0, 128, dtype=torch.float8_e4m3fn, device=DEVICE)
+    sa = torch.empty(0, 1, device=DEVICE)
+    b, sb = per_block_cast_reference(torch.randn(128, 128))
+    out = torch.empty(0, 128, dtype=torch.bfloat16, device=DEVICE)
+    fp8_gemm(a, sa, b.to(DEVICE), sb.to(DEVICE), out)
+    assert out.numel() == 0
