@@ -22,7 +22,7 @@ def test_reference_backend_is_available_and_implements_every_operator():
         assert reference.implements(op.hook), op.name
 
 
-@pytest.mark.parametrize("name", ["rocm", "opencl"])
+@pytest.mark.parametrize("name", ["opencl"])
 def test_device_backends_without_kernels_say_why_they_are_unavailable(name):
     backend = hal.get_backend(name)
     availability = backend.availability()

@@ -1,35 +1,25 @@
-"""What the CUDA backend runs on: an NVIDIA GPU, Triton's CPU interpreter, or nothing (and why)."""
+"""What the CUDA backend runs on (an NVIDIA GPU, Triton's CPU interpreter, or nothing and why) and
+the kernel tuning for it."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["Target", "detect", "MIN_CAPABILITY"]
+from hal.backends.triton.backend import Target
+from hal.backends.triton.runtime import interpreting
+from hal.backends.triton.tuning import MlaConfig, Tuning, interpreter_gemm_config, nvidia_gemm_config
+
+__all__ = ["detect", "tuning_for", "MIN_CAPABILITY", "FP8_DOT_CAPABILITY"]
 
 MIN_CAPABILITY = (8, 0)  # bf16 and the Triton features the kernels use
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where kernels run: ``available``, ``simulated`` (interpreter) and a description or reason."""
-
-    available: bool
-    simulated: bool
-    description: str
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+FP8_DOT_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
 
 
 def detect() -> Target:
     if importlib.util.find_spec("triton") is None:
         return Target(False, False, "triton not installed (pip install 'unihal[cuda]')")
-    if _interpreting():
+    if interpreting():
         return Target(True, True, "Triton CPU interpreter (TRITON_INTERPRET=1): simulated, CPU tensors")
     if torch.version.hip is not None:
         return Target(False, False, "this torch is a ROCm build (use the rocm backend)")
@@ -39,5 +29,12 @@ def detect() -> Target:
     name = torch.cuda.get_device_name()
     if capability < MIN_CAPABILITY:
         return Target(False, False, f"{name} has compute capability {capability[0]}.{capability[1]}; the kernels need 8.0+")
-    props = torch.cuda.get_device_properties(0)
-    return Target(True, False, f"{name} (sm_{capability[0]}{capability[1]}, {props.multi_processor_count} SMs)")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return Target(True, False, f"{name} (sm_{capability[0]}{capability[1]}, {sms} SMs)", f"sm{capability[0]}{capability[1]}")
+
+
+def tuning_for(target: Target) -> Tuning:
+    if target.simulated or not target.identity:
+        return Tuning("interpreter", interpreter_gemm_config, MlaConfig(num_stages=1))
+    capability = (int(target.identity[2:-1]), int(target.identity[-1]))
+    return Tuning(target.identity, nvidia_gemm_config, MlaConfig(), fp8_dot=capability >= FP8_DOT_CAPABILITY)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["encode_e4m3fn", "to_bf16_rne", "round_to"]
+__all__ = ["encode_e4m3fn", "to_bf16_rne", "round_to", "e4m3fn_bits_as_fnuz", "FNUZ_SCALE"]
+
+# Reinterpreting e4m3fn bits as e4m3fnuz (exponent bias 8 instead of 7) halves every value.
+FNUZ_SCALE = 2.0
 
 
 @triton.jit
@@ -47,3 +50,14 @@ def round_to(x, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
     if EXACT_BF16 and dtype == tl.bfloat16:
         return to_bf16_rne(x)
     return x.to(dtype)
+
+
+@triton.jit
+def e4m3fn_bits_as_fnuz(code):
+    """uint8 e4m3fn codes -> the e4m3fnuz codes of half their values (exact for every code).
+
+    Only the special codes move: -0 (0x80, NaN in fnuz) becomes +0, and the e4m3fn NaNs
+    (0x7F, 0xFF) become fnuz's NaN (0x80). Callers multiply results by FNUZ_SCALE per operand.
+    """
+    code = tl.where(code == 0x80, 0, code)
+    return tl.where((code & 0x7F) == 0x7F, 0x80, code).to(tl.uint8)

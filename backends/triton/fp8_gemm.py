@@ -1,9 +1,11 @@
 """FP8 GEMM with DeepGEMM's fine-grained scaling: dense, MoE contiguous, MoE masked, one kernel.
 
 ``out[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sa[m, kb] * sb[n // 128, kb]``: each 128-wide K
-block is one ``tl.dot`` (fp8 on tensor cores where the GPU has them, fp16 otherwise: every e4m3
-value is exact in fp16) whose fp32 partial is promoted with its two scales, as DeepGEMM's kernel
+block is one ``tl.dot`` whose fp32 partial is promoted with its two scales, as DeepGEMM's kernel
 promotes on CUDA cores. BLOCK_N divides 128, so a tile's columns share one RHS scale block.
+Operands arrive as e4m3fn codes and enter the dot in the target's format (``Tuning``): e4m3fn
+as is, e4m3fnuz by reinterpretation at half value (compensated in the scales), or fp16 on GPUs
+without FP8 dot instructions (every e4m3 value is exact in fp16).
 
 Layouts select the B group of a tile: dense (group 0), contiguous (``m_indices`` of the tile's
 first row; DeepGEMM's layout keeps each 128-row block to one group, -1 blocks are skipped),
@@ -13,39 +15,42 @@ stored).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from hal.backends.triton.conversions import round_to
-from hal.backends.triton.runtime import fp8_dot_supported, interpreting
+from hal.backends.triton.conversions import FNUZ_SCALE, e4m3fn_bits_as_fnuz, round_to
+from hal.backends.triton.runtime import interpreting, launch_options
+from hal.backends.triton.tuning import FP8_E4M3FN, FP8_E4M3FNUZ, GemmConfig, Tuning
 
-__all__ = ["GemmConfig", "fp8_gemm", "DENSE", "CONTIGUOUS", "MASKED"]
+__all__ = ["fp8_gemm", "DENSE", "CONTIGUOUS", "MASKED"]
 
 BLOCK_K = 128
 DENSE, CONTIGUOUS, MASKED = 0, 1, 2
+_FORMATS = {FP8_E4M3FN: 0, FP8_E4M3FNUZ: 1}
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    """Tile sizes and launch parameters; BLOCK_M and BLOCK_N divide 128."""
-
-    block_m: int = 64
-    block_n: int = 128
-    num_warps: int = 4
-    num_stages: int = 3
+@triton.jit
+def _as_dot_operand(code, FORMAT: tl.constexpr, UPCAST: tl.constexpr):
+    """uint8 e4m3fn codes -> what this target's tl.dot takes (see Tuning.fp8_format / fp8_dot)."""
+    if FORMAT == 1:
+        value = e4m3fn_bits_as_fnuz(code).to(tl.float8e4b8, bitcast=True)
+    else:
+        value = code.to(tl.float8e4nv, bitcast=True)
+    if UPCAST:
+        value = value.to(tl.float16)
+    return value
 
 
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr,
-    M, N, K,
+    M, N, K, operand_scale,
     stride_ag, stride_am, stride_sag, stride_sam, stride_sak,
     stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
     stride_og, stride_om,
-    LAYOUT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LAYOUT: tl.constexpr, FORMAT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -71,24 +76,14 @@ def _fp8_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K):
         k0 = kb * BLOCK_K
-        a = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-        b = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float16)
-            b = b.to(tl.float16)
+        a = _as_dot_operand(tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0), FORMAT, UPCAST)
+        b = _as_dot_operand(tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :], other=0), FORMAT, UPCAST)
         partial = tl.dot(a, b, out_dtype=tl.float32)
         sa = tl.load(sa_rows + kb * stride_sak, mask=row_ok, other=0.0)
-        sb = tl.load(sb_block + kb * stride_sbk)
+        sb = tl.load(sb_block + kb * stride_sbk) * operand_scale
         acc += partial * (sa[:, None] * sb)
     out = out_ptr + group.to(tl.int64) * stride_og * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out, round_to(acc, tl.bfloat16, EXACT_BF16), mask=row_ok[:, None] & col_ok[None, :])
-
-
-def default_config(m: int, n: int, device: torch.device) -> GemmConfig:
-    """Small tiles in the interpreter (every program runs on the CPU); larger ones on GPUs."""
-    if interpreting():
-        return GemmConfig(block_m=32 if m > 16 else 16, block_n=64, num_warps=4, num_stages=1)
-    return GemmConfig(block_m=64 if m > 32 else 32 if m > 16 else 16, block_n=128, num_warps=4, num_stages=3)
 
 
 def fp8_gemm(
@@ -98,6 +93,7 @@ def fp8_gemm(
     b_scales: torch.Tensor,
     out: torch.Tensor,
     *,
+    tuning: Tuning,
     layout: int = DENSE,
     groups: torch.Tensor | None = None,
     config: GemmConfig | None = None,
@@ -105,26 +101,34 @@ def fp8_gemm(
     """Launch the kernel (arguments already validated by ``hal.ops.gemm``).
 
     Args:
-        a: fp8 [M, K] (dense, contiguous) or [G, M, K] (masked); a_scales matching, any strides.
-        b: fp8 [N, K] (dense) or [G, N, K]; b_scales [(G,) ceil(N/128), K/128].
+        a: fp8 e4m3fn [M, K] (dense, contiguous) or [G, M, K] (masked); a_scales matching, any strides.
+        b: fp8 e4m3fn [N, K] (dense) or [G, N, K]; b_scales [(G,) ceil(N/128), K/128].
         out: bf16 [(G,) M, N], contiguous.
+        tuning: the target's tile table, FP8 format and launch options.
         layout: DENSE, CONTIGUOUS (``groups`` = m_indices int32 [M]) or MASKED (``groups`` = masked_m int32 [G]).
+        config: overrides the tuning's tile choice.
     """
     m, k = a.shape[-2:]
     n = b.shape[-2]
     if m == 0 or n == 0:
         return
-    config = config or default_config(m, n, a.device)
+    config = config or tuning.gemm(m, n, k)
     num_groups = a.shape[0] if layout == MASKED else 1
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), num_groups)
-    lead = lambda t: t.stride(0) if t.dim() == 3 else 0  # noqa: E731  (group stride, 0 when ungrouped)
+    fmt = _FORMATS[tuning.fp8_format]
+    # Reinterpreted fnuz operands each carry half their value: scale the product back.
+    operand_scale = FNUZ_SCALE * FNUZ_SCALE if tuning.fp8_format == FP8_E4M3FNUZ else 1.0
+
+    def lead(t: torch.Tensor) -> int:
+        return t.stride(0) if t.dim() == 3 else 0  # group stride; 0 when ungrouped
+
     _fp8_gemm_kernel[grid](
-        a, a_scales, b, b_scales, out, groups if groups is not None else out,
-        m, n, k,
+        a.view(torch.uint8), a_scales, b.view(torch.uint8), b_scales, out, groups if groups is not None else out,
+        m, n, k, operand_scale,
         lead(a), a.stride(-2), lead(a_scales), a_scales.stride(-2), a_scales.stride(-1),
         lead(b), b.stride(-2), lead(b_scales), b_scales.stride(-2), b_scales.stride(-1),
         lead(out), out.stride(-2),
-        LAYOUT=layout, UPCAST=not fp8_dot_supported(a.device), EXACT_BF16=interpreting(),
+        LAYOUT=layout, FORMAT=fmt, UPCAST=not tuning.fp8_dot, EXACT_BF16=interpreting(),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(tuning),
     )

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from hal.backends.triton.conversions import round_to
-from hal.backends.triton.runtime import dot_operand_dtype, interpreting
+from hal.backends.triton.runtime import dot_operand_dtype, interpreting, launch_options
+from hal.backends.triton.tuning import Tuning
 
 __all__ = ["mla_decode"]
 
@@ -157,10 +158,6 @@ def _mla_combine_kernel(
     tl.store(lse_ptr + b * stride_lb + head * stride_lh + token, lse, mask=row_ok)
 
 
-def _block_h() -> int:
-    return 16  # tl.dot's minimum; also bounds the fp32 accumulator (16 x 512) per program
-
-
 def mla_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -171,8 +168,14 @@ def mla_decode(
     num_splits: torch.Tensor,
     softmax_scale: float,
     causal: bool,
+    *,
+    tuning: Tuning,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch both kernels (arguments validated by ``hal.ops.mla``); shapes as in ``hal_mla_decode``."""
+    """Launch both kernels (arguments validated by ``hal.ops.mla``); shapes as in ``hal_mla_decode``.
+
+    ``tuning.mla.block_h`` query rows per program: 16 is tl.dot's minimum and keeps the fp32
+    accumulator (block_h x 512) in registers.
+    """
     batch, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[2]
     group = h_q // h_kv
@@ -186,9 +189,10 @@ def mla_decode(
     slots = batch + num_parts
     acc_o = torch.empty(slots, h_kv * rows, head_dim_v, dtype=torch.float32, device=q.device)
     acc_lse = torch.empty(slots, h_kv * rows, dtype=torch.float32, device=q.device)
-    block_h = _block_h()
+    config = tuning.mla
+    block_h = config.block_h
     upcast = dot_operand_dtype(q.dtype) != q.dtype
-    common = dict(BLOCK_H=block_h, D_NOPE=D_NOPE, EXACT_BF16=interpreting())
+    common = dict(BLOCK_H=block_h, D_NOPE=D_NOPE, EXACT_BF16=interpreting(), num_warps=config.num_warps, **launch_options(tuning))
     _mla_split_kernel[(num_parts, triton.cdiv(rows, block_h), h_kv)](
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
         out, lse, acc_o, acc_lse,
@@ -199,7 +203,7 @@ def mla_decode(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         acc_o.stride(0), acc_o.stride(1), acc_lse.stride(0),
-        CAUSAL=causal, UPCAST=upcast, PAGE=PAGE, D_ROPE=D_ROPE, num_warps=4, num_stages=1 if interpreting() else 2, **common,
+        CAUSAL=causal, UPCAST=upcast, PAGE=PAGE, D_ROPE=D_ROPE, num_stages=config.num_stages, **common,
     )
     _mla_combine_kernel[(batch, triton.cdiv(rows, block_h), h_kv)](
         out, lse, acc_o, acc_lse, num_splits,
@@ -207,7 +211,7 @@ def mla_decode(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         acc_o.stride(0), acc_o.stride(1), acc_lse.stride(0),
-        num_warps=4, **common,
+        **common,
     )
     return out, lse
 

@@ -11,19 +11,14 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "dot_operand_dtype", "fp8_dot_supported"]
+from hal.backends.triton.tuning import Tuning
+
+__all__ = ["interpreting", "dot_operand_dtype", "launch_options"]
 
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
-
-
-def fp8_dot_supported(device: torch.device) -> bool:
-    """FP8 tensor-core dot needs compute capability 8.9+ (Ada, Hopper); the interpreter emulates it."""
-    if device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def dot_operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,3 +30,8 @@ def dot_operand_dtype(dtype: torch.dtype) -> torch.dtype:
     if interpreting() and dtype == torch.bfloat16:
         return torch.float32
     return dtype
+
+
+def launch_options(tuning: Tuning) -> dict:
+    """The tuning's extra launch options (none in the interpreter, which has no hardware to tune)."""
+    return {} if interpreting() else dict(tuning.launch_options)

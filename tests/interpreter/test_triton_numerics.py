@@ -7,9 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hal.backends.triton.conversions import encode_e4m3fn, round_to
+from hal.backends.triton.conversions import e4m3fn_bits_as_fnuz, encode_e4m3fn, round_to
 from hal.backends.triton.fp8_cast import per_block_cast, per_token_cast
-from hal.backends.triton.fp8_gemm import DENSE, GemmConfig, fp8_gemm
+from hal.backends.triton.fp8_gemm import DENSE, fp8_gemm
+from hal.backends.triton.tuning import FP8_E4M3FN, FP8_E4M3FNUZ, GemmConfig, Tuning, interpreter_gemm_config
 from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_reference import gemm_fp8_nt_reference
 
@@ -75,15 +76,17 @@ def test_per_block_cast_is_bit_exact(shape):
     assert torch.equal(scales.cpu(), expected_scales)
 
 
+@pytest.mark.parametrize("fp8_format", [FP8_E4M3FN, FP8_E4M3FNUZ])
 @pytest.mark.parametrize("config", [GemmConfig(16, 32, 4, 1), GemmConfig(32, 128, 4, 1), GemmConfig(64, 64, 4, 1)])
-def test_gemm_tile_configs_agree_with_the_reference(config):
+def test_gemm_tile_configs_and_fp8_formats_agree_with_the_reference(config, fp8_format):
     generator = torch.Generator().manual_seed(4)
     a, sa = per_token_cast_reference(torch.randn(70, 256, generator=generator))
     b, sb = per_block_cast_reference(torch.randn(200, 256, generator=generator))
     expected = torch.empty(70, 200, dtype=torch.bfloat16)
     gemm_fp8_nt_reference(a, sa, b, sb, expected)
     out = torch.full((70, 200), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    fp8_gemm(a.to(DEVICE), sa.to(DEVICE), b.to(DEVICE), sb.to(DEVICE), out, layout=DENSE, config=config)
+    tuning = Tuning("test", interpreter_gemm_config, fp8_format=fp8_format)
+    fp8_gemm(a.to(DEVICE), sa.to(DEVICE), b.to(DEVICE), sb.to(DEVICE), out, tuning=tuning, layout=DENSE, config=config)
     torch.testing.assert_close(out.cpu().float(), expected.float(), rtol=2**-7, atol=1e-3 * float(expected.float().abs().max()))
 
 
@@ -92,5 +95,21 @@ def test_empty_m_writes_nothing():
     sa = torch.empty(0, 1, device=DEVICE)
     b, sb = per_block_cast_reference(torch.randn(128, 128))
     out = torch.empty(0, 128, dtype=torch.bfloat16, device=DEVICE)
-    fp8_gemm(a, sa, b.to(DEVICE), sb.to(DEVICE), out)
+    fp8_gemm(a, sa, b.to(DEVICE), sb.to(DEVICE), out, tuning=Tuning("test", interpreter_gemm_config))
     assert out.numel() == 0
+
+
+@triton.jit
+def _fnuz_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offsets, e4m3fn_bits_as_fnuz(tl.load(x_ptr + offsets)))
+
+
+def test_in_kernel_fnuz_mapping_matches_the_host_conversion():
+    from hal.backends.rocm.fp8 import e4m3fn_to_e4m3fnuz
+
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    mapped = torch.empty_like(codes)
+    _fnuz_kernel[(1,)](codes, mapped, BLOCK=256)
+    expected, _ = e4m3fn_to_e4m3fnuz(codes.cpu().view(torch.float8_e4m3fn), torch.ones(1))
+    assert torch.equal(mapped.cpu(), expected.view(torch.uint8))

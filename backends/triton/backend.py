@@ -1,0 +1,102 @@
+"""A hal backend made of the shared Triton kernels: what a GPU vendor instantiates.
+
+A vendor plugin module detects its hardware (a :class:`Target`), picks a :class:`Tuning` and
+exposes ``backend = TritonBackend(...)``, registered as ``"hal.backends.<vendor>.plugin:backend"``.
+Every operator hook is implemented here once; kernel modules are imported on first use so that
+discovery never imports Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hal.backends.triton.tuning import Tuning
+from hal.plugin import Availability, BackendInfo, hookimpl
+
+__all__ = ["Target", "TritonBackend"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where kernels run: ``available``, ``simulated`` (Triton's CPU interpreter), a description of
+    the device or the reason it is unavailable, and the vendor's device identity (capability,
+    gfx arch) when there is one."""
+
+    available: bool
+    simulated: bool
+    description: str
+    identity: str = ""
+
+
+class TritonBackend:
+    """Hook implementations over the shared kernels for one target.
+
+    Args:
+        description: one line for ``hal backends``.
+        target: the detected device.
+        tuning: tile tables, FP8 format and launch options for it.
+        device_type: torch device type of the GPU's tensors (``"cuda"`` for NVIDIA and ROCm).
+    """
+
+    def __init__(self, description: str, target: Target, tuning: Tuning, device_type: str = "cuda") -> None:
+        self.description = description
+        self.target = target
+        self.tuning = tuning
+        self.device_type = device_type
+
+    @hookimpl
+    def hal_backend_info(self) -> BackendInfo:
+        if self.target.simulated:
+            # A simulator is never picked automatically: it is slow and proves numerics, not speed.
+            return BackendInfo(f"{self.description} (simulated in the Triton CPU interpreter)", priority=-1, device_types=("cpu",))
+        return BackendInfo(self.description, priority=100, device_types=(self.device_type,))
+
+    @hookimpl
+    def hal_backend_availability(self) -> Availability:
+        if not self.target.available:
+            return Availability(False, self.target.description)
+        return Availability(True, device=f"{self.target.description}; tuning {self.tuning.name}", simulated=self.target.simulated)
+
+    @hookimpl
+    def hal_mla_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal):
+        from hal.backends.triton.mla_decode import mla_decode
+
+        return mla_decode(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal, tuning=self.tuning
+        )
+
+    @hookimpl
+    def hal_gemm_fp8_nt(self, a, a_scales, b, b_scales, out):
+        from hal.backends.triton.fp8_gemm import DENSE, fp8_gemm
+
+        fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=DENSE)
+
+    @hookimpl
+    def hal_m_grouped_gemm_fp8_nt_contiguous(self, a, a_scales, b, b_scales, out, m_indices):
+        from hal.backends.triton.fp8_gemm import CONTIGUOUS, fp8_gemm
+
+        fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=CONTIGUOUS, groups=m_indices)
+
+    @hookimpl
+    def hal_m_grouped_gemm_fp8_nt_masked(self, a, a_scales, b, b_scales, out, masked_m, expected_m):
+        from hal.backends.triton.fp8_gemm import MASKED, fp8_gemm
+
+        fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=MASKED, groups=masked_m)
+
+    @hookimpl
+    def hal_per_token_cast_to_fp8(self, x):
+        from hal.backends.triton.fp8_cast import per_token_cast
+
+        return per_token_cast(x)
+
+    @hookimpl
+    def hal_per_block_cast_to_fp8(self, x):
+        from hal.backends.triton.fp8_cast import per_block_cast
+
+        return per_block_cast(x)
+
+    @hookimpl
+    def hal_ep_dispatch_layout(self, topk_idx, num_experts, num_ranks):
+        from hal.backends.triton.ep_layout import dispatch_layout
+
+        return dispatch_layout(topk_idx, num_experts, num_ranks)
