@@ -61,6 +61,9 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         ``is_token_in_rank`` bool [num_tokens, R].
     """
     op = "get_dispatch_layout"
+    if torch.compiler.is_compiling():
+        per_rank, per_node, per_expert, in_rank = torch.ops.hal.get_dispatch_layout(topk_idx, num_experts, num_ranks)
+        return per_rank, (per_node if num_ranks > NVL_PEERS_PER_NODE else None), per_expert, in_rank
     expect_tensor(op, "topk_idx", topk_idx, dtypes=torch.int64, shape=(None, None), dims=("num_tokens", "num_topk"))
     expect_int(op, "num_ranks", num_ranks, minimum=1)
     expect_int(op, "num_experts", num_experts, minimum=1)

@@ -88,6 +88,8 @@ def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(float8_e4m3fn [M, K] contiguous, float32 [M, K // 128] scales)``.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.hal.per_token_cast_to_fp8(x)
     op = PER_TOKEN_CAST.name
     expect_tensor(op, "x", x, dtypes=FLOAT_DTYPES, shape=(None, None), dims=("M", "K"), contiguous=True)
     if x.shape[1] % BLOCK:
@@ -104,5 +106,7 @@ def per_block_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(float8_e4m3fn [N, K] contiguous, float32 [ceil(N/128), ceil(K/128)] scales)``.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.hal.per_block_cast_to_fp8(x)
     expect_tensor(PER_BLOCK_CAST.name, "x", x, dtypes=FLOAT_DTYPES, shape=(None, None), dims=("N", "K"))
     return call(PER_BLOCK_CAST, "x", x.device, x=x)

@@ -129,6 +129,8 @@ def gemm_fp8_fp8_bf16_nt(lhs: Operand, rhs: Operand, out: torch.Tensor) -> None:
         out: bfloat16 [M, N], overwritten.
     """
     op = "gemm_fp8_fp8_bf16_nt"
+    if torch.compiler.is_compiling():
+        return torch.ops.hal.gemm_fp8_nt(lhs[0], lhs[1], rhs[0], rhs[1], out)
     a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=None, lhs_groups=False)
     call(GEMM_FP8_NT, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out)
 
@@ -145,6 +147,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Operand, rhs: Operand, out: t
         m_indices: int32 [M], the expert of each row in [0, G), -1 for padding.
     """
     op = "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous"
+    if torch.compiler.is_compiling():
+        return torch.ops.hal.m_grouped_gemm_fp8_nt_contiguous(lhs[0], lhs[1], rhs[0], rhs[1], out, m_indices)
     a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=False)
     expect_tensor(op, "m_indices", m_indices, dtypes=torch.int32, shape=(a.shape[0],), dims=("M",))
     expect_same_device(op, "lhs[0]", a, m_indices=m_indices)
@@ -169,6 +173,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(
         expected_m: hint for tuning (typical masked_m), a positive int.
     """
     op = "m_grouped_gemm_fp8_fp8_bf16_nt_masked"
+    if torch.compiler.is_compiling():
+        return torch.ops.hal.m_grouped_gemm_fp8_nt_masked(lhs[0], lhs[1], rhs[0], rhs[1], out, masked_m, expected_m)
     a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=True)
     groups, m_max = a.shape[0], a.shape[1]
     expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(groups,), dims=("G",))

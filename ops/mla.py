@@ -61,6 +61,8 @@ def get_mla_metadata(
         device of ``cache_seqlens``. Comes from the backend selected for ``mla_decode`` when it
         has its own scheduler, else from :func:`hal.ops.mla_schedule.schedule_mla_splits`.
     """
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     expect_tensor(_META_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(None,), dims=("batch",))
     expect_int(_META_OP, "num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
     expect_int(_META_OP, "num_heads_k", num_heads_k, minimum=1)
@@ -169,6 +171,10 @@ def flash_mla_with_kvcache(
     Returns:
         ``(out [batch, s_q, h_q, 512] dtype of q, lse float32 [batch, h_q, s_q])``.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.hal.mla_decode(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+        )
     scale, causal = validate_mla_decode(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
     )

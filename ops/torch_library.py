@@ -1,0 +1,118 @@
+"""Every dispatched operator as a torch custom op (``torch.ops.hal.*``) with a fake implementation.
+
+Under ``torch.compile`` the public functions in ``hal.ops`` call these ops instead of running
+their Python checks and dispatch, so Dynamo sees one opaque node per operator (``fullgraph=True``
+works) and fake tensors give the output shapes. At run time each op runs the public function
+eagerly: same checks, same backend selection. In-place GEMMs declare ``out`` as mutated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hal.ops import ep as ep_ops
+from hal.ops import fp8_quant, gemm, mla
+from hal.ops.mla_schedule import BLOCK_SIZE_M, METADATA_WIDTH, default_num_sms
+
+__all__ = ["compiling"]
+
+
+def compiling() -> bool:
+    """True while Dynamo traces: public operators then route through ``torch.ops.hal``."""
+    return torch.compiler.is_compiling()
+
+
+@torch.library.custom_op("hal::get_mla_metadata", mutates_args=())
+def get_mla_metadata(cache_seqlens: Tensor, num_q_tokens_per_head_k: int, num_heads_k: int) -> tuple[Tensor, Tensor]:
+    return mla.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+
+
+@get_mla_metadata.register_fake
+def _(cache_seqlens: Tensor, num_q_tokens_per_head_k: int, num_heads_k: int) -> tuple[Tensor, Tensor]:
+    parts = max(default_num_sms(cache_seqlens.device) // num_heads_k // -(-num_q_tokens_per_head_k // BLOCK_SIZE_M), 1)
+    return cache_seqlens.new_empty(parts, METADATA_WIDTH), cache_seqlens.new_empty(cache_seqlens.shape[0] + 1)
+
+
+@torch.library.custom_op("hal::mla_decode", mutates_args=())
+def mla_decode(
+    q: Tensor, k_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
+    tile_scheduler_metadata: Tensor, num_splits: Tensor, softmax_scale: float | None, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    return mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal)
+
+
+@mla_decode.register_fake
+def _(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal):
+    batch, s_q, h_q, _ = q.shape
+    return q.new_empty(batch, s_q, h_q, head_dim_v), q.new_empty(batch, h_q, s_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("hal::gemm_fp8_nt", mutates_args=("out",))
+def gemm_fp8_nt(a: Tensor, a_scales: Tensor, b: Tensor, b_scales: Tensor, out: Tensor) -> None:
+    gemm.gemm_fp8_fp8_bf16_nt((a, a_scales), (b, b_scales), out)
+
+
+@gemm_fp8_nt.register_fake
+def _(a, a_scales, b, b_scales, out) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::m_grouped_gemm_fp8_nt_contiguous", mutates_args=("out",))
+def m_grouped_gemm_fp8_nt_contiguous(a: Tensor, a_scales: Tensor, b: Tensor, b_scales: Tensor, out: Tensor, m_indices: Tensor) -> None:
+    gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, a_scales), (b, b_scales), out, m_indices)
+
+
+@m_grouped_gemm_fp8_nt_contiguous.register_fake
+def _(a, a_scales, b, b_scales, out, m_indices) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::m_grouped_gemm_fp8_nt_masked", mutates_args=("out",))
+def m_grouped_gemm_fp8_nt_masked(a: Tensor, a_scales: Tensor, b: Tensor, b_scales: Tensor, out: Tensor, masked_m: Tensor, expected_m: int) -> None:
+    gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, a_scales), (b, b_scales), out, masked_m, expected_m)
+
+
+@m_grouped_gemm_fp8_nt_masked.register_fake
+def _(a, a_scales, b, b_scales, out, masked_m, expected_m) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::per_token_cast_to_fp8", mutates_args=())
+def per_token_cast_to_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    return fp8_quant.per_token_cast_to_fp8(x)
+
+
+@per_token_cast_to_fp8.register_fake
+def _(x):
+    m, k = x.shape
+    return x.new_empty(m, k, dtype=torch.float8_e4m3fn), x.new_empty(m, k // fp8_quant.BLOCK, dtype=torch.float32)
+
+
+@torch.library.custom_op("hal::per_block_cast_to_fp8", mutates_args=())
+def per_block_cast_to_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    return fp8_quant.per_block_cast_to_fp8(x)
+
+
+@per_block_cast_to_fp8.register_fake
+def _(x):
+    n, k = x.shape
+    blocks = (-(-n // fp8_quant.BLOCK), -(-k // fp8_quant.BLOCK))
+    return x.new_empty(n, k, dtype=torch.float8_e4m3fn), x.new_empty(*blocks, dtype=torch.float32)
+
+
+@torch.library.custom_op("hal::get_dispatch_layout", mutates_args=())
+def get_dispatch_layout(topk_idx: Tensor, num_experts: int, num_ranks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    per_rank, per_node, per_expert, in_rank = ep_ops.get_dispatch_layout(topk_idx, num_experts, num_ranks)
+    # Custom ops cannot return None: within a node the per-node counts travel as an empty tensor.
+    per_node = per_node if per_node is not None else per_rank.new_empty(0)
+    return per_rank, per_node, per_expert, in_rank
+
+
+@get_dispatch_layout.register_fake
+def _(topk_idx, num_experts, num_ranks):
+    nodes = num_ranks // ep_ops.NVL_PEERS_PER_NODE if num_ranks > ep_ops.NVL_PEERS_PER_NODE else 0
+    counts = topk_idx.new_empty(num_ranks, dtype=torch.int32)
+    return counts, topk_idx.new_empty(nodes, dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int32), topk_idx.new_empty(
+        topk_idx.shape[0], num_ranks, dtype=torch.bool
+    )
