@@ -3,6 +3,7 @@
 ``hal backends [--json]``: discovered backends, availability (and why not), operators, selection.
 ``hal conformance [...]``: certify backends against the reference (see ``hal conformance -h``).
 ``hal bench [...]``: time backends and peers, fractions of measured peak (see ``hal bench -h``).
+``hal new-backend NAME [--dir D]``: write a vendor plugin package to start from.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -76,6 +78,22 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_new_backend(args: argparse.Namespace) -> int:
+    from hal.scaffold import write_backend_package
+
+    directory = args.dir or Path(f"hal-{args.name.replace('_', '-')}")
+    try:
+        written = write_backend_package(args.name, directory)
+    except (ValueError, FileExistsError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
+        return 2
+    console = Console()
+    for path in written:
+        console.print(f"wrote {path}")
+    console.print(f"Next: pip install -e {directory} && hal backends && {directory}/ci/conformance.sh")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hal", description="unihal: DeepSeek-class LLM kernels on any accelerator.")
     parser.add_argument("--version", action="version", version=f"unihal {hal.__version__}")
@@ -85,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     backends.set_defaults(run=_cmd_backends)
     cli_conformance.add_parser(commands)
     cli_bench.add_parser(commands)
+    scaffold = commands.add_parser("new-backend", help="write a vendor plugin package to start a new backend from")
+    scaffold.add_argument("name", help="backend name (lower-case identifier): the HAL_BACKEND value")
+    scaffold.add_argument("--dir", type=Path, help="where to write it (default: ./hal-NAME)")
+    scaffold.set_defaults(run=_cmd_new_backend)
     return parser
 
 
@@ -93,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except hal.HalError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
         return 2
 
 

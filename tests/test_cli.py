@@ -32,8 +32,14 @@ def test_backends_json_lists_every_backend_with_availability_and_selection():
     assert by_name["reference"]["available"] and set(by_name["reference"]["operators"]) == set(OPERATORS)
     assert not by_name["cuda"]["available"] and "no CUDA device" in by_name["cuda"]["reason"]
     assert set(report["operators"]) == set(OPERATORS)
-    for op in OPERATORS:
-        assert report["selection"]["cpu"][op]["backend"] == "reference"
+    for op, spec in OPERATORS.items():
+        # auto: the highest-priority available backend that takes CPU tensors and has the operator
+        capable = [
+            b for b in report["backends"]
+            if b["available"] and op in b["operators"] and (b["device_types"] is None or "cpu" in b["device_types"])
+        ]
+        best = max(capable, key=lambda b: (b["priority"], [-ord(c) for c in b["name"]]))
+        assert report["selection"]["cpu"][op]["backend"] == best["name"]
         assert report["selection"]["cpu"][op]["reason"].startswith("auto")
 
 

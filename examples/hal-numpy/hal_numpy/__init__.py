@@ -1,0 +1,1 @@
+"""The numpy backend for unihal (see plugin.py)."""
