@@ -105,7 +105,8 @@ class CaseResult:
     """The outcome of one case on one backend.
 
     ``status`` is ``pass``, ``fail`` (an output out of tolerance), ``error`` (the backend raised),
-    ``timeout`` or ``crash`` (the isolated worker died).
+    ``timeout``, ``crash`` (the isolated worker died) or ``unsupported`` (the backend does not
+    implement the operator: reported, not certified, and a failure only with ``--require-all``).
     """
 
     backend: str

@@ -21,8 +21,8 @@ from hal.conformance.metrics import TOLERANCES
 
 __all__ = ["environment", "summarize", "build_report", "write_reports", "STATUSES"]
 
-STATUSES = ("pass", "fail", "error", "timeout", "crash")
-_COLOURS = {"pass": "#2e9d4f", "fail": "#d64541", "error": "#e67e22", "timeout": "#8e44ad", "crash": "#34495e"}
+STATUSES = ("pass", "fail", "error", "timeout", "crash", "unsupported")
+_COLOURS = {"pass": "#2e9d4f", "fail": "#d64541", "error": "#e67e22", "timeout": "#8e44ad", "crash": "#34495e", "unsupported": "#9e9e9e"}
 
 
 def environment() -> dict[str, Any]:
@@ -81,8 +81,8 @@ def _markdown(report: dict[str, Any], results: Sequence[CaseResult]) -> str:
         "",
         f"{env['date']} on {env['host']} ({env['platform']}), torch {env['torch']}, unihal {env['unihal']}, mode {report['mode']}.",
         "",
-        "| backend | device | pass | fail | error | timeout | crash | total |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | device | " + " | ".join(STATUSES) + " | total |",
+        "|---|---|" + "---|" * len(STATUSES) + "---|",
     ]
     devices = {r.backend: r.device for r in results}
     for backend, counts in report["summary"].items():
@@ -134,7 +134,7 @@ def _html(report: dict[str, Any], results: Sequence[CaseResult]) -> str:
 body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}
 table {{ border-collapse: collapse; margin: 12px 0; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; }}
-td.pass, td.fail, td.error, td.timeout, td.crash {{ color: #fff; text-align: center; font-family: monospace; min-width: 80px; }}
+td.pass, td.fail, td.error, td.timeout, td.crash, td.unsupported {{ color: #fff; text-align: center; font-family: monospace; min-width: 80px; }}
 tr.op th {{ background: #eee; text-align: left; }}
 th.case {{ text-align: left; font-weight: normal; font-family: monospace; }}
 td.n {{ text-align: right; }}

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from hal import registry
 from hal.conformance.devices import pick_device
+from hal.operator import get_operator
 from hal.conformance.case import Case, CaseResult, Tensors
 from hal.conformance.golden import Golden, load_goldens
 from hal.selection import use_backend
@@ -54,6 +56,11 @@ def execute(case: Case, backend_name: str, device: str, golden: Golden | None = 
     """Build, run on the backend, compute the reference (or take the golden's), compare. Never raises."""
     start = time.perf_counter()
     result = CaseResult(backend_name, case.id, case.op, "error", device=device)
+    backend = registry.get_backend(backend_name)
+    if backend is not None and not backend.implements(get_operator(case.op).hook):
+        result.status = "unsupported"
+        result.reason = f"{backend_name} does not implement {case.op}"
+        return result
     try:
         if golden is None:
             inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
