@@ -7,12 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from hal.cli_conformance import resolve_backends
+from hal.cli_cases import add_case_filters, resolve_backends, selected_cases
 
 DEFAULT_RESULTS = Path("bench/results")
 
@@ -24,11 +23,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Median time per case, achieved bandwidth and FLOP rate, fraction of this machine's measured peak, ratio to every other contender.",
     )
     parser.add_argument("--backend", action="append", default=[], help="backend to time (repeatable; default: every available backend)")
-    parser.add_argument("--op", action="append", default=[], help="only this operator (repeatable)")
-    parser.add_argument("--case", action="append", default=[], metavar="PATTERN", help="only cases matching this shell pattern")
-    tier = parser.add_mutually_exclusive_group()
-    tier.add_argument("--quick", dest="quick", action="store_true", default=None, help="the small cases (default without a GPU)")
-    tier.add_argument("--full", dest="quick", action="store_false", help="every case, DeepSeek-V3 shapes included (default with a GPU)")
+    add_case_filters(parser)
     parser.add_argument("--no-peers", action="store_true", help="time backends only")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per contender (median reported)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -42,16 +37,11 @@ def _rate(entry: dict) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from hal.bench.runner import bench, save_results
-    from hal.conformance.catalogue import select_cases
 
-    quick = args.quick if args.quick is not None else not torch.cuda.is_available()
-    cases = select_cases(quick=quick, ops=args.op, patterns=args.case)
-    if not cases:
-        Console(stderr=True).print("[red]no case matches the filters[/]")
-        return 2
+    cases, mode = selected_cases(args)
     backends = resolve_backends(args.backend, "hal bench")
     console = Console(stderr=args.json)
-    console.print(f"Benchmark ({'quick' if quick else 'full'}): {len(cases)} cases, backends {', '.join(backends)}" + ("" if args.no_peers else " + peers"))
+    console.print(f"Benchmark ({mode}): {len(cases)} cases, backends {', '.join(backends)}" + ("" if args.no_peers else " + peers"))
     report = bench(backends, cases, with_peers=not args.no_peers, repeats=args.repeats, progress=lambda r: console.print(f"  {r['case']}", style="dim"))
     if args.json:
         json.dump(report, sys.stdout, indent=2)

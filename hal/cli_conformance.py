@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hal import registry
-from hal.errors import BackendUnavailableError, UnknownBackendError
+from hal.cli_cases import add_case_filters, resolve_backends, selected_cases
 
 _STYLE = {"pass": "green", "fail": "red", "error": "dark_orange", "timeout": "magenta", "crash": "bold red", "unsupported": "dim"}
 
@@ -24,11 +23,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Run the conformance catalogue on each backend; exit code 1 if any case does not pass.",
     )
     parser.add_argument("--backend", action="append", default=[], help="backend to certify (repeatable; default: every available backend)")
-    parser.add_argument("--op", action="append", default=[], help="only this operator (repeatable)")
-    parser.add_argument("--case", action="append", default=[], metavar="PATTERN", help="only case ids or names matching this shell pattern (repeatable)")
-    tier = parser.add_mutually_exclusive_group()
-    tier.add_argument("--quick", dest="quick", action="store_true", default=None, help="the small subset for CPUs and interpreters")
-    tier.add_argument("--full", dest="quick", action="store_false", help="every case, DeepSeek-V3 shapes included")
+    add_case_filters(parser)
     parser.add_argument("--report", type=Path, metavar="DIR", help="write report.json, report.md and report.html into DIR")
     parser.add_argument("--isolate", action="store_true", help="run each backend's cases in a child process (survives crashes, kills hangs)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case (default 300)")
@@ -42,64 +37,37 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     recorder.add_argument("--backend", required=True, help="backend whose outputs become the goldens")
     recorder.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write")
-    recorder.add_argument("--op", action="append", default=[], help="only this operator (repeatable)")
-    recorder.add_argument("--case", action="append", default=[], metavar="PATTERN", help="only cases matching this shell pattern")
-    recorder_tier = recorder.add_mutually_exclusive_group()
-    recorder_tier.add_argument("--quick", dest="quick", action="store_true", default=None)
-    recorder_tier.add_argument("--full", dest="quick", action="store_false")
+    add_case_filters(recorder)
     recorder.set_defaults(run=run_record)
 
 
 def run_record(args: argparse.Namespace) -> int:
-    from hal.conformance.catalogue import select_cases
     from hal.conformance.golden import record
 
-    quick = args.quick if args.quick is not None else not torch.cuda.is_available()
-    cases = select_cases(quick=quick, ops=args.op, patterns=args.case)
-    if not cases:
-        Console(stderr=True).print("[red]no case matches the filters[/]")
-        return 2
+    cases, _ = selected_cases(args)
     (backend,) = resolve_backends([args.backend], "hal conformance record")
     manifest = record(backend, cases, args.out)
     Console().print(f"Recorded {len(cases)} case(s) from {backend} into {manifest.parent} ({manifest.name})")
     return 0
 
 
-def resolve_backends(requested: list[str], command: str) -> list[str]:
-    """The backends a command runs on: those named (each must be known and available), else every available one."""
-    known = registry.backends()
-    if not requested:
-        return [name for name, b in sorted(known.items(), key=lambda kv: (-kv[1].priority, kv[0])) if b.available]
-    for name in requested:
-        if name not in known:
-            raise UnknownBackendError(f"{command}: unknown backend {name!r}; known backends: {', '.join(sorted(known))}")
-        if not known[name].available:
-            raise BackendUnavailableError(f"{command}: backend {name!r} is unavailable: {known[name].availability().reason}")
-    return requested
-
-
 def run(args: argparse.Namespace) -> int:
-    from hal.conformance.catalogue import select_cases
     from hal.conformance.report import summarize, write_reports
     from hal.conformance.runner import run_backend
 
     console = Console()
-    quick = args.quick if args.quick is not None else not torch.cuda.is_available()
-    mode = "quick" if quick else "full"
-    cases = select_cases(quick=quick, ops=args.op, patterns=args.case)
+    recorded = None
     if args.golden is not None:
         from hal.conformance.golden import load_goldens
 
-        recorded = load_goldens(args.golden)[1]
-        cases = [c for c in select_cases(quick=False, ops=args.op, patterns=args.case) if c.id in recorded]
+        recorded = set(load_goldens(args.golden)[1])
+    cases, mode = selected_cases(args, recorded=recorded)
+    if recorded is not None:
         mode = f"golden {args.golden}"
     if args.list:
         for case in cases:
             console.print(case.id)
         return 0
-    if not cases:
-        console.print("[red]no case matches the filters[/]")
-        return 2
     backends = resolve_backends(args.backend, "hal conformance")
     console.print(f"Conformance ({mode}): {len(cases)} cases x {len(backends)} backend(s): {', '.join(backends)}")
     results = []
