@@ -82,7 +82,8 @@ def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: 
     work = work_of(case.op, inputs)
     peaks = measured_peaks(device)
     contenders: list[tuple[str, str, Callable[[], Any], Callable[[], Tensors]]] = []
-    for name in backends:
+    unsupported = [name for name in backends if not _implements(name, case.op)]
+    for name in (n for n in backends if n not in unsupported):
         def outputs(name: str = name) -> Tensors:
             with use_backend(name):
                 return case.family.run(_fresh(inputs))
@@ -99,7 +100,7 @@ def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: 
         peers, problems = peers_for(case.op, _fresh(inputs), device)
         notes += problems
         contenders += [(p.name, "peer", p.call, p.outputs) for p in peers]
-    entries = []
+    entries = [_entry(name, "backend", None, work, peaks, f"unsupported: {name} does not implement {case.op}") for name in unsupported]
     for name, kind, call, outputs in contenders:
         try:
             why = _check(case, outputs(), expected, inputs)

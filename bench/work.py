@@ -61,6 +61,25 @@ def _layout(inputs: Tensors) -> Work:
     return Work(_nbytes(topk) + topk.shape[0] * ranks + 4 * (ranks + inputs["num_experts"]), 0.0)
 
 
+def _pack(inputs: Tensors) -> Work:
+    rows, buckets = inputs["rows"], inputs["bucket_idx"]
+    row_bytes = rows[0].numel() * rows.element_size() if rows.shape[0] else 0
+    copies = float((buckets >= 0).sum())
+    return Work(_nbytes(rows, buckets) + copies * (row_bytes + 4), 0.0)
+
+
+def _unpack(inputs: Tensors) -> Work:
+    rows = inputs["rows"]
+    return Work(2 * _nbytes(rows) + _nbytes(inputs["bucket_of_row"]), 0.0)
+
+
+def _combine_reduce(inputs: Tensors) -> Work:
+    rows = inputs["rows"]
+    out_bytes = inputs["num_tokens"] * (rows[0].numel() if rows.shape[0] else 0) * rows.element_size()
+    weights = inputs["weights"]
+    return Work(_nbytes(rows, inputs["src_idx"]) + (_nbytes(weights) if weights is not None else 0) + out_bytes, 2.0 * rows.numel())
+
+
 _WORK = {
     "mla_decode": _mla,
     "gemm_fp8_nt": _gemm,
@@ -69,6 +88,9 @@ _WORK = {
     "per_token_cast_to_fp8": _cast,
     "per_block_cast_to_fp8": _cast,
     "ep_dispatch_layout": _layout,
+    "ep_pack": _pack,
+    "ep_unpack": _unpack,
+    "ep_combine_reduce": _combine_reduce,
 }
 
 

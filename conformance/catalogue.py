@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Sequence
 
 from hal.conformance.case import Case
-from hal.conformance.cases_ep import ep_cases
+from hal.conformance.cases_ep import ep_cases, ep_local_cases
 from hal.conformance.cases_gemm import cast_cases, gemm_cases
 from hal.conformance.cases_mla import mla_cases
 
@@ -16,7 +16,7 @@ __all__ = ["all_cases", "select_cases"]
 
 def all_cases() -> list[Case]:
     """Every case, quick and full, in a stable order (operator, then declaration order)."""
-    cases = mla_cases() + gemm_cases() + cast_cases() + ep_cases()
+    cases = mla_cases() + gemm_cases() + cast_cases() + ep_cases() + ep_local_cases()
     ids = [c.id for c in cases]
     duplicates = {i for i in ids if ids.count(i) > 1}
     if duplicates:
@@ -29,14 +29,14 @@ def select_cases(*, quick: bool, ops: Sequence[str] = (), patterns: Sequence[str
 
     Args:
         quick: only the quick subset (True) or every case (False).
-        ops: operator names to keep (all when empty).
+        ops: operator names or shell patterns (``ep_*``) to keep (all when empty).
         patterns: shell-style patterns matched against case ids (``mla_decode/*sq2*``) or names.
     """
     chosen = []
     for case in all_cases():
         if quick and not case.quick:
             continue
-        if ops and case.op not in ops:
+        if ops and not any(fnmatch.fnmatch(case.op, p) for p in ops):
             continue
         if patterns and not any(fnmatch.fnmatch(case.id, p) or fnmatch.fnmatch(case.name, p) for p in patterns):
             continue

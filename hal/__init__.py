@@ -7,7 +7,11 @@ Operators (validated here, run on the selected backend)::
     hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous / _masked           # MoE grouped FP8 GEMM
     hal.per_token_cast_to_fp8, hal.per_block_cast_to_fp8              # FP8 quantisation
     hal.get_dispatch_layout                                           # EP layout (DeepEP)
+    hal.ep_pack, hal.ep_unpack, hal.ep_combine_reduce                 # EP local kernels
     hal.rebalance_experts                                             # EPLB (host-side planner)
+
+Expert parallelism across processes: ``hal.ep.Buffer(group)`` (DeepEP's dispatch/combine API on
+torch.distributed); see :mod:`hal.ep`.
 
 Backend selection: ``HAL_BACKEND=name`` or ``HAL_BACKEND=a,b`` (fallback chain),
 ``HAL_BACKEND_<OPERATOR>=name`` per operator, :func:`use_backend` in code; see
@@ -32,6 +36,7 @@ from hal.registry import Backend, get_backend
 from hal.registry import backends as list_backends
 from hal.selection import Selection, select, use_backend
 from hal.ops.ep import get_dispatch_layout
+from hal.ops.ep_local import ep_combine_reduce, ep_pack, ep_unpack
 from hal.ops.eplb import rebalance_experts
 from hal.ops.fp8_quant import per_block_cast_to_fp8, per_token_cast_to_fp8
 from hal.ops.gemm import (
@@ -41,6 +46,7 @@ from hal.ops.gemm import (
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
 )
 from hal.ops.mla import flash_mla_with_kvcache, get_mla_metadata
+from hal import ep  # noqa: E402  (after the operators it is built on)
 
 __version__ = "0.1.0"
 
@@ -56,6 +62,10 @@ __all__ = [
     "per_token_cast_to_fp8",
     "per_block_cast_to_fp8",
     "get_dispatch_layout",
+    "ep_pack",
+    "ep_unpack",
+    "ep_combine_reduce",
+    "ep",
     "rebalance_experts",
     # backends and selection
     "Backend",

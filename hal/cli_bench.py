@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hal.cli_cases import add_case_filters, resolve_backends, selected_cases
+from hal.errors import HalError
 
 DEFAULT_RESULTS = Path("bench/results")
 
@@ -26,6 +28,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_case_filters(parser)
     parser.add_argument("--no-peers", action="store_true", help="time backends only")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per contender (median reported)")
+    parser.add_argument("--ep-world-size", type=int, default=4, help="gloo ranks spawned for the multi-process EP cases (--op ep_*)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--save", nargs="?", const=DEFAULT_RESULTS, type=Path, metavar="DIR", help=f"write results JSON under DIR (default {DEFAULT_RESULTS})")
     parser.set_defaults(run=run)
@@ -38,11 +41,22 @@ def _rate(entry: dict) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     from hal.bench.runner import bench, save_results
 
-    cases, mode = selected_cases(args)
+    # Dispatch and combine are multi-process: they run when --op selects them (ep_*) or by default.
+    ep_requested = not args.op or any(fnmatch.fnmatch(name, p) for p in args.op for name in ("ep_dispatch", "ep_combine"))
+    try:
+        cases, mode = selected_cases(args)
+    except HalError:
+        if not ep_requested:
+            raise
+        cases, mode = [], "ep"
     backends = resolve_backends(args.backend, "hal bench")
     console = Console(stderr=args.json)
     console.print(f"Benchmark ({mode}): {len(cases)} cases, backends {', '.join(backends)}" + ("" if args.no_peers else " + peers"))
     report = bench(backends, cases, with_peers=not args.no_peers, repeats=args.repeats, progress=lambda r: console.print(f"  {r['case']}", style="dim"))
+    if ep_requested:
+        from hal.ep.bench import run as run_ep_bench
+
+        report["ep"] = run_ep_bench(args.ep_world_size, repeats=max(3, args.repeats // 2))
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -66,6 +80,16 @@ def run(args: argparse.Namespace) -> int:
                 ratios = ", ".join(f"{escape(k)} {v:.2f}x" for k, v in entry["speedup_vs"].items())
                 table.add_row(label, name, f"{entry['median_s'] * 1e3:.3f} ms", gbps, tflops, f"{100 * entry['fraction_of_bound']:.1f}", ratios)
         console.print(table)
+        if report.get("ep"):
+            ep_table = Table(title=f"Expert parallelism across {report['ep'][0]['world_size']} ranks (gloo)")
+            for column in ("case", "MB/rank", "median", "MB/s per rank", "plain all_to_all", "ratio to all_to_all"):
+                ep_table.add_column(column)
+            for r in report["ep"]:
+                ep_table.add_row(
+                    r["case"], f"{r['bytes_per_rank'] / 1e6:.3f}", f"{r['median_s'] * 1e3:.3f} ms", f"{r['bytes_per_s_per_rank'] / 1e6:.1f}",
+                    f"{r['all_to_all_median_s'] * 1e3:.3f} ms", f"{r['ratio_to_all_to_all']:.2f}",
+                )
+            console.print(ep_table)
     if args.save:
         path = save_results(report, args.save)
         console.print(f"Saved {path}")

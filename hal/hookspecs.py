@@ -170,3 +170,77 @@ def hal_ep_dispatch_layout(
         ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R // 8] or None when
         R <= 8, num_tokens_per_expert int32 [E], is_token_in_rank bool [num_tokens, R])``.
     """
+
+
+# --- Expert parallelism across processes (hal.ep): local kernels and the transport ----------
+
+
+@hookspec(firstresult=True)
+def hal_ep_pack(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy rows into bucket-major order: see :func:`hal.ops.ep_local.ep_pack`.
+
+    Args:
+        rows: [num_rows, width], any dtype, copied bitwise.
+        bucket_idx: int64 [num_rows, num_slots], bucket ids in [0, num_buckets) or -1.
+        num_buckets: B >= 1.
+
+    Returns:
+        ``(packed [S, width] dtype of rows, src_idx int32 [S], num_rows_per_bucket int32 [B])``;
+        packed rows are ordered by bucket, then source row, then slot.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regroup rows into fixed slots per bucket: see :func:`hal.ops.ep_local.ep_unpack`.
+
+    Args:
+        rows: [S, width], any dtype, copied bitwise.
+        bucket_of_row: int32 [S] in [0, num_buckets), at most num_slots rows per bucket.
+        num_buckets, num_slots: the output's first two dimensions.
+
+    Returns:
+        ``(slots [num_buckets, num_slots, width] dtype of rows, num_rows_per_bucket int32 [B])``;
+        each bucket's rows keep their order, unused slots are zero.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_ep_combine_reduce(
+    rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Sum rows into their tokens: see :func:`hal.ops.ep_local.ep_combine_reduce`.
+
+    Args:
+        rows: [S, width] bf16/fp16/fp32.
+        src_idx: int32 [S] in [0, num_tokens).
+        num_tokens: N.
+        weights: float32 [S] or None.
+
+    Returns:
+        [N, width] dtype of rows: ``sum w[s] * rows[s]`` per token accumulated in float32, zero for
+        tokens without rows.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_ep_transport(group: object, device: torch.device, options: dict) -> object | None:
+    """Optional, and not a dispatched operator: a whole dispatch/combine implementation for a group.
+
+    ``hal.ep.Buffer(group)`` asks every available backend that implements this hook and accepts
+    ``device.type``, highest priority first; the first non-None answer carries all of the
+    Buffer's communication (e.g. DeepEP's own kernels when ``deep_ep`` is importable). When none
+    answers, or ``HAL_EP_TRANSPORT=torch``, the default transport of :mod:`hal.ep` runs
+    (torch.distributed collectives around ``hal_ep_pack``/``hal_ep_unpack``/``hal_ep_combine_reduce``).
+
+    Args:
+        group: the ``torch.distributed.ProcessGroup`` of the Buffer.
+        device: the device the Buffer's tensors live on (``cuda:N`` for NCCL, ``cpu`` for gloo).
+        options: the Buffer's keyword arguments: ``num_nvl_bytes``, ``num_rdma_bytes``,
+            ``low_latency_mode``, ``timeout_s``.
+
+    Returns:
+        None to decline, or an object satisfying :class:`hal.ep.transport.Transport` (methods
+        ``dispatch``, ``combine``, ``low_latency_dispatch``, ``low_latency_combine`` with
+        DeepEP's signatures and return tuples).
+    """

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from html.parser import HTMLParser
 
 import pytest
@@ -17,6 +18,7 @@ from hal.conformance.metrics import TOLERANCES, Tolerance, cos_diff
 from hal.conformance.runner import run_backend
 from hal.operator import OPERATORS
 
+PLUGINS_DIR = Path(__file__).parent / "plugins"
 WRONG = {"wrong_page": "wrong_page", "wrong_scale": "wrong_scale", "nan_backend": "nan_backend", "misbehaving": "misbehaving"}
 
 
@@ -24,8 +26,6 @@ WRONG = {"wrong_page": "wrong_page", "wrong_scale": "wrong_scale", "nan_backend"
 def wrong_backends(install_plugins, tmp_path, monkeypatch):
     install_plugins(WRONG)
     # Child processes (--isolate) must discover the same plugins.
-    from conftest import PLUGINS_DIR
-
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(PLUGINS_DIR), os.environ.get("PYTHONPATH", "")]))
 
 

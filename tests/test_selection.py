@@ -34,8 +34,13 @@ def test_auto_prefers_the_highest_priority_capable_backend(with_test_backends):
     assert with_test_backends == ["gemm_fp8_nt"]
 
 
-def test_auto_uses_reference_for_operators_the_preferred_backend_lacks(with_test_backends):
-    assert hal.select("ep_dispatch_layout", "cpu").backend.name == "reference"
+def test_auto_passes_over_a_preferred_backend_that_lacks_the_operator(with_test_backends):
+    op = hal.OPERATORS["ep_dispatch_layout"]
+    capable = [b for b in hal.list_backends().values() if b.available and b.implements(op.hook) and b.accepts_device("cpu")]
+    expected = max(capable, key=lambda b: (b.priority, [-ord(c) for c in b.name]))
+    chosen = hal.select(op, "cpu")
+    assert chosen.backend.name == expected.name != "recording"
+    assert "recording" in chosen.reason
 
 
 def test_hal_backend_env_selects_every_operator(with_test_backends, monkeypatch):

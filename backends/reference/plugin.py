@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from hal.ops.ep import dispatch_layout_reference
+from hal.ops.ep_local import combine_reduce_reference, pack_reference, unpack_reference
 from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
 from hal.ops.mla_reference import mla_decode_reference
@@ -61,3 +62,18 @@ def hal_per_block_cast_to_fp8(x):
 @hookimpl
 def hal_ep_dispatch_layout(topk_idx, num_experts, num_ranks):
     return dispatch_layout_reference(topk_idx, num_experts, num_ranks)
+
+
+@hookimpl
+def hal_ep_pack(rows, bucket_idx, num_buckets):
+    return pack_reference(rows, bucket_idx, num_buckets)
+
+
+@hookimpl
+def hal_ep_unpack(rows, bucket_of_row, num_buckets, num_slots):
+    return unpack_reference(rows, bucket_of_row, num_buckets, num_slots)
+
+
+@hookimpl
+def hal_ep_combine_reduce(rows, src_idx, num_tokens, weights):
+    return combine_reduce_reference(rows, src_idx, num_tokens, weights)

@@ -100,3 +100,23 @@ class TritonBackend:
         from hal.backends.triton.ep_layout import dispatch_layout
 
         return dispatch_layout(topk_idx, num_experts, num_ranks)
+
+    # The expert-parallel local steps are data movement: until Triton kernels replace them, the
+    # references (torch indexing, any device) run on the GPU's tensors.
+    @hookimpl
+    def hal_ep_pack(self, rows, bucket_idx, num_buckets):
+        from hal.ops.ep_local import pack_reference
+
+        return pack_reference(rows, bucket_idx, num_buckets)
+
+    @hookimpl
+    def hal_ep_unpack(self, rows, bucket_of_row, num_buckets, num_slots):
+        from hal.ops.ep_local import unpack_reference
+
+        return unpack_reference(rows, bucket_of_row, num_buckets, num_slots)
+
+    @hookimpl
+    def hal_ep_combine_reduce(self, rows, src_idx, num_tokens, weights):
+        from hal.ops.ep_local import combine_reduce_reference
+
+        return combine_reduce_reference(rows, src_idx, num_tokens, weights)

@@ -135,3 +135,50 @@ def hal_ep_dispatch_layout(topk_idx, num_experts, num_ranks):
     if num_ranks > 8:
         per_node = torch.from_numpy(in_rank.reshape(len(topk), num_ranks // 8, 8).any(axis=2).sum(axis=0).astype(np.int32))
     return torch.from_numpy(per_rank), per_node, torch.from_numpy(per_expert), torch.from_numpy(in_rank)
+
+
+# numpy has no bf16 or fp8: rows that are only moved travel as integers of the same width.
+_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().view(_RAW[t.element_size()]).numpy()
+
+
+def _from_raw(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values)).view(dtype)
+
+
+@hookimpl
+def hal_ep_pack(rows, bucket_idx, num_buckets):
+    """Copy rows into bucket-major order: operator ``ep_pack``, contract in hal.hookspecs.hal_ep_pack."""
+    buckets = bucket_idx.numpy()
+    token, slot = np.nonzero(buckets >= 0)  # row-major: tokens ascending, then slots
+    bucket = buckets[token, slot]
+    src = token[np.argsort(bucket, kind="stable")]
+    counts = np.bincount(bucket, minlength=num_buckets).astype(np.int32)
+    return _from_raw(_raw(rows)[src], rows.dtype), torch.from_numpy(src.astype(np.int32)), torch.from_numpy(counts)
+
+
+@hookimpl
+def hal_ep_unpack(rows, bucket_of_row, num_buckets, num_slots):
+    """Regroup rows into fixed slots per bucket: operator ``ep_unpack``, contract in hal.hookspecs.hal_ep_unpack."""
+    bucket = bucket_of_row.numpy().astype(np.int64)
+    raw = _raw(rows)
+    slots = np.zeros((num_buckets * num_slots,) + raw.shape[1:], dtype=raw.dtype)
+    filled = np.zeros(num_buckets, dtype=np.int64)
+    for row, b in enumerate(bucket):
+        slots[b * num_slots + filled[b]] = raw[row]
+        filled[b] += 1
+    return _from_raw(slots, rows.dtype).view((num_buckets, num_slots) + tuple(rows.shape[1:])), torch.from_numpy(filled.astype(np.int32))
+
+
+@hookimpl
+def hal_ep_combine_reduce(rows, src_idx, num_tokens, weights):
+    """Sum rows into their tokens: operator ``ep_combine_reduce``, contract in hal.hookspecs.hal_ep_combine_reduce."""
+    values = _f32(rows)
+    if weights is not None:
+        values = values * weights.numpy()[:, None]
+    out = np.zeros((num_tokens, rows.shape[1]), dtype=np.float32)
+    np.add.at(out, src_idx.numpy(), values)
+    return torch.from_numpy(out).to(rows.dtype)

@@ -1,0 +1,192 @@
+"""Low-latency dispatch and combine (DeepEP's decode path) over torch.distributed.
+
+Verified against deepseek-ai/DeepEP (``deep_ep/buffer.py``, ``csrc/kernels/internode_ll.cu``,
+``csrc/kernels/utils.cuh``, ``tests/test_low_latency.py`` at 567632d, the last commit before EPv2):
+
+- A token is sent once per selected expert, not per rank: expert g receives
+  ``(all_topk_idx == g).sum()`` tokens over all ranks, and at most
+  ``num_max_dispatch_tokens_per_rank`` from each rank.
+- ``recv_x`` is ``[num_local_experts, R * max_tokens, hidden]``; local expert e's tokens fill
+  its first ``recv_count[e]`` slots. ``handle[1][e, j] = (begin << 32) | count`` gives the slots
+  holding source rank j's tokens and ``handle[0][e, slot]`` each token's index on its source
+  rank. DeepEP places source blocks (and tokens within them) in arrival order; here blocks are
+  by source rank and tokens by index: one of the layouts DeepEP may produce, made deterministic.
+  Unused slots are zero here (DeepEP leaves them unspecified) with ``src_info`` -1.
+- ``use_fp8``: the sender casts before sending, per token per 128 channels: amax floored at
+  1e-4 (``kFP8Margin``), codes ``x * (448 / amax)`` in e4m3, scale ``amax / 448``
+  (:func:`hal.per_token_cast_to_fp8`; DeepEP multiplies by ``1 / 448.f`` instead of dividing,
+  so a scale may differ in its last fp32 bit, the codes never). The scales come back
+  ``[num_local_experts, R * max_tokens, hidden / 128]`` float32 with the last two dimensions
+  column-major, as DeepEP returns them for TMA.
+- Combine reduces with weights: ``combined[t] = sum_k w[t, k] * y_k[t]`` over the selected k, in
+  float32, returned as bf16 ``[num_tokens, hidden]`` (0 for a token with no expert).
+- The hook: DeepEP returns None unless ``return_recv_hook``; this transport always returns a
+  callable that does nothing (data has arrived when the call returns).
+
+Not provided: ``round_scale`` / ``use_ue8m0`` (power-of-two and packed UE8M0 scales),
+``use_logfmt``, ``zero_copy`` and ``dispatch_wait_recv_cost_stats``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hal.checks import FP8, expect_int, expect_tensor
+from hal.ep.agreement import agree
+from hal.ep.checks import check_device, check_experts, check_handle, check_topk, check_weights
+from hal.ep.comm import Communicator
+from hal.ep.errors import EPError, EPMismatchError
+from hal.ep.event import EventOverlap, capture, received
+from hal.ep.handle import LowLatencyHandle
+from hal.ep.message import Field, Frame
+from hal.errors import DTypeError, ShapeError, ValueRangeError
+from hal.ops.ep_local import ep_combine_reduce, ep_pack, ep_unpack
+from hal.ops.fp8_quant import BLOCK, per_token_cast_to_fp8
+
+__all__ = ["dispatch", "combine"]
+
+Tokens = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _Send:
+    frame: Frame | None
+    packed: torch.Tensor
+    announced: list[int]
+    owner_order: tuple[torch.Tensor, torch.Tensor] | None = None  # combine: (token int32 [S], weight float32 [S])
+
+
+def _check_count(op: str, num_tokens: int, num_max: object) -> int:
+    expect_int(op, "num_max_dispatch_tokens_per_rank", num_max, minimum=1)
+    assert isinstance(num_max, int)
+    if num_tokens > num_max:
+        raise ValueRangeError(
+            op, "x", f"at most num_max_dispatch_tokens_per_rank={num_max} tokens", f"{num_tokens} tokens",
+            "Raise num_max_dispatch_tokens_per_rank (the same on every rank) or dispatch fewer tokens.",
+        )
+    return num_max
+
+
+def _expert_major(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token int32 [S], weight float32 [S], per-expert counts [E]) of each selection, expert first,
+    then token: the order ep_pack gave the dispatched rows, in which their outputs come back."""
+    token, slot = (topk_idx >= 0).nonzero(as_tuple=True)
+    expert = topk_idx[token, slot]
+    order = torch.sort(expert, stable=True).indices
+    return token[order].to(torch.int32), topk_weights[token, slot][order], torch.bincount(expert, minlength=num_experts)
+
+
+def dispatch(
+    comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, *, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+    use_fp8: bool, cumulative_local_expert_recv_stats: torch.Tensor | None,
+) -> tuple[Tokens, torch.Tensor, LowLatencyHandle, EventOverlap, Callable[[], None]]:
+    """Send each token to each of its experts' slots; see ``hal.ep.Buffer.low_latency_dispatch``."""
+    op = "Buffer.low_latency_dispatch"
+    me, world = comm.rank, comm.world
+
+    def prepare() -> tuple[dict[str, int], _Send]:
+        expect_tensor(op, "x", x, dtypes=torch.bfloat16, shape=(None, None), dims=("num_tokens", "hidden"))
+        check_device(op, "x", x, comm)
+        num_tokens, hidden = x.shape
+        num_max = _check_count(op, num_tokens, num_max_dispatch_tokens_per_rank)
+        local = check_experts(op, num_experts, comm)
+        check_topk(op, topk_idx, num_tokens, num_experts, comm)
+        if not isinstance(use_fp8, bool):
+            raise DTypeError(op, "use_fp8", "a bool", type(use_fp8).__name__, "Pass use_fp8=True or False.")
+        if use_fp8 and hidden % BLOCK:
+            raise ShapeError(op, "x", f"hidden a multiple of {BLOCK} with use_fp8", f"hidden={hidden}", "Pad the hidden size, or pass use_fp8=False.")
+        if cumulative_local_expert_recv_stats is not None:
+            expect_tensor(op, "cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, dtypes=torch.int32, shape=(local,), dims=("num_local_experts",))
+            check_device(op, "cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, comm)
+        message = {"src": torch.arange(num_tokens, dtype=torch.int32, device=x.device), "x": x}
+        fields = [Field("src", torch.int32, ()), Field("x", x.dtype, (hidden,))]
+        if use_fp8:
+            message["x"], message["x_scales"] = per_token_cast_to_fp8(x)
+            fields = [Field("x_scales", torch.float32, (hidden // BLOCK,)), Field("src", torch.int32, ()), Field("x", FP8, (hidden,))]
+        frame = Frame(*fields)
+        packed, _, per_expert = ep_pack(frame.pack(message), topk_idx, num_experts)
+        facts = {"hidden": hidden, "num_experts": num_experts, "max_tokens": num_max, "use_fp8": int(use_fp8)}
+        return facts, _Send(frame, packed, per_expert.tolist())
+
+    agreed = agree(comm, op, prepare)
+    send = agreed.plan
+    assert send.frame is not None
+    local = num_experts // world
+    table = comm.all_gather_ints(send.announced, "expert counts")  # [R, E]: rank i's selections of each expert
+    incoming = table[:, me * local : (me + 1) * local]  # [source rank, local expert]
+    rows = comm.all_to_all_rows(send.packed, table[me].view(world, local).sum(dim=1).tolist(), incoming.sum(dim=1).tolist(), "tokens")
+    device = rows.device
+    # Rows arrive by source rank, then local expert, then token.
+    expert_of_row = torch.arange(local).repeat(world).repeat_interleave(incoming.flatten()).to(torch.int32).to(device)
+    slots, recv_count = ep_unpack(rows, expert_of_row, local, world * num_max_dispatch_tokens_per_rank)
+    if not torch.equal(recv_count.cpu().long(), incoming.sum(dim=0)):
+        raise EPError(f"{op} on rank {me}: unpacked {recv_count.tolist()} tokens per local expert, the senders announced {incoming.sum(dim=0).tolist()}.")
+    got = send.frame.unpack(slots)
+    valid = torch.arange(slots.shape[1], device=device) < recv_count.unsqueeze(1)
+    src_info = torch.where(valid, got["src"], -1)
+    begin = incoming.cumsum(dim=0) - incoming
+    layout_range = ((begin.t() << 32) | incoming.t()).contiguous().to(device)
+    recv_x: Tokens = got["x"]
+    if "x_scales" in got:
+        scales = got["x_scales"]
+        column_major = torch.empty(local, scales.shape[2], scales.shape[1], dtype=torch.float32, device=device).transpose(1, 2)
+        column_major.copy_(scales)
+        recv_x = (got["x"], column_major)
+    if cumulative_local_expert_recv_stats is not None:
+        cumulative_local_expert_recv_stats += recv_count
+    handle = LowLatencyHandle(src_info, layout_range, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, agreed.number, comm.owner)
+    return recv_x, recv_count, handle, capture(device), received
+
+
+def combine(
+    comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor, EventOverlap, Callable[[], None]]:
+    """Return expert outputs to their tokens' ranks and reduce with weights; see ``hal.ep.Buffer.low_latency_combine``."""
+    op = "Buffer.low_latency_combine"
+    me, world = comm.rank, comm.world
+
+    def prepare() -> tuple[dict[str, int], _Send]:
+        check_handle(op, handle, LowLatencyHandle, comm)
+        local, num_slots, hidden = handle.num_experts // world, world * handle.num_max_dispatch_tokens_per_rank, handle.hidden
+        expect_tensor(op, "x", x, dtypes=torch.bfloat16, shape=(local, num_slots, hidden), dims=("num_local_experts", "num_ranks * num_max_dispatch_tokens_per_rank", "hidden"))
+        check_device(op, "x", x, comm)
+        expect_tensor(op, "topk_idx", topk_idx, dtypes=torch.int64, shape=(None, None), dims=("num_combined_tokens", "num_topk"))
+        num_tokens = topk_idx.shape[0]
+        _check_count(op, num_tokens, handle.num_max_dispatch_tokens_per_rank)
+        check_topk(op, topk_idx, num_tokens, handle.num_experts, comm)
+        check_weights(op, topk_weights, topk_idx, comm)
+        if out is not None:
+            expect_tensor(op, "out", out, dtypes=torch.bfloat16, shape=(num_tokens, hidden), dims=("num_combined_tokens", "hidden"))
+            check_device(op, "out", out, comm)
+        counts = handle.counts()  # [local expert, source rank]
+        source = torch.arange(world, device=x.device).repeat(local).repeat_interleave(counts.flatten())
+        bucket = torch.full((local, num_slots), -1, dtype=torch.int64, device=x.device)
+        bucket[torch.arange(num_slots, device=x.device) < counts.sum(dim=1, keepdim=True)] = source
+        packed, _, _ = ep_pack(x.view(local * num_slots, hidden), bucket.view(-1, 1), world)
+        token, weight, per_expert = _expert_major(topk_idx, topk_weights, handle.num_experts)
+        announced = per_expert.tolist() + counts.t().flatten().tolist()
+        facts = {"hidden": hidden, "num_experts": handle.num_experts, "max_tokens": handle.num_max_dispatch_tokens_per_rank, "dispatch": handle.dispatch_id}
+        return facts, _Send(None, packed, announced, (token, weight))
+
+    send = agree(comm, op, prepare).plan
+    assert send.owner_order is not None
+    local, experts = handle.num_experts // world, handle.num_experts
+    table = comm.all_gather_ints(send.announced, "expert counts")
+    routed = table[:, :experts].view(world, world, local)  # [source, expert rank, local expert] from topk_idx
+    held = table[:, experts:].view(world, world, local).transpose(0, 1)  # [source, expert rank, local expert] from handles
+    if not torch.equal(routed, held):
+        source, rank, expert = (int(i) for i in (routed != held).nonzero()[0])
+        raise EPMismatchError(
+            f"{op}: rank {source} routes {int(routed[source, rank, expert])} tokens to expert {rank * local + expert} but rank {rank}'s handle "
+            f"holds {int(held[source, rank, expert])} from it. Pass every rank the topk_idx of the low_latency_dispatch whose handle it passes."
+        )
+    rows = comm.all_to_all_rows(send.packed, held[:, me].sum(dim=1).tolist(), routed[me].sum(dim=1).tolist(), "tokens")
+    token, weight = send.owner_order
+    combined = ep_combine_reduce(rows, token, topk_idx.shape[0], weight)
+    if out is not None:
+        combined = out.copy_(combined)
+    return combined, capture(x.device), received

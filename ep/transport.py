@@ -1,0 +1,160 @@
+"""Who moves the tokens: the default torch.distributed transport, or one a backend supplies.
+
+A transport carries all of a Buffer's communication. :class:`TorchTransport` (the default) runs
+torch.distributed collectives (gloo on CPU, NCCL on CUDA) around the local operators
+``ep_pack`` / ``ep_unpack`` / ``ep_combine_reduce``, which the selected hal backend runs. A
+backend may instead answer the ``hal_ep_transport`` hook with its own object (DeepEP's kernels
+when ``deep_ep`` is importable, say); :func:`select_transport` says which one a Buffer gets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+
+from hal import registry
+from hal.ep import low_latency, normal
+from hal.ep.comm import Communicator
+from hal.ep.errors import EPError
+from hal.ep.event import EventOverlap
+from hal.ep.handle import DispatchHandle, LowLatencyHandle
+from hal.errors import BackendUnavailableError, OperatorNotSupportedError, UnknownBackendError
+
+__all__ = ["ENV_TRANSPORT", "TORCH", "Transport", "TorchTransport", "select_transport"]
+
+ENV_TRANSPORT = "HAL_EP_TRANSPORT"
+TORCH = "torch"
+HOOK = "hal_ep_transport"
+
+Tokens = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What a Buffer delegates to. Arguments arrive as the user passed them to the Buffer
+    (DeepEP's names); results are DeepEP's tuples. ``name`` is shown in ``repr(buffer)``."""
+
+    name: str
+
+    def get_dispatch_layout(
+        self, topk_idx: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, EventOverlap]: ...
+
+    def dispatch(
+        self, x: Tokens, *, handle: Any, num_tokens_per_rank: torch.Tensor | None, num_tokens_per_rdma_rank: torch.Tensor | None,
+        is_token_in_rank: torch.Tensor | None, num_tokens_per_expert: torch.Tensor | None, topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None, expert_alignment: int, num_worst_tokens: int, async_finish: bool,
+    ) -> tuple[Tokens, torch.Tensor | None, torch.Tensor | None, list[int] | None, Any, EventOverlap]: ...
+
+    def combine(
+        self, x: torch.Tensor, handle: Any, *, topk_weights: torch.Tensor | None, async_finish: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]: ...
+
+    def low_latency_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, *, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None, use_fp8: bool, async_finish: bool, return_recv_hook: bool,
+    ) -> tuple[Tokens, torch.Tensor, Any, EventOverlap, Callable[[], None]]: ...
+
+    def low_latency_combine(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: Any, *, async_finish: bool,
+        return_recv_hook: bool, out: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None]]: ...
+
+
+class TorchTransport:
+    """torch.distributed collectives around hal's local EP operators.
+
+    Every call completes its exchange before returning, so ``async_finish`` and
+    ``return_recv_hook`` change nothing: the returned event is already satisfied and the hook is
+    a no-op. Each call is bounded by ``timeout_s`` (:mod:`hal.ep.comm`).
+    """
+
+    name = TORCH
+
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float) -> None:
+        self.comm = Communicator(group, timeout_s)
+
+    def get_dispatch_layout(
+        self, topk_idx: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, EventOverlap]:
+        return normal.dispatch_layout(self.comm, topk_idx, num_experts)
+
+    def dispatch(
+        self, x: Tokens, *, handle: DispatchHandle | None, num_tokens_per_rank: torch.Tensor | None,
+        num_tokens_per_rdma_rank: torch.Tensor | None, is_token_in_rank: torch.Tensor | None, num_tokens_per_expert: torch.Tensor | None,
+        topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None, expert_alignment: int, num_worst_tokens: int, async_finish: bool,
+    ) -> tuple[Tokens, torch.Tensor | None, torch.Tensor | None, list[int] | None, DispatchHandle | None, EventOverlap]:
+        if handle is not None:
+            return normal.cached_dispatch(self.comm, x, handle, topk_idx, topk_weights)
+        return normal.dispatch(
+            self.comm, x, num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+            is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
+            topk_weights=topk_weights, expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
+        )
+
+    def combine(
+        self, x: torch.Tensor, handle: DispatchHandle, *, topk_weights: torch.Tensor | None, async_finish: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
+        return normal.combine(self.comm, x, handle, topk_weights)
+
+    def low_latency_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, *, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None, use_fp8: bool, async_finish: bool, return_recv_hook: bool,
+    ) -> tuple[Tokens, torch.Tensor, LowLatencyHandle, EventOverlap, Callable[[], None]]:
+        return low_latency.dispatch(
+            self.comm, x, topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, num_experts=num_experts,
+            use_fp8=use_fp8, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+        )
+
+    def low_latency_combine(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle, *, async_finish: bool,
+        return_recv_hook: bool, out: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None]]:
+        return low_latency.combine(self.comm, x, topk_idx, topk_weights, handle, out)
+
+
+def select_transport(group: dist.ProcessGroup, device: torch.device, options: dict[str, Any], choice: str | None) -> Transport:
+    """The transport for a Buffer.
+
+    Args:
+        group, device: the Buffer's process group and the device its tensors live on.
+        options: the Buffer's ``num_nvl_bytes``, ``num_rdma_bytes``, ``low_latency_mode``, ``timeout_s``
+            (resolved), passed to backends' ``hal_ep_transport``.
+        choice: ``"torch"`` (the default transport), a backend name (that backend must supply one),
+            or None / ``"auto"``: ``HAL_EP_TRANSPORT`` if set, else the first available backend,
+            by priority, whose hook answers for this device, else ``"torch"``.
+    """
+    choice = choice or os.environ.get(ENV_TRANSPORT, "").strip() or "auto"
+    if choice == TORCH:
+        return TorchTransport(group, options["timeout_s"])
+    known = registry.backends()
+    if choice != "auto":
+        backend = known.get(choice)
+        if backend is None:
+            raise UnknownBackendError(f"EP transport {choice!r}: no such backend; choose '{TORCH}' or one of {', '.join(sorted(known))}.")
+        if not backend.available:
+            raise BackendUnavailableError(f"EP transport {choice!r}: backend unavailable: {backend.availability().reason}")
+        transport = _ask(backend, group, device, options)
+        if transport is None:
+            raise OperatorNotSupportedError(f"EP transport {choice!r}: the backend supplies no transport for {device.type} groups; use '{TORCH}'.")
+        return transport
+    for backend in sorted(known.values(), key=lambda b: (-b.priority, b.name)):
+        if backend.available and backend.accepts_device(device.type):
+            transport = _ask(backend, group, device, options)
+            if transport is not None:
+                return transport
+    return TorchTransport(group, options["timeout_s"])
+
+
+def _ask(backend: registry.Backend, group: dist.ProcessGroup, device: torch.device, options: dict[str, Any]) -> Transport | None:
+    hook = backend.impl(HOOK)
+    if hook is None:
+        return None
+    transport = hook(group=group, device=device, options=dict(options))
+    if transport is not None and not isinstance(transport, Transport):
+        raise EPError(f"backend '{backend.name}': hal_ep_transport returned {type(transport).__name__}, which lacks the Transport methods")
+    return transport

@@ -1,0 +1,177 @@
+"""The local kernels of expert-parallel dispatch and combine: pack, unpack, combine-reduce.
+
+``hal.ep`` moves tokens between processes with torch.distributed collectives; what each rank
+does with its own memory around those collectives is these three operators, which a backend
+implements like any other (``hal_ep_pack``, ``hal_ep_unpack``, ``hal_ep_combine_reduce``):
+
+- :func:`ep_pack` copies rows into bucket-major order (a bucket is a destination rank, or an
+  expert): the send buffer of a dispatch, whose per-bucket counts are the collective's splits.
+- :func:`ep_unpack` regroups received rows into fixed-size slots per local expert: DeepEP's
+  low-latency receive layout ``[num_local_experts, num_ranks * max_tokens, ...]``, the layout
+  of the masked grouped GEMM.
+- :func:`ep_combine_reduce` sums rows back into their tokens, optionally weighted: the
+  owner-side reduction of a combine (plain sum in normal mode, ``sum_k w_k * y_k`` in
+  low-latency mode), accumulated in float32 as DeepEP's combine kernels do.
+
+Rows are opaque to pack and unpack (copied bitwise, any dtype): ``hal.ep`` frames each token's
+hidden state, FP8 scales and routing metadata into one byte row, one message per token as in
+DeepEP's low-latency kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
+from hal.dispatch import call
+from hal.errors import ValueRangeError
+from hal.operator import declare
+
+__all__ = [
+    "EP_PACK",
+    "EP_UNPACK",
+    "EP_COMBINE_REDUCE",
+    "ep_pack",
+    "ep_unpack",
+    "ep_combine_reduce",
+    "pack_reference",
+    "unpack_reference",
+    "combine_reduce_reference",
+]
+
+EP_PACK = declare("ep_pack", "hal_ep_pack", "ep", "Copy rows into bucket-major send order (dispatch send buffer)")
+EP_UNPACK = declare("ep_unpack", "hal_ep_unpack", "ep", "Regroup received rows into fixed slots per local expert")
+EP_COMBINE_REDUCE = declare(
+    "ep_combine_reduce", "hal_ep_combine_reduce", "ep", "Sum (optionally weighted) rows back into their tokens in fp32"
+)
+
+REDUCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def pack_reference(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference for :func:`ep_pack` (arguments already validated)."""
+    token, slot = (bucket_idx >= 0).nonzero(as_tuple=True)
+    bucket = bucket_idx[token, slot]
+    # Row-major nonzero() lists (token, slot) in token order, so a stable sort on the bucket
+    # alone yields bucket-major order with tokens ascending (slots ascending on ties).
+    order = torch.sort(bucket, stable=True).indices
+    src_idx = token[order]
+    packed = rows.index_select(0, src_idx)
+    counts = torch.bincount(bucket, minlength=num_buckets).to(torch.int32)
+    return packed, src_idx.to(torch.int32), counts
+
+
+def unpack_reference(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`ep_unpack` (arguments already validated)."""
+    bucket = bucket_of_row.long()
+    counts = torch.bincount(bucket, minlength=num_buckets)
+    order = torch.sort(bucket, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(bucket.numel(), device=rows.device) - starts.repeat_interleave(counts)
+    destination = torch.empty_like(bucket)
+    destination[order] = bucket[order] * num_slots + position
+    slots = rows.new_zeros((num_buckets * num_slots,) + tuple(rows.shape[1:]))
+    slots.index_copy_(0, destination, rows)
+    return slots.view((num_buckets, num_slots) + tuple(rows.shape[1:])), counts.to(torch.int32)
+
+
+def combine_reduce_reference(
+    rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Reference for :func:`ep_combine_reduce` (arguments already validated)."""
+    values = rows.float()
+    if weights is not None:
+        values = values * weights.unsqueeze(1)
+    total = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float32, device=rows.device)
+    total.index_add_(0, src_idx.long(), values)
+    return total.to(rows.dtype)
+
+
+def ep_pack(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy each row once per bucket it is assigned to, grouped by bucket.
+
+    Args:
+        rows: [num_rows, width], any dtype; copied bitwise.
+        bucket_idx: int64 [num_rows, num_slots]: bucket ids in [0, num_buckets), -1 for an unused
+            slot. A row appears once per valid entry (dispatch passes distinct buckets per row).
+        num_buckets: B, e.g. the number of ranks (normal dispatch) or of experts (low latency).
+
+    Returns:
+        ``packed`` [S, width], dtype of rows, contiguous, S = number of valid entries: rows of
+        bucket 0, then bucket 1, ...; within a bucket by source row ascending (ties: slot order).
+        ``src_idx`` int32 [S]: the source row of each packed row.
+        ``num_rows_per_bucket`` int32 [B].
+    """
+    op = EP_PACK.name
+    expect_tensor(op, "rows", rows, shape=(None, None), dims=("num_rows", "width"))
+    expect_tensor(op, "bucket_idx", bucket_idx, dtypes=torch.int64, shape=(rows.shape[0], None), dims=("num_rows", "num_slots"))
+    expect_int(op, "num_buckets", num_buckets, minimum=1)
+    expect_same_device(op, "rows", rows, bucket_idx=bucket_idx)
+    expect_in_range(
+        op, "bucket_idx", bucket_idx, -1, num_buckets, what=f"bucket ids (-1 for none; num_buckets={num_buckets})",
+        fix="Assign each row only to existing buckets, or -1.",
+    )
+    return call(EP_PACK, "rows", rows.device, rows=rows, bucket_idx=bucket_idx, num_buckets=num_buckets)
+
+
+def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regroup rows into ``num_slots`` fixed slots per bucket, keeping their order within a bucket.
+
+    Args:
+        rows: [S, width], any dtype; copied bitwise.
+        bucket_of_row: int32 [S], each in [0, num_buckets); at most ``num_slots`` rows per bucket.
+        num_buckets: B (local experts).
+        num_slots: slots per bucket (``num_ranks * num_max_dispatch_tokens_per_rank``).
+
+    Returns:
+        ``slots`` [B, num_slots, width], dtype of rows: bucket b's rows, in their order in ``rows``,
+        at slots ``0 .. count[b] - 1``; the remaining slots are zero.
+        ``num_rows_per_bucket`` int32 [B].
+    """
+    op = EP_UNPACK.name
+    expect_tensor(op, "rows", rows, shape=(None, None), dims=("S", "width"))
+    expect_tensor(op, "bucket_of_row", bucket_of_row, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))
+    expect_int(op, "num_buckets", num_buckets, minimum=1)
+    expect_int(op, "num_slots", num_slots, minimum=0)
+    expect_same_device(op, "rows", rows, bucket_of_row=bucket_of_row)
+    expect_in_range(
+        op, "bucket_of_row", bucket_of_row, 0, num_buckets, what=f"bucket ids (num_buckets={num_buckets})",
+        fix="Every row must belong to a bucket.",
+    )
+    if value_checks_enabled(bucket_of_row) and bucket_of_row.numel():
+        counts = torch.bincount(bucket_of_row.long(), minlength=num_buckets)
+        if int(counts.max()) > num_slots:
+            full = int(counts.argmax())
+            raise ValueRangeError(
+                op, "bucket_of_row", f"at most num_slots={num_slots} rows per bucket", f"{int(counts[full])} rows in bucket {full}",
+                "Allocate more slots per bucket (a larger num_max_dispatch_tokens_per_rank).",
+            )
+    return call(EP_UNPACK, "rows", rows.device, rows=rows, bucket_of_row=bucket_of_row, num_buckets=num_buckets, num_slots=num_slots)
+
+
+def ep_combine_reduce(
+    rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum rows into the tokens they came from: ``out[t] = sum over s with src_idx[s] == t of w[s] * rows[s]``.
+
+    Args:
+        rows: [S, width] bf16/fp16/fp32.
+        src_idx: int32 [S], the token of each row, in [0, num_tokens).
+        num_tokens: N.
+        weights: float32 [S] or None (plain sum, normal-mode combine).
+
+    Returns:
+        [N, width], dtype of rows: accumulated in float32, rounded once; tokens without rows are 0.
+    """
+    op = EP_COMBINE_REDUCE.name
+    expect_tensor(op, "rows", rows, dtypes=REDUCE_DTYPES, shape=(None, None), dims=("S", "width"))
+    expect_tensor(op, "src_idx", src_idx, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))
+    expect_int(op, "num_tokens", num_tokens, minimum=0)
+    if weights is not None:
+        expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(rows.shape[0],), dims=("S",))
+    expect_same_device(op, "rows", rows, src_idx=src_idx, weights=weights)
+    expect_in_range(
+        op, "src_idx", src_idx, 0, num_tokens, what=f"token ids (num_tokens={num_tokens})",
+        fix="Each row must come from an existing token.",
+    )
+    return call(EP_COMBINE_REDUCE, "rows", rows.device, rows=rows, src_idx=src_idx, num_tokens=num_tokens, weights=weights)

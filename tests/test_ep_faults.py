@@ -1,0 +1,73 @@
+"""A rank that stalls or dies: the others raise ``EPTimeoutError`` naming the operation, within the
+Buffer's timeout, and never hang; the Buffer refuses to communicate afterwards."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+import hal
+from hal.ep.launch import run_local
+
+TIMEOUT_S = 2.0
+SLACK_S = 3.0  # scheduling on a loaded two-core machine
+
+
+def _inputs(rank: int):
+    x = torch.full((4, 128), float(rank), dtype=torch.bfloat16)
+    topk_idx = torch.tensor([[0, 1], [1, -1], [2, 3], [-1, -1]])
+    return x, topk_idx, torch.rand(4, 2)
+
+
+def _outcome(call) -> dict:
+    start = time.monotonic()
+    try:
+        call()
+    except Exception as exc:  # the test inspects what was raised and when
+        return {"raised": type(exc).__name__, "message": str(exc), "elapsed": time.monotonic() - start}
+    return {"raised": "none", "message": "", "elapsed": time.monotonic() - start}
+
+
+def stall_in_dispatch(rank: int, world: int) -> dict:
+    buffer = hal.ep.Buffer()  # the timeout comes from HAL_EP_TIMEOUT_S
+    x, topk_idx, weights = _inputs(rank)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * world)
+    layout = {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
+    buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
+    if rank == world - 1:
+        time.sleep(2 * TIMEOUT_S + 1)  # the peers give up meanwhile
+    first = _outcome(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout))
+    later = _outcome(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout))
+    return {"first": first, "later": later, "timeout_s": buffer.timeout_s}
+
+
+def die_before_low_latency_combine(rank: int, world: int) -> dict:
+    buffer = hal.ep.Buffer(timeout_s=TIMEOUT_S * 5)
+    x, topk_idx, weights = _inputs(rank)
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 4, 2 * world, use_fp8=False)
+    if rank == 1:
+        os._exit(7)
+    return {"first": _outcome(lambda: buffer.low_latency_combine(recv_x, topk_idx, weights, handle)), "timeout_s": buffer.timeout_s}
+
+
+def test_a_stalled_rank_makes_the_others_time_out_within_the_bound():
+    outcomes = run_local(stall_in_dispatch, 3, timeout_s=90, env={"HAL_EP_TIMEOUT_S": str(TIMEOUT_S)})
+    assert all(o.exitcode == 0 for o in outcomes), [(o.rank, o.exitcode, o.error) for o in outcomes]
+    for outcome in outcomes[:2]:
+        first, later = outcome.value["first"], outcome.value["later"]
+        assert outcome.value["timeout_s"] == TIMEOUT_S
+        assert first["raised"] == "EPTimeoutError" and "Buffer.dispatch on rank" in first["message"], first
+        assert TIMEOUT_S - 0.1 <= first["elapsed"] <= TIMEOUT_S + SLACK_S, first
+        assert later["raised"] == "EPError" and "cannot communicate" in later["message"], later
+
+
+def test_a_dead_rank_makes_the_others_fail_at_once_naming_the_operation():
+    outcomes = run_local(die_before_low_latency_combine, 3, timeout_s=90)
+    assert outcomes[1].exitcode == 7
+    for outcome in (outcomes[0], outcomes[2]):
+        assert outcome.exitcode == 0, (outcome.rank, outcome.error)
+        first = outcome.value["first"]
+        assert first["raised"] == "EPTimeoutError" and "Buffer.low_latency_combine" in first["message"], first
+        assert first["elapsed"] <= outcome.value["timeout_s"] + SLACK_S, first

@@ -1,0 +1,148 @@
+"""The OpenCL backend certified: every quick conformance case, plus the paths the catalogue does not reach
+on a small CPU (split-KV combine, several KV heads, mixed groups in one GEMM tile, cast dtypes, nodes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("pyopencl")
+from hal.backends.opencl.device import list_devices  # noqa: E402
+
+if not list_devices():
+    pytest.skip("no OpenCL device", allow_module_level=True)
+
+import hal  # noqa: E402
+from hal.backends.opencl import ep_layout, fp8_cast, gemm_fp8, mla_decode  # noqa: E402
+from hal.backends.opencl.device import runtime  # noqa: E402
+from hal.conformance.catalogue import select_cases  # noqa: E402
+from hal.conformance.cases_mla import MlaDecodeFamily  # noqa: E402
+from hal.conformance.metrics import cos_diff  # noqa: E402
+from hal.conformance.runner import run_backend  # noqa: E402
+from hal.operator import get_operator  # noqa: E402
+from hal.ops.ep import dispatch_layout_reference  # noqa: E402
+from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference  # noqa: E402
+from hal.ops.gemm_reference import blockwise_fp8_matmul  # noqa: E402
+from hal.ops.mla_reference import mla_decode_reference  # noqa: E402
+
+
+def test_every_quick_conformance_case_passes():
+    # Operators the backend does not implement (newer EP hooks) are the catalogue's, not this backend's.
+    backend = hal.get_backend("opencl")
+    cases = [c for c in select_cases(quick=True) if backend.implements(get_operator(c.op).hook)]
+    assert {c.op for c in cases} >= {"mla_decode", "gemm_fp8_nt", "m_grouped_gemm_fp8_nt_contiguous", "m_grouped_gemm_fp8_nt_masked",
+                                     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "ep_dispatch_layout"}
+    results = run_backend("opencl", cases)
+    failed = [f"{r.case_id}: {r.status} {r.reason}" for r in results if not r.passed]
+    assert not failed, "\n".join(failed)
+    assert {r.device for r in results} == {"cpu"}
+
+
+def test_hal_backends_json_shows_opencl_available_with_its_device():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAL_")}
+    result = subprocess.run([sys.executable, "-m", "hal.cli", "backends", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    opencl = {b["name"]: b for b in json.loads(result.stdout)["backends"]}["opencl"]
+    assert opencl["available"] and opencl["device"] == runtime().name
+    assert set(opencl["operators"]) >= {"mla_decode", "gemm_fp8_nt", "per_token_cast_to_fp8", "ep_dispatch_layout"}
+
+
+@pytest.mark.parametrize(
+    "seqlens, s_q, causal, pages_per_chunk",
+    [
+        ([300, 17, 0, 640], 2, True, 1),  # every sequence split into pages, an empty one
+        ([65, 129], 2, True, 1),  # a last chunk that query 0 cannot see: its partial is empty
+        ([130, 1, 700], 1, False, 2),
+    ],
+)
+def test_mla_split_chunks_combine_to_the_reference(seqlens, s_q, causal, pages_per_chunk):
+    inputs = MlaDecodeFamily().build({"seqlens": seqlens, "s_q": s_q, "h_q": 16, "dtype": "bf16"}, torch.Generator().manual_seed(1))
+    args = (inputs["q"], inputs["k_cache"], inputs["block_table"], inputs["cache_seqlens"])
+    assert mla_decode.plan_chunks(seqlens, pages_per_chunk).combines.shape[0] > 0, "the case must exercise the combine"
+    out, lse = mla_decode.mla_decode(*args, 576**-0.5, causal, pages_per_chunk=pages_per_chunk)
+    want_out, want_lse = mla_decode_reference(*args, 512, None, None, 576**-0.5, causal)
+    finite = torch.isfinite(want_lse)
+    assert cos_diff(out.float(), want_out.float()) < 1e-5 and cos_diff(lse[finite], want_lse[finite]) < 1e-5
+    assert torch.equal(lse[~finite], want_lse[~finite]) and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mla_with_several_kv_heads(dtype):
+    generator = torch.Generator().manual_seed(2)
+    k_cache = torch.randn(10, 64, 2, 576, generator=generator).to(dtype)
+    block_table = torch.randperm(10, generator=generator)[:8].reshape(2, 4).to(torch.int32)
+    q = torch.randn(2, 2, 8, 576, generator=generator).to(dtype)
+    seqlens = torch.tensor([70, 200], dtype=torch.int32)
+    for pages in (None, 1):
+        out, lse = mla_decode.mla_decode(q, k_cache, block_table, seqlens, 0.05, True, pages_per_chunk=pages)
+        want_out, want_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512, None, None, 0.05, True)
+        assert out.dtype == dtype and cos_diff(out.float(), want_out.float()) < 1e-5 and cos_diff(lse, want_lse) < 1e-5
+
+
+def _operands(rows: int, n: int, k: int, groups: int, generator: torch.Generator):
+    a, sa = per_token_cast_reference(torch.randn(rows, k, generator=generator))
+    parts = [per_block_cast_reference(torch.randn(n, k, generator=generator)) for _ in range(groups)]
+    return a, sa, torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def test_contiguous_gemm_computes_each_row_with_its_own_group_and_skips_padding():
+    # Rows of several groups inside one tile and -1 rows anywhere: outside DeepGEMM's layout, still exact per row.
+    generator = torch.Generator().manual_seed(3)
+    a, sa, b, sb = _operands(128, 96, 256, 3, generator)
+    m_indices = torch.randint(-1, 3, (128,), generator=generator, dtype=torch.int32)
+    out = torch.full((128, 96), math.nan, dtype=torch.bfloat16)
+    gemm_fp8.m_grouped_contiguous(a, sa, b, sb, out, m_indices)
+    for g in range(3):
+        rows = m_indices == g
+        want = blockwise_fp8_matmul(a[rows], sa[rows], b[g], sb[g]).to(torch.bfloat16)
+        assert cos_diff(out[rows].float(), want.float()) < 1e-6
+    assert torch.isnan(out[m_indices < 0]).all(), "padding rows are never written"
+
+
+def test_masked_gemm_leaves_rows_beyond_masked_m_untouched():
+    generator = torch.Generator().manual_seed(4)
+    a0, sa0, b, sb = _operands(2 * 40, 72, 128, 2, generator)
+    a, sa = a0.view(2, 40, 128), sa0.view(2, 40, 1)
+    out = torch.full((2, 40, 72), 7.0, dtype=torch.bfloat16)
+    gemm_fp8.m_grouped_masked(a, sa, b, sb, out, torch.tensor([17, 0], dtype=torch.int32), expected_m=8)
+    want = blockwise_fp8_matmul(a[0, :17], sa[0, :17], b[0], sb[0]).to(torch.bfloat16)
+    assert cos_diff(out[0, :17].float(), want.float()) < 1e-6
+    assert (out[0, 17:] == 7).all() and (out[1] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 384), (130, 256)])
+def test_casts_are_bitwise_the_reference(dtype, shape):
+    generator = torch.Generator().manual_seed(5)
+    scale = torch.exp(torch.randn(shape[0], 1, generator=generator) * 4)
+    x = (torch.randn(*shape, generator=generator) * scale).to(dtype)
+    for cast, reference in ((fp8_cast.per_token_cast, per_token_cast_reference), (fp8_cast.per_block_cast, per_block_cast_reference)):
+        values, scales = cast(x)
+        want_values, want_scales = reference(x)
+        assert torch.equal(values.view(torch.uint8), want_values.view(torch.uint8))
+        assert torch.equal(scales, want_scales)
+
+
+def test_per_block_cast_of_a_transposed_view_with_ragged_edges():
+    x = torch.randn(200, 130, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).t()
+    values, scales = fp8_cast.per_block_cast(x)
+    want_values, want_scales = per_block_cast_reference(x)
+    assert torch.equal(values.view(torch.uint8), want_values.view(torch.uint8)) and torch.equal(scales, want_scales)
+
+
+@pytest.mark.parametrize("tokens, experts, ranks", [(500, 64, 32), (7, 16, 16), (40, 8, 2)])
+def test_dispatch_layout_is_exactly_the_reference(tokens, experts, ranks):
+    generator = torch.Generator().manual_seed(7)
+    topk_idx = torch.randint(-1, experts, (tokens, 6), generator=generator)  # repeats and -1 included
+    got = ep_layout.dispatch_layout(topk_idx, experts, ranks)
+    want = dispatch_layout_reference(topk_idx, experts, ranks)
+    for have, expected in zip(got, want):
+        assert (have is None) == (expected is None)
+        if expected is not None:
+            assert have.dtype == expected.dtype and torch.equal(have, expected)
