@@ -108,3 +108,32 @@ def test_deep_gemm_helpers():
     assert torch.equal(aligned, x) and aligned.stride() == (3 * 8, 1, 8)
     deep_gemm.set_num_sms(100)
     assert deep_gemm.get_num_sms() == 100
+
+
+def _deep_ep_round_trip(rank: int, world_size: int):
+    """Shaped like DeepEP's tests/test_intranode.py: layout, dispatch, combine through the drop-in."""
+    import hal.compat.deep_ep as deep_ep
+
+    torch.manual_seed(rank)
+    num_tokens, hidden, num_experts, topk = 16, 128, 8, 2
+    x = torch.randn(num_tokens, hidden).bfloat16()
+    topk_idx = torch.stack([torch.randperm(num_experts)[:topk] for _ in range(num_tokens)]).to(deep_ep.topk_idx_t)
+    topk_weights = torch.rand(num_tokens, topk)
+    buffer = deep_ep.Buffer(None, int(1e8), 0)
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+    )
+    combined_x, _, _ = buffer.combine(recv_x, handle)
+    copies = is_token_in_rank.sum(dim=1, keepdim=True).float()
+    return calc_diff(combined_x.float() / copies.clamp(min=1), x.float() * (copies > 0)), isinstance(deep_ep.Config(), deep_ep.Config)
+
+
+def test_deep_ep_test_script_shape():
+    from hal.ep.launch import run_local
+
+    for outcome in run_local(_deep_ep_round_trip, 2):
+        assert outcome.returned, outcome.error
+        diff, has_config = outcome.value
+        assert diff < 1e-5 and has_config
