@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         failed = counts["total"] - counts["pass"] - (0 if args.require_all else counts["unsupported"])
         style = "green" if failed == 0 else "red"
         label = backend + (" (simulated, not a hardware pass)" if registry.backends()[backend].availability().simulated else "")
-        console.print(f"[{style}]{label}: {counts['pass']}/{counts['total']} passed[/]" + (f" ({', '.join(f'{v} {k}' for k, v in counts.items() if k not in ('pass', 'total') and v)})" if failed else ""))
+        others = ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("pass", "total") and v)
+        console.print(f"[{style}]{label}: {counts['pass']}/{counts['total']} passed[/]" + (f" ({others})" if others else ""))
     if args.report:
         paths = write_reports(results, args.report, mode=mode)
         console.print("Reports: " + ", ".join(str(p) for p in paths.values()))
