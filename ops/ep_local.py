@@ -102,6 +102,8 @@ def ep_pack(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int) -> t
         ``src_idx`` int32 [S]: the source row of each packed row.
         ``num_rows_per_bucket`` int32 [B].
     """
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.ep_pack(rows, bucket_idx, num_buckets)
     op = EP_PACK.name
     expect_tensor(op, "rows", rows, shape=(None, None), dims=("num_rows", "width"))
     expect_tensor(op, "bucket_idx", bucket_idx, dtypes=torch.int64, shape=(rows.shape[0], None), dims=("num_rows", "num_slots"))
@@ -128,6 +130,8 @@ def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int,
         at slots ``0 .. count[b] - 1``; the remaining slots are zero.
         ``num_rows_per_bucket`` int32 [B].
     """
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.ep_unpack(rows, bucket_of_row, num_buckets, num_slots)
     op = EP_UNPACK.name
     expect_tensor(op, "rows", rows, shape=(None, None), dims=("S", "width"))
     expect_tensor(op, "bucket_of_row", bucket_of_row, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))
@@ -163,6 +167,8 @@ def ep_combine_reduce(
     Returns:
         [N, width], dtype of rows: accumulated in float32, rounded once; tokens without rows are 0.
     """
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.ep_combine_reduce(rows, src_idx, num_tokens, weights)
     op = EP_COMBINE_REDUCE.name
     expect_tensor(op, "rows", rows, dtypes=REDUCE_DTYPES, shape=(None, None), dims=("S", "width"))
     expect_tensor(op, "src_idx", src_idx, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from hal.ops import ep as ep_ops
+from hal.ops import ep_local
 from hal.ops import fp8_quant, gemm, mla
 from hal.ops.mla_schedule import BLOCK_SIZE_M, METADATA_WIDTH, default_num_sms
 
@@ -116,3 +117,38 @@ def _(topk_idx, num_experts, num_ranks):
     return counts, topk_idx.new_empty(nodes, dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int32), topk_idx.new_empty(
         topk_idx.shape[0], num_ranks, dtype=torch.bool
     )
+
+
+@torch.library.custom_op("hal::ep_pack", mutates_args=())
+def ep_pack(rows: Tensor, bucket_idx: Tensor, num_buckets: int) -> tuple[Tensor, Tensor, Tensor]:
+    return ep_local.ep_pack(rows, bucket_idx, num_buckets)
+
+
+@ep_pack.register_fake
+def _(rows, bucket_idx, num_buckets):
+    copies = torch.library.get_ctx().new_dynamic_size()  # how many (row, bucket) pairs are selected
+    return (
+        rows.new_empty((copies,) + tuple(rows.shape[1:])),
+        rows.new_empty(copies, dtype=torch.int32),
+        rows.new_empty(num_buckets, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("hal::ep_unpack", mutates_args=())
+def ep_unpack(rows: Tensor, bucket_of_row: Tensor, num_buckets: int, num_slots: int) -> tuple[Tensor, Tensor]:
+    return ep_local.ep_unpack(rows, bucket_of_row, num_buckets, num_slots)
+
+
+@ep_unpack.register_fake
+def _(rows, bucket_of_row, num_buckets, num_slots):
+    return rows.new_empty((num_buckets, num_slots) + tuple(rows.shape[1:])), rows.new_empty(num_buckets, dtype=torch.int32)
+
+
+@torch.library.custom_op("hal::ep_combine_reduce", mutates_args=())
+def ep_combine_reduce(rows: Tensor, src_idx: Tensor, num_tokens: int, weights: Tensor | None) -> Tensor:
+    return ep_local.ep_combine_reduce(rows, src_idx, num_tokens, weights)
+
+
+@ep_combine_reduce.register_fake
+def _(rows, src_idx, num_tokens, weights):
+    return rows.new_empty(num_tokens, rows.shape[1])

@@ -78,3 +78,23 @@ def test_custom_op_registrations_pass_opcheck(op, args):
     fp8_inputs = op == "gemm_fp8_nt"
     checks = ("test_faketensor",) if fp8_inputs else ("test_schema", "test_faketensor")
     torch.library.opcheck(getattr(torch.ops.hal, op).default, args(_inputs()), test_utils=checks)
+
+
+def ep_local_block(rows, bucket_idx, weights):
+    """The local steps of an expert-parallel round trip: pack per destination, slot per expert, reduce."""
+    packed, src_idx, counts = hal.ep_pack(rows, bucket_idx, 4)
+    slots, slot_counts = hal.ep_unpack(rows, bucket_idx[:, 0].clamp(min=0).to(torch.int32), 4, rows.shape[0])
+    reduced = hal.ep_combine_reduce(packed, src_idx, rows.shape[0], weights[: packed.shape[0]])
+    return reduced, counts, slots, slot_counts
+
+
+def test_ep_local_operators_compile_fullgraph():
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(12, 32, generator=g).bfloat16()
+    bucket_idx = torch.randint(-1, 4, (12, 2), generator=g)
+    weights = torch.rand(24, generator=g)
+    expected = ep_local_block(rows, bucket_idx, weights)
+    torch._dynamo.reset()
+    got = torch.compile(ep_local_block, fullgraph=True, backend="aot_eager")(rows, bucket_idx, weights)
+    for g_, e in zip(got, expected):
+        assert torch.equal(g_, e)
