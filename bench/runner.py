@@ -21,7 +21,7 @@ from hal.bench.peers import peers_for
 from hal.bench.timing import measure
 from hal.bench.work import work_of
 from hal.checks import ENV_CHECK_VALUES
-from hal.conformance.case import Case, Tensors
+from hal.conformance.case import Case, Tensors, copied_to, on_cpu
 from hal.conformance.report import environment
 from hal.conformance.devices import pick_device
 from hal.operator import get_operator
@@ -42,20 +42,12 @@ def _device_inputs(case: Case, device: str) -> Tensors:
     return moved
 
 
-def _fresh(inputs: Tensors) -> Tensors:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
-def _cpu(tensors: Tensors) -> Tensors:
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
-
-
 def _check(case: Case, outputs: Tensors, expected: Tensors, inputs: Tensors) -> str:
     """Why ``outputs`` are out of tolerance, or "" when they pass. Outputs a peer does not
     produce (torch's SDPA has no lse) are not judged; nor are rows a peer may rewrite
     (padding and masked-off rows), which only unihal's own contract pins."""
-    merged = {**expected, **_cpu(outputs)}
-    failed = [m for m in case.family.compare(merged, expected, _cpu(inputs)) if not m.passed and m.metric != "untouched"]
+    merged = {**expected, **on_cpu(outputs)}
+    failed = [m for m in case.family.compare(merged, expected, on_cpu(inputs)) if not m.passed and m.metric != "untouched"]
     if failed:
         return f"{failed[0].output}: {failed[0].note or f'{failed[0].metric} {failed[0].value:.3g}'}"
     return ""
@@ -78,7 +70,7 @@ def _entry(name: str, kind: str, seconds: float | None, work: Any, peaks: Any, n
 def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: bool = True, repeats: int = 20) -> dict[str, Any]:
     """Time one case on ``backends`` (all on ``device``) and its peers; see the module docstring."""
     inputs = _device_inputs(case, device)
-    expected = _cpu(case.family.expect(_fresh(inputs)))
+    expected = on_cpu(case.family.expect(copied_to(inputs, device)))
     work = work_of(case.op, inputs)
     peaks = measured_peaks(device)
     contenders: list[tuple[str, str, Callable[[], Any], Callable[[], Tensors]]] = []
@@ -86,9 +78,9 @@ def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: 
     for name in (n for n in backends if n not in unsupported):
         def outputs(name: str = name) -> Tensors:
             with use_backend(name):
-                return case.family.run(_fresh(inputs))
+                return case.family.run(copied_to(inputs, device))
 
-        timed_inputs = _fresh(inputs)
+        timed_inputs = copied_to(inputs, device)
 
         def call(name: str = name, timed_inputs: Tensors = timed_inputs) -> Any:
             with use_backend(name):
@@ -97,7 +89,7 @@ def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: 
         contenders.append((name, "backend", call, outputs))
     notes = []
     if with_peers:
-        peers, problems = peers_for(case.op, _fresh(inputs), device)
+        peers, problems = peers_for(case.op, copied_to(inputs, device), device)
         notes += problems
         contenders += [(p.name, "peer", p.call, p.outputs) for p in peers]
     entries = [_entry(name, "backend", None, work, peaks, f"unsupported: {name} does not implement {case.op}") for name in unsupported]

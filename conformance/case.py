@@ -18,9 +18,20 @@ import torch
 
 from hal.conformance.metrics import tolerance
 
-__all__ = ["Family", "Case", "Measurement", "CaseResult", "Tensors", "judge"]
+__all__ = ["Family", "Case", "Measurement", "CaseResult", "Tensors", "judge", "copied_to", "on_cpu"]
 
 Tensors = dict[str, Any]
+
+
+def copied_to(tensors: Tensors, device: str | torch.device) -> Tensors:
+    """Fresh copies of every tensor on ``device`` (always copies, so a run cannot alter the
+    caller's inputs); other values pass through."""
+    return {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def on_cpu(tensors: Tensors) -> Tensors:
+    """Every tensor detached and on the CPU (no copy when it is already there)."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hal.conformance.case import Case, Tensors
+from hal.conformance.case import Case, Tensors, copied_to
 from hal.conformance.report import environment
 from hal.conformance.devices import pick_device
 from hal.errors import HalError
@@ -64,7 +64,7 @@ def record(backend: str, cases: Sequence[Case], directory: Path) -> Path:
     entries: dict[str, Any] = {}
     for case in cases:
         inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
-        on_device = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        on_device = copied_to(inputs, device)
         with use_backend(backend):
             outputs = case.family.run(on_device)
         tensors = {f"input.{k}": v.contiguous() for k, v in inputs.items() if isinstance(v, torch.Tensor)}

@@ -27,7 +27,7 @@ import torch
 from hal import registry
 from hal.conformance.devices import pick_device
 from hal.operator import get_operator
-from hal.conformance.case import Case, CaseResult, Tensors
+from hal.conformance.case import Case, CaseResult, copied_to, on_cpu
 from hal.conformance.golden import Golden, load_goldens
 from hal.selection import use_backend
 
@@ -35,15 +35,6 @@ __all__ = ["execute", "run_backend", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
 Progress = Callable[[CaseResult], None]
-
-
-def _to_device(inputs: Tensors, device: str) -> Tensors:
-    """Fresh copies on ``device`` (always copies, so the run cannot alter the expected side's inputs)."""
-    return {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
-def _to_cpu(outputs: Tensors) -> Tensors:
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
 
 
 def _describe(exc: BaseException) -> str:
@@ -64,7 +55,7 @@ def execute(case: Case, backend_name: str, device: str, golden: Golden | None = 
     try:
         if golden is None:
             inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
-            expected = _to_cpu(case.family.expect(_to_device(inputs, device)))
+            expected = on_cpu(case.family.expect(copied_to(inputs, device)))
         else:
             inputs, expected = golden.inputs, golden.outputs
     except Exception as exc:  # a harness failure must be visible, not a pass
@@ -72,7 +63,7 @@ def execute(case: Case, backend_name: str, device: str, golden: Golden | None = 
         return result
     try:
         with use_backend(backend_name):
-            got = case.family.run(_to_device(inputs, device))
+            got = case.family.run(copied_to(inputs, device))
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:
@@ -80,7 +71,7 @@ def execute(case: Case, backend_name: str, device: str, golden: Golden | None = 
         result.seconds = time.perf_counter() - start
         return result
     try:
-        result.measurements = case.family.compare(_to_cpu(got), expected, inputs)
+        result.measurements = case.family.compare(on_cpu(got), expected, inputs)
     except Exception as exc:
         result.reason = f"outputs could not be compared: {_describe(exc)}"
         result.seconds = time.perf_counter() - start
