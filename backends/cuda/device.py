@@ -34,7 +34,9 @@ def detect() -> Target:
 
 
 def tuning_for(target: Target) -> Tuning:
-    if target.simulated or not target.identity:
+    """Interpreter tiles when simulated (or unavailable: the tuning is then never used), else the
+    NVIDIA table with FP8 dot where the GPU's compute capability has it."""
+    if target.simulated or not target.available:
         return Tuning("interpreter", interpreter_gemm_config, MlaConfig(num_stages=1))
-    capability = (int(target.identity[2:-1]), int(target.identity[-1]))
-    return Tuning(target.identity, nvidia_gemm_config, MlaConfig(), fp8_dot=capability >= FP8_DOT_CAPABILITY)
+    fp8_dot = torch.cuda.get_device_capability() >= FP8_DOT_CAPABILITY
+    return Tuning(target.identity, nvidia_gemm_config, MlaConfig(), fp8_dot=fp8_dot)
