@@ -48,9 +48,11 @@ def execute(case: Case, backend_name: str, device: str, golden: Golden | None = 
     start = time.perf_counter()
     result = CaseResult(backend_name, case.id, case.op, "error", device=device)
     backend = registry.get_backend(backend_name)
-    if backend is not None and not backend.implements(get_operator(case.op).hook):
+    hook = get_operator(case.op).hook
+    if backend is not None and not backend.implements(hook):
         result.status = "unsupported"
-        result.reason = f"{backend_name} does not implement {case.op}"
+        planned = hook in backend.planned_hooks()
+        result.reason = f"{case.op} is not implemented yet ({hook} is marked @not_implemented_yet)" if planned else f"{backend_name} does not implement {case.op}"
         return result
     try:
         if golden is None:

@@ -135,12 +135,14 @@ def _table(summary: list[dict[str, Any]]) -> str:
 DEFAULTS = {"tokens": 256, "hidden": 2048, "topk": 8, "experts_per_rank": 8, "repeats": 10, "seed": 0}
 
 
-def run(world_size: int = 4, **config: int) -> list[dict[str, Any]] | None:
+def run(world_size: int = 4, backend: str | None = None, **config: int) -> list[dict[str, Any]] | None:
     """Benchmark every case; the summary (one record per case, see the module docstring).
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) this process is one rank, ``world_size`` is
     ignored, and only rank 0 gets the summary (the others get None). Otherwise ``world_size``
-    local gloo ranks are spawned. ``config`` overrides :data:`DEFAULTS`.
+    local gloo ranks are spawned, each running its local operators on ``backend``
+    (``HAL_BACKEND`` in every rank; None: the ranks select as usual). ``config`` overrides
+    :data:`DEFAULTS`.
     """
     settings = DEFAULTS | config
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -152,11 +154,12 @@ def run(world_size: int = 4, **config: int) -> list[dict[str, Any]] | None:
         rank = dist.get_rank()
         dist.destroy_process_group()
         return summarise(gathered, settings) if rank == 0 else None
-    outcomes = run_local(bench_rank, world_size, settings, timeout_s=600)
+    env = {} if backend is None else {"HAL_BACKEND": backend}
+    outcomes = run_local(bench_rank, world_size, settings, timeout_s=600, env=env)
     failed = [f"rank {o.rank}: {o.error or f'exit code {o.exitcode}'}" for o in outcomes if not o.returned]
     if failed:
         raise RuntimeError("EP benchmark failed: " + "; ".join(failed))
-    return summarise([o.value for o in outcomes], settings)
+    return [record | {"backend": backend or "auto"} for record in summarise([o.value for o in outcomes], settings)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=4, help="local gloo ranks to spawn (ignored under torchrun)")
     for name, value in DEFAULTS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+    parser.add_argument("--backend", help="backend every rank runs its local operators on (default: each rank selects)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = vars(parser.parse_args(argv))
-    summary = run(args.pop("world_size"), **{name: args[name] for name in DEFAULTS})
+    summary = run(args.pop("world_size"), args.pop("backend"), **{name: args[name] for name in DEFAULTS})
     if summary is not None:
         print(json.dumps(summary, indent=2) if args["json"] else _table(summary))
     return 0

@@ -22,9 +22,8 @@ from rich.table import Table
 
 import hal
 from hal import cli_bench, cli_conformance
-from hal.operator import OPERATORS
 from hal.report import backends_report
-from hal.selection import ENV_BACKEND, parse_chain
+from hal.selection import honoured_variables, parse_chain
 
 
 def _print_backends(report: dict[str, Any], console: Console) -> None:
@@ -41,6 +40,10 @@ def _print_backends(report: dict[str, Any], console: Console) -> None:
             status += f"\ndevice: {escape(b['device'])}"
         name = f"[bold]{escape(b['name'])}[/] (priority {b['priority']})\n{escape(b['description'])}\n[dim]{escape(b['source'])}[/]"
         operators = "\n".join(b["operators"]) or "(none)"
+        if b["not_implemented_yet"]:
+            operators += f"\n[dim]{len(b['not_implemented_yet'])} declared, not implemented yet[/]"
+        if b["canary"] is not None and b["canary"]["passed"]:
+            status += f"\n[dim]canary passed: {b['canary']['cases']} cases in a child process[/]"
         table.add_row(name, status, operators)
     console.print(table)
 
@@ -56,15 +59,15 @@ def _print_backends(report: dict[str, Any], console: Console) -> None:
                 chosen.add_row(op_name, pick["backend"], escape(pick["reason"]))
         console.print(chosen)
     if report["environment"]:
-        console.print("Environment: " + escape(", ".join(f"{k}={v}" for k, v in report["environment"].items())))
+        console.print("Selection variables honoured: " + escape(", ".join(f"{k}={v}" for k, v in report["environment"].items())))
+    for var, ignored in report["ignored_environment"].items():
+        console.print(f"[yellow]Ignored:[/] {escape(var)}={escape(ignored['value'])} names no operator; did you mean {escape(ignored['did_you_mean'])}?")
 
 
 def _check_environment() -> None:
     """A misspelt backend in a selection variable is a configuration error, not a table row."""
-    for var in [ENV_BACKEND] + [op.env_var for op in OPERATORS.values()]:
-        value = os.environ.get(var, "").strip()
-        if value:
-            parse_chain(value, source=f"{var}={value}")
+    for var, value in honoured_variables().items():
+        parse_chain(value, source=f"{var}={value}")
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -112,11 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_progress_logs()
     try:
         return args.run(args)
     except hal.HalError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
         return 2
+    except BrokenPipeError:
+        # The reader went away (`hal backends --json | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _show_progress_logs() -> None:
+    """Show unihal's info messages (a canary being run, a fallback taken) on stderr."""
+    import logging
+
+    logger = logging.getLogger("hal")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="certify backends against the Hopper-semantics reference",
         description="Run the conformance catalogue on each backend; exit code 1 if any case does not pass.",
     )
-    parser.add_argument("--backend", action="append", default=[], help="backend to certify (repeatable; default: every available backend)")
+    parser.add_argument(
+        "--backend", action="append", default=[],
+        help="backend to certify (repeatable; default: every available backend, the Triton ones simulated on a machine without a GPU)",
+    )
     add_case_filters(parser)
     parser.add_argument("--report", type=Path, metavar="DIR", help="write report.json, report.md and report.html into DIR")
     parser.add_argument("--isolate", action="store_true", help="run each backend's cases in a child process (survives crashes, kills hangs)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case (default 300)")
     parser.add_argument("--golden", type=Path, metavar="DIR", help="judge against goldens recorded in DIR (only the recorded cases run)")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.add_argument("--matrix", action="store_true", help="print every case x backend (default: only the cases that did not pass)")
     parser.add_argument("--require-all", action="store_true", help="fail when a backend does not implement an operator (default: report it as unsupported)")
     parser.set_defaults(run=run)
     actions = parser.add_subparsers(dest="action", metavar="{record}")
@@ -51,11 +55,84 @@ def run_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_triton_backends(console: Console) -> None:
+    """With no GPU but triton installed, certify the Triton backends in the CPU interpreter.
+
+    Only for a run that names no backend; the variables must be set before discovery, because
+    each Triton backend detects its target when its plugin module is imported."""
+    import importlib.util
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET"):
+        return
+    if registry.discovered():
+        return  # too late to change what the Triton backends detected; they are reported as skipped
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("HAL_ROCM_SIMULATE_ARCH", "gfx942")
+    console.print(
+        "No GPU here: the Triton backends run [yellow]simulated[/] in Triton's CPU interpreter "
+        f"(TRITON_INTERPRET=1, rocm as {os.environ['HAL_ROCM_SIMULATE_ARCH']}): their numerics are certified, never as a hardware pass."
+    )
+
+
+def _skipped_backends() -> list[tuple[str, str]]:
+    return [(name, b.availability().reason) for name, b in sorted(registry.backends().items()) if not b.available]
+
+
+def _matrix(results: list, cases: list, backends: list[str], mode: str, *, everything: bool) -> Table | None:
+    by_key = {(r.backend, r.case_id): r for r in results}
+    table = Table(title=f"Conformance matrix ({mode})" if everything else "Cases that did not pass")
+    table.add_column("case", overflow="fold")
+    for backend in backends:
+        table.add_column(backend, overflow="fold")
+    rows = 0
+    for case in cases:
+        row = [by_key[(backend, case.id)] for backend in backends]
+        if not everything and all(r.status in ("pass", "unsupported") for r in row):
+            continue
+        cells = []
+        for r in row:
+            worst = r.worst()
+            metric = f" {worst.metric}={worst.value:.2g}/{worst.threshold:g}" if worst and r.status in ("pass", "fail") else ""
+            cells.append(f"[{_STYLE[r.status]}]{r.status}[/]{escape(metric)}" + (f"\n[dim]{escape(r.reason)}[/]" if r.reason else ""))
+        table.add_row(case.id, *cells)
+        rows += 1
+    return table if rows else None
+
+
+def _summary(results: list, backends: list[str], skipped: list[tuple[str, str]], require_all: bool, golden: bool) -> Table:
+    from hal.conformance.report import summarize
+
+    table = Table(title="Conformance summary", show_lines=False)
+    for column in ("backend", "device", "passed", "not passed", "not implemented", "verdict"):
+        table.add_column(column, overflow="fold")
+    counts_by_backend = summarize(results)
+    for backend in backends:
+        counts = counts_by_backend.get(backend, {"pass": 0, "total": 0, "unsupported": 0})
+        availability = registry.backends()[backend].availability()
+        bad = counts["total"] - counts["pass"] - counts.get("unsupported", 0)
+        failed = bad + (counts.get("unsupported", 0) if require_all else 0)
+        verdict = "[green]certified[/]" if failed == 0 else "[red]FAILED[/]"
+        if backend == "reference" and not golden:
+            verdict = "[dim]self-check[/] (the reference is the contract)" if failed == 0 else verdict
+        elif availability.simulated and failed == 0:
+            verdict = "[yellow]certified, simulated[/] (not a hardware pass)"
+        implemented = counts["total"] - counts.get("unsupported", 0)
+        table.add_row(backend, escape(availability.device), f"{counts['pass']}/{implemented}", str(bad), str(counts.get("unsupported", 0)), verdict)
+    for name, reason in skipped:
+        table.add_row(f"[dim]{escape(name)}[/]", "", "-", "-", "-", f"[dim]not run: {escape(reason)}[/]")
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
-    from hal.conformance.report import summarize, write_reports
+    from hal.conformance.report import write_reports
     from hal.conformance.runner import run_backend
 
     console = Console()
+    if not args.backend:
+        _simulate_triton_backends(console)
     recorded = None
     if args.golden is not None:
         from hal.conformance.golden import load_goldens
@@ -69,38 +146,30 @@ def run(args: argparse.Namespace) -> int:
             console.print(case.id)
         return 0
     backends = resolve_backends(args.backend, "hal conformance")
+    skipped = [] if args.backend else _skipped_backends()
     console.print(f"Conformance ({mode}): {len(cases)} cases x {len(backends)} backend(s): {', '.join(backends)}")
+    for name, reason in skipped:
+        console.print(f"[dim]not run: {escape(name)}: {escape(reason)}[/]")
     results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("", total=len(cases) * len(backends))
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("[dim]{task.fields[case]}"),
+        console=console, transient=True,
+    ) as progress:
+        task = progress.add_task("", total=len(cases) * len(backends), case="")
         for backend in backends:
             progress.update(task, description=f"[bold]{backend}[/]")
             results += run_backend(
-                backend, cases, timeout=args.timeout, isolate=args.isolate, golden_dir=args.golden, progress=lambda r: progress.advance(task)
+                backend, cases, timeout=args.timeout, isolate=args.isolate, golden_dir=args.golden,
+                progress=lambda r: progress.update(task, advance=1, case=r.case_id),
             )
-
-    table = Table(title=f"Conformance matrix ({mode})")
-    table.add_column("case", overflow="fold")
-    for backend in backends:
-        table.add_column(backend, overflow="fold")
-    by_key = {(r.backend, r.case_id): r for r in results}
-    for case in cases:
-        cells = []
-        for backend in backends:
-            r = by_key[(backend, case.id)]
-            worst = r.worst()
-            metric = f" {worst.metric}={worst.value:.2g}/{worst.threshold:g}" if worst and r.status in ("pass", "fail") else ""
-            cells.append(f"[{_STYLE[r.status]}]{r.status}[/]{escape(metric)}" + (f"\n[dim]{escape(r.reason)}[/]" if r.reason else ""))
-        table.add_row(case.id, *cells)
-    console.print(table)
-    for backend, counts in summarize(results).items():
-        failed = counts["total"] - counts["pass"] - (0 if args.require_all else counts["unsupported"])
-        style = "green" if failed == 0 else "red"
-        label = backend + (" (simulated, not a hardware pass)" if registry.backends()[backend].availability().simulated else "")
-        others = ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("pass", "total") and v)
-        console.print(f"[{style}]{label}: {counts['pass']}/{counts['total']} passed[/]" + (f" ({others})" if others else ""))
+    matrix = _matrix(results, cases, backends, mode, everything=args.matrix)
+    if matrix is not None:
+        console.print(matrix)
+    console.print(_summary(results, backends, skipped, args.require_all, args.golden is not None))
     if args.report:
         paths = write_reports(results, args.report, mode=mode)
         console.print("Reports: " + ", ".join(str(p) for p in paths.values()))
+    elif not args.matrix:
+        console.print("[dim]--matrix prints every case; --report DIR writes JSON, Markdown and HTML reports.[/]")
     accepted = {"pass"} if args.require_all else {"pass", "unsupported"}
     return 0 if all(r.status in accepted for r in results) else 1

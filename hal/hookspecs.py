@@ -30,7 +30,23 @@ def hal_backend_info() -> BackendInfo:
 
 @hookspec(firstresult=True)
 def hal_backend_availability() -> Availability:
-    """Probe this machine. Called lazily once per process; exceptions mark the backend unavailable."""
+    """Probe this machine. Called lazily once per process, bounded in time (``HAL_PROBE_TIMEOUT_S``,
+    default 30 s); exceptions, hangs and results that are not an ``Availability`` mark the backend
+    unavailable. Keep it cheap and safe: a runtime that may crash belongs in the canary."""
+
+
+@hookspec(firstresult=True)
+def hal_backend_canary_key() -> str:
+    """Optional: ask unihal to prove this backend in a child process before it is available.
+
+    Return a string naming everything the runtime's behaviour depends on (library and driver
+    versions or file fingerprints, device identity as the OS reports it, kernel sources; see
+    :func:`hal.canary.file_fingerprint` and :func:`hal.canary.sources_fingerprint`), computed
+    *without initialising the runtime*. unihal then runs the backend's own operators on the quick
+    conformance cases in a child process (``python -m hal.canary NAME``) and reports the backend
+    available only if every case matches the reference; the verdict is cached on disk under this
+    key. Implement it when a driver, compiler or ICD could crash, hang or compute wrong numbers.
+    """
 
 
 # --- MLA decode (FlashMLA) -----------------------------------------------------------------

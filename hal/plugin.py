@@ -16,12 +16,28 @@ from dataclasses import dataclass
 
 import pluggy
 
-__all__ = ["PROJECT", "hookimpl", "BackendInfo", "Availability"]
+__all__ = ["PROJECT", "hookimpl", "not_implemented_yet", "BackendInfo", "Availability"]
 
 PROJECT = "hal"
 ENTRY_POINT_GROUP = "hal.backends"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+NOT_IMPLEMENTED_MARK = "__hal_not_implemented_yet__"
+
+
+def not_implemented_yet(function):
+    """Mark an operator hook as declared but not written yet (what ``hal new-backend`` generates).
+
+    The backend then claims no such operator: selection never picks it for that operator and
+    conformance reports it as "not implemented yet". Remove the marker once the hook computes::
+
+        @hookimpl
+        @not_implemented_yet
+        def hal_gemm_fp8_nt(a, a_scales, b, b_scales, out): ...
+    """
+    setattr(function, NOT_IMPLEMENTED_MARK, True)
+    return function
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
 """Backend discovery: entry points of group ``hal.backends`` loaded into one pluggy manager.
 
-A plugin that fails to import, or whose ``hal_backend_info`` raises, is recorded as a broken
-backend with a summary of its traceback; discovery itself never fails. Availability is probed
-lazily (it may initialise a driver) and cached for the life of the process.
+A plugin that fails to import, whose ``hal_backend_info`` raises or returns something other
+than a :class:`BackendInfo`, is recorded as a broken backend with the reason; discovery itself
+never fails. Availability is probed lazily (it may initialise a driver), bounded in time
+(``HAL_PROBE_TIMEOUT_S``) and cached for the life of the process; a backend that implements
+``hal_backend_canary_key`` must also pass its canary (:mod:`hal.canary`, a child process) before
+it is available.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
+import os
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -16,12 +21,49 @@ from typing import Any, Callable
 
 import pluggy
 
-from hal import hookspecs
-from hal.plugin import ENTRY_POINT_GROUP, PROJECT, Availability, BackendInfo
+from hal import canary, hookspecs
+from hal.plugin import ENTRY_POINT_GROUP, NOT_IMPLEMENTED_MARK, PROJECT, Availability, BackendInfo
 
-__all__ = ["Backend", "backends", "get_backend", "register", "unregister", "reload", "generation"]
+__all__ = ["Backend", "backends", "discovered", "get_backend", "register", "unregister", "reload", "generation"]
 
 HOOK_NAMES: tuple[str, ...] = tuple(name for name in vars(hookspecs) if name.startswith("hal_"))
+# Hooks that describe a backend rather than implement an operator.
+DESCRIPTION_HOOKS = ("hal_backend_info", "hal_backend_availability", "hal_backend_canary_key")
+ENV_PROBE_TIMEOUT = "HAL_PROBE_TIMEOUT_S"
+DEFAULT_PROBE_TIMEOUT_S = 30.0
+
+log = logging.getLogger("hal")
+
+
+def probe_timeout() -> float:
+    """Seconds an in-process availability probe may take (``HAL_PROBE_TIMEOUT_S``, default 30)."""
+    text = os.environ.get(ENV_PROBE_TIMEOUT, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_PROBE_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not (0 < value <= 3600):
+        log.warning("hal: ignoring %s=%r (want seconds in (0, 3600]); using %g", ENV_PROBE_TIMEOUT, text, DEFAULT_PROBE_TIMEOUT_S)
+        value = DEFAULT_PROBE_TIMEOUT_S
+    return value
+
+
+def _bounded(call: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+    """Run ``call`` in a daemon thread: ``(True, result)``, ``(True, exception)`` or ``(False, None)`` on timeout.
+
+    A hung vendor probe is abandoned in its thread; it cannot be killed, but it no longer blocks."""
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append(call())
+        except BaseException as exc:  # noqa: BLE001 - reported as the backend's reason
+            box.append(exc)
+
+    worker = threading.Thread(target=target, daemon=True, name="hal-availability-probe")
+    worker.start()
+    worker.join(timeout)
+    return (True, box[0]) if box else (False, None)
 
 
 def _summarise(exc: BaseException) -> str:
@@ -47,25 +89,50 @@ class Backend:
     info: BackendInfo | None = None
     load_error: str | None = None
     _impls: dict[str, Callable[..., Any]] = field(default_factory=dict, repr=False)
+    _todo: set[str] = field(default_factory=set, repr=False)
     _availability_probe: Callable[[], Availability] | None = field(default=None, repr=False)
+    _canary_key: Callable[[], str] | None = field(default=None, repr=False)
     _availability: Availability | None = field(default=None, repr=False)
+    _probe_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    verdict: canary.Verdict | None = field(default=None, repr=False)
 
     def availability(self) -> Availability:
-        """Probe once and cache; a broken plugin or a raising probe is unavailable with the reason."""
-        if self._availability is None:
-            if self.load_error is not None:
-                self._availability = Availability(False, f"plugin failed to load: {self.load_error}")
-            elif self._availability_probe is None:
-                self._availability = Availability(False, "plugin has no hal_backend_availability hook")
-            else:
-                try:
-                    result = self._availability_probe()
-                    if not isinstance(result, Availability):
-                        raise TypeError(f"hal_backend_availability returned {type(result).__name__}, not Availability")
-                    self._availability = result
-                except Exception as exc:  # a vendor probe must never break discovery
-                    self._availability = Availability(False, f"availability probe raised {_summarise(exc)}")
-        return self._availability
+        """Probe once and cache; a broken plugin, a raising, hanging or ill-typed probe, or a
+        failed canary makes the backend unavailable with the reason."""
+        with self._probe_lock:
+            if self._availability is None:
+                self._availability = self._probe()
+            return self._availability
+
+    def _probe(self) -> Availability:
+        if self.load_error is not None:
+            return Availability(False, f"plugin failed to load: {self.load_error}")
+        if self._availability_probe is None:
+            return Availability(False, "plugin has no hal_backend_availability hook")
+        timeout = probe_timeout()
+        finished, result = _bounded(self._availability_probe, timeout)
+        if not finished:
+            return Availability(False, f"availability probe did not answer within {timeout:g} s ({ENV_PROBE_TIMEOUT})")
+        if isinstance(result, BaseException):
+            return Availability(False, f"availability probe raised {_summarise(result)}")
+        if not isinstance(result, Availability):
+            return Availability(False, f"hal_backend_availability returned {type(result).__name__}, not Availability (plugin bug)")
+        if not result.available or self._canary_key is None or canary.proving(self.name) or not canary.canaries_enabled():
+            return result
+        return self._prove(result)
+
+    def _prove(self, probed: Availability) -> Availability:
+        finished, key = _bounded(self._canary_key, probe_timeout())
+        if not finished or isinstance(key, BaseException) or not isinstance(key, str):
+            why = "did not answer" if not finished else (_summarise(key) if isinstance(key, BaseException) else f"returned {type(key).__name__}, not str")
+            return Availability(False, f"hal_backend_canary_key {why} (plugin bug)")
+        try:
+            self.verdict = canary.verdict(self.name, self.source, key, log=log.info)
+        except Exception as exc:  # a bad HAL_CANARY_TIMEOUT_S or an unwritable cache: say so, never crash
+            return Availability(False, f"canary could not run: {_summarise(exc)}")
+        if not self.verdict.passed:
+            return Availability(False, f"failed its canary (a child process; verdict cached): {self.verdict.reason}", device=self.verdict.device)
+        return Availability(True, device=self.verdict.device or probed.device, simulated=probed.simulated)
 
     @property
     def available(self) -> bool:
@@ -85,6 +152,10 @@ class Backend:
     def implemented_hooks(self) -> list[str]:
         return sorted(self._impls)
 
+    def planned_hooks(self) -> list[str]:
+        """Hooks the plugin declares but marks ``@not_implemented_yet`` (a fresh ``hal new-backend``)."""
+        return sorted(self._todo)
+
     def accepts_device(self, device_type: str) -> bool:
         types = self.info.device_types if self.info else ()
         return types is None or device_type in types
@@ -100,6 +171,18 @@ def _make_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
     return manager
+
+
+def _info_problem(info: object) -> str | None:
+    """Why a ``hal_backend_info`` result breaks the contract, or None when it is a valid BackendInfo."""
+    if not isinstance(info, BackendInfo):
+        return f"returned {type(info).__name__}, not BackendInfo"
+    if isinstance(info.priority, bool) or not isinstance(info.priority, int):
+        return f"returned priority {info.priority!r}, not an int"
+    types = info.device_types
+    if types is not None and (not isinstance(types, tuple) or not all(isinstance(t, str) for t in types)):
+        return f"returned device_types {types!r}, not a tuple of torch device type names or None"
+    return None
 
 
 def _load_entry_points(manager: pluggy.PluginManager, found: dict[str, Backend]) -> None:
@@ -126,11 +209,21 @@ def _collect(manager: pluggy.PluginManager, found: dict[str, Backend]) -> None:
                 continue
             if hook_name == "hal_backend_info":
                 try:
-                    backend.info = hookimpl.function()
+                    info = hookimpl.function()
                 except Exception as exc:
                     backend.load_error = f"hal_backend_info raised {_summarise(exc)}"
+                    continue
+                problem = _info_problem(info)
+                if problem is None:
+                    backend.info = info
+                else:
+                    backend.load_error = f"hal_backend_info {problem} (plugin bug)"
             elif hook_name == "hal_backend_availability":
                 backend._availability_probe = hookimpl.function
+            elif hook_name == "hal_backend_canary_key":
+                backend._canary_key = hookimpl.function
+            elif getattr(hookimpl.function, NOT_IMPLEMENTED_MARK, False):
+                backend._todo.add(hook_name)
             else:
                 backend._impls[hook_name] = hookimpl.function
     for backend in found.values():
@@ -138,6 +231,7 @@ def _collect(manager: pluggy.PluginManager, found: dict[str, Backend]) -> None:
             backend.load_error = "plugin defines no hal_backend_info hook"
         if backend.load_error is not None:
             backend._impls.clear()
+            backend._todo.clear()
 
 
 def _discover() -> dict[str, Backend]:
@@ -161,6 +255,11 @@ def backends() -> dict[str, Backend]:
         if _backends is None:
             _backends = _discover()
         return _backends
+
+
+def discovered() -> bool:
+    """Whether discovery has run in this process (plugins imported)."""
+    return _backends is not None
 
 
 def get_backend(name: str) -> Backend | None:

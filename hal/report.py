@@ -10,7 +10,7 @@ import torch
 from hal import registry
 from hal.errors import HalError
 from hal.operator import OPERATORS
-from hal.selection import ENV_BACKEND, select
+from hal.selection import honoured_variables, select, unknown_variables
 
 __all__ = ["device_types_present", "backends_report"]
 
@@ -43,6 +43,11 @@ def backends_report() -> dict[str, Any]:
                 "simulated": availability.simulated,
                 "load_error": backend.load_error,
                 "operators": [hooks[h] for h in backend.implemented_hooks() if h in hooks],
+                "not_implemented_yet": [hooks[h] for h in backend.planned_hooks() if h in hooks],
+                "canary": None if backend.verdict is None else {
+                    "passed": backend.verdict.passed, "reason": backend.verdict.reason, "cases": len(backend.verdict.cases),
+                    "seconds": round(backend.verdict.seconds, 2), "checked_at": backend.verdict.checked_at,
+                },
             }
         )
     selection: dict[str, dict[str, dict[str, str]]] = {}
@@ -54,10 +59,10 @@ def backends_report() -> dict[str, Any]:
                 per_op[op.name] = {"backend": chosen.backend.name, "reason": chosen.reason}
             except HalError as exc:
                 per_op[op.name] = {"backend": None, "error": f"{type(exc).__name__}: {exc}"}
-    env_vars = [ENV_BACKEND] + [op.env_var for op in OPERATORS.values()]
     return {
         "backends": backends,
         "operators": {op.name: {"family": op.family, "hook": op.hook, "summary": op.summary} for op in OPERATORS.values()},
         "selection": selection,
-        "environment": {var: os.environ[var] for var in env_vars if os.environ.get(var)},
+        "environment": honoured_variables(),
+        "ignored_environment": {var: {"value": os.environ[var], "did_you_mean": closest} for var, closest in unknown_variables().items()},
     }

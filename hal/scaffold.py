@@ -1,9 +1,12 @@
 """``hal new-backend``: write a complete vendor plugin package to start from.
 
 The generated package registers under the ``hal.backends`` entry points, implements
-``hal_backend_info`` / ``hal_backend_availability`` and one hook per operator, each raising a
-clear "not implemented yet" until the vendor fills it in. Hook signatures and docstrings are
-taken from :mod:`hal.hookspecs`, so the template always matches the installed unihal.
+``hal_backend_info`` / ``hal_backend_availability`` and declares one hook per operator, each
+marked ``@not_implemented_yet``: installed untouched, the backend claims no operator and takes
+nothing from any other backend, and ``hal conformance --backend NAME`` lists every operator as
+not implemented yet. Writing a hook's body and deleting its marker makes exactly that operator
+selectable. Hook signatures and docstrings are taken from :mod:`hal.hookspecs`, so the template
+always matches the installed unihal.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def _operator_hooks() -> str:
         op = hooks[hook_name]
         blocks.append(
             f'''@hookimpl
+@not_implemented_yet  # delete this line once the body below computes {op.name}
 def {hook_name}({params}):
     """{summary}: operator ``{op.name}``, contract in hal.hookspecs.{hook_name}."""
     raise OperatorNotSupportedError(f"{{BACKEND}}: {op.name} is not implemented yet (see hal.hookspecs.{hook_name})")
@@ -50,14 +54,16 @@ def _files(name: str) -> dict[str, str]:
     plugin = f'''"""The {name} backend for unihal: fill in the operator hooks below.
 
 Arguments arrive validated (shapes, dtypes, layouts, devices per hal.ops); results must follow the
-references in hal.ops within the tolerances of `hal conformance`. Delete a hook you will not
-implement: unihal then reports the operator as unsupported instead of calling it.
+references in hal.ops within the tolerances of `hal conformance`. Every operator hook starts
+marked @not_implemented_yet: the backend claims none of them, so installing this package as it is
+takes nothing away from other backends. To add an operator, write its body and delete its marker;
+`hal conformance --backend {name}` then certifies it. Delete hooks you will never implement.
 """
 
 from __future__ import annotations
 
 from hal.errors import OperatorNotSupportedError
-from hal.plugin import Availability, BackendInfo, hookimpl
+from hal.plugin import Availability, BackendInfo, hookimpl, not_implemented_yet
 
 BACKEND = "{name}"
 
@@ -85,7 +91,8 @@ name = "hal-{name.replace("_", "-")}"
 version = "0.1.0"
 description = "The {name} backend for unihal"
 requires-python = ">=3.10"
-dependencies = ["unihal"]
+# unihal itself is not on PyPI: install it first (pip install -e path/to/unihal), then this package.
+dependencies = []
 
 [project.entry-points."hal.backends"]
 {name} = "{package}.plugin"
@@ -106,8 +113,8 @@ pytest --pyargs hal.conformance --hal-backend={name}
 ''',
         "README.md": f'''# hal-{name}
 
-The `{name}` backend for [unihal](https://github.com/). Installing this package registers it under
-the `hal.backends` entry points; `hal backends` then lists it.
+The `{name}` backend for unihal. Installing this package registers it under the `hal.backends`
+entry points; `hal backends` then lists it. Install unihal first (it is not on PyPI).
 
     pip install -e .
     HAL_BACKEND={name} python your_app.py          # every operator on {name}

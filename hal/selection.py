@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import functools
 import logging
 import os
@@ -26,10 +27,10 @@ from dataclasses import dataclass
 
 from hal import registry
 from hal.errors import BackendUnavailableError, DeviceError, OperatorNotSupportedError, UnknownBackendError
-from hal.operator import Operator, get_operator
+from hal.operator import OPERATORS, Operator, get_operator
 from hal.registry import Backend
 
-__all__ = ["ENV_BACKEND", "AUTO", "Selection", "use_backend", "select", "parse_chain"]
+__all__ = ["ENV_BACKEND", "AUTO", "Selection", "use_backend", "select", "parse_chain", "honoured_variables", "unknown_variables"]
 
 ENV_BACKEND = "HAL_BACKEND"
 AUTO = "auto"
@@ -146,6 +147,33 @@ def _auto_order() -> list[Backend]:
     return sorted(registry.backends().values(), key=lambda b: (-b.priority, b.name))
 
 
+def honoured_variables() -> dict[str, str]:
+    """The selection variables set in this environment that name an operator (or ``HAL_BACKEND``)."""
+    names = [ENV_BACKEND] + [op.env_var for op in OPERATORS.values()]
+    return {var: os.environ[var] for var in names if os.environ.get(var, "").strip()}
+
+
+def unknown_variables() -> dict[str, str]:
+    """``HAL_BACKEND_<X>`` variables whose ``X`` is no operator, each with the closest operator's variable."""
+    prefix = ENV_BACKEND + "_"
+    known = {op.env_var: op for op in OPERATORS.values()}
+    found = {}
+    for var in os.environ:
+        if var.startswith(prefix) and var not in known:
+            close = difflib.get_close_matches(var, list(known), n=1, cutoff=0.0)
+            found[var] = close[0] if close else ""
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unknown_variables_once() -> None:
+    for var, closest in unknown_variables().items():
+        log.warning(
+            "hal: %s=%s names no operator and is ignored; did you mean %s? (operators: %s)",
+            var, os.environ.get(var, ""), closest, ", ".join(sorted(OPERATORS)),
+        )
+
+
 def select(op: Operator | str, device_type: str = "cpu", *, device_arg: str = "inputs") -> Selection:
     """Select the backend for ``op`` on tensors of ``device_type``; raise a typed error if none can.
 
@@ -155,6 +183,14 @@ def select(op: Operator | str, device_type: str = "cpu", *, device_arg: str = "i
         device_arg: the argument whose device was inspected, named in device errors.
     """
     operator = op if isinstance(op, Operator) else get_operator(op)
+    if device_type == "meta":
+        raise DeviceError(
+            operator.name, device_arg, "a tensor with data (cpu, cuda, ...)", "a tensor on the meta device",
+            "Meta tensors carry no values to compute with. For shape inference, call the operator under "
+            "torch.compile or FakeTensorMode (every hal operator is a torch custom op with a fake implementation); "
+            "otherwise pass real tensors.",
+        )
+    _warn_unknown_variables_once()
     chain, source = _requested(operator)
     return _select_cached(operator, device_type, device_arg, chain, source, registry.generation())
 

