@@ -50,16 +50,39 @@ class Measurement:
         return {"output": self.output, "metric": self.metric, "value": value, "threshold": self.threshold, "passed": self.passed, "note": self.note}
 
 
-def judge(op: str, output: str, got: torch.Tensor, expected: torch.Tensor) -> Measurement:
-    """Compare one output: shape and NaN checks first, then the operator's metric."""
+def judge(op: str, output: str, got: torch.Tensor, expected: torch.Tensor) -> list[Measurement]:
+    """Compare one output: shape, then non-finite positions, then the global metric over the
+    finite elements and, where the tolerance has one, the per-element bound."""
     tol = tolerance(op, output)
     if tuple(got.shape) != tuple(expected.shape):
-        return Measurement(output, tol.metric, math.inf, tol.threshold, False, f"shape {list(got.shape)} != expected {list(expected.shape)}")
-    if got.is_floating_point() and bool(torch.isnan(got).any()):
-        count = int(torch.isnan(got).sum())
-        return Measurement(output, tol.metric, math.nan, tol.threshold, False, f"{count} NaN element(s): unwritten or invalid")
-    value = tol.measure(got, expected)
-    return Measurement(output, tol.metric, value, tol.threshold, tol.passes(value))
+        return [Measurement(output, tol.metric, math.inf, tol.threshold, False, f"shape {list(got.shape)} != expected {list(expected.shape)}")]
+    finite = None
+    if got.is_floating_point() or expected.is_floating_point():
+        g, e = got.double(), expected.double()
+        nan_wrong = torch.isnan(g) != torch.isnan(e)
+        inf_wrong = (torch.isinf(g) | torch.isinf(e)) & ~(torch.isnan(g) | torch.isnan(e)) & (g != e)
+        for wrong, what in ((nan_wrong, "NaN where the reference has a number (unwritten or invalid), or a number where it has NaN"),
+                            (inf_wrong, "infinity where the reference differs")):
+            if bool(wrong.any()):
+                first = tuple(int(i) for i in wrong.nonzero()[0])
+                return [Measurement(
+                    output, tol.metric, math.nan, tol.threshold, False,
+                    f"{int(wrong.sum())} element(s) with {what}; first at {list(first)}: got {g[first].item():+g}, expected {e[first].item():+g}",
+                )]
+        finite = torch.isfinite(g) & torch.isfinite(e)
+    if finite is not None and not bool(finite.all()):
+        value = tol.measure(got[finite], expected[finite]) if bool(finite.any()) else 0.0
+    else:
+        value = tol.measure(got, expected)
+    results = [Measurement(output, tol.metric, value, tol.threshold, tol.passes(value))]
+    if tol.element is not None:
+        excess, index = tol.element.excess(got, expected)
+        note = ""
+        if excess > 1.0:
+            where = [int(i) for i in torch.unravel_index(torch.tensor(index), got.shape)]
+            note = f"element {where}: got {got.flatten()[index].item():.6g}, expected {expected.flatten()[index].item():.6g}, {excess:.3g}x its bound ({tol.element.source})"
+        results.append(Measurement(output, "element_excess", excess, 1.0, excess <= 1.0, note))
+    return results
 
 
 class Family:
@@ -81,7 +104,7 @@ class Family:
 
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
         """Judge every output; the default compares every key of ``expected`` with :func:`judge`."""
-        return [judge(self.op, name, got[name], value) for name, value in expected.items()]
+        return [m for name, value in expected.items() for m in judge(self.op, name, got[name], value)]
 
 
 @dataclass(frozen=True)

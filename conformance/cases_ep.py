@@ -58,7 +58,7 @@ class DispatchLayoutFamily(Family):
             if have.dtype != want.dtype:
                 measurements.append(Measurement(name, "dtype", float("inf"), 0, False, f"dtype {have.dtype}, expected {want.dtype}"))
                 continue
-            measurements.append(judge(self.op, name, have, want))
+            measurements += judge(self.op, name, have, want)
         return measurements
 
 

@@ -105,7 +105,7 @@ class ContiguousGemmFamily(Family):
 
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
         rows = inputs["m_indices"] >= 0  # padding rows are unspecified, as in DeepGEMM's test
-        return [judge(self.op, "out", got["out"][rows], expected["out"][rows])]
+        return judge(self.op, "out", got["out"][rows], expected["out"][rows])
 
 
 class MaskedGemmFamily(Family):
@@ -144,7 +144,7 @@ class MaskedGemmFamily(Family):
 
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
         rows = torch.arange(got["out"].shape[1])[None, :] < inputs["masked_m"][:, None].long()
-        measurements = [judge(self.op, "out", got["out"][rows], expected["out"][rows])]
+        measurements = judge(self.op, "out", got["out"][rows], expected["out"][rows])
         beyond = got["out"][~rows]
         if not bool(torch.isnan(beyond).all()):
             touched = int((~torch.isnan(beyond)).sum())
@@ -176,15 +176,11 @@ class CastFamily(Family):
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
         if got["values"].dtype != torch.float8_e4m3fn:
             return [Measurement("dequantized", "dtype", math.inf, 0, False, f"values dtype {got['values'].dtype}, expected float8_e4m3fn")]
-        measurements = [judge(self.op, "scales", got["scales"], expected["scales"])]
-        if tuple(got["values"].shape) != tuple(expected["values"].shape) or not measurements[0].passed:
-            measurements.append(judge(self.op, "dequantized", got["values"].float(), expected["values"].float()))
-            return measurements
+        measurements = judge(self.op, "scales", got["scales"], expected["scales"])
+        if tuple(got["values"].shape) != tuple(expected["values"].shape) or not all(m.passed for m in measurements):
+            return measurements + judge(self.op, "dequantized", got["values"].float(), expected["values"].float())
         dequantize = dequantize_per_token if self.per_token else dequantize_per_block
-        measurements.append(
-            judge(self.op, "dequantized", dequantize(got["values"], got["scales"]), dequantize(expected["values"], expected["scales"]))
-        )
-        return measurements
+        return measurements + judge(self.op, "dequantized", dequantize(got["values"], got["scales"]), dequantize(expected["values"], expected["scales"]))
 
 
 def gemm_cases() -> list[Case]:

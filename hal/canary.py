@@ -10,7 +10,8 @@ thresholds. The child process takes every risk: a segfault, an abort inside a co
 a wrong number costs the probe, never the user's process, and the backend is then unavailable with
 the reason (the runtime's own last words where it printed any).
 
-The verdict is cached on disk, keyed by a hash of the backend's identity and its canary key, in
+The verdict is cached on disk, keyed by a hash of the backend's identity, its canary key and the
+sources of the conformance cases and references that judge it, in
 ``$HAL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/unihal``, else ``~/.cache/unihal``), so a machine
 pays for the canary once per driver, runtime, device and unihal version; changing any of them
 re-probes. A file lock makes concurrent processes (the ranks of one job) share one probe.
@@ -140,6 +141,15 @@ def _host_identity() -> str:
     return json.dumps(fields, sort_keys=True)
 
 
+def _judge_fingerprint() -> str:
+    """What the canary judges by (the cases, the references, the tolerances): a verdict reached
+    under other criteria, as during development of unihal itself, is not reused."""
+    import hal.conformance
+    import hal.ops
+
+    return sources_fingerprint(*hal.conformance.__path__, *hal.ops.__path__)
+
+
 def _entry_path(backend_name: str, identity: str) -> Path:
     digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
     return cache_dir() / "canary" / f"{backend_name}-{digest}.json"
@@ -184,7 +194,7 @@ def verdict(backend_name: str, source: str, key: str, *, log=None) -> Verdict:
     """
     from hal import __version__
 
-    identity = json.dumps([FORMAT, backend_name, source, __version__, sys.version, _host_identity(), key])
+    identity = json.dumps([FORMAT, backend_name, source, __version__, _judge_fingerprint(), sys.version, _host_identity(), key])
     path = _entry_path(backend_name, identity)
     with _locked(path):
         cached = _read(path, key)

@@ -24,7 +24,7 @@ import pluggy
 from hal import canary, hookspecs
 from hal.plugin import ENTRY_POINT_GROUP, NOT_IMPLEMENTED_MARK, PROJECT, Availability, BackendInfo
 
-__all__ = ["Backend", "backends", "discovered", "get_backend", "register", "unregister", "reload", "generation"]
+__all__ = ["Backend", "backends", "get_backend", "register", "unregister", "reload", "generation"]
 
 HOOK_NAMES: tuple[str, ...] = tuple(name for name in vars(hookspecs) if name.startswith("hal_"))
 # Hooks that describe a backend rather than implement an operator.
@@ -255,11 +255,6 @@ def backends() -> dict[str, Backend]:
         if _backends is None:
             _backends = _discover()
         return _backends
-
-
-def discovered() -> bool:
-    """Whether discovery has run in this process (plugins imported)."""
-    return _backends is not None
 
 
 def get_backend(name: str) -> Backend | None:

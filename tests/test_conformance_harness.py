@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,11 @@ def test_catalogue_covers_every_operator_in_both_tiers():
 
 
 def test_every_output_has_a_stated_tolerance_from_the_anchor():
-    assert TOLERANCES[("mla_decode", "out")] == Tolerance("cos_diff", 1e-5, TOLERANCES[("mla_decode", "out")].source)
+    out = TOLERANCES[("mla_decode", "out")]
+    assert (out.metric, out.threshold) == ("cos_diff", 1e-5)
+    assert (out.element.atol, out.element.rtol) == (8e-4, 2.01 / 128)  # FlashMLA HEAD's per-element pair
+    lse = TOLERANCES[("mla_decode", "lse")].element
+    assert (lse.atol, lse.rtol) == (1e-6, 8.01 / 65536)
     assert TOLERANCES[("gemm_fp8_nt", "out")].threshold == 1e-3
     assert "FlashMLA" in TOLERANCES[("mla_decode", "lse")].source and "DeepGEMM" in TOLERANCES[("gemm_fp8_nt", "out")].source
 
@@ -159,5 +164,5 @@ def test_pytest_plugin_runs_the_catalogue():
 def test_unsupported_operators_fail_only_with_require_all(wrong_backends, capsys):
     args = ["conformance", "--backend", "wrong_page", "--op", "gemm_fp8_nt"]
     assert main(args) == 0
-    assert "unsupported" in capsys.readouterr().out
+    assert re.search(r"wrong_page\s*│\s*\S*\s*│\s*0/0\s*│\s*0\s*│\s*5\s*│", capsys.readouterr().out), "5 cases not implemented, none failed"
     assert main(args + ["--require-all"]) == 1

@@ -16,6 +16,7 @@ if not list_devices():
 import numpy as np  # noqa: E402
 
 import hal  # noqa: E402
+from hal.canary import ENV_PROVING  # noqa: E402
 from hal.backends.opencl import plugin  # noqa: E402
 from hal.backends.opencl.buffers import bind  # noqa: E402
 from hal.backends.opencl.device import ENV_DEVICE, describe, runtime  # noqa: E402
@@ -60,11 +61,27 @@ def test_unknown_device_is_a_clear_error_listing_the_devices(monkeypatch):
     with pytest.raises(OpenCLDeviceNotFoundError, match="HAL_OPENCL_DEVICE='no-such-accelerator' matches no OpenCL device") as err:
         runtime()
     assert _first_device()[0] in str(err.value) and isinstance(err.value, hal.HalError)
-    availability = plugin.hal_backend_availability()
+    availability = hal.get_backend("opencl").availability()  # through the canary child
     assert not availability.available and "no-such-accelerator" in availability.reason
 
 
-def test_availability_names_the_device_or_says_what_is_missing(monkeypatch):
+@pytest.fixture
+def in_canary_child(monkeypatch):
+    """The in-process probe as the canary child runs it: the only place it opens the device."""
+    monkeypatch.setenv(ENV_PROVING, "opencl")
+
+
+def test_the_parent_process_never_opens_the_runtime_to_probe(monkeypatch):
+    import hal.backends.opencl.device as device_module
+
+    def must_not_open():
+        raise AssertionError("the runtime was opened outside the canary")
+
+    monkeypatch.setattr(device_module, "runtime", must_not_open)
+    assert plugin.hal_backend_availability().available
+
+
+def test_availability_names_the_device_or_says_what_is_missing(monkeypatch, in_canary_child):
     available = plugin.hal_backend_availability()
     assert available.available and available.device == runtime().name
     real_find_spec = importlib.util.find_spec
@@ -73,7 +90,7 @@ def test_availability_names_the_device_or_says_what_is_missing(monkeypatch):
     assert not missing.available and "pip install 'unihal[opencl]'" in missing.reason
 
 
-def test_availability_never_raises(monkeypatch):
+def test_availability_never_raises(monkeypatch, in_canary_child):
     import hal.backends.opencl.device as device_module
 
     def broken_driver():
