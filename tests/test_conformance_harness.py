@@ -166,3 +166,36 @@ def test_unsupported_operators_fail_only_with_require_all(wrong_backends, capsys
     assert main(args) == 0
     assert re.search(r"wrong_page\s*│\s*\S*\s*│\s*0/0\s*│\s*0\s*│\s*5\s*│", capsys.readouterr().out), "5 cases not implemented, none failed"
     assert main(args + ["--require-all"]) == 1
+
+
+@pytest.mark.parametrize(
+    "op, what",
+    [
+        ("gemm_fp8_nt", "one element off by one"),
+        ("mla_decode", "one head's row from its neighbour, or one page from the wrong block"),
+        ("m_grouped_gemm_fp8_nt_contiguous", "one expert's group scaled by 1.02"),
+    ],
+)
+def test_one_wrong_element_row_page_or_group_fails_conformance(op, what, install_plugins):
+    install_plugins({"subtly_wrong": "subtly_wrong"})
+    results = run_backend("subtly_wrong", select_cases(quick=True, ops=[op]))
+    assert results and all(r.status == "fail" for r in results), (what, [(r.case_id, r.status) for r in results])
+    # The per-element bound catches it; for the GEMMs the anchors' global metric alone would not.
+    for r in results:
+        element = next(m for m in r.measurements if m.metric == "element_excess" and not m.passed)
+        assert "element [" in element.note and "its bound" in element.note
+    if op != "mla_decode":
+        assert all(m.passed for r in results for m in r.measurements if m.metric == "cos_diff"), "hidden from the global metric"
+
+
+def test_a_truncating_bf16_gemm_fails_where_rounding_to_nearest_passes():
+    import torch
+
+    from hal.conformance.case import judge
+
+    exact = torch.tensor([1.00390625 + 2**-12, 3.0, -7.5], dtype=torch.float32)  # the first needs rounding
+    nearest = exact.to(torch.bfloat16)
+    truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert not torch.equal(nearest, truncated)
+    assert all(m.passed for m in judge("gemm_fp8_nt", "out", nearest, exact))
+    assert not all(m.passed for m in judge("gemm_fp8_nt", "out", truncated, exact))
