@@ -64,6 +64,10 @@ def get_mla_metadata(
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     expect_tensor(_META_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(None,), dims=("batch",))
+    expect_in_range(
+        _META_OP, "cache_seqlens", cache_seqlens, 0, 2**31 - 1, what="sequence lengths in tokens",
+        fix="A length is the number of cached keys of a sequence: 0 or more.",
+    )
     expect_int(_META_OP, "num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
     expect_int(_META_OP, "num_heads_k", num_heads_k, minimum=1)
     backend = select(MLA_DECODE, cache_seqlens.device.type, device_arg="cache_seqlens").backend
@@ -122,19 +126,18 @@ def validate_mla_decode(
         raise ValueRangeError(_OP, "softmax_scale", "a positive finite float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
     causal = bool(causal) and s_q > 1
     if value_checks_enabled(cache_seqlens):
-        _check_cache_contents(block_table, cache_seqlens, num_blocks, s_q, causal)
+        _check_cache_contents(block_table, cache_seqlens, num_blocks)
     return float(softmax_scale), causal
 
 
-def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int, s_q: int, causal: bool) -> None:
+def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int) -> None:
     capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
-    low = s_q if causal else 0
+    # Any length from 0 is valid, causal or not: a causal query that sees no key (a sequence shorter
+    # than s_q, or the zero-length slots engines pad CUDA-graph batches with) gets out 0, lse +inf.
     expect_in_range(
-        _OP, "cache_seqlens", cache_seqlens, low, capacity + 1,
-        what=f"sequence lengths (at least s_q={s_q} when causal; at most the block table's capacity "
-        f"{block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})" if causal else
-        f"sequence lengths (at most the block table's capacity {block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})",
-        fix="Widen block_table or shorten the sequence.",
+        _OP, "cache_seqlens", cache_seqlens, 0, capacity + 1,
+        what=f"sequence lengths in tokens (at most the block table's capacity {block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})",
+        fix=f"Lengths must be >= 0; a sequence longer than {capacity} tokens needs more block_table columns.",
     )
     pages_used = (cache_seqlens.long() + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE
     used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]

@@ -45,7 +45,18 @@ def mla_decode_reference(
     """Reference for :func:`hal.ops.mla.flash_mla_with_kvcache` (arguments already validated).
 
     The schedule (metadata, num_splits) does not change the result and is not used here.
-    A query that sees no key (empty sequence) gets a zero output and lse = +inf, as FlashMLA.
+    Per (query token, head) row, with ``s`` the scaled scores of the keys it sees:
+
+    - a row that sees no key (an empty sequence, or a causal query before the sequence's first
+      key) gets out = 0 and lse = +inf, as FlashMLA;
+    - otherwise ``m = max(s)`` (NaN if any score is NaN), ``p = exp(s - m)`` (0 for keys it does
+      not see; ``m`` taken as 0 while it is -inf), ``l = sum(p)``, ``out = (p @ V) / l`` over every
+      key of the sequence and ``lse = m + log(l)``. So NaN or inf in q or in a key reaches the
+      outputs as this float math takes it there: a NaN score gives NaN out and lse; a +inf score
+      gives NaN (inf - inf); scores that are all -inf give out NaN (0 / 0) and lse -inf; a
+      non-finite value in a key the row does not see still meets it as ``0 * v`` in ``p @ V``
+      when that key lies inside the sequence, as in FlashMLA's kernel and test. Keys past the
+      sequence's end are never read. An input NaN never produces the empty-row marker.
     """
     batch, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[2]
@@ -62,10 +73,15 @@ def mla_decode_reference(
         visible = causal_visible_keys(seqlen, s_q, causal, q.device).repeat_interleave(group)  # [s_q * group]
         mask = torch.arange(seqlen, device=q.device)[None, :] >= visible[:, None]
         scores = scores.masked_fill(mask[None], -math.inf)
-        row_lse = torch.logsumexp(scores, dim=-1)  # [h_kv, s_q * group]; -inf where nothing is visible
-        probs = torch.exp(scores - row_lse[..., None]).nan_to_num(0.0)
-        values = torch.einsum("hmn,nhd->hmd", probs, keys[..., :head_dim_v])
+        row_max = scores.amax(dim=-1)  # NaN-propagating
+        safe_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)
+        probs = torch.exp(scores - safe_max[..., None])  # masked keys: exp(-inf) = 0
+        row_sum = probs.sum(dim=-1)
+        values = torch.einsum("hmn,nhd->hmd", probs, keys[..., :head_dim_v]) / row_sum[..., None]
+        row_lse = row_max + torch.log(row_sum)
+        empty = (visible == 0)[None, :]  # [1, s_q * group]: rows that see no key
+        values = values.masked_fill(empty[..., None], 0.0)
+        row_lse = row_lse.masked_fill(empty, math.inf)
         out[b] = values.reshape(h_kv, s_q, group, head_dim_v).permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v).to(q.dtype)
-        row_lse = row_lse.masked_fill(torch.isneginf(row_lse), math.inf)
         lse[b] = row_lse.reshape(h_kv, s_q, group).permute(0, 2, 1).reshape(h_q, s_q)
     return out, lse

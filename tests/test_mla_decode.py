@@ -391,7 +391,6 @@ INVALID_CALLS = [
      hal.ValueRangeError, ValueError, "cache_seqlens"),
     ("seqlen_negative", lambda a: {"cache_seqlens": torch.tensor([65, -1, 128], dtype=torch.int32)},
      hal.ValueRangeError, ValueError, "cache_seqlens"),
-    ("causal_seqlen_below_s_q", lambda a: {"causal": True}, hal.ValueRangeError, ValueError, "cache_seqlens"),
     ("block_id_too_large", _bad_block(10**6), hal.ValueRangeError, ValueError, "block_table"),
     ("block_id_equal_num_blocks", lambda a: _bad_block(a["k_cache"].shape[0])(a), hal.ValueRangeError, ValueError, "block_table"),
     ("block_id_negative", _bad_block(-1), hal.ValueRangeError, ValueError, "block_table"),

@@ -10,8 +10,9 @@ softmax per row (max, rescale, sum), then ``O = alpha * O + P @ V`` with each wo
 ``out`` and ``lse`` itself; otherwise it writes a normalised partial (out, lse) and
 ``mla_decode_combine`` merges a sequence's partials with log-sum-exp weights.
 
-Causal (s_q > 1): query i sees keys ``0 .. seqlen - s_q + i``. A query that sees no key (empty
-sequence) gets out = 0 and lse = +inf.
+Causal (s_q > 1): query i sees keys ``0 .. seqlen - s_q + i``. A query that sees no key gets
+out = 0 and lse = +inf; NaN and inf inputs propagate as the reference states (a NaN-propagating
+running max, emptiness decided by visibility, never by the softmax sum).
 
 The split plan is this backend's own (whole pages, sized to the device's compute units): the
 schedule arguments of the contract do not change the result and are not needed here.
@@ -157,7 +158,11 @@ void mla_decode_split(
         for (int r = lid; r < ROWS; r += WG) {
             const float old_max = row_max[r];
             float m = old_max;
-            for (int j = 0; j < KEYS; ++j) m = p_scalar[r * KEYS + j] > m ? p_scalar[r * KEYS + j] : m;
+            /* NaN-propagating max: a NaN score must poison the row, never be skipped as fmax would */
+            for (int j = 0; j < KEYS; ++j) {
+                const float x = p_scalar[r * KEYS + j];
+                m = (x > m || isnan(x)) ? x : m;
+            }
             float alpha = 1.0f, sum = 0.0f;
             for (int v = 0; v < KEYS16; ++v) {
                 /* no key visible yet (m = -inf): P = 0, and O and the sum stay 0 */
@@ -191,15 +196,19 @@ void mla_decode_split(
     for (int r = 0; r < ROWS && row0 + r < rows_per_head; ++r) {
         const int row = row0 + r, i = row / group, h = head_kv * group + row % group;
         const float l = row_sum[r];
+        /* Whether this row sees a key of the chunk decides emptiness, never l: NaN and inf inputs
+           make l NaN or 0 and must reach the outputs (0 / 0 = NaN), not look like an empty row. */
+        const int sees = key_begin < row_visible[r];
         for (int u = 0; u < SLICES; ++u) {
             const int c = lid + u * WG;
-            const float16 o = l > 0.0f ? acc[u][r] / l : (float16)0.0f;
+            /* a chunk the row does not see keeps its raw sum (0, or NaN from 0 * a NaN key) at weight 0 */
+            const float16 o = slot < 0 && !sees ? (float16)0.0f : sees ? acc[u][r] / l : acc[u][r];
             if (slot < 0) store_out(out + (((long)b * s_q + i) * h_q + h) * DV + c * 16, o);
             else part_out[(((long)slot * h_kv + head_kv) * rows_per_head + row) * DV16 + c] = o;
         }
         if (lid != 0) continue;
-        const float value = l > 0.0f ? (row_max[r] + log2(l)) * M_LN2_F : -INFINITY;   /* natural log */
-        if (slot < 0) lse[((long)b * h_q + h) * s_q + i] = l > 0.0f ? value : INFINITY;
+        const float value = sees ? (row_max[r] + log2(l)) * M_LN2_F : -INFINITY;   /* natural log */
+        if (slot < 0) lse[((long)b * h_q + h) * s_q + i] = sees ? value : INFINITY;
         else part_lse[((long)slot * h_kv + head_kv) * rows_per_head + row] = value;
     }
 }
@@ -207,28 +216,32 @@ void mla_decode_split(
 /* Grid: (DV / 16, rows per KV head, split sequences * h_kv): one 16-column slice of one row.
    combines: int3 (batch, first slot, slots). Partials are normalised; weights exp(lse - max). */
 __kernel void mla_decode_combine(__global const float16* part_out, __global const float* part_lse, __global const int* combines,
-                                 __global ushort* out, __global float* lse, int s_q, int h_q, int h_kv)
+                                 __global const int* seqlens, __global ushort* out, __global float* lse, int s_q, int h_q, int h_kv, int causal)
 {
     const int c = get_global_id(0), row = get_global_id(1);
     const int head_kv = get_global_id(2) % h_kv, group = h_q / h_kv, rows_per_head = s_q * group;
     __global const int* entry = combines + 3 * (get_global_id(2) / h_kv);
     const int b = entry[0], first = entry[1], count = entry[2];
+    const int i = row / group, h = head_kv * group + row % group;
+    const int seqlen = seqlens[b];
+    const int visible = causal ? clamp(seqlen - s_q + 1 + i, 0, seqlen) : seqlen;
     float m = -INFINITY;
-    for (int s = 0; s < count; ++s) m = fmax(m, part_lse[((long)(first + s) * h_kv + head_kv) * rows_per_head + row]);
+    for (int s = 0; s < count; ++s) {   /* NaN-propagating max */
+        const float x = part_lse[((long)(first + s) * h_kv + head_kv) * rows_per_head + row];
+        m = (x > m || isnan(x)) ? x : m;
+    }
+    const float m_safe = m == -INFINITY ? 0.0f : m;   /* all partials -inf: weights 0, total 0, out 0 / 0 */
     float16 o = 0.0f;
     float total = 0.0f;
-    if (m != -INFINITY) {
-        for (int s = 0; s < count; ++s) {
-            const long at = ((long)(first + s) * h_kv + head_kv) * rows_per_head + row;
-            const float w = exp(part_lse[at] - m);
-            total += w;
-            o += w * part_out[at * DV16 + c];
-        }
-        o /= total;
+    for (int s = 0; s < count; ++s) {
+        const long at = ((long)(first + s) * h_kv + head_kv) * rows_per_head + row;
+        const float w = exp(part_lse[at] - m_safe);
+        total += w;
+        o += w * part_out[at * DV16 + c];
     }
-    const int i = row / group, h = head_kv * group + row % group;
+    o = visible > 0 ? o / total : (float16)0.0f;
     store_out(out + (((long)b * s_q + i) * h_q + h) * DV + c * 16, o);
-    if (c == 0) lse[((long)b * h_q + h) * s_q + i] = m == -INFINITY ? INFINITY : m + log(total);
+    if (c == 0) lse[((long)b * h_q + h) * s_q + i] = visible > 0 ? m + log(total) : INFINITY;
 }
 """
 
@@ -335,16 +348,16 @@ def mla_decode(
     with bind(rt, "mla_decode") as io:
         part_out = io.scratch(plan.num_slots * h_kv * rows_per_head * HEAD_DIM_V * 4)
         part_lse = io.scratch(plan.num_slots * h_kv * rows_per_head * 4)
-        out_buf, lse_buf = io.output(out), io.output(lse)
+        out_buf, lse_buf, seqlens_buf = io.output(out), io.output(lse), io.input(cache_seqlens)
         program.launch(
             "mla_decode_split", (tiles.wg * plan.chunks.shape[0], row_blocks, h_kv), (tiles.wg, 1, 1),
-            io.input(q), io.input(k_cache), io.input(block_table), io.input(cache_seqlens), io.input(plan.chunks),
+            io.input(q), io.input(k_cache), io.input(block_table), seqlens_buf, io.input(plan.chunks),
             part_out, part_lse, out_buf, lse_buf, *scalars, np.float32(softmax_scale * math.log2(math.e)), np.int32(causal),
         )
         if plan.combines.shape[0]:
             local = min(HEAD_DIM_V // 16, _power_of_two_at_most(rt.max_work_group_size))
             program.launch(
                 "mla_decode_combine", (HEAD_DIM_V // 16, rows_per_head, plan.combines.shape[0] * h_kv), (local, 1, 1),
-                part_out, part_lse, io.input(plan.combines), out_buf, lse_buf, *scalars[:3],
+                part_out, part_lse, io.input(plan.combines), seqlens_buf, out_buf, lse_buf, *scalars[:3], np.int32(causal),
             )
     return out, lse

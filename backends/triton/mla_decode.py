@@ -93,35 +93,42 @@ def _mla_split_kernel(
             # fp32 operands (interpreter upcast) must not be rounded to tf32, tl.dot's fp32 default.
             scores = tl.dot(q_nope, tl.trans(k_nope), input_precision="ieee") + tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")
             scores = tl.where(keys[None, :] < visible[:, None], scores * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            # NaN-propagating running max: tl.max / tl.maximum skip NaN, and a NaN score must poison the row.
+            has_nan = tl.sum((scores != scores).to(tl.int32), axis=1) > 0
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1), propagate_nan=tl.PropagateNan.ALL)
+            m_new = tl.where(has_nan, float("nan"), m_new)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(scores - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(k_nope.dtype), k_nope, input_precision="ieee")
             m_i = m_new
-        seen = l_i > 0.0
-        o = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453  # log2 -> natural log
+        # Whether the row sees a key of this part decides emptiness, never l: NaN and inf inputs make
+        # l NaN or 0 and must reach the outputs (0 / 0 = NaN), not look like an empty row. A part the
+        # row does not see keeps its raw sum (0, or NaN from 0 * a NaN key) and weight 0.
+        seen = first * PAGE < visible
+        o = tl.where(seen[:, None], acc / l_i[:, None], acc)
+        lse = tl.where(seen, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))  # log2 -> natural log
         if (first == 0) & (last == num_pages):
             out_row = out_ptr + b * stride_ob + token * stride_os + head * stride_oh
+            o = tl.where(seen[:, None], o, 0.0)
             tl.store(out_row[:, None] + d_nope[None, :], round_to(o, out_ptr.dtype.element_ty, EXACT_BF16), mask=row_ok[:, None])
             tl.store(lse_ptr + b * stride_lb + head * stride_lh + token, tl.where(seen, lse, float("inf")), mask=row_ok)
         else:
             slot = (tl.load(splits_ptr + b) + split).to(tl.int64)
             acc_row = acc_o_ptr + slot * stride_ai + (kv_head * s_q * group + rows) * stride_ar
             tl.store(acc_row[:, None] + d_nope[None, :], o, mask=row_ok[:, None])
-            tl.store(acc_lse_ptr + slot * stride_li + kv_head * s_q * group + rows, tl.where(seen, lse, float("-inf")), mask=row_ok)
+            tl.store(acc_lse_ptr + slot * stride_li + kv_head * s_q * group + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _mla_combine_kernel(
-    out_ptr, lse_ptr, acc_o_ptr, acc_lse_ptr, splits_ptr,
+    out_ptr, lse_ptr, acc_o_ptr, acc_lse_ptr, splits_ptr, seqlens_ptr,
     s_q, group,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     stride_ai, stride_ar, stride_li,
-    EXACT_BF16: tl.constexpr, BLOCK_H: tl.constexpr, D_NOPE: tl.constexpr,
+    CAUSAL: tl.constexpr, EXACT_BF16: tl.constexpr, BLOCK_H: tl.constexpr, D_NOPE: tl.constexpr,
 ):
     b = tl.program_id(0)
     row_block = tl.program_id(1)
@@ -141,17 +148,22 @@ def _mla_combine_kernel(
         slot = (start + i).to(tl.int64)
         part_lse = tl.load(acc_lse_ptr + slot * stride_li + flat, mask=row_ok, other=float("-inf"))
         part_o = tl.load(acc_o_ptr + slot * stride_ai + flat[:, None] * stride_ar + d[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m, part_lse)
+        m_new = tl.maximum(m, part_lse, propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         scale_old = tl.exp(m - m_safe)
         weight = tl.exp(part_lse - m_safe)
         total = total * scale_old + weight
         acc = acc * scale_old[:, None] + part_o * weight[:, None]
         m = m_new
-    seen = total > 0.0
-    o = acc / tl.where(seen, total, 1.0)[:, None]
-    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("inf"))
     token = rows // group
+    seqlen = tl.load(seqlens_ptr + b)
+    if CAUSAL:
+        visible = seqlen - s_q + token + 1
+    else:
+        visible = tl.zeros((BLOCK_H,), dtype=tl.int32) + seqlen
+    seen = visible > 0  # emptiness by visibility; NaN / inf partials propagate through the weights
+    o = tl.where(seen[:, None], acc / total[:, None], 0.0)
+    lse = tl.where(seen, m + tl.log(total), float("inf"))
     head = kv_head * group + rows % group
     out_row = out_ptr + b * stride_ob + token * stride_os + head * stride_oh
     tl.store(out_row[:, None] + d[None, :], round_to(o, out_ptr.dtype.element_ty, EXACT_BF16), mask=row_ok[:, None])
@@ -206,12 +218,12 @@ def mla_decode(
         CAUSAL=causal, UPCAST=upcast, PAGE=PAGE, D_ROPE=D_ROPE, num_stages=config.num_stages, **common,
     )
     _mla_combine_kernel[(batch, triton.cdiv(rows, block_h), h_kv)](
-        out, lse, acc_o, acc_lse, num_splits,
+        out, lse, acc_o, acc_lse, num_splits, cache_seqlens,
         s_q, group,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         acc_o.stride(0), acc_o.stride(1), acc_lse.stride(0),
-        **common,
+        CAUSAL=causal, **common,
     )
     return out, lse
 
