@@ -133,16 +133,25 @@ def _reader(stream: Any, lines: queue.Queue) -> None:
 
 
 def _start_worker(backend_name: str, device: str, cases: Sequence[Case], golden_dir: Path | None) -> tuple[subprocess.Popen, queue.Queue, list[str]]:
-    command = [sys.executable, "-m", "hal.conformance.worker", "--backend", backend_name, "--device", device]
+    # Results travel on a pipe of their own: whatever the backend prints to stdout or stderr
+    # (a chatty driver, a debug print) cannot corrupt them.
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "hal.conformance.worker", "--backend", backend_name, "--device", device, "--events-fd", str(write_end)]
     if golden_dir is not None:
         command += ["--golden", str(golden_dir)]
-    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        child = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", pass_fds=(write_end,)
+        )
+    finally:
+        os.close(write_end)
     assert child.stdin is not None
     child.stdin.write(json.dumps([c.id for c in cases]))
     child.stdin.close()
     lines: queue.Queue = queue.Queue()
     errors: list[str] = []
-    threading.Thread(target=_reader, args=(child.stdout, lines), daemon=True).start()
+    events = os.fdopen(read_end, "r", encoding="utf-8", errors="replace")
+    threading.Thread(target=_reader, args=(events, lines), daemon=True).start()
     threading.Thread(target=lambda: errors.extend(child.stderr), daemon=True).start()
     return child, lines, errors
 
@@ -167,7 +176,10 @@ def _drain(
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             tail = " | ".join(e.strip() for e in errors[-5:] if e.strip())
             return done, CaseResult(backend_name, in_flight.id, in_flight.op, "crash", 0.0, f"worker died with {how}" + (f": {tail}" if tail else ""), device)
-        event = json.loads(line)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # only the worker writes this pipe; a torn line cannot take the run down
         if event["event"] == "start":
             in_flight = by_id[event["case"]]
             continue

@@ -199,3 +199,10 @@ def test_a_truncating_bf16_gemm_fails_where_rounding_to_nearest_passes():
     assert not torch.equal(nearest, truncated)
     assert all(m.passed for m in judge("gemm_fp8_nt", "out", nearest, exact))
     assert not all(m.passed for m in judge("gemm_fp8_nt", "out", truncated, exact))
+
+
+def test_a_backend_that_prints_to_stdout_cannot_corrupt_an_isolated_run(wrong_backends):
+    cases = select_cases(quick=True, ops=["per_block_cast_to_fp8", "ep_dispatch_layout"])
+    results = run_backend("misbehaving", cases, isolate=True, timeout=120)
+    assert [r.case_id for r in results] == [c.id for c in cases]
+    assert all(r.passed for r in results), [(r.case_id, r.status, r.reason) for r in results]

@@ -1,5 +1,6 @@
 """A deliberately misbehaving backend: the dense GEMM hangs, the masked GEMM kills its process,
-the per-token cast raises. Used to prove the conformance runner survives all three."""
+the per-token cast raises, the per-block cast prints to stdout. Used to prove the conformance
+runner survives all four."""
 
 import os
 import time
@@ -36,3 +37,13 @@ def hal_per_token_cast_to_fp8(x):
 @hookimpl
 def hal_ep_dispatch_layout(topk_idx, num_experts, num_ranks):
     return dispatch_layout_reference(topk_idx, num_experts, num_ranks)
+
+
+@hookimpl
+def hal_per_block_cast_to_fp8(x):
+    """Correct, but chatty: it prints to stdout, JSON-looking lines included."""
+    from hal.ops.fp8_quant import per_block_cast_reference
+
+    print('{"event": "result", "result": "not from the worker"}')
+    print("driver: compiling kernels...", flush=True)
+    return per_block_cast_reference(x)
