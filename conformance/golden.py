@@ -85,23 +85,63 @@ def record(backend: str, cases: Sequence[Case], directory: Path) -> Path:
     return manifest_path
 
 
+def _entry_problem(case_id: object, entry: object) -> str | None:
+    """What is malformed about one manifest entry, or None."""
+    if not isinstance(case_id, str) or not isinstance(entry, dict):
+        return "an entry must map a case id to an object"
+    expected = {"file": str, "sha256": str, "scalars": dict, "none_outputs": list}
+    for key, kind in expected.items():
+        if key not in entry:
+            return f"missing {key!r}"
+        if not isinstance(entry[key], kind):
+            return f"{key!r} is a {type(entry[key]).__name__}, not a {kind.__name__}"
+    name = entry["file"]
+    # A golden file is a plain name inside the golden directory: no separators, no parent
+    # references, nothing absolute. Anything else could read files the recording never wrote.
+    if name != Path(name).name or name in ("", ".", "..") or "\\" in name or not name.endswith(".safetensors"):
+        return f"'file' must be a plain *.safetensors name inside the golden directory, not {name!r}"
+    if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        return "'sha256' must be 64 lower-case hex digits"
+    return None
+
+
 def load_goldens(directory: Path) -> tuple[dict[str, Any], dict[str, Golden]]:
-    """Read and verify a golden directory; raise :class:`GoldenError` on any mismatch."""
+    """Read and verify a golden directory; raise :class:`GoldenError` on any mismatch.
+
+    Every file a manifest names must be a plain name inside ``directory`` (no path, no ``..``,
+    no link leading out of it) whose sha256 matches; a malformed manifest is a GoldenError that
+    says which entry and what is wrong, never a JSONDecodeError, KeyError or TypeError.
+    """
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise GoldenError(f"{directory}: no {MANIFEST}; record goldens with `hal conformance record --backend NAME --out {directory}`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise GoldenError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GoldenError(f"{manifest_path}: not valid JSON ({exc}); re-record the goldens") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise GoldenError(f"{manifest_path}: format {found!r}, expected {FORMAT!r}")
+    if not isinstance(manifest.get("cases"), dict):
+        raise GoldenError(f"{manifest_path}: 'cases' must be an object mapping case ids to entries")
+    root = directory.resolve()
     goldens = {}
     for case_id, entry in manifest["cases"].items():
+        problem = _entry_problem(case_id, entry)
+        if problem is not None:
+            raise GoldenError(f"{manifest_path}: case {case_id!r}: {problem}")
         path = directory / entry["file"]
+        if path.resolve().parent != root:
+            raise GoldenError(f"{manifest_path}: case {case_id!r}: {entry['file']!r} leads outside {directory}")
         if not path.is_file():
-            raise GoldenError(f"{case_id}: file {path} is missing")
+            raise GoldenError(f"{case_id}: the golden file {entry['file']!r} is missing from {directory}")
         digest = _sha256(path)
         if digest != entry["sha256"]:
             raise GoldenError(f"{case_id}: {path.name} has sha256 {digest[:12]}..., manifest says {entry['sha256'][:12]}...; the file was altered")
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types on a corrupt header
+            raise GoldenError(f"{case_id}: {path.name} is not a readable safetensors file ({exc})") from None
         inputs: Tensors = {k.removeprefix("input."): v for k, v in tensors.items() if k.startswith("input.")}
         inputs |= entry["scalars"]
         outputs: Tensors = {k.removeprefix("output."): v for k, v in tensors.items() if k.startswith("output.")}

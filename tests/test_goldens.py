@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ from hal.conformance.runner import run_backend
 from hal.operator import OPERATORS
 
 SHIPPED = Path(__file__).resolve().parents[1] / "goldens" / "reference-cpu"
+
+
+def _recorded(tmp_path: Path) -> Path:
+    directory = tmp_path / "goldens"
+    record("reference", select_cases(quick=True, ops=["per_token_cast_to_fp8"])[:1], directory)
+    return directory
 
 
 def test_shipped_goldens_cover_every_operator_and_verify():
@@ -75,3 +82,43 @@ def test_cli_record(tmp_path, capsys):
     assert "Recorded 4 case(s)" in capsys.readouterr().out
     assert main(["conformance", "--golden", str(tmp_path / "g"), "--list"]) == 0
     assert len(capsys.readouterr().out.split()) == 4
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda m, d: m["cases"][next(iter(m["cases"]))].__setitem__("file", "../../../../etc/passwd"), "plain *.safetensors name"),
+        (lambda m, d: m["cases"][next(iter(m["cases"]))].__setitem__("file", "/etc/passwd"), "plain *.safetensors name"),
+        (lambda m, d: m["cases"][next(iter(m["cases"]))].__setitem__("file", "../sibling/x.safetensors"), "plain *.safetensors name"),
+        (lambda m, d: m["cases"][next(iter(m["cases"]))].pop("sha256"), "missing 'sha256'"),
+        (lambda m, d: m["cases"][next(iter(m["cases"]))].__setitem__("file", 7), "'file' is a int"),
+        (lambda m, d: m.__setitem__("cases", []), "'cases' must be an object"),
+    ],
+)
+def test_malformed_or_escaping_manifests_are_golden_errors(tmp_path, mutate, message):
+    directory = _recorded(tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    mutate(manifest, directory)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GoldenError, match=re.escape(message)):
+        load_goldens(directory)
+
+
+def test_a_truncated_manifest_is_a_golden_error(tmp_path):
+    directory = _recorded(tmp_path)
+    text = (directory / "manifest.json").read_text()
+    (directory / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(GoldenError, match="not valid JSON"):
+        load_goldens(directory)
+
+
+def test_a_link_leading_out_of_the_directory_is_refused(tmp_path):
+    directory = _recorded(tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    entry = next(iter(manifest["cases"].values()))
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((directory / entry["file"]).read_bytes())
+    (directory / entry["file"]).unlink()
+    (directory / entry["file"]).symlink_to(outside)
+    with pytest.raises(GoldenError, match="leads outside"):
+        load_goldens(directory)
