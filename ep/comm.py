@@ -29,6 +29,7 @@ __all__ = ["DEFAULT_TIMEOUT_S", "ENV_TIMEOUT", "Communicator", "resolve_timeout"
 # DeepEP's host-side timeout (csrc/kernels/configs.cuh: NUM_CPU_TIMEOUT_SECS = 100).
 DEFAULT_TIMEOUT_S = 100.0
 ENV_TIMEOUT = "HAL_EP_TIMEOUT_S"
+MAX_TIMEOUT_S = 86400.0  # a day: longer is a mistake (inf, 1e20) that overflows the libraries' timers
 _POLL_S = 2e-4
 
 
@@ -48,8 +49,11 @@ def resolve_timeout(timeout_s: float | None) -> float:
             timeout_s = float(text) if text else DEFAULT_TIMEOUT_S
         except ValueError:
             raise EPError(f"{ENV_TIMEOUT}={text!r} is not a number of seconds") from None
-    if not timeout_s > 0:
-        raise EPError(f"{source}={timeout_s!r}: the EP timeout must be a positive number of seconds")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise EPError(
+            f"{source}={timeout_s!r}: the EP timeout must be a positive number of seconds, at most {MAX_TIMEOUT_S:g} "
+            f"(DeepEP's is {DEFAULT_TIMEOUT_S:g}); an unbounded wait would turn a dead peer into a hang"
+        )
     return float(timeout_s)
 
 
@@ -120,7 +124,22 @@ class Communicator:
         out = rows.new_empty((int(sum(recv_counts)),) + tuple(rows.shape[1:]))
         send, recv = [int(c) for c in send_counts], [int(c) for c in recv_counts]
         self._run(lambda: dist.all_to_all_single(out, rows.contiguous(), recv, send, group=self.group, async_op=True), phase)
+        self._confirm(phase)
         return out
+
+    def _confirm(self, phase: str) -> None:
+        """Succeed only if every rank completed this exchange within its deadline.
+
+        A rank that stalled can find its payload exchange completing against work its peers
+        already abandoned (gloo finishes queued operations in the background). Reporting success
+        then would leave ranks disagreeing on what happened. So every rank states that it
+        completed, in time, operation number N: a peer that gave up never joins, and this rank
+        raises EPTimeoutError at its own deadline instead."""
+        if self._remaining() <= 0:
+            raise self._fail(phase, "the exchange completed after this rank's deadline; its peers have given up on it")
+        numbers = self.all_gather_ints([self._operations], f"{phase} completion")
+        if bool((numbers != self._operations).any()):
+            raise self._fail(f"{phase} completion", f"ranks completed different operations: {numbers[:, 0].tolist()}")
 
     def _run(self, issue: Callable[[], dist.Work], phase: str) -> None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import torch
 
 import hal
@@ -43,6 +44,35 @@ def stall_in_dispatch(rank: int, world: int) -> dict:
     return {"first": first, "later": later, "timeout_s": buffer.timeout_s}
 
 
+def stall_between_header_and_payload(rank: int, world: int) -> dict:
+    """The last rank stalls after the ranks agreed on the header, before its payload exchange:
+    its peers give up on the payload, and its own exchange would then complete against the work
+    they abandoned."""
+    buffer = hal.ep.Buffer()
+    x, topk_idx, weights = _inputs(rank)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * world)
+    layout = {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
+    if rank == world - 1:
+        comm = buffer.transport.comm
+        exchange = comm.all_to_all_rows
+
+        def stalled(*args, **kwargs):
+            time.sleep(TIMEOUT_S + 1.0)
+            return exchange(*args, **kwargs)
+
+        comm.all_to_all_rows = stalled
+    return {"first": _outcome(lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout))}
+
+
+def test_no_rank_reports_success_for_an_exchange_its_peers_abandoned():
+    outcomes = run_local(stall_between_header_and_payload, 3, timeout_s=90, env={"HAL_EP_TIMEOUT_S": str(TIMEOUT_S)})
+    assert all(o.exitcode == 0 for o in outcomes), [(o.rank, o.exitcode, o.error) for o in outcomes]
+    for outcome in outcomes:
+        first = outcome.value["first"]
+        assert first["raised"] == "EPTimeoutError", (outcome.rank, first)
+        assert first["elapsed"] <= TIMEOUT_S + SLACK_S + 1.0, (outcome.rank, first)
+
+
 def die_before_low_latency_combine(rank: int, world: int) -> dict:
     buffer = hal.ep.Buffer(timeout_s=TIMEOUT_S * 5)
     x, topk_idx, weights = _inputs(rank)
@@ -61,6 +91,22 @@ def test_a_stalled_rank_makes_the_others_time_out_within_the_bound():
         assert first["raised"] == "EPTimeoutError" and "Buffer.dispatch on rank" in first["message"], first
         assert TIMEOUT_S - 0.1 <= first["elapsed"] <= TIMEOUT_S + SLACK_S, first
         assert later["raised"] == "EPError" and "cannot communicate" in later["message"], later
+    # The rank that stalled never reports success for the exchange its peers abandoned.
+    stalled = outcomes[2].value["first"]
+    assert stalled["raised"] == "EPTimeoutError", stalled
+    assert stalled["elapsed"] <= TIMEOUT_S + SLACK_S, stalled
+
+
+@pytest.mark.parametrize("value", ["inf", "1e20", "nan", "-3", "0", "soon"])
+def test_an_unbounded_or_invalid_ep_timeout_is_refused(value, monkeypatch):
+    from hal.ep.comm import resolve_timeout
+    from hal.ep.errors import EPError
+
+    monkeypatch.setenv("HAL_EP_TIMEOUT_S", value)
+    with pytest.raises(EPError, match="HAL_EP_TIMEOUT_S"):
+        resolve_timeout(None)
+    with pytest.raises(EPError, match="timeout_s"):
+        resolve_timeout(float("inf"))
 
 
 def test_a_dead_rank_makes_the_others_fail_at_once_naming_the_operation():
