@@ -32,12 +32,21 @@ def _ranged(rows: int, cols: int, generator: torch.Generator, row_block: int) ->
     return (torch.randn(rows, cols, generator=generator) * factor).to(torch.bfloat16)
 
 
+def _padded_k(x: torch.Tensor) -> torch.Tensor:
+    k = x.shape[-1]
+    return torch.nn.functional.pad(x, (0, math.ceil(k / BLOCK) * BLOCK - k))
+
+
 def _lhs(m: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    return per_token_cast_reference(_ranged(m, k, generator, row_block=1))
+    """Per-token cast; with K not a multiple of 128, as DeepGEMM's own test casts: pad K with
+    zeros, cast, and hand on the row-strided [:, :K] view with ceil(K / 128) scale columns."""
+    values, scales = per_token_cast_reference(_padded_k(_ranged(m, k, generator, row_block=1)))
+    return values[:, :k], scales
 
 
 def _rhs(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    return per_block_cast_reference(_ranged(n, k, generator, row_block=BLOCK))
+    values, scales = per_block_cast_reference(_padded_k(_ranged(n, k, generator, row_block=BLOCK)))
+    return values[:, :k].contiguous(), scales
 
 
 def _tma_aligned(scales: torch.Tensor) -> torch.Tensor:
@@ -197,6 +206,8 @@ def gemm_cases() -> list[Case]:
     for i, (m, n, k) in enumerate(quick_dense):
         cases.append(Case(dense, f"m{m}-n{n}-k{k}", {"m": m, "n": n, "k": k}, quick=True, seed=i))
     cases.append(Case(dense, "m37-n128-k256-tma_scales", {"m": 37, "n": 128, "k": 256, "tma_scales": True}, quick=True, seed=9))
+    # K not a multiple of 128 (DeepGEMM's own test: K = 576), with a row-strided A view.
+    cases.append(Case(dense, "m16-n128-k576-partialk", {"m": 16, "n": 128, "k": 576}, quick=True, seed=10))
     for i, (n, k) in enumerate(DEEPSEEK_V3_NK):
         for j, m in enumerate((1, 64, 128, 4096, 4095)):
             cases.append(Case(dense, f"m{m}-n{n}-k{k}", {"m": m, "n": n, "k": k}, quick=False, seed=100 + 10 * i + j))
@@ -208,6 +219,7 @@ def gemm_cases() -> list[Case]:
         cases.append(Case(contiguous, f"g{g}-m{m}-n{n}-k{k}", {"groups": g, "expected_m": m, "n": n, "k": k}, quick=False, seed=200 + i))
     cases.append(Case(masked, "g4-m32-n128-k256", {"groups": 4, "m_max": 32, "n": 128, "k": 256}, quick=True, seed=30))
     cases.append(Case(masked, "g2-m64-n200-k128", {"groups": 2, "m_max": 64, "n": 200, "k": 128}, quick=True, seed=31))
+    cases.append(Case(masked, "g2-m16-n128-k200-partialk", {"groups": 2, "m_max": 16, "n": 128, "k": 200}, quick=True, seed=32))
     for i, (g, m) in enumerate([(4, 256), (8, 128), (16, 64), (32, 32)]):
         for j, (n, k) in enumerate([(4096, 7168), (7168, 2048)]):
             cases.append(Case(masked, f"g{g}-m{m}-n{n}-k{k}", {"groups": g, "m_max": m, "n": n, "k": k}, quick=False, seed=300 + 10 * i + j))

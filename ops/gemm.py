@@ -2,14 +2,17 @@
 
 Formats (DeepGEMM v1 "NT": both operands K-major):
 
-- LHS ``(A, sa)``: A float8_e4m3fn [M, K] contiguous; sa float32 [M, K // 128], one scale per
+- LHS ``(A, sa)``: A float8_e4m3fn [M, K] contiguous; sa float32 [M, ceil(K / 128)], one scale per
   token per 128 channels. sa may have any strides, including DeepGEMM's column-major
   TMA-aligned layout from ``get_col_major_tma_aligned_tensor``.
-- RHS ``(B, sb)``: B float8_e4m3fn [N, K] contiguous; sb float32 [ceil(N / 128), K // 128],
+- RHS ``(B, sb)``: B float8_e4m3fn [N, K] contiguous; sb float32 [ceil(N / 128), ceil(K / 128)],
   one scale per 128x128 block.
 - ``out`` bfloat16 [M, N] contiguous, written in place:
   ``out = sum_k (A[m, k] * sa[m, k // 128]) * (B[n, k] * sb[n // 128, k // 128])`` in fp32.
-- K must be a multiple of 128. Grouped variants add a leading group dimension G to B and sb.
+- Any K: scales then have ceil(K / 128) columns, the last K block being partial (DeepGEMM's own
+  test uses K = 576). Backends always receive K padded with zeros to a multiple of 128, which
+  adds exact zeros to every sum. A and B must be K-major (stride 1 along K); their rows may be
+  strided. Grouped variants add a leading group dimension G to B and sb.
 
 Room for DeepGEMM's later API (v2: ``fp8_gemm_nt`` and nn/tn/tt, bf16 GEMMs, k-grouped weight
 gradients, UE8M0 packed scales) is left by declaring each variant as its own operator.
@@ -21,7 +24,7 @@ import torch
 
 from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
 from hal.dispatch import call
-from hal.errors import DTypeError, ShapeError, ValueRangeError
+from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.operator import declare
 from hal.ops.fp8_quant import BLOCK
 
@@ -66,12 +69,49 @@ def _unpack(op: str, name: str, operand: object) -> Operand:
     return operand[0], operand[1]
 
 
+def _check_written(op: str, name: str, out: torch.Tensor) -> None:
+    """An output written in place must be contiguous and must not require grad."""
+    if not out.is_contiguous():
+        raise LayoutError(
+            op, name, "a contiguous tensor (it is written in place)", f"strides {tuple(out.stride())} for shape {list(out.shape)}",
+            f"Allocate '{name}' with torch.empty(...) and pass that; '{name}.contiguous()' would be a copy, and the result would land in it, not in your tensor.",
+        )
+    if out.requires_grad:
+        raise ArgumentError(
+            op, name, "a tensor that does not require grad (FP8 GEMMs have no backward)", "a tensor with requires_grad=True",
+            f"Pass a tensor made under torch.no_grad(), or '{name}.detach()' if it is a fresh buffer.",
+        )
+
+
+def _k_major(op: str, name: str, tensor: torch.Tensor) -> None:
+    """FP8 operands are K-major, as DeepGEMM's TMA loads need: stride 1 along K; rows may be strided."""
+    if tensor.numel() and tensor.stride(-1) != 1:
+        raise LayoutError(
+            op, name, "K-major (stride 1 along K; rows may be strided)", f"strides {tuple(tensor.stride())} for shape {list(tensor.shape)}",
+            f"Pass '{name}.contiguous()'.",
+        )
+
+
+def _padded_to_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., K] as a contiguous [..., ceil(K / 128) * 128] with zeros after K (no copy when
+    it is one already). Zero channels add exact zeros to every sum, whatever their block's scale."""
+    k = x.shape[-1]
+    padded_k = _cdiv(k, BLOCK) * BLOCK
+    if padded_k == k:
+        return x.contiguous()
+    padded = torch.zeros(*x.shape[:-1], padded_k, dtype=x.dtype, device=x.device)
+    padded[..., :k] = x
+    return padded
+
+
 def _check_operands(
     op: str, lhs: object, rhs: object, out: object, *, groups: int | None, lhs_groups: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Check both operands and the output; ``groups`` is None for the dense GEMM.
 
     ``lhs_groups`` says whether A carries the group dimension (masked layout) or not (contiguous).
+    Returns the operands as backends receive them: A and B contiguous with K padded with zeros to
+    a multiple of 128 (DeepGEMM accepts any K; its last K block is then partial).
     """
     a, sa = _unpack(op, "lhs", lhs)
     b, sb = _unpack(op, "rhs", rhs)
@@ -79,22 +119,24 @@ def _check_operands(
     g_names: tuple[str, ...] = () if groups is None else ("G",)
     a_lead = g_dims if lhs_groups else ()
     a_names = g_names if lhs_groups else ()
-    expect_tensor(op, "lhs[0]", a, dtypes=FP8, shape=a_lead + (None, None), dims=a_names + ("M", "K"), contiguous=True)
+    expect_tensor(op, "lhs[0]", a, dtypes=FP8, shape=a_lead + (None, None), dims=a_names + ("M", "K"))
+    _k_major(op, "lhs[0]", a)
     m, k = a.shape[-2:]
-    if k % BLOCK:
-        raise ShapeError(op, "lhs[0]", f"K a multiple of {BLOCK}", f"K={k}", "Pad K to a multiple of 128 (zeros in both operands).")
-    expect_tensor(op, "rhs[0]", b, dtypes=FP8, shape=g_dims + (None, k), dims=g_names + ("N", "K"), contiguous=True)
+    expect_tensor(op, "rhs[0]", b, dtypes=FP8, shape=g_dims + (None, k), dims=g_names + ("N", "K"))
+    _k_major(op, "rhs[0]", b)
     n = b.shape[-2]
     num_groups = b.shape[0] if groups is not None else None
     lead = (num_groups,) if groups is not None else ()
-    expect_tensor(op, "lhs[1]", sa, dtypes=torch.float32, shape=(lead if lhs_groups else ()) + (m, k // BLOCK), dims=a_names + ("M", "K/128"))
-    expect_tensor(op, "rhs[1]", sb, dtypes=torch.float32, shape=lead + (_cdiv(n, BLOCK), k // BLOCK), dims=g_names + ("ceil(N/128)", "K/128"))
-    if lhs_groups:
+    if lhs_groups:  # the group count is A's before it is its scales'
         expect_tensor(op, "lhs[0]", a, shape=lead + (m, k), dims=g_names + ("M", "K"))
+    k_blocks = _cdiv(k, BLOCK)
+    expect_tensor(op, "lhs[1]", sa, dtypes=torch.float32, shape=(lead if lhs_groups else ()) + (m, k_blocks), dims=a_names + ("M", "ceil(K/128)"))
+    expect_tensor(op, "rhs[1]", sb, dtypes=torch.float32, shape=lead + (_cdiv(n, BLOCK), k_blocks), dims=g_names + ("ceil(N/128)", "ceil(K/128)"))
     out_shape = (lead if lhs_groups else ()) + (m, n)
-    expect_tensor(op, "out", out, dtypes=torch.bfloat16, shape=out_shape, dims=a_names + ("M", "N"), contiguous=True)
+    expect_tensor(op, "out", out, dtypes=torch.bfloat16, shape=out_shape, dims=a_names + ("M", "N"))
+    _check_written(op, "out", out)
     expect_same_device(op, "lhs[0]", a, **{"lhs[1]": sa, "rhs[0]": b, "rhs[1]": sb, "out": out})
-    return a, sa, b, sb, out
+    return _padded_to_blocks(a), sa, _padded_to_blocks(b), sb, out
 
 
 def _check_contiguous_segments(op: str, m_indices: torch.Tensor) -> None:
@@ -124,8 +166,8 @@ def gemm_fp8_fp8_bf16_nt(lhs: Operand, rhs: Operand, out: torch.Tensor) -> None:
     """Dense FP8 GEMM ``out = lhs @ rhs.T`` with fine-grained scales (see the module docstring).
 
     Args:
-        lhs: ``(A float8_e4m3fn [M, K], sa float32 [M, K // 128])``.
-        rhs: ``(B float8_e4m3fn [N, K], sb float32 [ceil(N / 128), K // 128])``.
+        lhs: ``(A float8_e4m3fn [M, K], sa float32 [M, ceil(K / 128)])``.
+        rhs: ``(B float8_e4m3fn [N, K], sb float32 [ceil(N / 128), ceil(K / 128)])``.
         out: bfloat16 [M, N], overwritten.
     """
     op = "gemm_fp8_fp8_bf16_nt"
@@ -139,10 +181,10 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Operand, rhs: Operand, out: t
     """MoE grouped FP8 GEMM; A's rows are grouped contiguously by expert.
 
     Args:
-        lhs: ``(A float8_e4m3fn [M, K], sa float32 [M, K // 128])``; M is a multiple of 128 and
+        lhs: ``(A float8_e4m3fn [M, K], sa float32 [M, ceil(K / 128)])``; M is a multiple of 128 and
             each expert's segment of rows is padded to a multiple of 128 rows
             (:func:`get_m_alignment_for_contiguous_layout`) with rows marked -1.
-        rhs: ``(B float8_e4m3fn [G, N, K], sb float32 [G, ceil(N / 128), K // 128])``.
+        rhs: ``(B float8_e4m3fn [G, N, K], sb float32 [G, ceil(N / 128), ceil(K / 128)])``.
         out: bfloat16 [M, N]; rows whose m_indices is -1 are unspecified after the call.
         m_indices: int32 [M], the expert of each row in [0, G), -1 for padding.
     """
@@ -166,8 +208,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(
     """MoE grouped FP8 GEMM over fixed-size per-expert slots, computing the first masked_m[g] rows.
 
     Args:
-        lhs: ``(A float8_e4m3fn [G, M_max, K], sa float32 [G, M_max, K // 128])``.
-        rhs: ``(B float8_e4m3fn [G, N, K], sb float32 [G, ceil(N / 128), K // 128])``.
+        lhs: ``(A float8_e4m3fn [G, M_max, K], sa float32 [G, M_max, ceil(K / 128)])``.
+        rhs: ``(B float8_e4m3fn [G, N, K], sb float32 [G, ceil(N / 128), ceil(K / 128)])``.
         out: bfloat16 [G, M_max, N]; rows at or beyond masked_m[g] are left untouched.
         masked_m: int32 [G], rows to compute per group, each in [0, M_max].
         expected_m: hint for tuning (typical masked_m), a positive int.

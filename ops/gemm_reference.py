@@ -19,15 +19,15 @@ def blockwise_fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tenso
     """fp32 [M, N] = sum over K blocks of (a_blk @ b_blk.T) * a_scale * b_scale.
 
     Args:
-        a: fp8 [M, K]; a_scales float32 [M, K // 128].
-        b: fp8 [N, K]; b_scales float32 [ceil(N / 128), K // 128].
+        a: fp8 [M, K]; a_scales float32 [M, ceil(K / 128)].
+        b: fp8 [N, K]; b_scales float32 [ceil(N / 128), ceil(K / 128)].
     """
     m, k = a.shape
     n = b.shape[0]
-    b_row_scales = b_scales.float().repeat_interleave(BLOCK, dim=0)[:n]  # [N, K // 128]
+    b_row_scales = b_scales.float().repeat_interleave(BLOCK, dim=0)[:n]  # [N, ceil(K / 128)]
     acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-    for kb in range(k // BLOCK):
-        cols = slice(kb * BLOCK, (kb + 1) * BLOCK)
+    for kb in range(-(-k // BLOCK)):  # the last block is partial when K is not a multiple of 128
+        cols = slice(kb * BLOCK, min((kb + 1) * BLOCK, k))
         partial = a[:, cols].float() @ b[:, cols].float().T
         acc += partial * a_scales[:, kb].float().unsqueeze(1) * b_row_scales[:, kb].unsqueeze(0)
     return acc

@@ -360,9 +360,10 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 
 
 DENSE_INVALID = [
-    ("k_not_multiple_of_128", lambda d: {"lhs": (d["lhs"][0][:, :200].contiguous(), d["lhs"][1][:, :2]),
-                                         "rhs": (d["rhs"][0][:, :200].contiguous(), d["rhs"][1][:, :2])},
-     hal.ShapeError, ValueError, "lhs[0]"),
+    ("partial_k_with_floor_scale_columns", lambda d: {"lhs": (d["lhs"][0][:, :200], d["lhs"][1][:, :1]),
+                                                      "rhs": (d["rhs"][0][:, :200].contiguous(), d["rhs"][1][:, :1])},
+     hal.ShapeError, ValueError, "lhs[1]"),
+    ("out_requires_grad", lambda d: {"out": d["out"].clone().requires_grad_()}, hal.ArgumentError, hal.HalError, "out"),
     ("a_bf16", lambda d: {"lhs": (d["lhs"][0].to(torch.bfloat16), d["lhs"][1])}, hal.DTypeError, TypeError, "lhs[0]"),
     ("a_e5m2", lambda d: {"lhs": (d["lhs"][0].to(torch.float8_e5m2), d["lhs"][1])}, hal.DTypeError, TypeError, "lhs[0]"),
     ("b_bf16", lambda d: {"rhs": (d["rhs"][0].to(torch.bfloat16), d["rhs"][1])}, hal.DTypeError, TypeError, "rhs[0]"),
@@ -400,6 +401,37 @@ def test_dense_gemm_rejects(mutate, error, builtin, argument):
     args = _dense_args()
     args.update(mutate(args))
     _check_rejection(lambda: hal.gemm_fp8_fp8_bf16_nt(**args), error, builtin, argument, "gemm_fp8_fp8_bf16_nt")
+
+
+def test_an_in_place_out_that_is_not_contiguous_is_not_told_to_pass_a_copy():
+    args = _dense_args()
+    args["out"] = _strided(args["out"])
+    with pytest.raises(hal.LayoutError) as info:
+        hal.gemm_fp8_fp8_bf16_nt(**args)
+    assert "torch.empty" in info.value.fix and "would be a copy" in info.value.fix
+
+
+@pytest.mark.parametrize("k", [200, 576, 64])
+def test_k_not_a_multiple_of_128_with_row_strided_operands_as_deepgemm_tests_cast_them(k):
+    """DeepGEMM's own test pads K, casts, and passes the [:, :K] view: row-strided A, ceil(K/128) scales."""
+    gen = torch.Generator().manual_seed(k)
+    padded_k = _cdiv(k, BLOCK) * BLOCK
+    a_full, sa = random_lhs(M, padded_k, gen)
+    b_full, sb = random_rhs(N, padded_k, gen)
+    a_full[:, k:] = 0
+    b_full[:, k:] = 0
+    a, b = a_full[:, :k], b_full[:, :k]
+    assert not a.is_contiguous() or k == padded_k
+    expected = torch.empty(M, N, dtype=torch.bfloat16)
+    with hal.use_backend("reference"):
+        hal.gemm_fp8_fp8_bf16_nt((a_full, sa), (b_full, sb), expected)
+    for backend in ("reference", "opencl"):
+        if not hal.get_backend(backend).available:
+            continue
+        out = torch.empty(M, N, dtype=torch.bfloat16)
+        with hal.use_backend(backend):
+            hal.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb.clone()), out)
+        assert torch.equal(out, expected), backend
 
 
 def test_dense_args_are_valid():
@@ -488,7 +520,7 @@ MASKED_INVALID = [
     ("masked_m_length", lambda d: {"masked_m": d["masked_m"][:2]}, hal.ShapeError, ValueError, "masked_m"),
     ("expected_m_zero", lambda d: {"expected_m": 0}, hal.ValueRangeError, ValueError, "expected_m"),
     ("expected_m_float", lambda d: {"expected_m": 8.0}, hal.DTypeError, TypeError, "expected_m"),
-    ("a_groups_mismatch", lambda d: {"lhs": (d["lhs"][0][:2].contiguous(), d["lhs"][1][:2])}, hal.ShapeError, ValueError, "lhs[1]"),
+    ("a_groups_mismatch", lambda d: {"lhs": (d["lhs"][0][:2].contiguous(), d["lhs"][1][:2])}, hal.ShapeError, ValueError, "lhs[0]"),
     ("a_not_grouped", lambda d: {"lhs": (d["lhs"][0][0], d["lhs"][1][0])}, hal.ShapeError, ValueError, "lhs[0]"),
     ("out_not_grouped", lambda d: {"out": d["out"][0]}, hal.ShapeError, ValueError, "out"),
     ("out_float32", lambda d: {"out": d["out"].float()}, hal.DTypeError, TypeError, "out"),
