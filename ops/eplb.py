@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from hal.checks import expect_int
 from hal.errors import DTypeError, ShapeError, ValueRangeError
 
 __all__ = ["rebalance_experts", "balanced_packing", "replicate_experts"]
@@ -121,6 +122,10 @@ def _rebalance_hierarchical(
     return phy2log, replica_rank, logcnt
 
 
+def _is_integer(dtype: torch.dtype) -> bool:
+    return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _validate(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
     if not isinstance(weight, torch.Tensor):
         raise DTypeError(_OP, "weight", "a torch.Tensor [num_layers, num_logical_experts]", type(weight).__name__, "Pass the loads as a tensor.")
@@ -128,20 +133,24 @@ def _validate(weight: torch.Tensor, num_replicas: int, num_groups: int, num_node
         raise ShapeError(
             _OP, "weight", "a 2-d tensor [num_layers >= 1, num_logical_experts >= 1]", f"shape {list(weight.shape)}", "Pass one row of loads per layer."
         )
+    if weight.dtype.is_complex or weight.dtype == torch.bool or not (weight.dtype.is_floating_point or _is_integer(weight.dtype)):
+        raise DTypeError(_OP, "weight", "real loads (an integer or floating dtype)", f"dtype {str(weight.dtype).removeprefix('torch.')}", "Pass token counts or load estimates, e.g. weight.float().")
     for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueRangeError(_OP, name, "a positive int", repr(value), f"Pass '{name}' as a positive int.")
+        expect_int(_OP, name, value, minimum=1)
     num_logical = weight.shape[1]
+    hierarchical = num_groups % num_nodes == 0
+    # As the anchor: the hierarchical policy needs groups that divide the experts and nodes that
+    # divide the GPUs; otherwise the global policy runs and ignores groups and nodes.
     rules = [
-        ("num_groups", num_logical % num_groups == 0, f"a divisor of the {num_logical} logical experts", num_groups),
+        ("num_groups", not hierarchical or num_logical % num_groups == 0, f"a divisor of the {num_logical} logical experts (the hierarchical policy runs because num_nodes={num_nodes} divides it)", num_groups),
         ("num_replicas", num_replicas >= num_logical, f"at least the {num_logical} logical experts", num_replicas),
-        ("num_gpus", num_gpus % num_nodes == 0, f"a multiple of num_nodes={num_nodes}", num_gpus),
+        ("num_gpus", not hierarchical or num_gpus % num_nodes == 0, f"a multiple of num_nodes={num_nodes} (hierarchical policy)", num_gpus),
         ("num_replicas", num_replicas % num_gpus == 0, f"a multiple of num_gpus={num_gpus}", num_replicas),
     ]
     for name, ok, expected, value in rules:
         if not ok:
             raise ValueRangeError(_OP, name, expected, str(value), "Choose sizes that divide evenly.")
-    if num_groups % num_nodes == 0 and num_logical % num_nodes:
+    if hierarchical and num_logical % num_nodes:
         raise ValueRangeError(_OP, "num_nodes", f"a divisor of the {num_logical} logical experts", str(num_nodes), "Choose sizes that divide evenly.")
     if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
         raise ValueRangeError(_OP, "weight", "finite non-negative loads", "negative, NaN or infinite entries", "Pass token counts or load estimates.")
@@ -156,8 +165,9 @@ def rebalance_experts(
         weight: [num_layers, num_logical_experts] load statistics (any real dtype, any device).
         num_replicas: physical expert slots, a multiple of num_gpus and >= num_logical_experts.
         num_groups: expert groups (DeepSeek-V3's node-limited routing groups).
-        num_nodes: server nodes; the hierarchical policy runs when it divides num_groups.
-        num_gpus: GPUs in total, a multiple of num_nodes.
+        num_nodes: server nodes; the hierarchical policy runs when it divides num_groups, else the
+            global policy, which ignores num_groups and num_nodes (as the anchor).
+        num_gpus: GPUs in total (a multiple of num_nodes for the hierarchical policy).
 
     Returns:
         ``phy2log`` int64 [num_layers, num_replicas]: the logical expert in each physical slot

@@ -159,9 +159,12 @@ INVALID = [
     ("replicas_below_experts", lambda: (_good_weight(), 8, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
     ("replicas_not_multiple_of_gpus", lambda: (_good_weight(), 20, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
     ("replicas_zero", lambda: (_good_weight(), 0, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
-    ("replicas_float", lambda: (_good_weight(), 16.0, 4, 2, 8), hal.ValueRangeError, ValueError, "num_replicas"),
-    ("groups_not_dividing", lambda: (_good_weight(), 16, 5, 2, 8), hal.ValueRangeError, ValueError, "num_groups"),
-    ("gpus_not_multiple_of_nodes", lambda: (_good_weight(), 18, 3, 2, 9), hal.ValueRangeError, ValueError, "num_gpus"),
+    ("replicas_float", lambda: (_good_weight(), 16.0, 4, 2, 8), hal.DTypeError, TypeError, "num_replicas"),
+    ("complex_weight", lambda: (_good_weight().to(torch.complex64), 16, 4, 2, 8), hal.DTypeError, TypeError, "weight"),
+    ("bool_weight", lambda: (_good_weight() > 0.5, 16, 4, 2, 8), hal.DTypeError, TypeError, "weight"),
+    # hierarchical (num_nodes divides num_groups): groups must divide the experts, nodes the GPUs
+    ("groups_not_dividing", lambda: (_good_weight(), 16, 8, 2, 8), hal.ValueRangeError, ValueError, "num_groups"),
+    ("gpus_not_multiple_of_nodes", lambda: (_good_weight(), 18, 4, 2, 9), hal.ValueRangeError, ValueError, "num_gpus"),
     ("negative_weight", lambda: (_good_weight().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(-1.0)), 16, 4, 2, 8),
      hal.ValueRangeError, ValueError, "weight"),
     ("nan_weight", lambda: (_good_weight().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(math.nan)), 16, 4, 2, 8),
@@ -178,3 +181,13 @@ def test_rejects(make, error, builtin, argument):
     assert isinstance(info.value, builtin)
     assert info.value.argument == argument
     assert info.value.op == "rebalance_experts"
+
+
+@pytest.mark.parametrize("num_groups, num_nodes, num_gpus", [(5, 2, 8), (3, 2, 4), (7, 4, 6)])
+def test_groups_that_nodes_do_not_divide_use_the_global_policy_and_are_ignored(num_groups, num_nodes, num_gpus):
+    """As the anchor: when num_groups % num_nodes != 0 the global policy runs, with groups and nodes ignored."""
+    weight = random_weight(3, 32, seed=num_groups)
+    got = hal.rebalance_experts(weight, 8 * num_gpus, num_groups, num_nodes, num_gpus)
+    flat = hal.rebalance_experts(weight, 8 * num_gpus, 1, 1, num_gpus)
+    for a, b in zip(got, flat):
+        assert torch.equal(a, b)
