@@ -26,6 +26,9 @@ EP_DISPATCH_LAYOUT = declare(
 Layout = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor]
 
 
+MAX_EXPERTS = 1 << 24
+
+
 def dispatch_layout_reference(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> Layout:
     """Reference for :func:`get_dispatch_layout` (arguments already validated)."""
     num_tokens = topk_idx.shape[0]
@@ -67,6 +70,11 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     expect_tensor(op, "topk_idx", topk_idx, dtypes=torch.int64, shape=(None, None), dims=("num_tokens", "num_topk"))
     expect_int(op, "num_ranks", num_ranks, minimum=1)
     expect_int(op, "num_experts", num_experts, minimum=1)
+    if num_experts > MAX_EXPERTS:
+        raise ValueRangeError(
+            op, "num_experts", f"at most {MAX_EXPERTS} experts (int32 counters per expert)", str(num_experts),
+            "Pass the number of experts of the model (DeepSeek-V3: 256).",
+        )
     if num_experts % num_ranks:
         raise ValueRangeError(
             op, "num_experts", f"a multiple of num_ranks={num_ranks}", str(num_experts), "Experts are split evenly over ranks."

@@ -126,3 +126,24 @@ INVALID = [
 @pytest.mark.parametrize("topk, num_experts, num_ranks, error, builtin, argument", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 def test_rejects(topk, num_experts, num_ranks, error, builtin, argument):
     _check(topk, num_experts, num_ranks, error, builtin, argument)
+
+
+def test_more_experts_than_local_memory_holds_runs_the_global_variant_on_opencl():
+    """4 bytes per expert beyond the device's local memory must not abort the process."""
+    opencl = hal.get_backend("opencl")
+    if not opencl.available:
+        pytest.skip(f"opencl unavailable: {opencl.availability().reason}")
+    num_experts, num_ranks = 1 << 19, 16  # 2 MiB of histogram: more than PoCL's 1 MiB of local memory
+    topk_idx = torch.randint(0, num_experts, (32, 8), generator=torch.Generator().manual_seed(0))
+    topk_idx[3, 2] = -1
+    with hal.use_backend("reference"):
+        expected = hal.get_dispatch_layout(topk_idx, num_experts, num_ranks)
+    with hal.use_backend("opencl"):
+        got = hal.get_dispatch_layout(topk_idx, num_experts, num_ranks)
+    for a, b in zip(got, expected):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_an_absurd_expert_count_is_a_typed_error():
+    with pytest.raises(hal.ValueRangeError, match="num_experts"):
+        hal.get_dispatch_layout(torch.zeros(4, 2, dtype=torch.int64), 2**40, 2)

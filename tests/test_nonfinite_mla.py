@@ -34,3 +34,19 @@ def test_negative_cache_seqlens_are_rejected_by_the_metadata_call():
 
     with pytest.raises(hal.ValueRangeError, match="cache_seqlens"):
         hal.get_mla_metadata(torch.tensor([5, -1], dtype=torch.int32), 16, 1)
+
+
+@pytest.mark.parametrize("s_q, h_q", [(0, 16), (1, 0)])
+@pytest.mark.parametrize("backend", ["reference", "opencl"])
+def test_zero_query_tokens_or_heads_give_empty_results(backend, s_q, h_q):
+    import torch
+
+    if not hal.get_backend(backend).available:
+        pytest.skip(f"{backend} unavailable")
+    k = torch.randn(4, 64, 1, 576, dtype=torch.bfloat16)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    seqlens = torch.tensor([70, 5], dtype=torch.int32)
+    metadata, splits = hal.get_mla_metadata(seqlens, max(s_q * h_q, 1), 1)
+    with hal.use_backend(backend):
+        out, lse = hal.flash_mla_with_kvcache(torch.randn(2, s_q, h_q, 576, dtype=torch.bfloat16), k, table, seqlens, 512, metadata, splits)
+    assert out.shape == (2, s_q, h_q, 512) and lse.shape == (2, h_q, s_q)
