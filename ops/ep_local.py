@@ -70,9 +70,11 @@ def unpack_reference(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_bucket
     position = torch.arange(bucket.numel(), device=rows.device) - starts.repeat_interleave(counts)
     destination = torch.empty_like(bucket)
     destination[order] = bucket[order] * num_slots + position
-    slots = rows.new_zeros((num_buckets * num_slots,) + tuple(rows.shape[1:]))
-    slots.index_copy_(0, destination, rows)
-    return slots.view((num_buckets, num_slots) + tuple(rows.shape[1:])), counts.to(torch.int32)
+    # Rows move as raw bytes: bitwise for every dtype, fp8 and bool included (index_copy_ has no fp8 kernel).
+    raw = rows.contiguous().reshape(rows.shape[0], -1).view(torch.uint8)
+    slots = raw.new_zeros((num_buckets * num_slots, raw.shape[1]))
+    slots.index_copy_(0, destination, raw)
+    return slots.view(rows.dtype).view((num_buckets, num_slots) + tuple(rows.shape[1:])), counts.to(torch.int32)
 
 
 def combine_reduce_reference(

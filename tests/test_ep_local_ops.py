@@ -105,3 +105,14 @@ def test_conformance_rejects_a_backend_that_gets_them_wrong(install_plugins, op,
     results = run_backend("wrong_ep", select_cases(quick=True, ops=[op]))
     assert results and all(r.status == "fail" for r in results), (wrong, [(r.case_id, r.status, r.reason) for r in results])
     assert all(r.passed for r in run_backend("reference", select_cases(quick=True, ops=[op])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bool, torch.int8, torch.float64])
+def test_unpack_moves_rows_of_any_dtype_bitwise(dtype):
+    rows = (torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 10).to(dtype)
+    bucket_of_row = torch.tensor([1, 0, 1, 2, 0, 1], dtype=torch.int32)
+    slots, counts = hal.ep_unpack(rows, bucket_of_row, 3, 4)
+    assert slots.dtype == dtype and counts.tolist() == [2, 3, 1]
+    raw, expected = slots.view(torch.uint8), rows.view(torch.uint8)
+    assert torch.equal(raw[1, :3], expected[[0, 2, 5]]) and torch.equal(raw[0, :2], expected[[1, 4]])
+    assert not raw[1, 3:].any()
