@@ -34,7 +34,7 @@ from hal.errors import (
 from hal.operator import OPERATORS, Operator
 from hal.registry import Backend, get_backend
 from hal.registry import backends as list_backends
-from hal.selection import Selection, select, use_backend
+from hal.selection import Selection, carry_backend, select, use_backend
 from hal.ops.ep import get_dispatch_layout
 from hal.ops.ep_local import ep_combine_reduce, ep_pack, ep_unpack
 from hal.ops.eplb import rebalance_experts
@@ -76,6 +76,7 @@ __all__ = [
     "Selection",
     "select",
     "use_backend",
+    "carry_backend",
     # errors
     "HalError",
     "ArgumentError",

@@ -22,20 +22,22 @@ import difflib
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from hal import registry
 from hal.errors import BackendUnavailableError, DeviceError, OperatorNotSupportedError, UnknownBackendError
 from hal.operator import OPERATORS, Operator, get_operator
 from hal.registry import Backend
 
-__all__ = ["ENV_BACKEND", "AUTO", "Selection", "use_backend", "select", "parse_chain", "honoured_variables", "unknown_variables"]
+__all__ = ["ENV_BACKEND", "AUTO", "Selection", "use_backend", "select", "parse_chain", "honoured_variables", "unknown_variables", "carry_backend"]
 
 ENV_BACKEND = "HAL_BACKEND"
 AUTO = "auto"
 
 log = logging.getLogger("hal")
+T = TypeVar("T")
 
 # Stack of (operator name or None for every operator, chain, how it was written).
 _scopes: contextvars.ContextVar[tuple[tuple[str | None, tuple[str, ...], str], ...]] = contextvars.ContextVar(
@@ -107,7 +109,8 @@ def use_backend(spec: str | Sequence[str], *, op: str | None = None) -> Iterator
         op: restrict the scope to one operator (``"mla_decode"``); default: every operator.
 
     Scopes nest (the innermost covering scope wins), are per thread and per asyncio task, and
-    take precedence over the environment variables.
+    take precedence over the environment variables. Threads started inside a scope do not inherit
+    it: wrap their callables with :func:`carry_backend`.
     """
     operator = get_operator(op).name if op is not None else None
     shown = spec if isinstance(spec, str) else ",".join(spec)
@@ -118,6 +121,29 @@ def use_backend(spec: str | Sequence[str], *, op: str | None = None) -> Iterator
         yield
     finally:
         _scopes.reset(token)
+
+
+def carry_backend(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` bound to the :func:`use_backend` scopes active where this is called.
+
+    Scopes live in a context variable: they follow the code that entered them, across ``await``
+    and into asyncio tasks, but a thread (``threading.Thread``, a ``ThreadPoolExecutor`` worker)
+    starts without them and selects by the environment. Wrap what you hand to a thread::
+
+        with hal.use_backend("reference"):
+            pool.submit(hal.carry_backend(step), batch)   # step runs on reference too
+    """
+    scopes = _scopes.get()
+
+    @functools.wraps(fn)
+    def bound(*args: Any, **kwargs: Any) -> T:
+        token = _scopes.set(scopes)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _scopes.reset(token)
+
+    return bound
 
 
 def _requested(op: Operator) -> tuple[tuple[str, ...] | None, str]:

@@ -163,3 +163,17 @@ def test_broken_plugin_named_explicitly_explains_itself(with_test_backends, monk
     monkeypatch.setenv("HAL_BACKEND", "broken")
     with pytest.raises(hal.BackendUnavailableError, match="plugin failed to load: ImportError"):
         hal.select("gemm_fp8_nt")
+
+
+def test_threads_start_outside_a_scope_unless_their_callable_carries_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def chosen() -> str:
+        return hal.select("gemm_fp8_nt", "cpu").source
+
+    with hal.use_backend("reference"):
+        with ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(chosen).result()
+            carried = pool.submit(hal.carry_backend(chosen)).result()
+    assert plain == "auto"
+    assert carried == "use_backend('reference')"
