@@ -22,8 +22,10 @@ __all__ = ["Tolerance", "ElementBound", "TOLERANCES", "tolerance", "cos_diff", "
 def cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """``1 - 2·Σxy / max(Σ(x² + y²), 1e-12)`` in float64 (FlashMLA's cal_diff, DeepGEMM's calc_diff)."""
     x, y = x.double(), y.double()
-    denominator = max(float((x * x + y * y).sum()), 1e-12)
-    return 1.0 - 2.0 * float((x * y).sum()) / denominator
+    energy = float((x * x + y * y).sum())
+    if energy == 0.0:  # both empty or all zeros: identical (the anchors' guard would report 1)
+        return 0.0
+    return 1.0 - 2.0 * float((x * y).sum()) / max(energy, 1e-12)
 
 
 def max_rel_error(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -20,6 +20,8 @@ DeepEP's low-latency kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
@@ -71,7 +73,10 @@ def unpack_reference(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_bucket
     destination = torch.empty_like(bucket)
     destination[order] = bucket[order] * num_slots + position
     # Rows move as raw bytes: bitwise for every dtype, fp8 and bool included (index_copy_ has no fp8 kernel).
-    raw = rows.contiguous().reshape(rows.shape[0], -1).view(torch.uint8)
+    raw = rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))
+    if raw.stride(-1) != 1:  # size-1 (and empty) dims may carry any stride; a byte view needs 1
+        raw = raw.clone(memory_format=torch.contiguous_format)
+    raw = raw.contiguous().view(torch.uint8)
     slots = raw.new_zeros((num_buckets * num_slots, raw.shape[1]))
     slots.index_copy_(0, destination, raw)
     return slots.view(rows.dtype).view((num_buckets, num_slots) + tuple(rows.shape[1:])), counts.to(torch.int32)

@@ -8,7 +8,8 @@ Formats (DeepGEMM v1 "NT": both operands K-major):
 - RHS ``(B, sb)``: B float8_e4m3fn [N, K] contiguous; sb float32 [ceil(N / 128), ceil(K / 128)],
   one scale per 128x128 block.
 - ``out`` bfloat16 [M, N] contiguous, written in place:
-  ``out = sum_k (A[m, k] * sa[m, k // 128]) * (B[n, k] * sb[n // 128, k // 128])`` in fp32.
+  ``out = sum_kb (sum_{k in kb} A[m, k] * B[n, k]) * sa[m, kb] * sb[n // 128, kb]`` in fp32, over
+  128-wide K blocks kb: each block's partial sum is scaled, as DeepGEMM's kernels promote it.
 - Any K: scales then have ceil(K / 128) columns, the last K block being partial (DeepGEMM's own
   test uses K = 576). Backends always receive K padded with zeros to a multiple of 128, which
   adds exact zeros to every sum. A and B must be K-major (stride 1 along K); their rows may be

@@ -19,8 +19,16 @@ BLOCK = 128
 
 
 @triton.jit
+def _nan_propagating_amax(x):
+    """max |x| over the tile, NaN when any element is NaN (tl.max, like the GPU's fmax, skips NaN)."""
+    amax = tl.max(tl.abs(tl.reshape(x, (x.numel,))), axis=0)
+    has_nan = tl.max(tl.reshape((x != x).to(tl.int32), (x.numel,)), axis=0)
+    return tl.where(has_nan != 0, float("nan"), amax)
+
+
+@triton.jit
 def _scale_and_encode(x, amax):
-    amax = tl.maximum(amax, 1e-4)
+    amax = tl.maximum(amax, 1e-4, propagate_nan=tl.PropagateNan.ALL)
     factor = tl.math.div_rn(1.0, amax) * 448.0
     return encode_e4m3fn(x * factor), tl.math.div_rn(amax, 448.0)
 
@@ -31,7 +39,7 @@ def _per_token_kernel(x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_sm, BLOC
     kb = tl.program_id(1)
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + row * stride_xm + cols).to(tl.float32)
-    codes, scale = _scale_and_encode(x, tl.max(tl.abs(x), axis=0))
+    codes, scale = _scale_and_encode(x, _nan_propagating_amax(x))
     tl.store(q_ptr + row * stride_qm + cols, codes)
     tl.store(s_ptr + row * stride_sm + kb, scale)
 
@@ -44,8 +52,7 @@ def _per_block_kernel(x_ptr, q_ptr, s_ptr, N, K, stride_xn, stride_qn, stride_sn
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    codes, scale = _scale_and_encode(x, amax)
+    codes, scale = _scale_and_encode(x, _nan_propagating_amax(x))
     tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], codes, mask=mask)
     tl.store(s_ptr + nb * stride_sn + kb, scale)
 

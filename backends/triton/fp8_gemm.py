@@ -49,7 +49,7 @@ def _fp8_gemm_kernel(
     stride_ag, stride_am, stride_sag, stride_sam, stride_sak,
     stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
     stride_og, stride_om,
-    LAYOUT: tl.constexpr, FORMAT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr,
+    LAYOUT: tl.constexpr, FORMAT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr, CHECK_NAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -74,14 +74,24 @@ def _fp8_gemm_kernel(
     sa_rows = sa_ptr + group * stride_sag * (LAYOUT == 2) + rows * stride_sam
     sb_block = sb_ptr + group * stride_sbg + (pid_n * BLOCK_N // 128) * stride_sbn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for kb in range(0, K // BLOCK_K):
         k0 = kb * BLOCK_K
-        a = _as_dot_operand(tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0), FORMAT, UPCAST)
-        b = _as_dot_operand(tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :], other=0), FORMAT, UPCAST)
+        a_codes = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
+        b_codes = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :], other=0)
+        if CHECK_NAN:
+            # e4m3fn's NaN codes (0x7f, 0xff) must poison their row / column; see fp8_gemm().
+            nan_rows |= tl.max(((a_codes & 0x7F) == 0x7F).to(tl.int32), axis=1)
+            nan_cols |= tl.max(((b_codes & 0x7F) == 0x7F).to(tl.int32), axis=0)
+        a = _as_dot_operand(a_codes, FORMAT, UPCAST)
+        b = _as_dot_operand(b_codes, FORMAT, UPCAST)
         partial = tl.dot(a, b, out_dtype=tl.float32)
         sa = tl.load(sa_rows + kb * stride_sak, mask=row_ok, other=0.0)
         sb = tl.load(sb_block + kb * stride_sbk) * operand_scale
         acc += partial * (sa[:, None] * sb)
+    if CHECK_NAN:
+        acc = tl.where((nan_rows[:, None] | nan_cols[None, :]) != 0, float("nan"), acc)
     out = out_ptr + group.to(tl.int64) * stride_og * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out, round_to(acc, tl.bfloat16, EXACT_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -129,6 +139,9 @@ def fp8_gemm(
         lead(b), b.stride(-2), lead(b_scales), b_scales.stride(-2), b_scales.stride(-1),
         lead(out), out.stride(-2),
         LAYOUT=layout, FORMAT=fmt, UPCAST=not tuning.fp8_dot, EXACT_BF16=interpreting(),
+        # NaN codes reach the dot as NaN on NVIDIA's FP8 MMA and fp16 widening; the interpreter's fp8
+        # emulation and the e4m3fn -> e4m3fnuz reinterpretation (no 0x7f NaN in fnuz) lose them.
+        CHECK_NAN=interpreting() or tuning.fp8_format == FP8_E4M3FNUZ,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(tuning),
     )

@@ -48,16 +48,20 @@ def hal_mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_sche
             continue
         pages = table[b, : -(-seqlen // PAGE)]
         keys = cache[pages].reshape(-1, h_kv, dim)[:seqlen]  # [n, h_kv, d]
-        visible = np.arange(seqlen - s_q + 1, seqlen + 1) if causal else np.full(s_q, seqlen)
+        visible = np.clip(np.arange(seqlen - s_q + 1, seqlen + 1), 0, seqlen) if causal else np.full(s_q, seqlen)
+        blind = visible == 0  # rows that see no key: out 0, lse +inf
         for h in range(h_q):
             k = keys[:, h // group]  # [n, d]
             scores = (queries[b, :, h] @ k.T) * np.float32(softmax_scale)  # [s_q, n]
             scores = np.where(np.arange(seqlen)[None, :] < visible[:, None], scores, -np.inf)
-            peak = scores.max(axis=1, keepdims=True)
-            weights = np.exp(scores - peak)
+            peak = scores.max(axis=1, keepdims=True)  # NaN-propagating
+            weights = np.exp(scores - np.where(np.isneginf(peak), np.float32(0), peak))
             total = weights.sum(axis=1, keepdims=True)
-            out[b, :, h] = (weights / total) @ k[:, :head_dim_v]
-            lse[b, h] = (peak + np.log(total))[:, 0]
+            with np.errstate(invalid="ignore", divide="ignore"):  # NaN and inf go where the math takes them
+                rows = (weights @ k[:, :head_dim_v]) / total
+                row_lse = (peak + np.log(total))[:, 0]
+            out[b, :, h] = np.where(blind[:, None], np.float32(0), rows)
+            lse[b, h] = np.where(blind, np.float32(np.inf), row_lse)
     return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
 

@@ -1,0 +1,632 @@
+"""Adversarial calls: every public operator, one mutation per call, each outcome classified.
+
+A seeded generator builds valid arguments for an operator, applies one mutation (a dtype, a rank,
+a shape, strides, a zero size, NaN or inf, an out-of-range or negative id, an edge K or N, a
+masked count...) whose validity under the contract is known, calls the public ``hal`` function
+on a chosen backend, and classifies the outcome:
+
+- ``typed error``: an invalid call raised a :class:`hal.HalError` (what the contract asks);
+- ``correct``: a valid call matched the float64 oracle of :mod:`hal.conformance.oracles`
+  (non-finite positions exactly, finite values within the conformance bounds);
+- ``defect``: anything else: an untyped exception, a wrong or silently "repaired" result, an
+  invalid call accepted, a valid call refused.
+
+::
+
+    python -m hal.conformance.adversarial --backend opencl --calls 2000 --seed 7
+
+``run(backend, calls, seed)`` returns the outcomes; the test suite runs a CI-sized budget on
+every CPU-runnable backend (``HAL_ADVERSARIAL_CALLS`` sets a larger, nightly-sized one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import hal
+from hal.conformance import oracles
+from hal.conformance.case import judge
+
+__all__ = ["Outcome", "OPERATORS", "run", "summarise", "main"]
+
+FP8 = torch.float8_e4m3fn
+WRONG_DTYPES = (torch.float64, torch.int32, torch.bool, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float16)
+Args = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    op: str
+    mutation: str
+    valid: bool | None  # None: either a typed error or a correct result is acceptable
+    verdict: str  # "typed error", "correct" or "defect"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    apply: Callable[[Args, random.Random], Args]
+    valid: bool | None
+
+
+@dataclass(frozen=True)
+class Operator:
+    """How to build, call and judge one public operator."""
+
+    name: str
+    make: Callable[[random.Random], Args]
+    call: Callable[[Args], Any]
+    judge: Callable[[Args, Any], str | None]  # a problem with a result of a valid call, or None
+    mutations: tuple[Mutation, ...]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _gen(rng: random.Random) -> torch.Generator:
+    return torch.Generator().manual_seed(rng.randrange(2**31))
+
+
+def _cast_lhs(m: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM-style per-token cast with K padded to whole blocks: (row-strided view [m, k], scales)."""
+    padded = -(-k // 128) * 128
+    x = torch.zeros(m, padded)
+    x[:, :k] = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+    values, scales = hal.ops.fp8_quant.per_token_cast_reference(x)
+    return values[:, :k], scales
+
+
+def _cast_rhs(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    padded = -(-k // 128) * 128
+    x = torch.zeros(n, padded)
+    x[:, :k] = torch.randn(n, k, generator=g)
+    values, scales = hal.ops.fp8_quant.per_block_cast_reference(x)
+    return values[:, :k].contiguous(), scales
+
+
+def _replace(args: Args, **changes: Any) -> Args:
+    return {**args, **changes}
+
+
+def _pair(args: Args, key: str, index: int, value: torch.Tensor) -> Args:
+    pair = list(args[key])
+    pair[index] = value
+    return _replace(args, **{key: tuple(pair)})
+
+
+def _poke(tensor: torch.Tensor, value: float, rng: random.Random) -> torch.Tensor:
+    t = tensor.clone()
+    if t.numel():
+        flat = t.view(-1)
+        flat[rng.randrange(flat.numel())] = value
+    return t
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """Same values, not contiguous: every other element of a wider last dimension."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def _compare(op: str, output: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    failed = [m for m in judge(op, output, got.cpu(), want) if not m.passed]
+    return "; ".join(f"{m.output} {m.metric}={m.value:.3g} {m.note}" for m in failed) or None
+
+
+def _exact(name: str, got: torch.Tensor | None, want: torch.Tensor | None) -> str | None:
+    if got is None or want is None:
+        return None if got is None and want is None else f"{name}: expected {'None' if want is None else 'a tensor'}"
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{name}: {got.dtype} {list(got.shape)} != {want.dtype} {list(want.shape)}"
+    same = got.cpu().view(torch.uint8).equal(want.view(torch.uint8)) if got.dtype in (FP8, torch.bool) else torch.equal(got.cpu(), want)
+    return None if same else f"{name}: differs"
+
+
+# --- FP8 GEMMs -------------------------------------------------------------------------------
+
+
+def _make_dense(rng: random.Random) -> Args:
+    g = _gen(rng)
+    m, n, k = rng.choice([1, 5, 33]), rng.choice([64, 128, 200]), rng.choice([128, 256])
+    return {"lhs": _cast_lhs(m, k, g), "rhs": _cast_rhs(n, k, g), "out": torch.empty(m, n, dtype=torch.bfloat16)}
+
+
+def _resized_dense(m: int | None = None, n: int | None = None, k: int | None = None) -> Callable[[Args, random.Random], Args]:
+    def apply(args: Args, rng: random.Random) -> Args:
+        g = _gen(rng)
+        m0, k0 = args["lhs"][0].shape
+        n0 = args["rhs"][0].shape[0]
+        mm, nn, kk = m if m is not None else m0, n if n is not None else n0, k if k is not None else k0
+        return {"lhs": _cast_lhs(mm, kk, g), "rhs": _cast_rhs(nn, kk, g), "out": torch.empty(mm, nn, dtype=torch.bfloat16)}
+
+    return apply
+
+
+def _judge_dense(args: Args, result: Any) -> str | None:
+    want = oracles.gemm_oracle(args["lhs"][0], args["lhs"][1], args["rhs"][0], args["rhs"][1])
+    return _compare("gemm_fp8_nt", "out", args["out"], want)
+
+
+DENSE = Operator(
+    "gemm_fp8_nt",
+    _make_dense,
+    lambda a: hal.gemm_fp8_fp8_bf16_nt(a["lhs"], a["rhs"], a["out"]),
+    _judge_dense,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("K = 64 (one partial block)", _resized_dense(k=64), True),
+        Mutation("K = 576 (DeepGEMM's test)", _resized_dense(k=576), True),
+        Mutation("K = 200", _resized_dense(k=200), True),
+        Mutation("N = 1", _resized_dense(n=1), True),
+        Mutation("N = 129", _resized_dense(n=129), True),
+        Mutation("M = 0", _resized_dense(m=0), True),
+        Mutation("NaN in an lhs scale", lambda a, r: _pair(a, "lhs", 1, _poke(a["lhs"][1], math.nan, r)), True),
+        Mutation("inf in an rhs scale", lambda a, r: _pair(a, "rhs", 1, _poke(a["rhs"][1], math.inf, r)), True),
+        Mutation("NaN code in lhs", lambda a, r: _pair(a, "lhs", 0, _poke(a["lhs"][0].contiguous(), math.nan, r)), True),
+        Mutation("column-major lhs scales", lambda a, r: _pair(a, "lhs", 1, a["lhs"][1].t().contiguous().t()), True),
+        *(Mutation(f"lhs dtype {d}", (lambda d: lambda a, r: _pair(a, "lhs", 0, a["lhs"][0].float().to(d)))(d), False) for d in WRONG_DTYPES),
+        Mutation("rhs scales float64", lambda a, r: _pair(a, "rhs", 1, a["rhs"][1].double()), False),
+        Mutation("out float32", lambda a, r: _replace(a, out=a["out"].float()), False),
+        Mutation("out not contiguous", lambda a, r: _replace(a, out=_strided(a["out"])), False),
+        Mutation("out requires grad", lambda a, r: _replace(a, out=a["out"].float().requires_grad_().bfloat16().detach().requires_grad_()), False),
+        Mutation("out one column short", lambda a, r: _replace(a, out=a["out"][:, :-1].contiguous()), False),
+        Mutation("lhs rank 3", lambda a, r: _pair(a, "lhs", 0, a["lhs"][0].unsqueeze(0)), False),
+        Mutation("lhs not K-major", lambda a, r: _pair(a, "lhs", 0, _strided(a["lhs"][0].contiguous())), False),
+        Mutation("rhs K one short", lambda a, r: _pair(a, "rhs", 0, a["rhs"][0][:, :-1].contiguous()), False),
+        Mutation("lhs scales one column short", lambda a, r: _pair(a, "lhs", 1, a["lhs"][1][:, :-1]), False),
+        Mutation("lhs on the meta device", lambda a, r: _pair(a, "lhs", 0, a["lhs"][0].to("meta")), False),
+        Mutation("lhs not a pair", lambda a, r: _replace(a, lhs=a["lhs"][0]), False),
+    ),
+)
+
+
+def _make_contiguous(rng: random.Random) -> Args:
+    g = _gen(rng)
+    groups, n, k = rng.choice([1, 3]), rng.choice([64, 128]), rng.choice([128, 256])
+    sizes = [rng.choice([0, 1, 100, 128]) for _ in range(groups)]
+    ids = []
+    for group, size in enumerate(sizes):
+        ids += [group] * size + [-1] * (-(-size // 128) * 128 - size)
+    m_indices = torch.tensor(ids or [-1] * 128, dtype=torch.int32)
+    b = [_cast_rhs(n, k, g) for _ in range(groups)]
+    return {
+        "lhs": _cast_lhs(m_indices.numel(), k, g), "rhs": (torch.stack([x for x, _ in b]), torch.stack([s for _, s in b])),
+        "out": torch.full((m_indices.numel(), n), math.nan, dtype=torch.bfloat16), "m_indices": m_indices,
+    }
+
+
+def _judge_contiguous(args: Args, result: Any) -> str | None:
+    want = oracles.grouped_contiguous_oracle(args["lhs"][0], args["lhs"][1], args["rhs"][0], args["rhs"][1], args["m_indices"])
+    rows = args["m_indices"] >= 0
+    return _compare("m_grouped_gemm_fp8_nt_contiguous", "out", args["out"][rows], want[rows])
+
+
+def _with_index(key: str, value: int) -> Callable[[Args, random.Random], Args]:
+    def apply(args: Args, rng: random.Random) -> Args:
+        return _replace(args, **{key: _poke(args[key], value, rng)})
+
+    return apply
+
+
+CONTIGUOUS = Operator(
+    "m_grouped_gemm_fp8_nt_contiguous",
+    _make_contiguous,
+    lambda a: hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a["lhs"], a["rhs"], a["out"], a["m_indices"]),
+    _judge_contiguous,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("a group id past G", lambda a, r: _replace(a, m_indices=torch.where(a["m_indices"] >= 0, a["rhs"][0].shape[0], -1).to(torch.int32)), None),
+        Mutation("group id -2", _with_index("m_indices", -2), False),
+        Mutation("m_indices int64", lambda a, r: _replace(a, m_indices=a["m_indices"].long()), False),
+        Mutation("M not a multiple of 128", lambda a, r: _replace(a, lhs=(a["lhs"][0][:-1], a["lhs"][1][:-1]), out=a["out"][:-1], m_indices=a["m_indices"][:-1]), False),
+        Mutation("rhs scales of another group count", lambda a, r: _pair(a, "rhs", 1, torch.cat([a["rhs"][1], a["rhs"][1][:1]])), False),
+    ),
+)
+
+
+def _make_masked(rng: random.Random) -> Args:
+    g = _gen(rng)
+    groups, m_max, n, k = rng.choice([1, 3]), rng.choice([8, 32]), rng.choice([64, 128]), rng.choice([128, 256])
+    a = [_cast_lhs(m_max, k, g) for _ in range(groups)]
+    b = [_cast_rhs(n, k, g) for _ in range(groups)]
+    masked = torch.tensor([rng.randint(0, m_max) for _ in range(groups)], dtype=torch.int32)
+    return {
+        "lhs": (torch.stack([x.contiguous() for x, _ in a]), torch.stack([s for _, s in a])),
+        "rhs": (torch.stack([x for x, _ in b]), torch.stack([s for _, s in b])),
+        "out": torch.full((groups, m_max, n), math.nan, dtype=torch.bfloat16), "masked_m": masked, "expected_m": max(1, m_max // 2),
+    }
+
+
+def _judge_masked(args: Args, result: Any) -> str | None:
+    want = oracles.grouped_masked_oracle(args["lhs"][0], args["lhs"][1], args["rhs"][0], args["rhs"][1], args["masked_m"])
+    rows = torch.arange(args["out"].shape[1])[None, :] < args["masked_m"][:, None]
+    problem = _compare("m_grouped_gemm_fp8_nt_masked", "out", args["out"][rows], want[rows])
+    if problem is None and not bool(torch.isnan(args["out"][~rows]).all()):
+        problem = "rows at or beyond masked_m were written"
+    return problem
+
+
+MASKED = Operator(
+    "m_grouped_gemm_fp8_nt_masked",
+    _make_masked,
+    lambda a: hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a["lhs"], a["rhs"], a["out"], a["masked_m"], a["expected_m"]),
+    _judge_masked,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("every masked count 0", lambda a, r: _replace(a, masked_m=torch.zeros_like(a["masked_m"])), True),
+        Mutation("masked count past M_max", lambda a, r: _replace(a, masked_m=a["masked_m"] + a["out"].shape[1] + 1), False),
+        Mutation("negative masked count", _with_index("masked_m", -1), False),
+        Mutation("expected_m 0", lambda a, r: _replace(a, expected_m=0), False),
+        Mutation("expected_m float", lambda a, r: _replace(a, expected_m=2.0), False),
+        Mutation("lhs with one group fewer", lambda a, r: _replace(a, lhs=(a["lhs"][0][:-1], a["lhs"][1][:-1])) if a["lhs"][0].shape[0] > 1 else _replace(a, lhs=(a["lhs"][0][:, :0], a["lhs"][1])), False),
+    ),
+)
+
+
+# --- FP8 casts -------------------------------------------------------------------------------
+
+
+def _make_cast(rng: random.Random) -> Args:
+    g = _gen(rng)
+    rows, cols = rng.choice([1, 7, 130]), rng.choice([128, 256])
+    dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+    return {"x": (torch.randn(rows, cols, generator=g) * math.exp(rng.uniform(-6, 6))).to(dtype)}
+
+
+def _judge_cast(op: str, oracle: Callable) -> Callable[[Args, Any], str | None]:
+    def check(args: Args, result: Any) -> str | None:
+        values, scales = result
+        want_values, want_scales = oracle(args["x"])
+        if values.dtype != FP8:
+            return f"values dtype {values.dtype}"
+        if op == "per_token_cast_to_fp8":
+            got = values.double().view(values.shape[0], values.shape[1] // 128, 128) * scales.double().unsqueeze(-1)
+            got = got.view(values.shape)
+        else:
+            got = values.double() * scales.double().repeat_interleave(128, 0)[: values.shape[0]].repeat_interleave(128, 1)[:, : values.shape[1]]
+        return _compare(op, "scales", scales, want_scales.float()) or _compare(op, "dequantized", got.float(), want_values.float())
+
+    return check
+
+
+def _cast_operator(op: str, call: Callable, oracle: Callable, extra: tuple[Mutation, ...]) -> Operator:
+    return Operator(
+        op, _make_cast, lambda a: call(a["x"]), _judge_cast(op, oracle),
+        (
+            Mutation("none", lambda a, r: a, True),
+            Mutation("NaN in x", lambda a, r: _replace(a, x=_poke(a["x"], math.nan, r)), True),
+            Mutation("inf in x", lambda a, r: _replace(a, x=_poke(a["x"], math.inf, r)), True),
+            Mutation("all zeros", lambda a, r: _replace(a, x=torch.zeros_like(a["x"])), True),
+            Mutation("zero rows", lambda a, r: _replace(a, x=a["x"][:0]), True),
+            Mutation("x not contiguous", lambda a, r: _replace(a, x=_strided(a["x"])), None),
+            *(Mutation(f"x dtype {d}", (lambda d: lambda a, r: _replace(a, x=a["x"].to(d)))(d), False) for d in (torch.float64, torch.int32, torch.bool, FP8)),
+            Mutation("x rank 3", lambda a, r: _replace(a, x=a["x"].unsqueeze(0)), False),
+            Mutation("x on the meta device", lambda a, r: _replace(a, x=a["x"].to("meta")), False),
+            *extra,
+        ),
+    )
+
+
+PER_TOKEN = _cast_operator(
+    "per_token_cast_to_fp8", hal.per_token_cast_to_fp8, oracles.per_token_cast_oracle,
+    (Mutation("K = 200", lambda a, r: _replace(a, x=a["x"][:, :200] if a["x"].shape[1] > 200 else torch.cat([a["x"], a["x"][:, :72]], 1)), None),),
+)
+PER_BLOCK = _cast_operator(
+    "per_block_cast_to_fp8", hal.per_block_cast_to_fp8, oracles.per_block_cast_oracle,
+    (Mutation("K = 200 (partial block)", lambda a, r: _replace(a, x=torch.cat([a["x"], a["x"]], 1)[:, :200].contiguous()), True),),
+)
+
+
+# --- MLA decode ------------------------------------------------------------------------------
+
+
+def _make_mla(rng: random.Random) -> Args:
+    g = _gen(rng)
+    batch, s_q, h_q = rng.choice([1, 3]), rng.choice([1, 2]), rng.choice([16, 32])
+    seqlens = [rng.choice([0, 1, 63, 64, 65, 200]) for _ in range(batch)]
+    pages = [-(-s // 64) for s in seqlens]
+    blocks = sum(pages) + 1
+    k_cache = torch.randn(blocks, 64, 1, 576, generator=g).to(torch.bfloat16)
+    k_cache[-1] = math.nan  # a block no sequence uses
+    table = torch.full((batch, max(max(pages), 1) + 1), blocks - 1, dtype=torch.int32)  # unused entries: the NaN block
+    used = 0
+    for b, (length, p) in enumerate(zip(seqlens, pages)):
+        table[b, :p] = torch.arange(used, used + p)
+        used += p
+        if length % 64:
+            k_cache[int(table[b, p - 1]), length % 64:] = math.nan  # slots past the end
+    return {
+        "q": torch.randn(batch, s_q, h_q, 576, generator=g).to(torch.bfloat16), "k_cache": k_cache, "block_table": table,
+        "cache_seqlens": torch.tensor(seqlens, dtype=torch.int32), "causal": rng.random() < 0.5, "softmax_scale": None,
+    }
+
+
+def _call_mla(a: Args) -> Any:
+    metadata, splits = hal.get_mla_metadata(a["cache_seqlens"], max(a["q"].shape[1] * a["q"].shape[2], 1), 1)
+    return hal.flash_mla_with_kvcache(
+        a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], 512, metadata, splits, softmax_scale=a["softmax_scale"], causal=a["causal"]
+    )
+
+
+def _judge_mla(args: Args, result: Any) -> str | None:
+    out, lse = result
+    want_out, want_lse = oracles.mla_oracle(args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"], args["causal"], args["softmax_scale"])
+    return _compare("mla_decode", "out", out.float(), want_out.float()) or _compare("mla_decode", "lse", lse, want_lse.float())
+
+
+def _used_page(a: Args) -> tuple[int, int] | None:
+    for b, n in enumerate(a["cache_seqlens"].tolist()):
+        if n:
+            return b, 0
+    return None
+
+
+def _table_entry(value: int) -> Callable[[Args, random.Random], Args]:
+    def apply(a: Args, r: random.Random) -> Args:
+        where = _used_page(a)
+        if where is None:
+            a = _replace(a, cache_seqlens=torch.full_like(a["cache_seqlens"], 1))
+            where = (0, 0)
+        table = a["block_table"].clone()
+        table[where] = value
+        return _replace(a, block_table=table)
+
+    return apply
+
+
+def _key_value(value: float, channel: int) -> Callable[[Args, random.Random], Args]:
+    def apply(a: Args, r: random.Random) -> Args:
+        where = _used_page(a)
+        if where is None:
+            return a
+        k = a["k_cache"].clone()
+        k[int(a["block_table"][where]), 0, 0, channel] = value
+        return _replace(a, k_cache=k)
+
+    return apply
+
+
+MLA = Operator(
+    "mla_decode",
+    _make_mla,
+    _call_mla,
+    _judge_mla,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("NaN in q", lambda a, r: _replace(a, q=_poke(a["q"], math.nan, r)), True),
+        Mutation("inf in q", lambda a, r: _replace(a, q=_poke(a["q"], math.inf, r)), True),
+        Mutation("-inf in q", lambda a, r: _replace(a, q=_poke(a["q"], -math.inf, r)), True),
+        Mutation("NaN in a used key", _key_value(math.nan, 300), True),
+        Mutation("inf in a used key's rope", _key_value(math.inf, 550), True),
+        Mutation("inf in a used value channel", _key_value(math.inf, 5), True),
+        Mutation("every sequence empty", lambda a, r: _replace(a, cache_seqlens=torch.zeros_like(a["cache_seqlens"])), True),
+        Mutation("s_q = 0", lambda a, r: _replace(a, q=a["q"][:, :0]), True),
+        Mutation("softmax_scale 0.01", lambda a, r: _replace(a, softmax_scale=0.01), True),
+        Mutation("fp16", lambda a, r: _replace(a, q=a["q"].half(), k_cache=a["k_cache"].half()), True),
+        Mutation("block id past the cache", _table_entry(10**6), False),
+        Mutation("negative block id in a used page", _table_entry(-1), False),
+        Mutation("sequence longer than its table", lambda a, r: _replace(a, cache_seqlens=a["cache_seqlens"] + 64 * a["block_table"].shape[1] + 1), False),
+        Mutation("negative sequence length", _with_index("cache_seqlens", -1), False),
+        Mutation("q float32", lambda a, r: _replace(a, q=a["q"].float()), False),
+        Mutation("k_cache of another dtype", lambda a, r: _replace(a, k_cache=a["k_cache"].half()), False),
+        Mutation("q head dim 512", lambda a, r: _replace(a, q=a["q"][..., :512]), False),
+        Mutation("softmax_scale NaN", lambda a, r: _replace(a, softmax_scale=math.nan), False),
+        Mutation("block_table int64", lambda a, r: _replace(a, block_table=a["block_table"].long()), False),
+        Mutation("q on the meta device", lambda a, r: _replace(a, q=a["q"].to("meta")), False),
+    ),
+)
+
+
+# --- expert parallelism (local operators) ----------------------------------------------------
+
+
+def _make_layout(rng: random.Random) -> Args:
+    g = _gen(rng)
+    ranks = rng.choice([1, 2, 8, 16])
+    experts = ranks * rng.choice([1, 4])
+    tokens, topk = rng.choice([0, 1, 9, 64]), min(experts, rng.choice([1, 2, 8]))
+    topk_idx = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]) if tokens else torch.zeros(0, topk, dtype=torch.int64)
+    if tokens:
+        topk_idx[torch.rand(tokens, topk, generator=g) < 0.2] = -1
+    return {"topk_idx": topk_idx, "num_experts": experts, "num_ranks": ranks}
+
+
+def _judge_layout(args: Args, result: Any) -> str | None:
+    want = oracles.dispatch_layout_oracle(args["topk_idx"], args["num_experts"], args["num_ranks"])
+    names = ("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank")
+    return next((p for p in (_exact(n, g, w) for n, g, w in zip(names, result, want)) if p), None)
+
+
+LAYOUT = Operator(
+    "ep_dispatch_layout",
+    _make_layout,
+    lambda a: hal.get_dispatch_layout(a["topk_idx"], a["num_experts"], a["num_ranks"]),
+    _judge_layout,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("expert id past E", lambda a, r: _replace(a, topk_idx=torch.cat([a["topk_idx"], torch.full((1, a["topk_idx"].shape[1]), a["num_experts"])])), False),
+        Mutation("expert id -2", lambda a, r: _replace(a, topk_idx=torch.cat([a["topk_idx"], torch.full((1, a["topk_idx"].shape[1]), -2)])), False),
+        Mutation("topk_idx float", lambda a, r: _replace(a, topk_idx=a["topk_idx"].float()), False),
+        Mutation("topk_idx rank 1", lambda a, r: _replace(a, topk_idx=a["topk_idx"].flatten()), False),
+        Mutation("experts not a multiple of ranks", lambda a, r: _replace(a, num_experts=4 * max(a["num_ranks"], 2) + 1, num_ranks=max(a["num_ranks"], 2)), False),
+        Mutation("2**40 experts", lambda a, r: _replace(a, num_experts=2**40), False),
+        Mutation("num_ranks 0", lambda a, r: _replace(a, num_ranks=0), False),
+    ),
+)
+
+
+def _make_pack(rng: random.Random) -> Args:
+    g = _gen(rng)
+    rows, width, buckets, slots = rng.choice([0, 1, 7]), rng.choice([1, 16]), rng.choice([1, 3]), rng.choice([1, 2])
+    bucket_idx = torch.stack([torch.randperm(buckets, generator=g)[:slots] for _ in range(rows)]) if rows and slots <= buckets else torch.full((rows, 1), -1, dtype=torch.int64)
+    if rows:
+        bucket_idx[torch.rand(bucket_idx.shape, generator=g) < 0.3] = -1
+    return {"rows": torch.randn(rows, width, generator=g).to(torch.bfloat16), "bucket_idx": bucket_idx, "num_buckets": buckets}
+
+
+def _judge_pack(args: Args, result: Any) -> str | None:
+    want = oracles.pack_oracle(args["rows"], args["bucket_idx"], args["num_buckets"])
+    return next((p for p in (_exact(n, g, w) for n, g, w in zip(("packed", "src_idx", "counts"), result, want)) if p), None)
+
+
+def _rows_dtype(dtype: torch.dtype) -> Callable[[Args, random.Random], Args]:
+    return lambda a, r: _replace(a, rows=(a["rows"].float() * 8).to(dtype))
+
+
+PACK = Operator(
+    "ep_pack",
+    _make_pack,
+    lambda a: hal.ep_pack(a["rows"], a["bucket_idx"], a["num_buckets"]),
+    _judge_pack,
+    (
+        Mutation("none", lambda a, r: a, True),
+        *(Mutation(f"rows {d}", _rows_dtype(d), True) for d in (FP8, torch.bool, torch.float64, torch.int8)),
+        Mutation("bucket past B", lambda a, r: _replace(a, bucket_idx=torch.full_like(a["bucket_idx"], a["num_buckets"])) if a["bucket_idx"].numel() else a, None),
+        Mutation("bucket -2", lambda a, r: _replace(a, bucket_idx=torch.full_like(a["bucket_idx"], -2)) if a["bucket_idx"].numel() else a, None),
+        Mutation("bucket_idx int32", lambda a, r: _replace(a, bucket_idx=a["bucket_idx"].int()), False),
+        Mutation("num_buckets 0", lambda a, r: _replace(a, num_buckets=0), False),
+    ),
+)
+
+
+def _make_unpack(rng: random.Random) -> Args:
+    g = _gen(rng)
+    rows, buckets, slots = rng.choice([0, 1, 6]), rng.choice([1, 3]), 8
+    return {
+        "rows": torch.randn(rows, rng.choice([1, 16]), generator=g).to(torch.bfloat16),
+        "bucket_of_row": torch.randint(0, buckets, (rows,), generator=g, dtype=torch.int32), "num_buckets": buckets, "num_slots": slots,
+    }
+
+
+def _judge_unpack(args: Args, result: Any) -> str | None:
+    want = oracles.unpack_oracle(args["rows"], args["bucket_of_row"], args["num_buckets"], args["num_slots"])
+    return next((p for p in (_exact(n, g, w) for n, g, w in zip(("slots", "counts"), result, want)) if p), None)
+
+
+UNPACK = Operator(
+    "ep_unpack",
+    _make_unpack,
+    lambda a: hal.ep_unpack(a["rows"], a["bucket_of_row"], a["num_buckets"], a["num_slots"]),
+    _judge_unpack,
+    (
+        Mutation("none", lambda a, r: a, True),
+        *(Mutation(f"rows {d}", _rows_dtype(d), True) for d in (FP8, torch.float8_e5m2, torch.bool, torch.float64)),
+        Mutation("more rows than slots", lambda a, r: _replace(a, num_slots=1, rows=torch.zeros(2, 4), bucket_of_row=torch.zeros(2, dtype=torch.int32)), False),
+        Mutation("bucket past B", lambda a, r: _replace(a, bucket_of_row=torch.full_like(a["bucket_of_row"], a["num_buckets"])) if a["rows"].shape[0] else a, None),
+        Mutation("bucket_of_row int64", lambda a, r: _replace(a, bucket_of_row=a["bucket_of_row"].long()), False),
+    ),
+)
+
+
+def _make_reduce(rng: random.Random) -> Args:
+    g = _gen(rng)
+    rows, tokens = rng.choice([0, 1, 9]), rng.choice([1, 4])
+    return {
+        "rows": torch.randn(rows, 16, generator=g).to(rng.choice([torch.bfloat16, torch.float32])),
+        "src_idx": torch.randint(0, tokens, (rows,), generator=g, dtype=torch.int32), "num_tokens": tokens,
+        "weights": torch.rand(rows, generator=g) if rng.random() < 0.5 else None,
+    }
+
+
+def _judge_reduce(args: Args, result: Any) -> str | None:
+    want = oracles.combine_reduce_oracle(args["rows"], args["src_idx"], args["num_tokens"], args["weights"])
+    return _compare("ep_combine_reduce", "out", result.float(), want.float())
+
+
+REDUCE = Operator(
+    "ep_combine_reduce",
+    _make_reduce,
+    lambda a: hal.ep_combine_reduce(a["rows"], a["src_idx"], a["num_tokens"], a["weights"]),
+    _judge_reduce,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("NaN in a row", lambda a, r: _replace(a, rows=_poke(a["rows"], math.nan, r)), True),
+        Mutation("NaN weight", lambda a, r: _replace(a, weights=_poke(a["weights"], math.nan, r)) if a["weights"] is not None else a, True),
+        Mutation("source past N", lambda a, r: _replace(a, src_idx=torch.full_like(a["src_idx"], a["num_tokens"])) if a["rows"].shape[0] else a, None),
+        Mutation("rows int32", lambda a, r: _replace(a, rows=a["rows"].int()), False),
+        Mutation("weights float64", lambda a, r: _replace(a, weights=a["weights"].double()) if a["weights"] is not None else _replace(a, weights=torch.ones(a["rows"].shape[0], dtype=torch.float64)), False),
+    ),
+)
+
+OPERATORS: dict[str, Operator] = {op.name: op for op in (DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, LAYOUT, PACK, UNPACK, REDUCE)}
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def _classify(op: Operator, mutation: Mutation, args: Args, backend: str) -> Outcome:
+    try:
+        with hal.use_backend(backend):
+            result = op.call(args)
+    except hal.HalError as exc:
+        if mutation.valid is True:
+            return Outcome(op.name, mutation.name, mutation.valid, "defect", f"refused a valid call: {type(exc).__name__}: {exc}")
+        return Outcome(op.name, mutation.name, mutation.valid, "typed error", type(exc).__name__)
+    except Exception as exc:  # the defect this suite exists to find
+        return Outcome(op.name, mutation.name, mutation.valid, "defect", f"untyped {type(exc).__name__}: {str(exc)[:300]}")
+    if mutation.valid is False:
+        return Outcome(op.name, mutation.name, mutation.valid, "defect", "accepted an invalid call")
+    try:
+        problem = op.judge(args, result)
+    except Exception as exc:
+        problem = f"result could not be judged ({type(exc).__name__}: {exc})"
+    return Outcome(op.name, mutation.name, mutation.valid, "defect" if problem else "correct", problem or "")
+
+
+def run(backend: str, calls: int, seed: int, ops: list[str] | None = None) -> list[Outcome]:
+    """``calls`` generated calls on ``backend`` (each mutation of each operator at least once when
+    the budget allows, the rest drawn at random), from ``seed``."""
+    rng = random.Random(seed)
+    implemented = hal.get_backend(backend)
+    # Operators the backend does not implement are reported as unsupported by conformance; here they are skipped.
+    chosen = [OPERATORS[name] for name in (ops or OPERATORS) if implemented is None or implemented.implements(hal.OPERATORS[name].hook)]
+    plan = [(op, m) for op in chosen for m in op.mutations]
+    if calls > len(plan):
+        plan += [(op, rng.choice(op.mutations)) for op in (rng.choice(chosen) for _ in range(calls - len(plan)))]
+    else:
+        plan = rng.sample(plan, calls)
+    outcomes = []
+    for op, mutation in plan:
+        args = op.make(rng)
+        try:
+            args = mutation.apply(args, rng)
+        except Exception as exc:  # a mutation that cannot apply to this draw is the suite's problem, not the backend's
+            outcomes.append(Outcome(op.name, mutation.name, mutation.valid, "defect", f"harness: mutation failed: {exc}"))
+            continue
+        outcomes.append(_classify(op, mutation, args, backend))
+    return outcomes
+
+
+def summarise(outcomes: list[Outcome]) -> Counter:
+    return Counter(o.verdict for o in outcomes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hal.conformance.adversarial", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="reference")
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--op", action="append", help="only these operators (repeatable)")
+    args = parser.parse_args(argv)
+    outcomes = run(args.backend, args.calls, args.seed, args.op)
+    counts = summarise(outcomes)
+    print(f"{args.backend}: {len(outcomes)} calls, seed {args.seed}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    for o in outcomes:
+        if o.verdict == "defect":
+            print(f"  DEFECT {o.op} [{o.mutation}]: {o.detail}")
+    return 1 if counts.get("defect") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

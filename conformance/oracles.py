@@ -1,0 +1,163 @@
+"""Float64 oracles for every operator, written apart from ``hal.ops``.
+
+The adversarial suite (:mod:`hal.conformance.adversarial`) judges backends against these, so a
+mistake shared by the reference and a backend (both written from the same reading of a contract)
+still shows. Each oracle states the contract in the plainest float64 arithmetic: no blocking, no
+online softmax, no fused kernels. NaN and inf go where this arithmetic takes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "gemm_oracle", "grouped_contiguous_oracle", "grouped_masked_oracle", "per_token_cast_oracle", "per_block_cast_oracle",
+    "mla_oracle", "dispatch_layout_oracle", "pack_oracle", "unpack_oracle", "combine_reduce_oracle",
+]
+
+BLOCK = 128
+FP8_MAX = 448.0
+PAGE = 64
+
+
+def _blockwise(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """float64 [M, N] = sum over K blocks kb of (sum_{k in kb} A[m, k] B[n, k]) sa[m, kb] sb[n / 128, kb].
+
+    Scales multiply each block's partial sum, as DeepGEMM's kernels promote them (an inf scale
+    then gives one infinity per block, not a sum of opposite ones)."""
+    m, k = a.shape
+    n = b.shape[0]
+    out = torch.zeros(m, n, dtype=torch.float64)
+    row_block = torch.arange(n) // BLOCK
+    for kb in range(-(-k // BLOCK)):
+        cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
+        partial = a[:, cols].double() @ b[:, cols].double().T
+        out += partial * sa[:, kb].double()[:, None] * sb[row_block, kb].double()[None, :]
+    return out
+
+
+def gemm_oracle(a, sa, b, sb) -> torch.Tensor:
+    return _blockwise(a, sa, b, sb)
+
+
+def grouped_contiguous_oracle(a, sa, b, sb, m_indices) -> torch.Tensor:
+    """Rows of group g use B[g]; padding rows (-1) are NaN (unspecified)."""
+    out = torch.full((a.shape[0], b.shape[1]), math.nan, dtype=torch.float64)
+    for g in range(b.shape[0]):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            out[rows] = _blockwise(a[rows], sa[rows], b[g], sb[g])
+    return out
+
+
+def grouped_masked_oracle(a, sa, b, sb, masked_m) -> torch.Tensor:
+    """The first masked_m[g] rows of group g; the others NaN (left untouched by contract)."""
+    out = torch.full((a.shape[0], a.shape[1], b.shape[1]), math.nan, dtype=torch.float64)
+    for g, rows in enumerate(masked_m.tolist()):
+        if rows:
+            out[g, :rows] = _blockwise(a[g, :rows], sa[g, :rows], b[g], sb[g])
+    return out
+
+
+def _cast_slices(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """view [..., slices, elements]: (dequantised float64 values, scales) of DeepGEMM's cast."""
+    amax = view.abs().amax(dim=-1).clamp(min=1e-4)  # NaN-propagating, as float64 math
+    scale = amax / FP8_MAX
+    codes = (view.float() * (FP8_MAX / amax.float()).unsqueeze(-1)).to(torch.float8_e4m3fn)
+    return codes.double() * scale.unsqueeze(-1), scale
+
+
+def per_token_cast_oracle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantised float64 [M, K], scales float64 [M, K / 128])."""
+    m, k = x.shape
+    values, scales = _cast_slices(x.double().view(m, k // BLOCK, BLOCK))
+    return values.view(m, k), scales
+
+
+def per_block_cast_oracle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantised float64 [N, K], scales float64 [ceil(N / 128), ceil(K / 128)]); zero padding."""
+    n, k = x.shape
+    rows, cols = -(-n // BLOCK) * BLOCK, -(-k // BLOCK) * BLOCK
+    padded = torch.zeros(rows, cols, dtype=torch.float64)
+    padded[:n, :k] = x.double()
+    blocks = padded.view(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK).permute(0, 2, 1, 3).reshape(rows // BLOCK, cols // BLOCK, BLOCK * BLOCK)
+    values, scales = _cast_slices(blocks)
+    values = values.view(rows // BLOCK, cols // BLOCK, BLOCK, BLOCK).permute(0, 2, 1, 3).reshape(rows, cols)
+    return values[:n, :k], scales
+
+
+def mla_oracle(q, k_cache, block_table, seqlens, causal, softmax_scale=None):
+    """out float64 [b, s_q, h_q, 512], lse float64 [b, h_q, s_q] (h_kv = 1), per hal.ops.mla's contract."""
+    batch, s_q, h_q, d = q.shape
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(batch, s_q, h_q, 512, dtype=torch.float64)
+    lse = torch.full((batch, h_q, s_q), math.inf, dtype=torch.float64)
+    for b in range(batch):
+        n = int(seqlens[b])
+        if n == 0:
+            continue
+        keys = k_cache[block_table[b, : -(-n // PAGE)].long()].reshape(-1, d)[:n].double()
+        for t in range(s_q):
+            visible = max(0, min(n, n - s_q + t + 1)) if causal and s_q > 1 else n
+            if visible == 0:
+                continue
+            scores = (q[b, t].double() @ keys.T) * scale
+            scores[:, visible:] = -math.inf
+            m = scores.amax(-1)
+            safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+            p = torch.exp(scores - safe[:, None])
+            total = p.sum(-1)
+            out[b, t] = (p @ keys[:, :512]) / total[:, None]
+            lse[b, :, t] = m + torch.log(total)
+    return out, lse
+
+
+def dispatch_layout_oracle(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
+    """Counted token by token: (per rank, per node or None, per expert, is_token_in_rank)."""
+    per_rank = [0] * num_ranks
+    per_expert = [0] * num_experts
+    nodes = num_ranks // 8 if num_ranks > 8 else 0
+    per_node = [0] * nodes
+    in_rank = torch.zeros(topk_idx.shape[0], num_ranks, dtype=torch.bool)
+    for t, row in enumerate(topk_idx.tolist()):
+        ranks = set()
+        for expert in row:
+            if expert >= 0:
+                per_expert[expert] += 1
+                ranks.add(expert // (num_experts // num_ranks))
+        for r in ranks:
+            per_rank[r] += 1
+            in_rank[t, r] = True
+        for node in {r // 8 for r in ranks} if nodes else ():
+            per_node[node] += 1
+    as_int = lambda values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
+    return as_int(per_rank), as_int(per_node) if nodes else None, as_int(per_expert), in_rank
+
+
+def pack_oracle(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int):
+    """(packed rows, src_idx, per-bucket counts): bucket by bucket, source row ascending, then slot order."""
+    entries = sorted((int(b), r, s) for r, row in enumerate(bucket_idx.tolist()) for s, b in enumerate(row) if b >= 0)
+    src = torch.tensor([r for _, r, _ in entries], dtype=torch.long)
+    counts = torch.zeros(num_buckets, dtype=torch.int32)
+    for b, _, _ in entries:
+        counts[b] += 1
+    return rows[src], src.to(torch.int32), counts
+
+
+def unpack_oracle(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int, num_slots: int):
+    slots = torch.zeros((num_buckets, num_slots) + tuple(rows.shape[1:]), dtype=rows.dtype)
+    counts = torch.zeros(num_buckets, dtype=torch.int32)
+    for r, b in enumerate(bucket_of_row.tolist()):
+        slots[b, int(counts[b])] = rows[r]
+        counts[b] += 1
+    return slots, counts
+
+
+def combine_reduce_oracle(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None):
+    out = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float64)
+    for s, t in enumerate(src_idx.tolist()):
+        w = 1.0 if weights is None else float(weights[s])
+        out[t] += w * rows[s].double()
+    return out
