@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -130,14 +131,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _show_progress_logs() -> None:
     """Show unihal's info messages (a canary being run, a fallback taken) on stderr."""
-    import logging
-
     logger = logging.getLogger("hal")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
         logger.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (a captured or replaced stream included)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+        except (ValueError, OSError):  # a closed stream: the message has nowhere to go
+            pass
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ def test_an_opencl_driver_that_segfaults_leaves_the_process_alive(tmp_path, fres
     availability = opencl.availability()
     assert not availability.available
     assert "killed by SIGSEGV" in availability.reason
-    # The process is alive, and CPU operators run on the reference.
-    assert hal.select("gemm_fp8_nt", "cpu").backend.name == "reference"
+    # The process is alive, and CPU operators run on another backend.
+    assert hal.select("gemm_fp8_nt", "cpu").backend.name != "opencl"
     x = torch.randn(8, 256)
     values, scales = hal.per_token_cast_to_fp8(x)
     assert values.shape == x.shape and scales.shape == (8, 2)
