@@ -18,8 +18,15 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 step() { printf '\n== %s\n' "$*"; }
 
+has_pocl() {  # Debian's PoCL: dpkg knows, where there is dpkg; elsewhere its ICD file tells
+  if command -v dpkg-query >/dev/null 2>&1; then
+    dpkg-query -W -f='${Status}' pocl-opencl-icd 2>/dev/null | grep -q "install ok installed"
+  else
+    [ -e /etc/OpenCL/vendors/pocl.icd ]
+  fi
+}
 packages=()
-[ -e /etc/OpenCL/vendors/pocl.icd ] || packages+=(pocl-opencl-icd)
+has_pocl || packages+=(pocl-opencl-icd)
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
