@@ -34,7 +34,7 @@ if [ ${#packages[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
     step "system packages: ${packages[*]} (apt)"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
   else
     echo "note: cannot install ${packages[*]} (needs apt-get as root): the opencl backend reports itself unavailable" \
          "and the report-rendering test is skipped; install them with your package manager to cover those parts." >&2
