@@ -124,6 +124,11 @@ def _compare(op: str, output: str, got: torch.Tensor, want: torch.Tensor) -> str
     return "; ".join(f"{m.output} {m.metric}={m.value:.3g} {m.note}" for m in failed) or None
 
 
+def _all_exact(names: tuple[str, ...], got: Any, want: Any) -> str | None:
+    """The first of several outputs that is not bit-identical to the oracle's, described."""
+    return next((p for p in (_exact(n, g, w) for n, g, w in zip(names, got, want)) if p), None)
+
+
 def _exact(name: str, got: torch.Tensor | None, want: torch.Tensor | None) -> str | None:
     if got is None or want is None:
         return None if got is None and want is None else f"{name}: expected {'None' if want is None else 'a tensor'}"
@@ -444,8 +449,7 @@ def _make_layout(rng: random.Random) -> Args:
 
 def _judge_layout(args: Args, result: Any) -> str | None:
     want = oracles.dispatch_layout_oracle(args["topk_idx"], args["num_experts"], args["num_ranks"])
-    names = ("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank")
-    return next((p for p in (_exact(n, g, w) for n, g, w in zip(names, result, want)) if p), None)
+    return _all_exact(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank"), result, want)
 
 
 LAYOUT = Operator(
@@ -477,7 +481,7 @@ def _make_pack(rng: random.Random) -> Args:
 
 def _judge_pack(args: Args, result: Any) -> str | None:
     want = oracles.pack_oracle(args["rows"], args["bucket_idx"], args["num_buckets"])
-    return next((p for p in (_exact(n, g, w) for n, g, w in zip(("packed", "src_idx", "counts"), result, want)) if p), None)
+    return _all_exact(("packed", "src_idx", "counts"), result, want)
 
 
 def _rows_dtype(dtype: torch.dtype) -> Callable[[Args, random.Random], Args]:
@@ -511,7 +515,7 @@ def _make_unpack(rng: random.Random) -> Args:
 
 def _judge_unpack(args: Args, result: Any) -> str | None:
     want = oracles.unpack_oracle(args["rows"], args["bucket_of_row"], args["num_buckets"], args["num_slots"])
-    return next((p for p in (_exact(n, g, w) for n, g, w in zip(("slots", "counts"), result, want)) if p), None)
+    return _all_exact(("slots", "counts"), result, want)
 
 
 UNPACK = Operator(

@@ -1,14 +1,14 @@
-"""Float64 oracles written apart from hal.ops, and the non-finite mutations the MLA contract is
-tested with. Imported by tests in this folder and in tests/interpreter (the Triton kernels)."""
+"""The non-finite mutations the MLA contract is tested with, judged by the float64 oracle of
+hal.conformance.oracles. Imported by tests in this folder and in tests/interpreter (the Triton kernels)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 import hal
+from hal.conformance.oracles import mla_oracle
 
 PAGE = 64
 
@@ -29,31 +29,6 @@ def mla_case(seqlens: list[int], s_q: int, h_q: int, causal: bool, seed: int, dt
         if length % PAGE:
             k[int(table[b, p - 1]), length % PAGE:] = float("nan")  # past the sequence's end
     return {"q": q.to(device), "k": k.to(device), "table": table.to(device), "seqlens": torch.tensor(seqlens, dtype=torch.int32, device=device), "causal": causal}
-
-
-def mla_oracle(q, k, table, seqlens, causal):
-    """float64: out [b, s_q, h_q, 512], lse [b, h_q, s_q], per the contract in hal.ops.mla_reference."""
-    batch, s_q, h_q, _ = q.shape
-    out = torch.zeros(batch, s_q, h_q, 512, dtype=torch.float64)
-    lse = torch.full((batch, h_q, s_q), math.inf, dtype=torch.float64)
-    for b in range(batch):
-        n = int(seqlens[b])
-        if n == 0:
-            continue
-        keys = k[table[b, : -(-n // PAGE)].long()].reshape(-1, 576)[:n].double().cpu()
-        for t in range(s_q):
-            visible = max(0, min(n, n - s_q + t + 1)) if causal else n
-            if visible == 0:
-                continue
-            scores = (q[b, t].double().cpu() @ keys.T) * 576**-0.5
-            scores[:, visible:] = -math.inf
-            m = scores.amax(-1)
-            safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-            p = torch.exp(scores - safe[:, None])
-            total = p.sum(-1)
-            out[b, t] = (p @ keys[:, :512]) / total[:, None]
-            lse[b, :, t] = m + torch.log(total)
-    return out, lse
 
 
 def run_mla(backend: str, case: dict) -> tuple[torch.Tensor, torch.Tensor]:
