@@ -118,6 +118,8 @@ def mla_cases() -> list[Case]:
         {"seqlens": [300, 17], "s_q": 2, "h_q": 16, "dtype": "fp16", "schedule_sms": 7},
         {"seqlens": [0, 70], "s_q": 1, "h_q": 16, "dtype": "bf16", "causal": False},
         {"batch": 4, "mean_sk": 256, "s_q": 1, "h_q": 64, "dtype": "bf16"},
+        # causal with sequences shorter than s_q (the padding slots of CUDA-graph batches): blind rows out 0, lse +inf
+        {"seqlens": [1, 0, 70], "s_q": 2, "h_q": 16, "dtype": "bf16"},
     ]
     full: list[dict[str, Any]] = [
         {"batch": b, "mean_sk": sk, "s_q": s_q, "h_q": h, "dtype": "bf16"}

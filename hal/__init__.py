@@ -2,7 +2,8 @@
 
 Operators (validated here, run on the selected backend)::
 
-    hal.get_mla_metadata, hal.flash_mla_with_kvcache                  # MLA decode (FlashMLA)
+    hal.get_mla_metadata, hal.flash_mla_with_kvcache                  # MLA decode (FlashMLA), V3.2 arguments too
+    hal.flash_mla_sparse_fwd, hal.quantize_mla_kv_cache               # sparse prefill, the FP8 KV cache
     hal.gemm_fp8_fp8_bf16_nt                                          # FP8 GEMM (DeepGEMM)
     hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous / _masked           # MoE grouped FP8 GEMM
     hal.per_token_cast_to_fp8, hal.per_block_cast_to_fp8              # FP8 quantisation
@@ -46,6 +47,8 @@ from hal.ops.gemm import (
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
 )
 from hal.ops.mla import flash_mla_with_kvcache, get_mla_metadata
+from hal.ops.mla_fp8_cache import dequantize_mla_kv_cache, quantize_mla_kv_cache
+from hal.ops.mla_v2 import MLASchedule, flash_mla_sparse_fwd
 from hal import ep  # noqa: E402  (after the operators it is built on)
 
 __version__ = "0.1.0"
@@ -55,6 +58,10 @@ __all__ = [
     # operators
     "get_mla_metadata",
     "flash_mla_with_kvcache",
+    "flash_mla_sparse_fwd",
+    "MLASchedule",
+    "quantize_mla_kv_cache",
+    "dequantize_mla_kv_cache",
     "gemm_fp8_fp8_bf16_nt",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",

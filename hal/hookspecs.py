@@ -99,6 +99,57 @@ def hal_mla_decode(
     """
 
 
+@hookspec(firstresult=True)
+def hal_mla_decode_v2(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
+    head_dim_v: int,
+    softmax_scale: float,
+    causal: bool,
+    is_fp8_kvcache: bool,
+    indices: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
+    extra_k_cache: torch.Tensor | None,
+    extra_indices: torch.Tensor | None,
+    topk_length: torch.Tensor | None,
+    extra_topk_length: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA decode with FlashMLA's DeepSeek-V3.2 arguments (see :mod:`hal.ops.mla_v2`).
+
+    Args:
+        q: [batch, s_q, h_q, 576] bf16/fp16.
+        k_cache: [num_blocks, page_block_size, h_kv, 576] dtype of q, or with ``is_fp8_kvcache``
+            float8_e4m3fn [num_blocks, page_block_size, 1, 656] (:mod:`hal.ops.mla_fp8_cache`).
+        block_table, cache_seqlens: as ``hal_mla_decode`` in the dense mode; ignored (maybe None)
+            when ``indices`` is given.
+        indices: int32 [batch, s_q, topk] positions ``block * page_block_size + slot``, -1 unused.
+        attn_sink: float32 [h_q]; extra_k_cache / extra_indices: a second cache and its indices;
+        topk_length / extra_topk_length: int32 [batch] cuts of the index lists.
+
+    Returns:
+        ``(out [batch, s_q, h_q, 512] dtype of q, lse float32 [batch, h_q, s_q])`` following
+        :func:`hal.ops.mla_v2_reference.mla_decode_v2_reference`.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_mla_sparse_prefill(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    attn_sink: torch.Tensor | None,
+    topk_length: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse MLA prefill (``flash_mla_sparse_fwd``): q bf16 [s_q, h_q, 576], kv bf16 [s_kv, h_kv, 576],
+    indices int32 [s_q, h_kv, topk] (negative or >= s_kv unused), attn_sink float32 [h_q] or None,
+    topk_length int32 [s_q] or None. Returns ``(out bf16 [s_q, h_q, d_v], max_logits float32 [s_q, h_q],
+    lse float32 [s_q, h_q])`` following :func:`hal.ops.mla_v2_reference.mla_sparse_prefill_reference`."""
+
+
 # --- FP8 GEMM (DeepGEMM) -------------------------------------------------------------------
 
 

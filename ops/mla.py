@@ -15,9 +15,8 @@ Shapes (FlashMLA, DeepSeek-V2/V3):
 - ``causal`` with s_q > 1 (multi-token prediction): query i sees keys ``0 .. seqlen - s_q + i``.
   With s_q == 1 causal has no effect.
 
-An FP8 KV cache (FlashMLA's later extension: fp8 latent with per-tile scales, rope in bf16)
-will arrive as a new ``k_cache`` dtype plus scale arguments; until then fp8 caches are rejected
-with a DTypeError rather than misread.
+FlashMLA's DeepSeek-V3.2 arguments (FP8 KV cache, sparse indices, attention sinks, a second
+cache) and its schedule object are described in :mod:`hal.ops.mla_v2`.
 """
 
 from __future__ import annotations
@@ -28,12 +27,13 @@ import torch
 
 from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
 from hal.dispatch import call
-from hal.errors import DTypeError, LayoutError, ShapeError, ValueRangeError
+from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.operator import declare
 from hal.ops.mla_schedule import BLOCK_SIZE_N, METADATA_WIDTH, schedule_mla_splits
+from hal.ops.mla_v2 import MLASchedule, decode_v2
 from hal.selection import select
 
-__all__ = ["MLA_DECODE", "HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_BLOCK_SIZE", "get_mla_metadata", "flash_mla_with_kvcache", "validate_mla_decode"]
+__all__ = ["MLA_DECODE", "MLASchedule", "HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_BLOCK_SIZE", "get_mla_metadata", "flash_mla_with_kvcache", "validate_mla_decode"]
 
 HEAD_DIM_QK = 576
 HEAD_DIM_V = 512
@@ -47,9 +47,11 @@ _META_OP = "get_mla_metadata"
 
 
 def get_mla_metadata(
-    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-KV schedule for :func:`flash_mla_with_kvcache`.
+    cache_seqlens: torch.Tensor | None = None, num_q_tokens_per_head_k: int | None = None, num_heads_k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[MLASchedule, None]:
+    """Split-KV schedule for :func:`flash_mla_with_kvcache`, in either of FlashMLA's two forms.
+
+    With no arguments (FlashMLA's current form): ``(MLASchedule(), None)``, filled on first use.
 
     Args:
         cache_seqlens: int32 [batch].
@@ -61,6 +63,8 @@ def get_mla_metadata(
         device of ``cache_seqlens``. Comes from the backend selected for ``mla_decode`` when it
         has its own scheduler, else from :func:`hal.ops.mla_schedule.schedule_mla_splits`.
     """
+    if cache_seqlens is None and num_q_tokens_per_head_k is None and num_heads_k is None:
+        return MLASchedule(), None
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     expect_tensor(_META_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(None,), dims=("batch",))
@@ -94,7 +98,7 @@ def validate_mla_decode(
     if isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.float8_e4m3fn:
         raise DTypeError(
             _OP, "k_cache", "dtype bfloat16 or float16 (dtype of q)", "dtype float8_e4m3fn",
-            "The FP8 KV cache is not supported yet; dequantise the cache to q's dtype.",
+            "For the 656-byte FP8 cache pass is_fp8_kvcache=True (with a schedule from get_mla_metadata()).",
         )
     expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
     batch, s_q, h_q, _ = q.shape
@@ -151,29 +155,66 @@ def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor
 def flash_mla_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
     head_dim_v: int,
-    tile_scheduler_metadata: torch.Tensor,
-    num_splits: torch.Tensor,
+    tile_scheduler_metadata: torch.Tensor | MLASchedule,
+    num_splits: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices_in_kvcache: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention over a paged KV cache (see the module docstring for the layouts).
 
     Args:
         q: [batch, s_q, h_q, 576] bf16/fp16.
-        k_cache: [num_blocks, 64, h_kv, 576], dtype of q.
-        block_table: int32 [batch, max_blocks_per_seq].
-        cache_seqlens: int32 [batch].
+        k_cache: [num_blocks, 64, h_kv, 576], dtype of q; or the FP8 cache with ``is_fp8_kvcache``.
+        block_table: int32 [batch, max_blocks_per_seq] (None allowed with ``indices``).
+        cache_seqlens: int32 [batch] (None allowed with ``indices``).
         head_dim_v: 512.
-        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata`.
+        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata`: its tensors (v1), or
+            an :class:`MLASchedule` and ``num_splits=None`` (current form).
         softmax_scale: default ``576 ** -0.5``.
-        causal: causal mask among the s_q query tokens.
+        causal: causal mask among the s_q query tokens (dense mode only).
+        is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
+            extra_topk_length: FlashMLA's DeepSeek-V3.2 arguments, see :mod:`hal.ops.mla_v2`.
 
     Returns:
         ``(out [batch, s_q, h_q, 512] dtype of q, lse float32 [batch, h_q, s_q])``.
     """
+    extended = is_fp8_kvcache or any(
+        x is not None for x in (indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
+    )
+    if isinstance(tile_scheduler_metadata, MLASchedule):
+        if num_splits is not None:
+            raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")
+        tile_scheduler_metadata.bind({
+            "batch": q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else None,
+            "s_q": q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None,
+            "h_q": q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None,
+            "causal": bool(causal), "is_fp8_kvcache": bool(is_fp8_kvcache),
+            "topk": indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
+            "extra_topk": extra_indices_in_kvcache.shape[-1] if isinstance(extra_indices_in_kvcache, torch.Tensor) else None,
+        })
+        if not extended:
+            schedule = tile_scheduler_metadata
+            if schedule.tile_scheduler_metadata is None:  # the dense schedule, computed on first use
+                expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
+                expect_tensor(_OP, "k_cache", k_cache, shape=(None, None, None, HEAD_DIM_QK), dims=("num_blocks", "page_block_size", "h_kv", "d"))
+                h_kv = max(k_cache.shape[2], 1)
+                schedule.tile_scheduler_metadata, schedule.num_splits = get_mla_metadata(cache_seqlens, max(q.shape[1] * q.shape[2] // h_kv, 1), h_kv)
+            tile_scheduler_metadata, num_splits = schedule.tile_scheduler_metadata, schedule.num_splits
+    if extended:
+        return _decode_v2(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+            extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length,
+        )
     if torch.compiler.is_compiling():
         return torch.ops.hal.mla_decode(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
@@ -185,4 +226,42 @@ def flash_mla_with_kvcache(
         MLA_DECODE, "q", q.device,
         q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, head_dim_v=head_dim_v,
         tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits, softmax_scale=scale, causal=causal,
+    )
+
+
+def _resolve_scale(softmax_scale: float | None) -> float:
+    if softmax_scale is None:
+        return HEAD_DIM_QK**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < math.inf:
+        raise ValueRangeError(_OP, "softmax_scale", "a positive finite float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
+    return float(softmax_scale)
+
+
+def _decode_v2(
+    q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+    extra_k_cache, extra_indices, topk_length, extra_topk_length,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`."""
+    expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
+    if q.numel() and q.stride(-1) != 1:
+        raise LayoutError(_OP, "q", "a contiguous last dimension (stride 1)", f"stride {q.stride(-1)}", "Pass 'q.contiguous()'.")
+    expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
+    scale = _resolve_scale(softmax_scale)
+    batch, s_q = q.shape[:2]
+    causal = bool(causal) and s_q > 1
+
+    def check_dense(cache: torch.Tensor) -> None:
+        if cache.shape[1] != PAGE_BLOCK_SIZE:
+            raise ShapeError(_OP, "k_cache", f"page_block_size {PAGE_BLOCK_SIZE} in the dense mode", f"{cache.shape[1]}", "Use 64-token pages.")
+        if q.shape[2] % max(cache.shape[2], 1) or cache.shape[2] < 1:
+            raise ShapeError(_OP, "k_cache", f"h_kv dividing h_q={q.shape[2]}", f"h_kv={cache.shape[2]}", "MLA uses one KV head (h_kv=1).")
+        expect_tensor(_OP, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks_per_seq"))
+        expect_tensor(_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(batch,), dims=("batch",))
+        expect_same_device(_OP, "q", q, block_table=block_table, cache_seqlens=cache_seqlens)
+        if value_checks_enabled(cache_seqlens):
+            _check_cache_contents(block_table, cache_seqlens, cache.shape[0])
+
+    return decode_v2(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal, bool(is_fp8_kvcache), indices, attn_sink,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length, check_dense,
     )

@@ -14,6 +14,7 @@ from hal.ops.ep_local import combine_reduce_reference, pack_reference, unpack_re
 from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
 from hal.ops.mla_reference import mla_decode_reference
+from hal.ops.mla_v2_reference import mla_decode_v2_reference, mla_sparse_prefill_reference
 from hal.plugin import Availability, BackendInfo, hookimpl
 
 
@@ -32,6 +33,22 @@ def hal_mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_sche
     return mla_decode_reference(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
     )
+
+
+@hookimpl
+def hal_mla_decode_v2(
+    q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+    extra_k_cache, extra_indices, topk_length, extra_topk_length,
+):
+    return mla_decode_v2_reference(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length,
+    )
+
+
+@hookimpl
+def hal_mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+    return mla_sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
 
 
 @hookimpl

@@ -1,0 +1,191 @@
+"""FlashMLA's current API (DeepSeek-V3.2): the schedule object, the V3.2 decode arguments, sparse prefill.
+
+``flash_mla_with_kvcache`` (in :mod:`hal.ops.mla`) keeps its v1 form and adds, after ``causal``:
+
+- ``is_fp8_kvcache``: ``k_cache`` is the 656-byte FP8 layout of :mod:`hal.ops.mla_fp8_cache`.
+- ``indices`` int32 [batch, s_q, topk]: sparse decode. Each entry is a position in the flattened
+  cache, ``block_id * page_block_size + slot``; -1 = unused. ``block_table`` and
+  ``cache_seqlens`` may be None; ``causal`` must be False. h_kv must be 1.
+- ``topk_length`` int32 [batch]: only the first ``topk_length[b]`` indices of batch b count.
+- ``attn_sink`` float32 [h_q]: out scaled by ``1 / (1 + exp(sink - lse))``; lse unchanged.
+- ``extra_k_cache`` / ``extra_indices_in_kvcache`` / ``extra_topk_length``: a second cache
+  attended in the same softmax (same format as ``k_cache``; sparse mode only).
+
+Numerics: :mod:`hal.ops.mla_v2_reference`. Calls that use none of these arguments run the v1
+operator ``mla_decode``; the others run ``mla_decode_v2`` (a backend may implement either).
+``get_mla_metadata()`` with no arguments returns ``(MLASchedule(), None)``: the schedule is
+computed on first use and checked against later calls, as FlashMLA's ``FlashMLASchedMeta``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hal.checks import expect_in_range, expect_same_device, expect_tensor
+from hal.dispatch import call
+from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
+from hal.operator import declare
+from hal.ops.mla_fp8_cache import check_fp8_kv_cache
+
+__all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "decode_v2", "flash_mla_sparse_fwd"]
+
+MLA_DECODE_V2 = declare(
+    "mla_decode_v2", "hal_mla_decode_v2", "mla", "MLA decode with FP8 KV cache, sparse indices, attention sink (FlashMLA, DeepSeek-V3.2)"
+)
+MLA_SPARSE_PREFILL = declare("mla_sparse_prefill", "hal_mla_sparse_prefill", "mla", "Sparse MLA prefill over top-k indices (flash_mla_sparse_fwd)")
+
+_OP = "flash_mla_with_kvcache"
+_PREFILL_OP = "flash_mla_sparse_fwd"
+HEAD_DIM_QK = 576
+HEAD_DIM_V = 512
+Q_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class MLASchedule:
+    """What ``get_mla_metadata()`` returns (FlashMLA's ``FlashMLASchedMeta``).
+
+    Filled on the first :func:`hal.flash_mla_with_kvcache` call that uses it; later calls must
+    keep the same shapes and mode (a typed error says which differs). Reuse it only while
+    ``cache_seqlens`` / ``topk_length`` values stay the same, as FlashMLA requires.
+    """
+
+    have_initialized: bool = False
+    config: dict[str, Any] | None = None
+    tile_scheduler_metadata: torch.Tensor | None = None
+    num_splits: torch.Tensor | None = None
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def bind(self, config: dict[str, Any]) -> None:
+        """Record the first call's configuration, or check a later call's against it."""
+        if not self.have_initialized:
+            self.have_initialized, self.config = True, dict(config)
+            return
+        for key, value in config.items():
+            if self.config.get(key) != value:
+                raise ArgumentError(
+                    _OP, "tile_scheduler_metadata", f"a schedule used with {key}={self.config.get(key)!r} (its first call)",
+                    f"a call with {key}={value!r}", "Call get_mla_metadata() again for a batch of another shape or mode.",
+                )
+
+
+def _check_cache(name: str, cache: object, q: torch.Tensor, fp8: bool) -> torch.Tensor:
+    if fp8:
+        return check_fp8_kv_cache(_OP, name, cache)
+    if isinstance(cache, torch.Tensor) and cache.dtype == torch.float8_e4m3fn:
+        raise DTypeError(_OP, name, f"dtype {q.dtype} (the dtype of q)", "an FP8 cache", "Pass is_fp8_kvcache=True for the 656-byte FP8 layout.")
+    return expect_tensor(_OP, name, cache, dtypes=q.dtype, shape=(None, None, None, HEAD_DIM_QK), dims=("num_blocks", "page_block_size", "h_kv", "d"))
+
+
+def _check_indices(name: str, indices: object, batch: int, s_q: int, cache: torch.Tensor) -> torch.Tensor:
+    expect_tensor(_OP, name, indices, dtypes=torch.int32, shape=(batch, s_q, None), dims=("batch", "s_q", "topk"))
+    positions = cache.shape[0] * cache.shape[1]
+    expect_in_range(
+        _OP, name, indices, -1, positions, what=f"positions block_id * page_block_size + slot in [0, {positions}) or -1 for unused",
+        fix="Index the flattened cache; mark unused entries -1.",
+    )
+    return indices
+
+
+def _check_length(name: str, length: object, batch: int, topk: int) -> None:
+    if length is None:
+        return
+    expect_tensor(_OP, name, length, dtypes=torch.int32, shape=(batch,), dims=("batch",))
+    expect_in_range(_OP, name, length, 0, topk + 1, what=f"lengths in [0, topk={topk}]", fix="Cut each batch's list at most at its topk.")
+
+
+def _check_sink(name: str, sink: object, h_q: int) -> None:
+    if sink is not None:
+        expect_tensor(_OP, name, sink, dtypes=torch.float32, shape=(h_q,), dims=("h_q",))
+
+
+def decode_v2(
+    q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, head_dim_v: int,
+    softmax_scale: float, causal: bool, is_fp8_kvcache: bool, indices: torch.Tensor | None, attn_sink: torch.Tensor | None,
+    extra_k_cache: torch.Tensor | None, extra_indices: torch.Tensor | None, topk_length: torch.Tensor | None,
+    extra_topk_length: torch.Tensor | None, check_dense: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the V3.2 arguments (q, scale and head_dim_v already checked) and run ``mla_decode_v2``.
+
+    ``check_dense(k_cache_shape_source)`` validates block_table / cache_seqlens for the dense mode.
+    """
+    batch, s_q, h_q, _ = q.shape
+    cache = _check_cache("k_cache", k_cache, q, is_fp8_kvcache)
+    _check_sink("attn_sink", attn_sink, h_q)
+    if indices is None:
+        for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices), ("topk_length", topk_length), ("extra_topk_length", extra_topk_length)):
+            if value is not None:
+                raise ArgumentError(_OP, name, "None in the dense mode (indices=None)", "a value", "Pass indices for sparse attention, or drop this argument.")
+        check_dense(cache)
+    else:
+        if causal:
+            raise ValueRangeError(_OP, "causal", "False with sparse indices (the indices choose the keys)", "True", "Pass causal=False.")
+        if cache.shape[2] != 1:
+            raise ShapeError(_OP, "k_cache", "h_kv = 1 in the sparse mode", f"h_kv = {cache.shape[2]}", "Sparse MLA uses one latent KV head.")
+        _check_indices("indices", indices, batch, s_q, cache)
+        _check_length("topk_length", topk_length, batch, indices.shape[2])
+        if (extra_k_cache is None) != (extra_indices is None):
+            missing = "extra_indices_in_kvcache" if extra_indices is None else "extra_k_cache"
+            raise ArgumentError(_OP, missing, "given together with its pair", "None", "Pass both extra_k_cache and extra_indices_in_kvcache, or neither.")
+        if extra_k_cache is not None:
+            extra = _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache)
+            _check_indices("extra_indices_in_kvcache", extra_indices, batch, s_q, extra)
+            _check_length("extra_topk_length", extra_topk_length, batch, extra_indices.shape[2])
+        elif extra_topk_length is not None:
+            raise ArgumentError(_OP, "extra_topk_length", "None without an extra cache", "a tensor", "Drop it, or pass extra_k_cache.")
+    expect_same_device(
+        _OP, "q", q, k_cache=k_cache, indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
+        extra_indices_in_kvcache=extra_indices, topk_length=topk_length, extra_topk_length=extra_topk_length,
+    )
+    return call(
+        MLA_DECODE_V2, "q", q.device,
+        q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
+        causal=causal, is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
+        extra_indices=extra_indices, topk_length=topk_length, extra_topk_length=extra_topk_length,
+    )
+
+
+def flash_mla_sparse_fwd(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = HEAD_DIM_V,
+    attn_sink: torch.Tensor | None = None, topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse MLA prefill (FlashMLA's ``flash_mla_sparse_fwd``).
+
+    Args:
+        q: bf16 [s_q, h_q, 576].
+        kv: bf16 [s_kv, h_kv, 576]; h_q a multiple of h_kv.
+        indices: int32 [s_q, h_kv, topk]: key positions in [0, s_kv); negative or >= s_kv = unused.
+        sm_scale: the softmax scale (no default, as the anchor).
+        d_v: 512.
+        attn_sink: float32 [h_q] or None: out scaled by ``1 / (1 + exp(sink - lse))``.
+        topk_length: int32 [s_q] or None: only the first ``topk_length[i]`` indices of token i count.
+
+    Returns:
+        ``(out bf16 [s_q, h_q, d_v], max_logits float32 [s_q, h_q], lse float32 [s_q, h_q])``; a
+        row with no valid index: out 0, max_logits -inf, lse +inf.
+    """
+    op = _PREFILL_OP
+    expect_tensor(op, "q", q, dtypes=torch.bfloat16, shape=(None, None, HEAD_DIM_QK), dims=("s_q", "h_q", "d_qk"))
+    s_q, h_q, _ = q.shape
+    expect_tensor(op, "kv", kv, dtypes=torch.bfloat16, shape=(None, None, HEAD_DIM_QK), dims=("s_kv", "h_kv", "d_qk"))
+    h_kv = kv.shape[1]
+    if h_kv == 0 or h_q % h_kv:
+        raise ShapeError(op, "q", f"h_q a multiple of h_kv={h_kv}", f"h_q={h_q}", "Give every KV head the same number of query heads.")
+    expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(s_q, h_kv, None), dims=("s_q", "h_kv", "topk"))
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not (0 < float(sm_scale) < float("inf")):
+        raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
+    if d_v != HEAD_DIM_V:
+        raise ValueRangeError(op, "d_v", f"{HEAD_DIM_V}", repr(d_v), "FlashMLA's prefill has d_v = 512.")
+    if attn_sink is not None:
+        expect_tensor(op, "attn_sink", attn_sink, dtypes=torch.float32, shape=(h_q,), dims=("h_q",))
+    if topk_length is not None:
+        expect_tensor(op, "topk_length", topk_length, dtypes=torch.int32, shape=(s_q,), dims=("s_q",))
+        expect_in_range(op, "topk_length", topk_length, 0, indices.shape[2] + 1, what=f"lengths in [0, topk={indices.shape[2]}]", fix="Cut each token's list at most at its topk.")
+    expect_same_device(op, "q", q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+    return call(
+        MLA_SPARSE_PREFILL, "q", q.device,
+        q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink, topk_length=topk_length,
+    )

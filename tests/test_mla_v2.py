@@ -1,0 +1,192 @@
+"""FlashMLA's DeepSeek-V3.2 API: the FP8 KV cache, sparse decode with top-k indices, attention
+sinks, the extra cache, the schedule object and the sparse prefill, each against an independent
+computation written as FlashMLA's own test reference does it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hal
+import hal.compat.flash_mla as flash_mla
+from hal.conformance.case import judge
+from hal.ops.mla_fp8_cache import FP8_TOKEN_BYTES
+
+D = 576
+
+
+def _cache(blocks: int, seed: int) -> torch.Tensor:
+    return (torch.randn(blocks, 64, 1, D, generator=torch.Generator().manual_seed(seed)) * 3).to(torch.bfloat16)
+
+
+def test_fp8_cache_layout_round_trip():
+    bf16 = _cache(3, 0)
+    fp8 = hal.quantize_mla_kv_cache(bf16)
+    assert fp8.dtype == torch.float8_e4m3fn and fp8.shape == (3, 64, 1, FP8_TOKEN_BYTES)
+    raw = fp8.view(torch.uint8).view(3, 64, FP8_TOKEN_BYTES)
+    scales = raw[..., 512:528].contiguous().view(torch.float32)
+    assert torch.equal(torch.exp2(torch.log2(scales).round()), scales), "scales are powers of two (UE8M0 in fp32)"
+    assert torch.equal(raw[..., 528:].contiguous().view(torch.bfloat16), bf16[:, :, 0, 512:]), "rope is kept as is"
+    back = hal.dequantize_mla_kv_cache(fp8)
+    latent_error = (back[..., :512] - bf16[..., :512].float()).abs() / scales.repeat_interleave(128, -1).unsqueeze(2)
+    assert float(latent_error.max()) <= 16.0, "within e4m3 rounding of value / scale (at most 448 / 32)"
+    # FlashMLA's test allocates blocks with a gap between them: the same cache, read the same.
+    padded = torch.empty(3, 65, FP8_TOKEN_BYTES, dtype=torch.float8_e4m3fn)[:, :64]
+    padded.copy_(fp8.view(3, 64, FP8_TOKEN_BYTES))
+    assert torch.equal(hal.dequantize_mla_kv_cache(padded.view(3, 64, 1, FP8_TOKEN_BYTES)), back)
+
+
+def _independent_sparse(q, keys, indices, topk_length, sink, extra_keys=None, extra_indices=None):
+    """As FlashMLA's tests/ref.py: gather (clamped), mask invalid with -inf, logsumexp, sink, lonely rows."""
+    b, s_q, h_q, _ = q.shape
+
+    def scope(flat, idx, length):
+        topk = idx.shape[-1]
+        gathered = flat.index_select(0, idx.clamp_min(0).view(-1).long()).view(b, s_q, topk, D)
+        invalid = idx == -1
+        if length is not None:
+            invalid |= torch.arange(topk).view(1, 1, topk) >= length.view(b, 1, 1)
+        return gathered, invalid
+
+    gathered, invalid = scope(keys, indices, topk_length)
+    if extra_keys is not None:
+        g2, i2 = scope(extra_keys, extra_indices, None)
+        gathered, invalid = torch.cat([gathered, g2], 2), torch.cat([invalid, i2], 2)
+    weight = torch.einsum("bshd,bskd->bshk", q.double(), gathered.double()) * D**-0.5
+    weight = weight.masked_fill(invalid[:, :, None, :], -math.inf)
+    lse = weight.logsumexp(-1)
+    out = torch.einsum("bshk,bskd->bshd", torch.exp(weight - lse[..., None]), gathered[..., :512].double())
+    if sink is not None:
+        out = out * (1.0 / (1.0 + torch.exp(sink.double().view(1, 1, h_q) - lse)))[..., None]
+    lonely = lse == -math.inf
+    out[lonely] = 0.0
+    lse[lonely] = math.inf
+    return out, lse.transpose(1, 2)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_sparse_decode_matches_flashmlas_reference(fp8, with_extra):
+    g = torch.Generator().manual_seed(3)
+    b, s_q, h_q, topk = 2, 2, 16, 40
+    cache = _cache(4, 1)
+    stored = hal.quantize_mla_kv_cache(cache) if fp8 else cache
+    keys = hal.dequantize_mla_kv_cache(stored).view(-1, D) if fp8 else cache.view(-1, D).float()
+    q = torch.randn(b, s_q, h_q, D, generator=g).to(torch.bfloat16)
+    indices = torch.randint(0, 4 * 64, (b, s_q, topk), generator=g, dtype=torch.int32)
+    indices[0, 0, 10:] = -1
+    indices[1, 1] = -1
+    topk_length = torch.tensor([30, 40], dtype=torch.int32)
+    sink = torch.randn(h_q, generator=g)
+    sink[0], sink[1] = math.inf, -math.inf
+    extra = dict()
+    extra_keys = extra_idx = None
+    if with_extra:
+        extra_cache = _cache(1, 2)
+        extra_stored = hal.quantize_mla_kv_cache(extra_cache) if fp8 else extra_cache
+        extra_keys = hal.dequantize_mla_kv_cache(extra_stored).view(-1, D) if fp8 else extra_cache.view(-1, D).float()
+        extra_idx = torch.randint(-1, 64, (b, s_q, 8), generator=g, dtype=torch.int32)
+        extra = {"extra_k_cache": extra_stored, "extra_indices_in_kvcache": extra_idx}
+    schedule, none = flash_mla.get_mla_metadata()
+    assert none is None and isinstance(schedule, flash_mla.FlashMLASchedMeta)
+    out, lse = flash_mla.flash_mla_with_kvcache(
+        q, stored, None, None, 512, schedule, None, is_fp8_kvcache=fp8, indices=indices, attn_sink=sink, topk_length=topk_length, **extra
+    )
+    want_out, want_lse = _independent_sparse(q, keys, indices, topk_length, sink, extra_keys, extra_idx)
+    assert all(m.passed for m in judge("mla_decode_v2", "out", out.float(), want_out.float())), judge("mla_decode_v2", "out", out.float(), want_out.float())
+    assert all(m.passed for m in judge("mla_decode_v2", "lse", lse, want_lse.float()))
+    assert (out[:, :, 0] == 0).all(), "a +inf sink zeroes the head"
+    if not with_extra:
+        assert (out[1, 1] == 0).all() and torch.isposinf(lse[1, :, 1]).all(), "a row with every index -1: out 0, lse +inf"
+
+
+def test_dense_decode_with_fp8_cache_and_sink_equals_dequantised_dense_decode():
+    cache = _cache(4, 5)
+    fp8 = hal.quantize_mla_kv_cache(cache)
+    dequantised = hal.dequantize_mla_kv_cache(fp8).to(torch.bfloat16)  # exact: fp8 x power of two fits bf16
+    q = torch.randn(2, 2, 16, D, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    seqlens = torch.tensor([100, 1], dtype=torch.int32)
+    metadata, splits = hal.get_mla_metadata(seqlens, 32, 1)
+    with hal.use_backend("reference"):  # the same numerics on both sides: the results must be identical
+        plain_out, plain_lse = hal.flash_mla_with_kvcache(q, dequantised, table, seqlens, 512, metadata, splits, causal=True)
+    schedule, _ = hal.get_mla_metadata()
+    out, lse = hal.flash_mla_with_kvcache(q, fp8, table, seqlens, 512, schedule, None, causal=True, is_fp8_kvcache=True)
+    assert torch.equal(lse, plain_lse) and torch.equal(out, plain_out)
+    assert (out[1, 0] == 0).all() and torch.isposinf(lse[1, :, 0]).all(), "causal query before the first key"
+    sink = torch.full((16,), -math.inf)
+    sunk, _ = hal.flash_mla_with_kvcache(q, fp8, table, seqlens, 512, hal.get_mla_metadata()[0], None, causal=True, is_fp8_kvcache=True, attn_sink=sink)
+    assert torch.equal(sunk, out), "a -inf sink changes nothing"
+
+
+def test_the_schedule_object_is_filled_on_first_use_and_checked_after():
+    cache = _cache(2, 7)
+    q = torch.randn(2, 1, 16, D).to(torch.bfloat16)
+    table = torch.arange(2, dtype=torch.int32).view(2, 1)
+    seqlens = torch.tensor([50, 64], dtype=torch.int32)
+    schedule, _ = hal.get_mla_metadata()
+    out, _ = hal.flash_mla_with_kvcache(q, cache, table, seqlens, 512, schedule, None)
+    assert schedule.have_initialized and schedule.tile_scheduler_metadata is not None
+    metadata, splits = hal.get_mla_metadata(seqlens, 16, 1)
+    v1_out, _ = hal.flash_mla_with_kvcache(q, cache, table, seqlens, 512, metadata, splits)
+    assert torch.equal(out, v1_out)
+    with pytest.raises(hal.ArgumentError, match="batch=2"):
+        hal.flash_mla_with_kvcache(q[:1], cache, table[:1], seqlens[:1], 512, schedule, None)
+    with pytest.raises(hal.ArgumentError, match="num_splits"):
+        hal.flash_mla_with_kvcache(q, cache, table, seqlens, 512, hal.get_mla_metadata()[0], splits)
+
+
+def _with_index(value: int):
+    return lambda a: {"indices": a["indices"].clone().index_fill_(2, torch.tensor([3]), value)}
+
+
+@pytest.mark.parametrize(
+    "change, error, argument",
+    [
+        (lambda a: {"causal": True}, hal.ValueRangeError, "causal"),
+        (_with_index(128), hal.ValueRangeError, "indices"),
+        (_with_index(-2), hal.ValueRangeError, "indices"),
+        (lambda a: {"topk_length": torch.tensor([41, 0], dtype=torch.int32)}, hal.ValueRangeError, "topk_length"),
+        (lambda a: {"attn_sink": torch.zeros(15)}, hal.ShapeError, "attn_sink"),
+        (lambda a: {"attn_sink": torch.zeros(16, dtype=torch.float64)}, hal.DTypeError, "attn_sink"),
+        (lambda a: {"extra_k_cache": a["cache"]}, hal.ArgumentError, "extra_indices_in_kvcache"),
+        (lambda a: {"is_fp8_kvcache": False}, hal.DTypeError, "k_cache"),
+    ],
+    ids=["causal", "index_past_cache", "index_minus_2", "topk_length_past_topk", "sink_shape", "sink_dtype", "extra_without_indices", "fp8_without_flag"],
+)
+def test_v32_arguments_are_checked(change, error, argument):
+    fp8 = hal.quantize_mla_kv_cache(_cache(2, 8))
+    q = torch.randn(2, 2, 16, D).to(torch.bfloat16)
+    args = {"is_fp8_kvcache": True, "indices": torch.randint(0, 128, (2, 2, 40), dtype=torch.int32)}
+    args.update(change({**args, "cache": fp8}))
+    with pytest.raises(error) as info:
+        hal.flash_mla_with_kvcache(q, fp8, None, None, 512, hal.get_mla_metadata()[0], None, **args)
+    assert info.value.argument == argument
+
+
+def test_sparse_prefill_matches_flashmlas_reference():
+    g = torch.Generator().manual_seed(9)
+    s_q, s_kv, h_q, h_kv, topk = 7, 60, 32, 2, 12
+    q = torch.randn(s_q, h_q, D, generator=g).to(torch.bfloat16)
+    kv = torch.randn(s_kv, h_kv, D, generator=g).to(torch.bfloat16)
+    indices = torch.randint(-1, s_kv + 4, (s_q, h_kv, topk), generator=g, dtype=torch.int32)
+    indices[2] = -1
+    sink = torch.randn(h_q, generator=g)
+    topk_length = torch.randint(0, topk + 1, (s_q,), generator=g, dtype=torch.int32)
+    out, max_logits, lse = flash_mla.flash_mla_sparse_fwd(q, kv, indices, D**-0.5, attn_sink=sink, topk_length=topk_length)
+    group = h_q // h_kv
+    for t in range(s_q):
+        for head in range(h_q):
+            row = indices[t, head // group, : int(topk_length[t])]
+            row = row[(row >= 0) & (row < s_kv)].long()
+            if row.numel() == 0:
+                assert (out[t, head] == 0).all() and math.isinf(float(lse[t, head])) and float(max_logits[t, head]) == -math.inf
+                continue
+            scores = (kv[row, head // group].double() @ q[t, head].double()) * D**-0.5
+            want_lse = torch.logsumexp(scores, 0)
+            want = (torch.softmax(scores, 0) @ kv[row, head // group, :512].double()) / (1 + torch.exp(sink[head].double() - want_lse))
+            assert abs(float(lse[t, head]) - float(want_lse)) <= 1e-5 * max(1.0, abs(float(want_lse)))
+            assert abs(float(max_logits[t, head]) - float(scores.max())) <= 1e-5 * max(1.0, abs(float(scores.max())))
+            assert (out[t, head].double() - want).abs().max() <= 8e-3 + (2.01 / 128) * want.abs().max()
