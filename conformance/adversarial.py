@@ -433,6 +433,109 @@ MLA = Operator(
 )
 
 
+# --- MLA, DeepSeek-V3.2 arguments ------------------------------------------------------------
+
+
+def _make_sparse(rng: random.Random) -> Args:
+    g = _gen(rng)
+    batch, s_q, h_q, topk, blocks = rng.choice([1, 2]), rng.choice([1, 2]), rng.choice([16, 32]), rng.choice([8, 64]), rng.choice([1, 3])
+    cache = torch.randn(blocks, 64, 1, 576, generator=g).to(torch.bfloat16)
+    indices = torch.randint(-1, blocks * 64, (batch, s_q, topk), generator=g, dtype=torch.int32)
+    return {
+        "q": torch.randn(batch, s_q, h_q, 576, generator=g).to(torch.bfloat16), "k_cache": hal.quantize_mla_kv_cache(cache), "fp8": True,
+        "indices": indices, "attn_sink": torch.randn(h_q, generator=g) if rng.random() < 0.5 else None,
+        "topk_length": torch.randint(0, topk + 1, (batch,), generator=g, dtype=torch.int32) if rng.random() < 0.5 else None, "causal": False,
+    }
+
+
+def _call_sparse(a: Args) -> Any:
+    return hal.flash_mla_with_kvcache(
+        a["q"], a["k_cache"], None, None, 512, hal.get_mla_metadata()[0], None, causal=a["causal"], is_fp8_kvcache=a["fp8"],
+        indices=a["indices"], attn_sink=a["attn_sink"], topk_length=a["topk_length"],
+    )
+
+
+def _judge_sparse(args: Args, result: Any) -> str | None:
+    keys = oracles.fp8_cache_oracle(args["k_cache"]) if args["fp8"] else args["k_cache"].double().reshape(-1, 576)
+    want_out, want_lse = oracles.sparse_decode_oracle(args["q"], keys, args["indices"], args["topk_length"], args["attn_sink"], 576**-0.5)
+    out, lse = result
+    return _compare("mla_decode_v2", "out", out.float(), want_out.float()) or _compare("mla_decode_v2", "lse", lse, want_lse.float())
+
+
+def _fp8_latent(value: int) -> Callable[[Args, random.Random], Args]:
+    """A raw byte written into the first named key's latent (0x7f: an e4m3 NaN)."""
+    def apply(a: Args, r: random.Random) -> Args:
+        named = a["indices"][a["indices"] >= 0]
+        if named.numel() == 0:
+            return a
+        cache = a["k_cache"].clone()
+        cache.view(torch.uint8).view(-1, 656)[int(named[0]), 7] = value
+        return _replace(a, k_cache=cache)
+
+    return apply
+
+
+SPARSE_DECODE = Operator(
+    "mla_decode_v2",
+    _make_sparse,
+    _call_sparse,
+    _judge_sparse,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("every index -1", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], -1)), True),
+        Mutation("bf16 cache", lambda a, r: _replace(a, k_cache=torch.randn(a["k_cache"].shape[0], 64, 1, 576).to(torch.bfloat16), fp8=False), True),
+        Mutation("+inf and -inf sinks", lambda a, r: _replace(a, attn_sink=torch.tensor([math.inf, -math.inf] + [0.5] * (a["q"].shape[2] - 2))), True),
+        Mutation("NaN code in a named key", _fp8_latent(0x7F), True),
+        Mutation("NaN in q", lambda a, r: _replace(a, q=_poke(a["q"], math.nan, r)), True),
+        Mutation("topk_length 0", lambda a, r: _replace(a, topk_length=torch.zeros(a["q"].shape[0], dtype=torch.int32)), True),
+        Mutation("causal with indices", lambda a, r: _replace(a, causal=True, q=a["q"] if a["q"].shape[1] > 1 else torch.cat([a["q"], a["q"]], 1), indices=a["indices"] if a["indices"].shape[1] > 1 else torch.cat([a["indices"], a["indices"]], 1)), False),
+        Mutation("index past the cache", lambda a, r: _replace(a, indices=a["indices"] + a["k_cache"].shape[0] * 64 + 1), False),
+        Mutation("index -2", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], -2)), False),
+        Mutation("indices int64", lambda a, r: _replace(a, indices=a["indices"].long()), False),
+        Mutation("topk_length past topk", lambda a, r: _replace(a, topk_length=torch.full((a["q"].shape[0],), a["indices"].shape[2] + 1, dtype=torch.int32)), False),
+        Mutation("sink of another head count", lambda a, r: _replace(a, attn_sink=torch.zeros(a["q"].shape[2] + 1)), False),
+        Mutation("fp8 cache without the flag", lambda a, r: _replace(a, fp8=False), False),
+        Mutation("cache of 655 bytes per token", lambda a, r: _replace(a, k_cache=a["k_cache"][..., :655]), False),
+    ),
+)
+
+
+def _make_prefill(rng: random.Random) -> Args:
+    g = _gen(rng)
+    s_q, s_kv, h_kv, topk = rng.choice([1, 5]), rng.choice([8, 70]), rng.choice([1, 2]), rng.choice([4, 16])
+    h_q = h_kv * rng.choice([8, 16])
+    return {
+        "q": torch.randn(s_q, h_q, 576, generator=g).to(torch.bfloat16), "kv": torch.randn(s_kv, h_kv, 576, generator=g).to(torch.bfloat16),
+        "indices": torch.randint(-1, s_kv + 2, (s_q, h_kv, topk), generator=g, dtype=torch.int32), "sm_scale": 576**-0.5,
+        "attn_sink": torch.randn(h_q, generator=g) if rng.random() < 0.5 else None,
+        "topk_length": torch.randint(0, topk + 1, (s_q,), generator=g, dtype=torch.int32) if rng.random() < 0.5 else None,
+    }
+
+
+def _judge_prefill(args: Args, result: Any) -> str | None:
+    want = oracles.sparse_prefill_oracle(args["q"], args["kv"], args["indices"], args["sm_scale"], args["attn_sink"], args["topk_length"])
+    out, max_logits, lse = result
+    return (_compare("mla_sparse_prefill", "out", out.float(), want[0].float()) or _compare("mla_sparse_prefill", "max_logits", max_logits, want[1].float())
+            or _compare("mla_sparse_prefill", "lse", lse, want[2].float()))
+
+
+SPARSE_PREFILL = Operator(
+    "mla_sparse_prefill",
+    _make_prefill,
+    lambda a: hal.flash_mla_sparse_fwd(a["q"], a["kv"], a["indices"], a["sm_scale"], attn_sink=a["attn_sink"], topk_length=a["topk_length"]),
+    _judge_prefill,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("every index out of range", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], a["kv"].shape[0])), True),
+        Mutation("NaN in a key", lambda a, r: _replace(a, kv=_poke(a["kv"], math.nan, r)), True),
+        Mutation("sm_scale 0", lambda a, r: _replace(a, sm_scale=0.0), False),
+        Mutation("q float32", lambda a, r: _replace(a, q=a["q"].float()), False),
+        Mutation("h_q not a multiple of h_kv", lambda a, r: _replace(a, kv=torch.cat([a["kv"]] * 3, 1), indices=torch.cat([a["indices"]] * 3, 1)), False),
+        Mutation("indices of another h_kv", lambda a, r: _replace(a, indices=torch.cat([a["indices"], a["indices"]], 1)), False),
+    ),
+)
+
+
 # --- expert parallelism (local operators) ----------------------------------------------------
 
 
@@ -563,7 +666,9 @@ REDUCE = Operator(
     ),
 )
 
-OPERATORS: dict[str, Operator] = {op.name: op for op in (DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, LAYOUT, PACK, UNPACK, REDUCE)}
+OPERATORS: dict[str, Operator] = {
+    op.name: op for op in (DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, SPARSE_DECODE, SPARSE_PREFILL, LAYOUT, PACK, UNPACK, REDUCE)
+}
 
 
 # --- running ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "gemm_oracle", "grouped_contiguous_oracle", "grouped_masked_oracle", "per_token_cast_oracle", "per_block_cast_oracle",
     "mla_oracle", "dispatch_layout_oracle", "pack_oracle", "unpack_oracle", "combine_reduce_oracle",
+    "fp8_cache_oracle", "sparse_decode_oracle", "sparse_prefill_oracle",
 ]
 
 BLOCK = 128
@@ -161,3 +162,62 @@ def combine_reduce_oracle(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens:
         w = 1.0 if weights is None else float(weights[s])
         out[t] += w * rows[s].double()
     return out
+
+
+def _attend64(q: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 softmax attention of q [h, d] over keys [n, d]: (out [h, 512], lse [h], max [h]); no key: 0, +inf, -inf."""
+    h = q.shape[0]
+    if keys.shape[0] == 0:
+        return torch.zeros(h, 512, dtype=torch.float64), torch.full((h,), math.inf, dtype=torch.float64), torch.full((h,), -math.inf, dtype=torch.float64)
+    scores = (q.double() @ keys.double().T) * scale
+    m = scores.amax(-1)
+    p = torch.exp(scores - torch.where(torch.isneginf(m), torch.zeros_like(m), m)[:, None])
+    total = p.sum(-1)
+    return (p @ keys.double()[:, :512]) / total[:, None], m + torch.log(total), m
+
+
+def _sunk(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    if sink is None:
+        return out
+    factor = 1.0 / (1.0 + torch.exp(sink.double() - lse))
+    return torch.where(torch.isposinf(lse)[:, None], torch.zeros_like(out), out * factor[:, None])
+
+
+def fp8_cache_oracle(cache: torch.Tensor) -> torch.Tensor:
+    """The 656-byte FP8 cache [blocks, page, 1, 656] as float64 [blocks * page, 576], read byte by byte."""
+    raw = cache.contiguous().view(torch.uint8).reshape(-1, 656)
+    latent = raw[:, :512].contiguous().view(torch.float8_e4m3fn).double().view(-1, 4, 128)
+    scales = raw[:, 512:528].contiguous().view(torch.float32).double()
+    rope = raw[:, 528:].contiguous().view(torch.bfloat16).double()
+    return torch.cat([(latent * scales[:, :, None]).view(-1, 512), rope], dim=1)
+
+
+def sparse_decode_oracle(q, keys, indices, topk_length, sink, scale):
+    """q [b, s_q, h_q, d], keys float64 [positions, d] -> out [b, s_q, h_q, 512], lse [b, h_q, s_q]."""
+    b, s_q, h_q, _ = q.shape
+    out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64)
+    lse = torch.zeros(b, s_q, h_q, dtype=torch.float64)
+    for i in range(b):
+        for t in range(s_q):
+            row = indices[i, t] if topk_length is None else indices[i, t, : int(topk_length[i])]
+            o, lse[i, t], _ = _attend64(q[i, t], keys[row[row >= 0].long()], scale)
+            out[i, t] = _sunk(o, lse[i, t], sink)
+    return out, lse.transpose(1, 2)
+
+
+def sparse_prefill_oracle(q, kv, indices, scale, sink, topk_length):
+    """(out [s_q, h_q, 512], max_logits [s_q, h_q], lse [s_q, h_q]) in float64."""
+    s_q, h_q, _ = q.shape
+    s_kv, h_kv, _ = kv.shape
+    group = h_q // h_kv
+    out = torch.zeros(s_q, h_q, 512, dtype=torch.float64)
+    lse = torch.zeros(s_q, h_q, dtype=torch.float64)
+    top = torch.zeros(s_q, h_q, dtype=torch.float64)
+    for t in range(s_q):
+        for g in range(h_kv):
+            row = indices[t, g] if topk_length is None else indices[t, g, : int(topk_length[t])]
+            row = row[(row >= 0) & (row < s_kv)].long()
+            heads = slice(g * group, (g + 1) * group)
+            o, lse[t, heads], top[t, heads] = _attend64(q[t, heads], kv[row, g], scale)
+            out[t, heads] = _sunk(o, lse[t, heads], None if sink is None else sink[heads])
+    return out, top, lse

@@ -22,6 +22,8 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
 
+V32_OPERATORS = ("mla_decode_v2", "mla_sparse_prefill")
+
 
 def run(args: list[str], interpret: bool, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAL_BACKEND") and k != "TRITON_INTERPRET"}
@@ -35,7 +37,8 @@ def test_without_gpu_the_backend_says_how_to_simulate():
     cuda = hal.get_backend("cuda")
     assert not cuda.available
     assert "no CUDA device" in cuda.availability().reason and "TRITON_INTERPRET=1" in cuda.availability().reason
-    assert all(cuda.implements(op.hook) for op in hal.OPERATORS.values())
+    # Every operator but FlashMLA's V3.2 ones, which the Triton kernels do not cover yet.
+    assert all(cuda.implements(op.hook) for op in hal.OPERATORS.values() if op.name not in V32_OPERATORS)
 
 
 @no_gpu
@@ -52,7 +55,8 @@ def test_simulation_is_labelled_and_never_auto_selected():
 def test_quick_conformance_in_the_interpreter():
     result = run(["-m", "pytest", "--pyargs", "hal.conformance", "--hal-backend=cuda", "-q", "-p", "no:cacheprovider"], interpret=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert f"{len(select_cases(quick=True))} passed" in result.stdout
+    implemented = [c for c in select_cases(quick=True) if hal.get_backend("cuda").implements(hal.OPERATORS[c.op].hook)]
+    assert f"{len(implemented)} passed" in result.stdout
 
 
 def test_kernel_numerics_in_the_interpreter():
