@@ -9,7 +9,8 @@ on a chosen backend, and classifies the outcome:
 - ``correct``: a valid call matched the float64 oracle of :mod:`hal.conformance.oracles`
   (non-finite positions exactly, finite values within the conformance bounds);
 - ``defect``: anything else: an untyped exception, a wrong or silently "repaired" result, an
-  invalid call accepted, a valid call refused.
+  invalid call accepted, a valid call refused;
+- ``unsupported``: the backend raised OperatorNotSupportedError for a feature it says it lacks.
 
 ::
 
@@ -678,6 +679,8 @@ def _classify(op: Operator, mutation: Mutation, args: Args, backend: str) -> Out
     try:
         with hal.use_backend(backend):
             result = op.call(args)
+    except hal.OperatorNotSupportedError as exc:  # a feature the backend says it lacks: reported, not judged
+        return Outcome(op.name, mutation.name, mutation.valid, "unsupported", str(exc)[:200])
     except hal.HalError as exc:
         if mutation.valid is True:
             return Outcome(op.name, mutation.name, mutation.valid, "defect", f"refused a valid call: {type(exc).__name__}: {exc}")

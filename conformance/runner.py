@@ -29,6 +29,7 @@ from hal.conformance.devices import pick_device
 from hal.operator import get_operator
 from hal.conformance.case import Case, CaseResult, copied_to, on_cpu
 from hal.conformance.golden import Golden, load_goldens
+from hal.errors import OperatorNotSupportedError
 from hal.selection import use_backend
 
 __all__ = ["execute", "run_backend", "DEFAULT_TIMEOUT_S"]
@@ -68,6 +69,11 @@ def execute(case: Case, backend_name: str, device: str, golden: Golden | None = 
             got = case.family.run(copied_to(inputs, device))
         if device == "cuda":
             torch.cuda.synchronize()
+    except OperatorNotSupportedError as exc:  # a feature of the operator the backend says it lacks
+        result.status = "unsupported"
+        result.reason = str(exc)
+        result.seconds = time.perf_counter() - start
+        return result
     except Exception as exc:
         result.reason = _describe(exc)
         result.seconds = time.perf_counter() - start

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,6 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
 
-V32_OPERATORS = ("mla_decode_v2", "mla_sparse_prefill")
-
 
 def run(args: list[str], interpret: bool, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAL_BACKEND") and k != "TRITON_INTERPRET"}
@@ -37,8 +36,7 @@ def test_without_gpu_the_backend_says_how_to_simulate():
     cuda = hal.get_backend("cuda")
     assert not cuda.available
     assert "no CUDA device" in cuda.availability().reason and "TRITON_INTERPRET=1" in cuda.availability().reason
-    # Every operator but FlashMLA's V3.2 ones, which the Triton kernels do not cover yet.
-    assert all(cuda.implements(op.hook) for op in hal.OPERATORS.values() if op.name not in V32_OPERATORS)
+    assert all(cuda.implements(op.hook) for op in hal.OPERATORS.values())
 
 
 @no_gpu
@@ -55,8 +53,12 @@ def test_simulation_is_labelled_and_never_auto_selected():
 def test_quick_conformance_in_the_interpreter():
     result = run(["-m", "pytest", "--pyargs", "hal.conformance", "--hal-backend=cuda", "-q", "-p", "no:cacheprovider"], interpret=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    implemented = [c for c in select_cases(quick=True) if hal.get_backend("cuda").implements(hal.OPERATORS[c.op].hook)]
-    assert f"{len(implemented)} passed" in result.stdout
+    # Every quick case passes, or is skipped as unsupported (an operator or feature the kernels lack).
+    counts = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (passed|skipped|failed|error)", result.stdout))
+    assert not counts.get("failed") and not counts.get("error"), result.stdout[-3000:]
+    assert counts.get("passed", 0) + counts.get("skipped", 0) == len(select_cases(quick=True))
+    # Only the dense mode of the V3.2 decode (FP8 cache or sink without indices) is not in the kernels yet.
+    assert counts.get("skipped", 0) == len([c for c in select_cases(quick=True) if c.op == "mla_decode_v2" and c.params["mode"] == "dense"])
 
 
 def test_kernel_numerics_in_the_interpreter():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,6 @@ from hal.conformance.catalogue import select_cases
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
-
-V32_OPERATORS = ("mla_decode_v2", "mla_sparse_prefill")
 
 
 def test_fnuz_conversion_is_exact_for_all_256_codes():
@@ -73,8 +72,7 @@ def test_without_amd_gpu_the_backend_says_how_to_simulate():
     rocm = hal.get_backend("rocm")
     assert not rocm.available
     assert "HAL_ROCM_SIMULATE_ARCH=gfx942" in rocm.availability().reason
-    # Every operator but FlashMLA's V3.2 ones, which the Triton kernels do not cover yet.
-    assert all(rocm.implements(op.hook) for op in hal.OPERATORS.values() if op.name not in V32_OPERATORS)
+    assert all(rocm.implements(op.hook) for op in hal.OPERATORS.values())
 
 
 def run(args: list[str], arch: str | None) -> subprocess.CompletedProcess:
@@ -99,5 +97,9 @@ def test_quick_conformance_in_simulation(arch):
     assert rocm["available"] and rocm["simulated"] and arch in rocm["device"] and "not verified on AMD hardware" in rocm["device"]
     result = run(["-m", "pytest", "--pyargs", "hal.conformance", "--hal-backend=rocm", "-q", "-p", "no:cacheprovider"], arch)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    implemented = [c for c in select_cases(quick=True) if hal.get_backend("rocm").implements(hal.OPERATORS[c.op].hook)]
-    assert f"{len(implemented)} passed" in result.stdout
+    # Every quick case passes, or is skipped as unsupported (an operator or feature the kernels lack).
+    counts = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (passed|skipped|failed|error)", result.stdout))
+    assert not counts.get("failed") and not counts.get("error"), result.stdout[-3000:]
+    assert counts.get("passed", 0) + counts.get("skipped", 0) == len(select_cases(quick=True))
+    # Only the dense mode of the V3.2 decode (FP8 cache or sink without indices) is not in the kernels yet.
+    assert counts.get("skipped", 0) == len([c for c in select_cases(quick=True) if c.op == "mla_decode_v2" and c.params["mode"] == "dense"])

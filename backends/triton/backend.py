@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hal.backends.triton.tuning import Tuning
+from hal.errors import OperatorNotSupportedError
 from hal.plugin import Availability, BackendInfo, hookimpl
 
 __all__ = ["Target", "TritonBackend"]
@@ -64,6 +65,29 @@ class TritonBackend:
         return mla_decode(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal, tuning=self.tuning
         )
+
+    @hookimpl
+    def hal_mla_decode_v2(
+        self, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length,
+    ):
+        if indices is None:
+            raise OperatorNotSupportedError(
+                "mla_decode_v2: the Triton kernels cover the sparse mode (indices); the dense mode with an FP8 cache or a sink "
+                "is not implemented yet (select the reference for it: HAL_BACKEND_MLA_DECODE_V2=cuda,reference)"
+            )
+        from hal.backends.triton.mla_sparse import mla_decode_sparse
+
+        return mla_decode_sparse(
+            q, k_cache, softmax_scale, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices, topk_length, extra_topk_length,
+            tuning=self.tuning,
+        )
+
+    @hookimpl
+    def hal_mla_sparse_prefill(self, q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+        from hal.backends.triton.mla_sparse import mla_sparse_prefill
+
+        return mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, tuning=self.tuning)
 
     @hookimpl
     def hal_gemm_fp8_nt(self, a, a_scales, b, b_scales, out):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["encode_e4m3fn", "to_bf16_rne", "round_to", "e4m3fn_bits_as_fnuz", "FNUZ_SCALE"]
+__all__ = ["encode_e4m3fn", "decode_e4m3fn", "to_bf16_rne", "round_to", "e4m3fn_bits_as_fnuz", "FNUZ_SCALE"]
 
 # Reinterpreting e4m3fn bits as e4m3fnuz (exponent bias 8 instead of 7) halves every value.
 FNUZ_SCALE = 2.0
@@ -32,6 +32,20 @@ def encode_e4m3fn(x):
     code = tl.where(magnitude < (121 << 23), subnormal, tl.minimum(normal, 0x7E))
     code = code | (sign >> 24)
     return tl.where(magnitude > 0x7F800000, 0x7F, code).to(tl.uint8)
+
+
+@triton.jit
+def decode_e4m3fn(code):
+    """uint8 tensor of e4m3fn codes -> fp32, exactly, with integer ops (0x7F / 0xFF are NaN)."""
+    c = code.to(tl.uint32)
+    sign = (c & 0x80) << 24
+    exponent = (c >> 3) & 0xF
+    mantissa = c & 0x7
+    normal = (sign | ((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    subnormal = mantissa.to(tl.float32) * 0.001953125  # mantissa x 2**-9
+    subnormal = tl.where(sign != 0, -subnormal, subnormal)
+    value = tl.where(exponent == 0, subnormal, normal)
+    return tl.where((c & 0x7F) == 0x7F, float("nan"), value)
 
 
 @triton.jit
