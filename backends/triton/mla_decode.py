@@ -20,6 +20,7 @@ import triton.language as tl
 
 from hal.backends.triton.conversions import round_to
 from hal.backends.triton.runtime import dot_operand_dtype, interpreting, launch_options
+from hal.backends.triton.softmax import online_softmax_update
 from hal.backends.triton.tuning import Tuning
 
 __all__ = ["mla_decode"]
@@ -93,16 +94,7 @@ def _mla_split_kernel(
             # fp32 operands (interpreter upcast) must not be rounded to tf32, tl.dot's fp32 default.
             scores = tl.dot(q_nope, tl.trans(k_nope), input_precision="ieee") + tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")
             scores = tl.where(keys[None, :] < visible[:, None], scores * scale_log2, float("-inf"))
-            # NaN-propagating running max: tl.max / tl.maximum skip NaN, and a NaN score must poison the row.
-            has_nan = tl.sum((scores != scores).to(tl.int32), axis=1) > 0
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1), propagate_nan=tl.PropagateNan.ALL)
-            m_new = tl.where(has_nan, float("nan"), m_new)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(k_nope.dtype), k_nope, input_precision="ieee")
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, scores, k_nope)
         # Whether the row sees a key of this part decides emptiness, never l: NaN and inf inputs make
         # l NaN or 0 and must reach the outputs (0 / 0 = NaN), not look like an empty row. A part the
         # row does not see keeps its raw sum (0, or NaN from 0 * a NaN key) and weight 0.

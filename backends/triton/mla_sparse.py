@@ -18,6 +18,7 @@ import triton.language as tl
 
 from hal.backends.triton.conversions import decode_e4m3fn, round_to
 from hal.backends.triton.runtime import interpreting, launch_options
+from hal.backends.triton.softmax import online_softmax_update
 from hal.backends.triton.tuning import Tuning
 
 __all__ = ["mla_decode_sparse", "mla_sparse_prefill"]
@@ -63,17 +64,35 @@ def _attend_list(
         k_nope, k_rope = _load_keys(cache_u8, cache_f32, cache_b16, cache_k, tl.maximum(position, 0), valid, page, stride_block, stride_slot, d_nope, d_rope, FP8)
         scores = tl.dot(q_nope, tl.trans(k_nope), input_precision="ieee") + tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")
         scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
-        has_nan = tl.sum((scores != scores).to(tl.int32), axis=1) > 0
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1), propagate_nan=tl.PropagateNan.ALL)
-        m_new = tl.where(has_nan, float("nan"), m_new)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, k_nope, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, scores, k_nope)
         count += tl.sum(valid.to(tl.int32), axis=0)
     return m_i, l_i, acc, count
+
+
+@triton.jit
+def _start_rows(q_row, head_ok, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A block of query rows (fp32 nope and rope parts) and an empty softmax state."""
+    d_nope = tl.arange(0, D_NOPE)
+    d_rope = tl.arange(0, D_ROPE)
+    q_nope = tl.load(q_row[:, None] + d_nope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+    q_rope = tl.load(q_row[:, None] + D_NOPE + d_rope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, D_NOPE), dtype=tl.float32)
+    count = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.int32), axis=0)
+    return q_nope, q_rope, m_i, l_i, acc, count
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i, count, sink_ptr, heads, head_ok, HAS_SINK: tl.constexpr):
+    """(out, natural-log lse); the sink scales out; rows that saw no valid key: out 0, lse +inf (by count, never by l)."""
+    o = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    if HAS_SINK:
+        sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
+        o = o * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
+    seen = count > 0
+    return tl.where(seen, o, 0.0), tl.where(seen, lse, float("inf"))
 
 
 @triton.jit
@@ -92,14 +111,8 @@ def _mla_sparse_kernel(
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads < h_q
     d_nope = tl.arange(0, D_NOPE)
-    d_rope = tl.arange(0, D_ROPE)
     q_row = q_ptr + b * stride_qb + t * stride_qs + heads * stride_qh
-    q_nope = tl.load(q_row[:, None] + d_nope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
-    q_rope = tl.load(q_row[:, None] + D_NOPE + d_rope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
-    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, D_NOPE), dtype=tl.float32)
-    count = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.int32), axis=0)
+    q_nope, q_rope, m_i, l_i, acc, count = _start_rows(q_row, head_ok, BLOCK_H, BLOCK_N)
     length = topk
     if HAS_LEN:
         length = tl.load(len_ptr + b)
@@ -115,14 +128,7 @@ def _mla_sparse_kernel(
             q_nope, q_rope, m_i, l_i, acc, count, x_idx_ptr + row * x_topk, x_length, x_topk, 2147483647,
             x_u8, x_f32, x_b16, x_k, x_page, x_stride_block, x_stride_slot, scale_log2, FP8, BLOCK_N,
         )
-    seen = count > 0  # a row with no valid index: out 0, lse +inf (by count, never by l)
-    o = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    if HAS_SINK:
-        sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
-        o = o * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
-    o = tl.where(seen, o, 0.0)
-    lse = tl.where(seen, lse, float("inf"))
+    o, lse = _finish_rows(acc, l_i, m_i, count, sink_ptr, heads, head_ok, HAS_SINK)
     out_row = out_ptr + b * stride_ob + t * stride_os + heads * stride_oh
     tl.store(out_row[:, None] + d_nope[None, :], round_to(o, out_ptr.dtype.element_ty, EXACT_BF16), mask=head_ok[:, None])
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + t, lse, mask=head_ok)
@@ -141,14 +147,8 @@ def _mla_sparse_prefill_kernel(
     head_ok = local < group
     heads = g * group + local
     d_nope = tl.arange(0, D_NOPE)
-    d_rope = tl.arange(0, D_ROPE)
     q_row = q_ptr + t * stride_qs + heads * stride_qh
-    q_nope = tl.load(q_row[:, None] + d_nope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
-    q_rope = tl.load(q_row[:, None] + D_NOPE + d_rope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
-    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, D_NOPE), dtype=tl.float32)
-    count = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.int32), axis=0)
+    q_nope, q_rope, m_i, l_i, acc, count = _start_rows(q_row, head_ok, BLOCK_H, BLOCK_N)
     length = topk
     if HAS_LEN:
         length = tl.load(len_ptr + t)
@@ -157,15 +157,10 @@ def _mla_sparse_prefill_kernel(
         q_nope, q_rope, m_i, l_i, acc, count, idx_ptr + t * stride_is + g * stride_ih, length, topk, s_kv,
         kv_head, kv_head, kv_head, kv_head, 1, stride_kvs, 0, scale_log2, False, BLOCK_N,
     )
-    seen = count > 0
-    o = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    if HAS_SINK:
-        sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
-        o = o * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
-    tl.store(out_ptr + t * stride_os + heads[:, None] * stride_oh + d_nope[None, :], round_to(tl.where(seen, o, 0.0), out_ptr.dtype.element_ty, EXACT_BF16), mask=head_ok[:, None])
-    tl.store(max_ptr + t * stride_ms + heads, tl.where(seen, m_i * 0.6931471805599453, float("-inf")), mask=head_ok)
-    tl.store(lse_ptr + t * stride_ls + heads, tl.where(seen, lse, float("inf")), mask=head_ok)
+    o, lse = _finish_rows(acc, l_i, m_i, count, sink_ptr, heads, head_ok, HAS_SINK)
+    tl.store(out_ptr + t * stride_os + heads[:, None] * stride_oh + d_nope[None, :], round_to(o, out_ptr.dtype.element_ty, EXACT_BF16), mask=head_ok[:, None])
+    tl.store(max_ptr + t * stride_ms + heads, tl.where(count > 0, m_i * 0.6931471805599453, float("-inf")), mask=head_ok)
+    tl.store(lse_ptr + t * stride_ls + heads, lse, mask=head_ok)
 
 
 def mla_sparse_prefill(
