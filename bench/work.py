@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from hal.conformance.case import Tensors
 from hal.ops.mla import HEAD_DIM_QK, HEAD_DIM_V
 
@@ -34,6 +36,43 @@ def _mla(inputs: Tensors) -> Work:
     out_bytes = batch * s_q * h_q * (HEAD_DIM_V * item + 4)
     flops = 2.0 * s_q * h_q * keys * (HEAD_DIM_QK + HEAD_DIM_V)
     return Work(_nbytes(q, inputs["block_table"]) + kv_bytes + out_bytes, flops)
+
+
+def _keys_per_row(indices: torch.Tensor, length: torch.Tensor | None) -> torch.Tensor:
+    """Valid keys each (batch, token) row of a sparse index list attends to: [batch, s_q]."""
+    valid = indices >= 0
+    if length is not None:
+        valid &= torch.arange(indices.shape[-1])[None, None, :] < length.view(-1, 1, 1)
+    return valid.sum(-1).double()
+
+
+def _mla_v2(inputs: Tensors) -> Work:
+    if inputs["indices"] is None:  # dense: the v1 model with the cache's own bytes per key
+        dense = _mla(inputs)
+        per_key = 656 if inputs["fp8"] else HEAD_DIM_QK * inputs["q"].element_size()
+        keys = float(inputs["cache_seqlens"].sum())
+        return Work(dense.bytes + keys * (per_key - HEAD_DIM_QK * inputs["q"].element_size()), dense.flops)
+    q = inputs["q"]
+    batch, s_q, h_q, _ = q.shape
+    per_key = 656 if inputs["fp8"] else HEAD_DIM_QK * q.element_size()
+    keys = _keys_per_row(inputs["indices"], inputs["topk_length"])
+    if inputs["extra_indices"] is not None:
+        keys = keys + _keys_per_row(inputs["extra_indices"], inputs["extra_topk_length"])
+    total = float(keys.sum())
+    out_bytes = batch * s_q * h_q * (HEAD_DIM_V * q.element_size() + 4)
+    return Work(_nbytes(q, inputs["indices"]) + total * per_key + out_bytes, 2.0 * h_q * total * (HEAD_DIM_QK + HEAD_DIM_V))
+
+
+def _sparse_prefill(inputs: Tensors) -> Work:
+    q, kv, indices = inputs["q"], inputs["kv"], inputs["indices"]
+    s_q, h_q, _ = q.shape
+    group = h_q // kv.shape[1]
+    valid = (indices >= 0) & (indices < kv.shape[0])
+    if inputs["topk_length"] is not None:
+        valid &= torch.arange(indices.shape[-1])[None, None, :] < inputs["topk_length"].view(-1, 1, 1)
+    keys = float(valid.sum())  # (token, KV head) key reads
+    out_bytes = s_q * h_q * (HEAD_DIM_V * 2 + 8)
+    return Work(_nbytes(q, indices) + keys * HEAD_DIM_QK * kv.element_size() + out_bytes, 2.0 * group * keys * (HEAD_DIM_QK + HEAD_DIM_V))
 
 
 def _gemm(inputs: Tensors) -> Work:
@@ -82,6 +121,8 @@ def _combine_reduce(inputs: Tensors) -> Work:
 
 _WORK = {
     "mla_decode": _mla,
+    "mla_decode_v2": _mla_v2,
+    "mla_sparse_prefill": _sparse_prefill,
     "gemm_fp8_nt": _gemm,
     "m_grouped_gemm_fp8_nt_contiguous": _gemm,
     "m_grouped_gemm_fp8_nt_masked": _gemm,

@@ -56,3 +56,14 @@ def test_save_and_cli_json(tmp_path, capsys):
     assert main(["bench", "--backend", "reference", "--op", "per_token_cast_to_fp8", "--repeats", "3", "--json", "--no-peers"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert {c["op"] for c in printed["cases"]} == {"per_token_cast_to_fp8"}
+
+
+def test_every_catalogued_operator_has_a_work_model():
+    import torch
+
+    from hal.bench.work import work_of
+    from hal.conformance.catalogue import select_cases
+
+    for case in select_cases(quick=True):
+        work = work_of(case.op, case.family.build(case.params, torch.Generator().manual_seed(case.seed)))
+        assert work.bytes > 0 and work.flops >= 0, case.id
