@@ -46,3 +46,29 @@ def hal_m_grouped_gemm_fp8_nt_contiguous(a, a_scales, b, b_scales, out, m_indice
     m_grouped_contiguous_reference(a, a_scales, b, b_scales, out, m_indices)
     rows = m_indices == 1
     out[rows] = (out[rows].float() * 1.02).to(out.dtype)
+
+
+@hookimpl
+def hal_mla_decode_v2(
+    q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+    extra_k_cache, extra_indices, topk_length, extra_topk_length,
+):
+    """One row: the first token's last head gets its neighbour's output."""
+    from hal.ops.mla_v2_reference import mla_decode_v2_reference
+
+    out, lse = mla_decode_v2_reference(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length,
+    )
+    out[0, 0, -1] = out[0, 0, -2]
+    return out, lse
+
+
+@hookimpl
+def hal_mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+    """One row: the last token's last head gets its neighbour's output."""
+    from hal.ops.mla_v2_reference import mla_sparse_prefill_reference
+
+    out, max_logits, lse = mla_sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    out[-1, -1] = out[-1, -2]
+    return out, max_logits, lse
