@@ -4,7 +4,7 @@ A backend whose runtime can misbehave (a JIT compiler, a driver, an ICD loader) 
 ``hal_backend_canary_key``: a string naming everything its runtime's behaviour depends on,
 computed without initialising that runtime (library versions and files, device identity as the
 OS reports it, the backend's kernel sources). Before such a backend is reported available, unihal
-runs the canary: ``python -m hal.canary BACKEND`` executes one small conformance case per
+runs the canary: ``python -m hal.canary BACKEND`` executes the quick conformance cases of every
 operator the backend implements and compares each with the reference under the conformance
 thresholds. The child process takes every risk: a segfault, an abort inside a compiler, a hang or
 a wrong number costs the probe, never the user's process, and the backend is then unavailable with

@@ -27,8 +27,6 @@ from hal.plugin import ENTRY_POINT_GROUP, NOT_IMPLEMENTED_MARK, PROJECT, Availab
 __all__ = ["Backend", "backends", "get_backend", "register", "unregister", "reload", "generation"]
 
 HOOK_NAMES: tuple[str, ...] = tuple(name for name in vars(hookspecs) if name.startswith("hal_"))
-# Hooks that describe a backend rather than implement an operator.
-DESCRIPTION_HOOKS = ("hal_backend_info", "hal_backend_availability", "hal_backend_canary_key")
 ENV_PROBE_TIMEOUT = "HAL_PROBE_TIMEOUT_S"
 DEFAULT_PROBE_TIMEOUT_S = 30.0
 

@@ -100,38 +100,46 @@ def validate_mla_decode(
             _OP, "k_cache", "dtype bfloat16 or float16 (dtype of q)", "dtype float8_e4m3fn",
             "For the 656-byte FP8 cache pass is_fp8_kvcache=True (with a schedule from get_mla_metadata()).",
         )
-    expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
-    batch, s_q, h_q, _ = q.shape
+    _check_query(q)
+    batch, s_q = q.shape[:2]
     expect_tensor(
         _OP, "k_cache", k_cache, dtypes=q.dtype, shape=(None, PAGE_BLOCK_SIZE, None, HEAD_DIM_QK),
         dims=("num_blocks", "page_block_size", "h_kv", "d"),
     )
-    num_blocks, _, h_kv, _ = k_cache.shape
-    for name, tensor in (("q", q), ("k_cache", k_cache)):
-        if tensor.numel() and tensor.stride(-1) != 1:
-            raise LayoutError(_OP, name, "a contiguous last dimension (stride 1)", f"stride {tensor.stride(-1)}", f"Pass '{name}.contiguous()'.")
-    if h_kv < 1 or h_q % h_kv != 0:
-        raise ShapeError(_OP, "k_cache", f"h_kv dividing h_q={h_q}", f"h_kv={h_kv}", "MLA uses one KV head (h_kv=1).")
-    expect_tensor(_OP, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks_per_seq"))
-    expect_tensor(_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(batch,), dims=("batch",))
+    _expect_last_dim_contiguous("k_cache", k_cache)
     expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
     expect_tensor(
         _OP, "tile_scheduler_metadata", tile_scheduler_metadata, dtypes=torch.int32, shape=(None, METADATA_WIDTH),
         dims=("num_sm_parts", "8"),
     )
     expect_tensor(_OP, "num_splits", num_splits, dtypes=torch.int32, shape=(batch + 1,), dims=("batch+1",))
-    expect_same_device(
-        _OP, "q", q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits,
-    )
-    if softmax_scale is None:
-        softmax_scale = HEAD_DIM_QK**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < math.inf:
-        raise ValueRangeError(_OP, "softmax_scale", "a positive finite float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
-    causal = bool(causal) and s_q > 1
+    expect_same_device(_OP, "q", q, k_cache=k_cache, tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
+    scale = _resolve_scale(softmax_scale)
+    _check_paging(q, k_cache.shape[0], k_cache.shape[2], block_table, cache_seqlens)
+    return scale, bool(causal) and s_q > 1
+
+
+def _expect_last_dim_contiguous(name: str, tensor: torch.Tensor) -> None:
+    if tensor.numel() and tensor.stride(-1) != 1:
+        raise LayoutError(_OP, name, "a contiguous last dimension (stride 1)", f"stride {tensor.stride(-1)}", f"Pass '{name}.contiguous()'.")
+
+
+def _check_query(q: object) -> None:
+    expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
+    _expect_last_dim_contiguous("q", q)
+
+
+def _check_paging(q: torch.Tensor, num_blocks: int, h_kv: int, block_table: object, cache_seqlens: object) -> None:
+    """The dense mode's paging: KV heads dividing the query heads, the block table and lengths,
+    their device and (where values may be read) their contents."""
+    batch, _, h_q, _ = q.shape
+    if h_kv < 1 or h_q % h_kv != 0:
+        raise ShapeError(_OP, "k_cache", f"h_kv dividing h_q={h_q}", f"h_kv={h_kv}", "MLA uses one KV head (h_kv=1).")
+    expect_tensor(_OP, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks_per_seq"))
+    expect_tensor(_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(batch,), dims=("batch",))
+    expect_same_device(_OP, "q", q, block_table=block_table, cache_seqlens=cache_seqlens)
     if value_checks_enabled(cache_seqlens):
         _check_cache_contents(block_table, cache_seqlens, num_blocks)
-    return float(softmax_scale), causal
 
 
 def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int) -> None:
@@ -242,24 +250,15 @@ def _decode_v2(
     extra_k_cache, extra_indices, topk_length, extra_topk_length,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`."""
-    expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
-    if q.numel() and q.stride(-1) != 1:
-        raise LayoutError(_OP, "q", "a contiguous last dimension (stride 1)", f"stride {q.stride(-1)}", "Pass 'q.contiguous()'.")
+    _check_query(q)
     expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
     scale = _resolve_scale(softmax_scale)
-    batch, s_q = q.shape[:2]
-    causal = bool(causal) and s_q > 1
+    causal = bool(causal) and q.shape[1] > 1
 
     def check_dense(cache: torch.Tensor) -> None:
         if cache.shape[1] != PAGE_BLOCK_SIZE:
             raise ShapeError(_OP, "k_cache", f"page_block_size {PAGE_BLOCK_SIZE} in the dense mode", f"{cache.shape[1]}", "Use 64-token pages.")
-        if q.shape[2] % max(cache.shape[2], 1) or cache.shape[2] < 1:
-            raise ShapeError(_OP, "k_cache", f"h_kv dividing h_q={q.shape[2]}", f"h_kv={cache.shape[2]}", "MLA uses one KV head (h_kv=1).")
-        expect_tensor(_OP, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks_per_seq"))
-        expect_tensor(_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(batch,), dims=("batch",))
-        expect_same_device(_OP, "q", q, block_table=block_table, cache_seqlens=cache_seqlens)
-        if value_checks_enabled(cache_seqlens):
-            _check_cache_contents(block_table, cache_seqlens, cache.shape[0])
+        _check_paging(q, cache.shape[0], cache.shape[2], block_table, cache_seqlens)
 
     return decode_v2(
         q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal, bool(is_fp8_kvcache), indices, attn_sink,
