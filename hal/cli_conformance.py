@@ -117,16 +117,16 @@ def _summary(results: list, backends: list[str], skipped: list[tuple[str, str]],
     for backend in backends:
         counts = counts_by_backend.get(backend, {"pass": 0, "total": 0, "unsupported": 0})
         availability = registry.backends()[backend].availability()
-        bad = counts["total"] - counts["pass"] - counts.get("unsupported", 0)
-        failed = bad + (counts.get("unsupported", 0) if require_all else 0)
+        not_passed = counts["total"] - counts["pass"] - counts.get("unsupported", 0)
+        failed = not_passed + (counts.get("unsupported", 0) if require_all else 0)
         verdict = "[green]certified[/]" if failed == 0 else "[red]FAILED[/]"
         if backend == "reference" and not golden:
             verdict = "[dim]self-check[/]" if failed == 0 else verdict
         elif availability.simulated and failed == 0:
             verdict = "[yellow]simulated[/]"
         implemented = counts["total"] - counts.get("unsupported", 0)
-        table.add_row(backend, escape(availability.device), f"{counts['pass']}/{implemented}", str(bad), str(counts.get("unsupported", 0)), verdict)
-    for name, reason in skipped:
+        table.add_row(backend, escape(availability.device), f"{counts['pass']}/{implemented}", str(not_passed), str(counts.get("unsupported", 0)), verdict)
+    for name, _ in skipped:  # the reasons are printed before the run
         table.add_row(f"[dim]{escape(name)}[/]", "", "-", "-", "-", "[dim]not run (above)[/]")
     table.caption = "self-check: the reference is the contract; simulated: numerics certified in an interpreter, not a hardware pass"
     return table

@@ -212,8 +212,8 @@ def select(op: Operator | str, device_type: str = "cpu", *, device_arg: str = "i
     if device_type == "meta":
         raise DeviceError(
             operator.name, device_arg, "a tensor with data (cpu, cuda, ...)", "a tensor on the meta device",
-            "Meta tensors carry no values to compute with. For shape inference, call the operator under "
-            "torch.compile or FakeTensorMode (every hal operator is a torch custom op with a fake implementation); "
+            "Meta tensors carry no values to compute with. For shape inference, trace under torch.compile "
+            "or FakeTensorMode through the torch.ops.hal custom ops, which have fake implementations; "
             "otherwise pass real tensors.",
         )
     _warn_unknown_variables_once()
