@@ -25,6 +25,7 @@ from hal.errors import (
     BackendUnavailableError,
     DeviceError,
     DTypeError,
+    FeatureNotSupportedError,
     HalError,
     LayoutError,
     OperatorNotSupportedError,
@@ -96,4 +97,5 @@ __all__ = [
     "UnknownBackendError",
     "BackendUnavailableError",
     "OperatorNotSupportedError",
+    "FeatureNotSupportedError",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -12,12 +13,13 @@ from hal.selection import select
 __all__ = ["call"]
 
 
-def call(op: Operator, device_arg: str, device: torch.device, /, **arguments: Any) -> Any:
+def call(op: Operator, device_arg: str, device: torch.device, /, *, features: Iterable[str] = (), **arguments: Any) -> Any:
     """Select the backend for ``op`` on ``device`` and call its implementation with ``arguments``.
 
-    Arguments must already be validated by the operator's spec (``hal.ops``).
+    Arguments must already be validated by the operator's spec (``hal.ops``); ``features`` names
+    the optional contract features the call uses (only backends declaring them are selected).
     """
-    selection = select(op, device.type, device_arg=device_arg)
+    selection = select(op, device.type, device_arg=device_arg, features=features)
     implementation = selection.backend.impl(op.hook)
     assert implementation is not None  # selection only returns backends that implement the hook
     return implementation(**arguments)

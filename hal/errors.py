@@ -20,6 +20,7 @@ __all__ = [
     "UnknownBackendError",
     "BackendUnavailableError",
     "OperatorNotSupportedError",
+    "FeatureNotSupportedError",
 ]
 
 
@@ -84,3 +85,18 @@ class BackendUnavailableError(BackendError, RuntimeError):
 
 class OperatorNotSupportedError(BackendError, NotImplementedError):
     """The selected backend does not implement the requested operator, or not for these inputs."""
+
+
+class FeatureNotSupportedError(OperatorNotSupportedError):
+    """The selected backend implements the operator but not a feature this call uses.
+
+    Attributes:
+        op: the operator's name.
+        backend: the backend that lacks the features.
+        missing: the features the call uses that the backend does not declare.
+        capable: backends that declare every feature the call uses.
+    """
+
+    def __init__(self, op: str, backend: str, missing: tuple[str, ...], capable: tuple[str, ...], message: str) -> None:
+        self.op, self.backend, self.missing, self.capable = op, backend, missing, capable
+        super().__init__(message)

@@ -12,7 +12,8 @@ implements. Operators it does not define are reported as unsupported; there is n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import pluggy
 
@@ -49,11 +50,19 @@ class BackendInfo:
         priority: automatic selection prefers higher values (reference: 0; device backends: 100).
         device_types: torch device types whose tensors the backend consumes (``("cuda",)``,
             ``("cpu",)``); ``None`` means any device.
+        features: per operator name, exactly the optional contract features the backend
+            implements (``{"mla_decode_v2": ("sparse", "fp8_kv", "sink")}``); see
+            :class:`hal.operator.Feature`. Takes precedence over ``contract_versions``.
+        contract_versions: per operator name, the contract version the backend implements in
+            full (every feature introduced up to it). An operator named in neither mapping is
+            served at version 1. ``hal backends --features`` lists the result.
     """
 
     description: str
     priority: int = 0
     device_types: tuple[str, ...] | None = None
+    features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    contract_versions: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

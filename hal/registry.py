@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import pluggy
 
 from hal import canary, hookspecs
+from hal.operator import Operator
 from hal.plugin import ENTRY_POINT_GROUP, NOT_IMPLEMENTED_MARK, PROJECT, Availability, BackendInfo
 
 __all__ = ["Backend", "backends", "get_backend", "register", "unregister", "reload", "generation"]
@@ -154,6 +156,18 @@ class Backend:
         """Hooks the plugin declares but marks ``@not_implemented_yet`` (a fresh ``hal new-backend``)."""
         return sorted(self._todo)
 
+    def features(self, op: Operator) -> frozenset[str]:
+        """The optional features of ``op``'s contract this backend serves (see :mod:`hal.operator`).
+
+        Declared names that ``op`` does not know (a plugin written for a newer unihal) are ignored."""
+        info = self.info
+        if info is None:
+            return frozenset()
+        declared = info.features.get(op.name)
+        if declared is not None:
+            return frozenset(declared) & frozenset(f.name for f in op.features)
+        return op.features_up_to(info.contract_versions.get(op.name, 1))
+
     def accepts_device(self, device_type: str) -> bool:
         types = self.info.device_types if self.info else ()
         return types is None or device_type in types
@@ -180,6 +194,17 @@ def _info_problem(info: object) -> str | None:
     types = info.device_types
     if types is not None and (not isinstance(types, tuple) or not all(isinstance(t, str) for t in types)):
         return f"returned device_types {types!r}, not a tuple of torch device type names or None"
+    features = info.features
+    if not isinstance(features, Mapping) or not all(
+        isinstance(op, str) and isinstance(names, (tuple, list, frozenset, set)) and all(isinstance(n, str) for n in names)
+        for op, names in features.items()
+    ):
+        return f"returned features {features!r}, not a mapping of operator name to a tuple of feature names"
+    versions = info.contract_versions
+    if not isinstance(versions, Mapping) or not all(
+        isinstance(op, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for op, v in versions.items()
+    ):
+        return f"returned contract_versions {versions!r}, not a mapping of operator name to a version >= 1"
     return None
 
 

@@ -22,12 +22,12 @@ import difflib
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hal import registry
-from hal.errors import BackendUnavailableError, DeviceError, OperatorNotSupportedError, UnknownBackendError
+from hal.errors import BackendUnavailableError, DeviceError, FeatureNotSupportedError, OperatorNotSupportedError, UnknownBackendError
 from hal.operator import OPERATORS, Operator, get_operator
 from hal.registry import Backend
 
@@ -158,7 +158,11 @@ def _requested(op: Operator) -> tuple[tuple[str, ...] | None, str]:
     return None, AUTO
 
 
-def _why_not(backend: Backend, op: Operator, device_type: str) -> str | None:
+def _missing(backend: Backend, op: Operator, features: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(features - backend.features(op)))
+
+
+def _why_not(backend: Backend, op: Operator, device_type: str, features: frozenset[str] = frozenset()) -> str | None:
     if not backend.available:
         return f"unavailable ({backend.availability().reason})"
     if not backend.implements(op.hook):
@@ -166,6 +170,9 @@ def _why_not(backend: Backend, op: Operator, device_type: str) -> str | None:
     if not backend.accepts_device(device_type):
         accepted = ", ".join(backend.info.device_types or ()) if backend.info else ""
         return f"takes {accepted} tensors, not {device_type}"
+    missing = _missing(backend, op, features)
+    if missing:
+        return f"lacks feature {', '.join(missing)}"
     return None
 
 
@@ -200,15 +207,22 @@ def _warn_unknown_variables_once() -> None:
         )
 
 
-def select(op: Operator | str, device_type: str = "cpu", *, device_arg: str = "inputs") -> Selection:
+def select(
+    op: Operator | str, device_type: str = "cpu", *, device_arg: str = "inputs", features: Iterable[str] = ()
+) -> Selection:
     """Select the backend for ``op`` on tensors of ``device_type``; raise a typed error if none can.
 
     Args:
         op: the operator or its name.
         device_type: ``tensor.device.type`` of the inputs.
         device_arg: the argument whose device was inspected, named in device errors.
+        features: the optional contract features the call uses (:class:`hal.operator.Feature`);
+            only backends that declare all of them are candidates.
     """
     operator = op if isinstance(op, Operator) else get_operator(op)
+    required = frozenset(features)
+    for name in required:
+        operator.feature(name)  # an unknown name is a unihal bug: fail loudly
     if device_type == "meta":
         raise DeviceError(
             operator.name, device_arg, "a tensor with data (cpu, cuda, ...)", "a tensor on the meta device",
@@ -218,12 +232,13 @@ def select(op: Operator | str, device_type: str = "cpu", *, device_arg: str = "i
         )
     _warn_unknown_variables_once()
     chain, source = _requested(operator)
-    return _select_cached(operator, device_type, device_arg, chain, source, registry.generation())
+    return _select_cached(operator, device_type, device_arg, chain, source, required, registry.generation())
 
 
 @functools.lru_cache(maxsize=512)
 def _select_cached(
-    op: Operator, device_type: str, device_arg: str, chain: tuple[str, ...] | None, source: str, _generation: int
+    op: Operator, device_type: str, device_arg: str, chain: tuple[str, ...] | None, source: str, features: frozenset[str],
+    _generation: int,
 ) -> Selection:
     known = registry.backends()
     explicit = chain is not None
@@ -236,21 +251,27 @@ def _select_cached(
         if backend.name in seen:
             continue
         seen.add(backend.name)
-        why = _why_not(backend, op, device_type)
+        why = _why_not(backend, op, device_type, features)
         if why is None:
             selection = Selection(op, device_type, backend, source, tuple(skipped))
             if explicit and skipped:
                 log.warning("hal: %s on %s tensors runs on '%s' (%s)", op.name, device_type, backend.name, selection.reason)
+            elif any("lacks feature" in s for s in skipped):  # auto, but never silently slower: once per (op, features)
+                log.warning(
+                    "hal: %s calls using %s on %s tensors run on '%s'; passed over: %s",
+                    op.name, ", ".join(sorted(features)), device_type, backend.name, "; ".join(s for s in skipped if "lacks feature" in s),
+                )
             return selection
         skipped.append(f"{backend.name}: {why}")
-    raise _no_backend_error(op, device_type, device_arg, source, candidates, skipped)
+    raise _no_backend_error(op, device_type, device_arg, source, candidates, skipped, features)
 
 
 def _no_backend_error(
-    op: Operator, device_type: str, device_arg: str, source: str, candidates: list[Backend], skipped: list[str]
+    op: Operator, device_type: str, device_arg: str, source: str, candidates: list[Backend], skipped: list[str],
+    features: frozenset[str] = frozenset(),
 ) -> Exception:
     capable = sorted(
-        b.name for b in registry.backends().values() if _why_not(b, op, device_type) is None
+        b.name for b in registry.backends().values() if _why_not(b, op, device_type, features) is None
     )
     alternatives = ", ".join(capable) or "(none)"
     if len(candidates) == 1:
@@ -267,6 +288,15 @@ def _no_backend_error(
                 f"Backends that can run it on {device_type} tensors: {alternatives}; "
                 f"set {op.env_var}=<one of them> to override this operator alone."
             )
+        missing = _missing(backend, op, features)
+        if missing and backend.accepts_device(device_type):
+            described = "; ".join(f"{name} ({op.feature(name).summary})" for name in missing)
+            return FeatureNotSupportedError(
+                op.name, backend.name, missing, tuple(capable),
+                f"{op.name}: backend '{backend.name}' (selected by {source}) implements {op.name} but not the "
+                f"feature(s) this call uses: {described}. Backends that declare them for {device_type} tensors: "
+                f"{alternatives}; set {op.env_var}=<one of them>, or a chain such as '{backend.name},{capable[0] if capable else 'reference'}'.",
+            )
         accepted = ", ".join(backend.info.device_types or ()) if backend.info else "?"
         return DeviceError(
             op.name,
@@ -282,6 +312,10 @@ def _no_backend_error(
     )
     if all("unavailable" in s for s in skipped):
         return BackendUnavailableError(message)
+    lacking = [b for b in candidates if b.available and b.implements(op.hook) and _missing(b, op, features)]
+    if lacking and all("unavailable" in s or "lacks feature" in s for s in skipped):
+        missing = tuple(sorted(set().union(*(_missing(b, op, features) for b in lacking))))
+        return FeatureNotSupportedError(op.name, lacking[0].name, missing, tuple(capable), message)
     return OperatorNotSupportedError(message)
 
 

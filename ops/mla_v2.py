@@ -27,15 +27,29 @@ import torch
 from hal.checks import expect_in_range, expect_same_device, expect_tensor
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
-from hal.operator import declare
+from hal.operator import Feature, declare
 from hal.ops.mla_fp8_cache import check_fp8_kv_cache
 
 __all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "decode_v2", "flash_mla_sparse_fwd"]
 
 MLA_DECODE_V2 = declare(
-    "mla_decode_v2", "hal_mla_decode_v2", "mla", "MLA decode with FP8 KV cache, sparse indices, attention sink (FlashMLA, DeepSeek-V3.2)"
+    "mla_decode_v2", "hal_mla_decode_v2", "mla", "MLA decode with FP8 KV cache, sparse indices, attention sink (FlashMLA, DeepSeek-V3.2)",
+    features=(
+        Feature("dense", "the dense mode (block_table + cache_seqlens) with V3.2 arguments"),
+        Feature("sparse", "sparse attention over top-k indices into the flattened cache"),
+        Feature("fp8_kv", "the 656-byte FP8 KV cache (is_fp8_kvcache=True)"),
+        Feature("sink", "attention sinks (attn_sink)"),
+        Feature("topk_length", "per-batch cuts of the index lists (topk_length)"),
+        Feature("extra_cache", "a second cache in the same softmax (extra_k_cache)"),
+    ),
 )
-MLA_SPARSE_PREFILL = declare("mla_sparse_prefill", "hal_mla_sparse_prefill", "mla", "Sparse MLA prefill over top-k indices (flash_mla_sparse_fwd)")
+MLA_SPARSE_PREFILL = declare(
+    "mla_sparse_prefill", "hal_mla_sparse_prefill", "mla", "Sparse MLA prefill over top-k indices (flash_mla_sparse_fwd)",
+    features=(
+        Feature("sink", "attention sinks (attn_sink)"),
+        Feature("topk_length", "per-token cuts of the index lists (topk_length)"),
+    ),
+)
 
 _OP = "flash_mla_with_kvcache"
 _PREFILL_OP = "flash_mla_sparse_fwd"
@@ -140,8 +154,11 @@ def decode_v2(
         _OP, "q", q, k_cache=k_cache, indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
         extra_indices_in_kvcache=extra_indices, topk_length=topk_length, extra_topk_length=extra_topk_length,
     )
+    features = {"sparse" if indices is not None else "dense"}
+    features |= {name for name, value in (("fp8_kv", is_fp8_kvcache), ("sink", attn_sink is not None), ("extra_cache", extra_k_cache is not None),
+                 ("topk_length", topk_length is not None or extra_topk_length is not None)) if value}
     return call(
-        MLA_DECODE_V2, "q", q.device,
+        MLA_DECODE_V2, "q", q.device, features=features,
         q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
         causal=causal, is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
         extra_indices=extra_indices, topk_length=topk_length, extra_topk_length=extra_topk_length,
@@ -185,7 +202,8 @@ def flash_mla_sparse_fwd(
         expect_tensor(op, "topk_length", topk_length, dtypes=torch.int32, shape=(s_q,), dims=("s_q",))
         expect_in_range(op, "topk_length", topk_length, 0, indices.shape[2] + 1, what=f"lengths in [0, topk={indices.shape[2]}]", fix="Cut each token's list at most at its topk.")
     expect_same_device(op, "q", q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+    features = {name for name, value in (("sink", attn_sink is not None), ("topk_length", topk_length is not None)) if value}
     return call(
-        MLA_SPARSE_PREFILL, "q", q.device,
+        MLA_SPARSE_PREFILL, "q", q.device, features=features,
         q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink, topk_length=topk_length,
     )
