@@ -128,6 +128,7 @@ class Tolerance:
 _FLASH_MLA = "FlashMLA tests/test_flash_mla.py: cal_diff < 1e-5 for out and lse"
 _FLASH_MLA_V32 = "FlashMLA HEAD tests/test_flash_mla_sparse_*.py: cos_diff < 1e-5 plus per-element abs/rel"
 _DEEP_GEMM = "DeepGEMM tests/test_core.py: calc_diff < 0.001"
+_INDEXER = "DeepGEMM HEAD tests/test_attention.py: calc_diff vs the FP8-simulated reference < 5e-6 (fp32 logits), 3e-5 (bf16)"
 _QUANT = "unihal: deterministic cast; scales match to fp32 rounding, dequantised values to fp8 rounding"
 _EXACT = "DeepEP tests: integer layouts compared exactly"
 _MOVED = "unihal: pack/unpack copy rows bitwise; DeepEP's tests check received tokens exactly"
@@ -144,6 +145,10 @@ _MLA_LSE = ElementBound(1e-6, 8.01 / 65536, 0.0, 23, "FlashMLA HEAD tests: lse a
 # fp32 ulps of the largest partial sums where the sum cancels (1e-5 of the largest output covers K
 # up to 16k). One element off by one bf16 unit fails; so does truncating instead of rounding.
 _BF16_ROUNDED = ElementBound(0.0, 0.0, 0.5, 7, "unihal: half a bf16 ulp of the unrounded reference + fp32 accumulation slack", atol_of_max=1e-5)
+# Indexer logits are an fp32 sum over heads of fp32 dot products of exact e4m3 products: a correct
+# kernel lands within a few fp32 ulps of the float64 value, plus accumulation slack where the
+# signed head weights cancel (2e-6 of the largest logit covers D=128, H=64 with a wide margin).
+_FP32_SUM = ElementBound(0.0, 0.0, 4.0, 23, "unihal: 4 fp32 ulps of the float64 value + 2e-6 of the largest logit", atol_of_max=2e-6)
 # Casts are deterministic: dequantised values may differ only by the fp8 rounding of a scale
 # that itself differs by fp32 rounding.
 _FP8_ROUNDED = ElementBound(0.0, 1e-6, 1.01, 3, "unihal: one e4m3 ulp of the dequantised value")
@@ -156,6 +161,10 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("mla_sparse_prefill", "out"): Tolerance("cos_diff", 1e-5, _FLASH_MLA_V32, _MLA_V32_OUT),
     ("mla_sparse_prefill", "max_logits"): Tolerance("cos_diff", 1e-5, _FLASH_MLA_V32, _MLA_LSE),
     ("mla_sparse_prefill", "lse"): Tolerance("cos_diff", 1e-5, _FLASH_MLA_V32, _MLA_LSE),
+    ("mqa_logits", "logits"): Tolerance("cos_diff", 5e-6, _INDEXER, _FP32_SUM),
+    ("mqa_logits", "logits_bf16"): Tolerance("cos_diff", 3e-5, _INDEXER, _BF16_ROUNDED),
+    ("paged_mqa_logits", "logits"): Tolerance("cos_diff", 5e-6, _INDEXER, _FP32_SUM),
+    ("paged_mqa_logits", "logits_bf16"): Tolerance("cos_diff", 3e-5, _INDEXER, _BF16_ROUNDED),
     ("gemm_fp8_nt", "out"): Tolerance("cos_diff", 1e-3, _DEEP_GEMM, _BF16_ROUNDED),
     ("m_grouped_gemm_fp8_nt_contiguous", "out"): Tolerance("cos_diff", 1e-3, _DEEP_GEMM, _BF16_ROUNDED),
     ("m_grouped_gemm_fp8_nt_masked", "out"): Tolerance("cos_diff", 1e-3, _DEEP_GEMM, _BF16_ROUNDED),

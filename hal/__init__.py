@@ -4,6 +4,7 @@ Operators (validated here, run on the selected backend)::
 
     hal.get_mla_metadata, hal.flash_mla_with_kvcache                  # MLA decode (FlashMLA), V3.2 arguments too
     hal.flash_mla_sparse_fwd, hal.quantize_mla_kv_cache               # sparse prefill, the FP8 KV cache
+    hal.fp8_mqa_logits, hal.fp8_paged_mqa_logits                      # V3.2 indexer logits (DeepGEMM)
     hal.gemm_fp8_fp8_bf16_nt                                          # FP8 GEMM (DeepGEMM)
     hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous / _masked           # MoE grouped FP8 GEMM
     hal.per_token_cast_to_fp8, hal.per_block_cast_to_fp8              # FP8 quantisation
@@ -47,6 +48,15 @@ from hal.ops.gemm import (
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
 )
+from hal.ops.indexer import (
+    fp8_fp4_mqa_logits,
+    fp8_fp4_paged_mqa_logits,
+    fp8_mqa_logits,
+    fp8_paged_mqa_logits,
+    get_paged_mqa_logits_metadata,
+    pack_paged_indexer_cache,
+    quantize_indexer_keys,
+)
 from hal.ops.mla import flash_mla_with_kvcache, get_mla_metadata
 from hal.ops.mla_fp8_cache import dequantize_mla_kv_cache, quantize_mla_kv_cache
 from hal.ops.mla_v2 import MLASchedule, flash_mla_sparse_fwd
@@ -63,6 +73,13 @@ __all__ = [
     "MLASchedule",
     "quantize_mla_kv_cache",
     "dequantize_mla_kv_cache",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
+    "fp8_fp4_mqa_logits",
+    "fp8_fp4_paged_mqa_logits",
+    "get_paged_mqa_logits_metadata",
+    "quantize_indexer_keys",
+    "pack_paged_indexer_cache",
     "gemm_fp8_fp8_bf16_nt",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",

@@ -150,6 +150,64 @@ def hal_mla_sparse_prefill(
     lse float32 [s_q, h_q])`` following :func:`hal.ops.mla_v2_reference.mla_sparse_prefill_reference`."""
 
 
+# --- Indexer logits (DeepGEMM, DeepSeek-V3.2) ----------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_mqa_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_scales: torch.Tensor,
+    weights: torch.Tensor,
+    k_start: torch.Tensor,
+    k_end: torch.Tensor,
+    clean_logits: bool,
+    max_seqlen_k: int,
+    logits_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Indexer logits for a prefill chunk (see :mod:`hal.ops.indexer`).
+
+    Args:
+        q: float8_e4m3fn [seq_len, H, D] contiguous; k: float8_e4m3fn [seq_len_kv, D] contiguous;
+        k_scales: float32 [seq_len_kv]; weights: float32 (or bf16) [seq_len, H];
+        k_start / k_end: int32 [seq_len] in [0, seq_len_kv]: row i sees keys [start, end).
+        clean_logits: -inf at keys outside a row's range (else unspecified there).
+        max_seqlen_k: 0, or the width of the compressed output (column j = key start + j).
+        logits_dtype: float32 or bfloat16.
+
+    Returns:
+        logits [seq_len, seq_len_kv or max_seqlen_k] following
+        :func:`hal.ops.indexer_reference.mqa_logits_reference`.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_paged_mqa_logits(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    max_context_len: int,
+    clean_logits: bool,
+    logits_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Indexer logits over the paged FP8 key cache (see :mod:`hal.ops.indexer`).
+
+    Args:
+        q: float8_e4m3fn [batch, next_n, H, D] contiguous.
+        kv_cache: uint8 [num_blocks, block_kv, 1, D + 4], each block ``block_kv * D`` e4m3 bytes
+            then ``block_kv`` fp32 scales (blocks may be strided; each is contiguous).
+        weights: float32 (or bf16) [batch * next_n, H]; block_table: int32 [batch, max_blocks].
+        context_lens: int32 [batch, next_n] (row j sees p < len[b, j]) or [batch] (p <= len - next_n + j).
+        max_context_len: output width; clean_logits: -inf at unseen positions; logits_dtype: float32 or bfloat16.
+
+    Returns:
+        logits [batch * next_n, max_context_len] following
+        :func:`hal.ops.indexer_reference.paged_mqa_logits_reference`.
+    """
+
+
 # --- FP8 GEMM (DeepGEMM) -------------------------------------------------------------------
 
 

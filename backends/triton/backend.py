@@ -93,6 +93,18 @@ class TritonBackend:
         return mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, tuning=self.tuning)
 
     @hookimpl
+    def hal_mqa_logits(self, q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype):
+        from hal.backends.triton.indexer import mqa_logits
+
+        return mqa_logits(q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype, tuning=self.tuning)
+
+    @hookimpl
+    def hal_paged_mqa_logits(self, q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits, logits_dtype):
+        from hal.backends.triton.indexer import paged_mqa_logits
+
+        return paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits, logits_dtype, tuning=self.tuning)
+
+    @hookimpl
     def hal_gemm_fp8_nt(self, a, a_scales, b, b_scales, out):
         from hal.backends.triton.fp8_gemm import DENSE, fp8_gemm
 
