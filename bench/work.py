@@ -75,6 +75,29 @@ def _sparse_prefill(inputs: Tensors) -> Work:
     return Work(_nbytes(q, indices) + keys * HEAD_DIM_QK * kv.element_size() + out_bytes, 2.0 * group * keys * (HEAD_DIM_QK + HEAD_DIM_V))
 
 
+def _mqa_logits(inputs: Tensors) -> Work:
+    """The anchor's model: 2·H·D FLOPs per (row, key) a row sees; q, keys, weights read once, logits written."""
+    q, keys = inputs["q"], inputs["keys"]
+    seq_len, heads, dim = q.shape
+    seen = float((inputs["end"].long() - inputs["start"].long()).clamp(min=0).sum())
+    width = inputs["max_seqlen_k"] or keys.shape[0]
+    out_bytes = seq_len * width * (2 if inputs["bf16"] else 4)
+    return Work(_nbytes(q, keys, inputs["scales"], inputs["weights"], inputs["start"], inputs["end"]) + out_bytes, 2.0 * heads * dim * seen)
+
+
+def _paged_mqa_logits(inputs: Tensors) -> Work:
+    """Each sequence's keys (D bytes + a 4-byte scale) read once for its next_n rows; 2·H·D FLOPs per seen (row, key)."""
+    from hal.ops.indexer_reference import visible_lengths
+
+    q = inputs["q"]
+    batch, next_n, heads, dim = q.shape
+    visible = visible_lengths(inputs["context_lens"], next_n).double()
+    keys_read = float(visible.amax(dim=1).sum()) if batch else 0.0
+    out_bytes = batch * next_n * inputs["max_context_len"] * (2 if inputs["bf16"] else 4)
+    bytes_ = _nbytes(q, inputs["weights"], inputs["context_lens"], inputs["block_table"]) + keys_read * (dim + 4) + out_bytes
+    return Work(bytes_, 2.0 * heads * dim * float(visible.sum()))
+
+
 def _gemm(inputs: Tensors) -> Work:
     a, b, out = inputs["a"], inputs["b"], inputs["out"]
     k = a.shape[-1]
@@ -123,6 +146,8 @@ _WORK = {
     "mla_decode": _mla,
     "mla_decode_v2": _mla_v2,
     "mla_sparse_prefill": _sparse_prefill,
+    "mqa_logits": _mqa_logits,
+    "paged_mqa_logits": _paged_mqa_logits,
     "gemm_fp8_nt": _gemm,
     "m_grouped_gemm_fp8_nt_contiguous": _gemm,
     "m_grouped_gemm_fp8_nt_masked": _gemm,

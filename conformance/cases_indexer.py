@@ -67,16 +67,15 @@ class MqaLogitsFamily(Family):
             seen[int(start[i]) : int(end[i])] = True
         keys.view(torch.uint8)[~seen] = NAN_E4M3
         weights = torch.randn(m, h, generator=generator)
-        dtype = torch.bfloat16 if params.get("bf16") else torch.float32
         compressed = int((end - start).clamp(min=0).max()) if params.get("compressed") else 0
         return {"q": q, "keys": keys, "scales": scales, "weights": weights, "start": start, "end": end,
-                "max_seqlen_k": max(compressed, 1) if params.get("compressed") else 0, "dtype": dtype}
+                "max_seqlen_k": max(compressed, 1) if params.get("compressed") else 0, "bf16": bool(params.get("bf16"))}
 
     def run(self, inputs: Tensors) -> Tensors:
         compressed = inputs["max_seqlen_k"] > 0
         logits = hal.fp8_fp4_mqa_logits(
             inputs["q"], (inputs["keys"], inputs["scales"]), inputs["weights"], inputs["start"], inputs["end"],
-            clean_logits=not compressed, max_seqlen_k=inputs["max_seqlen_k"], logits_dtype=inputs["dtype"],
+            clean_logits=not compressed, max_seqlen_k=inputs["max_seqlen_k"], logits_dtype=_dtype(inputs),
         )
         return {"logits": logits}
 
@@ -91,7 +90,7 @@ class MqaLogitsFamily(Family):
         return {"logits": torch.where(seen, values, -math.inf)}
 
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list:
-        return _judge_logits(self.op, got["logits"], expected["logits"], inputs["dtype"], specified_only=inputs["max_seqlen_k"] > 0)
+        return _judge_logits(self.op, got["logits"], expected["logits"], _dtype(inputs), specified_only=inputs["max_seqlen_k"] > 0)
 
 
 class PagedMqaLogitsFamily(Family):
@@ -131,7 +130,7 @@ class PagedMqaLogitsFamily(Family):
         weights = torch.randn(batch * next_n, h, generator=generator)
         width = max(int(lens.max()) if batch else 0, 1) + params.get("extra_width", 0)
         return {"q": q, "kv_cache": packed, "weights": weights, "context_lens": context_lens, "block_table": table,
-                "max_context_len": width, "dtype": torch.bfloat16 if params.get("bf16") else torch.float32,
+                "max_context_len": width, "bf16": bool(params.get("bf16")),
                 "clean": params.get("clean", True)}
 
     def run(self, inputs: Tensors) -> Tensors:
@@ -139,7 +138,7 @@ class PagedMqaLogitsFamily(Family):
         schedule = hal.get_paged_mqa_logits_metadata(lens if lens.dim() == 2 else lens[:, None], inputs["kv_cache"].shape[1], 8)
         logits = hal.fp8_fp4_paged_mqa_logits(
             inputs["q"], inputs["kv_cache"], inputs["weights"], lens, inputs["block_table"], schedule, inputs["max_context_len"],
-            clean_logits=inputs["clean"], logits_dtype=inputs["dtype"],
+            clean_logits=inputs["clean"], logits_dtype=_dtype(inputs),
         )
         return {"logits": logits}
 
@@ -164,7 +163,11 @@ class PagedMqaLogitsFamily(Family):
         return {"logits": out}
 
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list:
-        return _judge_logits(self.op, got["logits"], expected["logits"], inputs["dtype"], specified_only=not inputs["clean"])
+        return _judge_logits(self.op, got["logits"], expected["logits"], _dtype(inputs), specified_only=not inputs["clean"])
+
+
+def _dtype(inputs: Tensors) -> torch.dtype:
+    return torch.bfloat16 if inputs["bf16"] else torch.float32
 
 
 def _judge_logits(op: str, logits: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, *, specified_only: bool) -> list:
