@@ -1,4 +1,6 @@
-"""DeepGEMM's (v1) public API on hal: the FP8 GEMMs and their layout helpers.
+"""DeepGEMM's public API on hal: the FP8 GEMMs (v1 names), their layout helpers, and the
+DeepSeek-V3.2 indexer (``fp8_mqa_logits``, ``fp8_paged_mqa_logits``, ``get_paged_mqa_logits_metadata``
+and their ``fp8_fp4_*`` forms with FP8 inputs; see :mod:`hal.ops.indexer`).
 
 Same names, signatures and in-place semantics as ``deep_gemm``; see :mod:`hal.ops.gemm`.
 hal's GEMMs accept LHS scales in any layout, so ``get_col_major_tma_aligned_tensor`` is only
@@ -15,6 +17,13 @@ from hal.ops.gemm import (
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
 )
+from hal.ops.indexer import (
+    fp8_fp4_mqa_logits,
+    fp8_fp4_paged_mqa_logits,
+    fp8_mqa_logits,
+    fp8_paged_mqa_logits,
+    get_paged_mqa_logits_metadata,
+)
 from hal.ops.mla_schedule import default_num_sms
 
 __all__ = [
@@ -22,6 +31,11 @@ __all__ = [
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
     "get_m_alignment_for_contiguous_layout",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
+    "fp8_fp4_mqa_logits",
+    "fp8_fp4_paged_mqa_logits",
+    "get_paged_mqa_logits_metadata",
     "get_col_major_tma_aligned_tensor",
     "get_tma_aligned_size",
     "set_num_sms",

@@ -1,6 +1,6 @@
 """The ``hal`` command line.
 
-``hal backends [--json]``: discovered backends, availability (and why not), operators, selection.
+``hal backends [--json | --features]``: discovered backends, availability (and why not), operators, selection.
 ``hal conformance [...]``: certify backends against the reference (see ``hal conformance -h``).
 ``hal bench [...]``: time backends and peers, fractions of measured peak (see ``hal bench -h``).
 ``hal new-backend NAME [--dir D]``: write a vendor plugin package to start from.
@@ -40,7 +40,11 @@ def _print_backends(report: dict[str, Any], console: Console) -> None:
         if b["device"]:
             status += f"\ndevice: {escape(b['device'])}"
         name = f"[bold]{escape(b['name'])}[/] (priority {b['priority']})\n{escape(b['description'])}\n[dim]{escape(b['source'])}[/]"
-        operators = "\n".join(b["operators"]) or "(none)"
+        lines = []
+        for op in b["operators"]:
+            lacking = sorted(set(report["operators"][op]["features"]) - set(b["features"].get(op, ())))
+            lines.append(op + (f" [yellow](lacks {escape(', '.join(lacking))})[/]" if lacking else ""))
+        operators = "\n".join(lines) or "(none)"
         if b["not_implemented_yet"]:
             operators += f"\n[dim]{len(b['not_implemented_yet'])} declared, not implemented yet[/]"
         if b["canary"] is not None and b["canary"]["passed"]:
@@ -65,6 +69,27 @@ def _print_backends(report: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]Ignored:[/] {escape(var)}={escape(ignored['value'])} names no operator; did you mean {escape(ignored['did_you_mean'])}?")
 
 
+def _print_features(report: dict[str, Any], console: Console) -> None:
+    """Operator feature x backend: which optional parts of each contract every backend serves."""
+    names = [b["name"] for b in report["backends"] if b["operators"]]
+    by_name = {b["name"]: b for b in report["backends"]}
+    table = Table(title="Contract features per backend (v = served, - = not, blank = operator not implemented)")
+    table.add_column("operator / feature", overflow="fold")
+    for name in names:
+        table.add_column(name, justify="center")
+    for op, spec in report["operators"].items():
+        for feature, summary in spec["features"].items():
+            cells = []
+            for name in names:
+                backend = by_name[name]
+                if op not in backend["operators"]:
+                    cells.append("")
+                else:
+                    cells.append("[green]v[/]" if feature in backend["features"].get(op, ()) else "[red]-[/]")
+            table.add_row(f"{op} v{spec['version']} / {feature}\n[dim]{escape(summary)}[/]", *cells)
+    console.print(table)
+
+
 def _check_environment() -> None:
     """A misspelt backend in a selection variable is a configuration error, not a table row."""
     for var, value in honoured_variables().items():
@@ -77,6 +102,8 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
+    elif args.features:
+        _print_features(report, Console())
     else:
         _print_backends(report, Console())
     return 0
@@ -104,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     backends = commands.add_parser("backends", help="list backends, their availability, operators and the selection")
     backends.add_argument("--json", action="store_true", help="print the report as JSON")
+    backends.add_argument("--features", action="store_true", help="print which optional contract features each backend serves")
     backends.set_defaults(run=_cmd_backends)
     cli_conformance.add_parser(commands)
     cli_bench.add_parser(commands)

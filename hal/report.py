@@ -43,6 +43,9 @@ def backends_report() -> dict[str, Any]:
                 "simulated": availability.simulated,
                 "load_error": backend.load_error,
                 "operators": [hooks[h] for h in backend.implemented_hooks() if h in hooks],
+                "features": {
+                    op.name: sorted(backend.features(op)) for op in OPERATORS.values() if op.features and backend.implements(op.hook)
+                },
                 "not_implemented_yet": [hooks[h] for h in backend.planned_hooks() if h in hooks],
                 "canary": None if backend.verdict is None else {
                     "passed": backend.verdict.passed, "reason": backend.verdict.reason, "cases": len(backend.verdict.cases),
@@ -61,7 +64,13 @@ def backends_report() -> dict[str, Any]:
                 per_op[op.name] = {"backend": None, "error": f"{type(exc).__name__}: {exc}"}
     return {
         "backends": backends,
-        "operators": {op.name: {"family": op.family, "hook": op.hook, "summary": op.summary} for op in OPERATORS.values()},
+        "operators": {
+            op.name: {
+                "family": op.family, "hook": op.hook, "summary": op.summary, "version": op.version,
+                "features": {f.name: f.summary for f in op.features},
+            }
+            for op in OPERATORS.values()
+        },
         "selection": selection,
         "environment": honoured_variables(),
         "ignored_environment": {var: {"value": os.environ[var], "did_you_mean": closest} for var, closest in unknown_variables().items()},
