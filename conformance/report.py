@@ -18,6 +18,7 @@ import hal
 from hal import registry
 from hal.conformance.case import CaseResult
 from hal.conformance.metrics import TOLERANCES
+from hal.operator import OPERATORS
 
 __all__ = ["environment", "summarize", "build_report", "write_reports", "STATUSES"]
 
@@ -33,7 +34,11 @@ def environment() -> dict[str, Any]:
     backends = {}
     for name, backend in sorted(registry.backends().items()):
         availability = backend.availability()
-        backends[name] = {"available": availability.available, "device": availability.device, "simulated": availability.simulated, "reason": availability.reason}
+        backends[name] = {
+            "available": availability.available, "device": availability.device, "simulated": availability.simulated, "reason": availability.reason,
+            # Which optional parts of each implemented contract the backend declares (see hal.operator.Feature).
+            "features": {op.name: sorted(backend.features(op)) for op in OPERATORS.values() if op.features and backend.implements(op.hook)},
+        }
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -88,6 +93,15 @@ def _markdown(report: dict[str, Any], results: Sequence[CaseResult]) -> str:
     for backend, counts in report["summary"].items():
         simulated = " (simulated)" if env["backends"].get(backend, {}).get("simulated") else ""
         lines.append(f"| {backend} | {devices.get(backend, '')}{simulated} | " + " | ".join(str(counts[s]) for s in STATUSES) + f" | {counts['total']} |")
+    feature_ops = {op.name: [f.name for f in op.features] for op in OPERATORS.values() if op.features}
+    lines += ["", "Contract features per backend that ran (+ served, - not):", "", "| backend | " + " | ".join(feature_ops) + " |", "|---|" + "---|" * len(feature_ops)]
+    for backend in report["summary"]:
+        declared = env["backends"].get(backend, {}).get("features", {})
+        cells = [
+            " ".join(("+" if f in declared[op] else "-") + f for f in names) if op in declared else "not implemented"
+            for op, names in feature_ops.items()
+        ]
+        lines.append(f"| {backend} | " + " | ".join(cells) + " |")
     lines += ["", "| backend | case | status | worst metric | detail |", "|---|---|---|---|---|"]
     for r in results:
         worst = r.worst()
