@@ -75,6 +75,12 @@ def _sparse_prefill(inputs: Tensors) -> Work:
     return Work(_nbytes(q, indices) + keys * HEAD_DIM_QK * kv.element_size() + out_bytes, 2.0 * group * keys * (HEAD_DIM_QK + HEAD_DIM_V))
 
 
+def _quantize_cache(inputs: Tensors) -> Work:
+    x = inputs["k_cache"]
+    tokens = x.shape[0] * x.shape[1]
+    return Work(tokens * (HEAD_DIM_QK * x.element_size() + 656), 0.0)
+
+
 def _mqa_logits(inputs: Tensors) -> Work:
     """The anchor's model: 2·H·D FLOPs per (row, key) a row sees; q, keys, weights read once, logits written."""
     q, keys = inputs["q"], inputs["keys"]
@@ -146,6 +152,7 @@ _WORK = {
     "mla_decode": _mla,
     "mla_decode_v2": _mla_v2,
     "mla_sparse_prefill": _sparse_prefill,
+    "quantize_mla_kv_cache": _quantize_cache,
     "mqa_logits": _mqa_logits,
     "paged_mqa_logits": _paged_mqa_logits,
     "gemm_fp8_nt": _gemm,

@@ -36,6 +36,7 @@ import torch
 import hal
 from hal.conformance import oracles
 from hal.conformance.case import judge
+from hal.ops.mla_fp8_cache import quantize_mla_kv_cache_reference
 
 __all__ = ["Outcome", "OPERATORS", "run", "summarise", "main"]
 
@@ -443,7 +444,7 @@ def _make_sparse(rng: random.Random) -> Args:
     cache = torch.randn(blocks, 64, 1, 576, generator=g).to(torch.bfloat16)
     indices = torch.randint(-1, blocks * 64, (batch, s_q, topk), generator=g, dtype=torch.int32)
     return {
-        "q": torch.randn(batch, s_q, h_q, 576, generator=g).to(torch.bfloat16), "k_cache": hal.quantize_mla_kv_cache(cache), "fp8": True,
+        "q": torch.randn(batch, s_q, h_q, 576, generator=g).to(torch.bfloat16), "k_cache": quantize_mla_kv_cache_reference(cache), "fp8": True,
         "indices": indices, "attn_sink": torch.randn(h_q, generator=g) if rng.random() < 0.5 else None,
         "topk_length": torch.randint(0, topk + 1, (batch,), generator=g, dtype=torch.int32) if rng.random() < 0.5 else None, "causal": False,
     }

@@ -2,7 +2,7 @@
 
 Inputs follow FlashMLA's sparse tests: q and the cache from N(0, 1); top-k index lists drawn over
 the flattened cache with some entries -1, optionally cut by ``topk_length``; the FP8 cache built
-with :func:`hal.quantize_mla_kv_cache`; sinks that mix finite values with +inf and -inf. Every
+with the quantiser's reference (inputs never depend on the backend under test); sinks that mix finite values with +inf and -inf. Every
 cache position no index list names holds NaN (a NaN e4m3 code in the FP8 cache), so a kernel that
 reads a key it was not given fails.
 """
@@ -17,10 +17,10 @@ import torch
 
 import hal
 from hal.conformance.case import Case, Family, Tensors, judge
-from hal.ops.mla_fp8_cache import LATENT
+from hal.ops.mla_fp8_cache import LATENT, quantize_mla_kv_cache_reference
 from hal.ops.mla_v2_reference import mla_decode_v2_reference, mla_sparse_prefill_reference
 
-__all__ = ["MlaDecodeV2Family", "SparsePrefillFamily", "mla_v2_cases"]
+__all__ = ["MlaDecodeV2Family", "SparsePrefillFamily", "QuantizeCacheFamily", "mla_v2_cases", "quantize_cache_cases"]
 
 PAGE = 64
 D_QK = 576
@@ -53,7 +53,7 @@ def _poisoned_cache(blocks: int, fp8: bool, named: torch.Tensor, generator: torc
     if not fp8:
         cache.view(-1, D_QK)[unused] = math.nan
         return cache
-    quantised = hal.quantize_mla_kv_cache(cache)
+    quantised = quantize_mla_kv_cache_reference(cache)
     raw = quantised.view(torch.uint8).view(-1, quantised.shape[-1])
     raw[unused, :LATENT] = NAN_E4M3
     return quantised
@@ -195,3 +195,62 @@ def mla_v2_cases() -> list[Case]:
         name = f"sq{p['s_q']}-skv{p['s_kv']}-h{p['h_q']}x{p['h_kv']}-topk{p['topk']}" + ("-sink" if p.get("sink") else "") + ("-topklen" if p.get("topk_length") else "")
         cases.append(Case(prefill, name, p, quick=quick_case, seed=600 + i))
     return cases
+
+
+class QuantizeCacheFamily(Family):
+    """The FP8 cache writer: bit-exact records. Tiles at the scale clamp (amax / 448 < 1e-4), exact
+    powers of two at the rounding boundary, all-zero tiles, one NaN and fp16/fp32 inputs."""
+
+    op = "quantize_mla_kv_cache"
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        blocks, page = params["blocks"], params["page"]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[params["dtype"]]
+        x = torch.randn(blocks, page, 1, D_QK, generator=generator) * torch.exp2(torch.randint(-8, 6, (blocks, page, 1, 1), generator=generator).float())
+        tokens = x.view(-1, D_QK)
+        tokens[0, :128] *= 1e-4  # amax / 448 far under the 1e-4 clamp
+        tokens[0, 128:256] = 0.0
+        tokens[1, 256:384] = tokens[1, 256:384].clamp(-1, 1)
+        tokens[1, 300] = 448.0 * 2.0**-5  # amax / 448 exactly a power of two
+        if params.get("nan"):
+            tokens[-1, 400] = math.nan
+        x = x.to(dtype)
+        if params.get("strided"):
+            x = torch.cat([x, x], dim=1)[:, ::2]  # a page of every other token
+        return {"k_cache": x}
+
+    def run(self, inputs: Tensors) -> Tensors:
+        return {"records": _canonical_nans(hal.quantize_mla_kv_cache(inputs["k_cache"]))}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        return {"records": _canonical_nans(quantize_mla_kv_cache_reference(inputs["k_cache"]))}
+
+    def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list:
+        return judge(self.op, "records", got["records"], expected["records"])
+
+
+def _canonical_nans(cache: torch.Tensor) -> torch.Tensor:
+    """The records' bytes with every NaN written one way: a NaN's sign and payload are not part of
+    the contract (hardware differs), its position is. Returns uint8 [..., 656]."""
+    raw = cache.view(torch.uint8).clone()
+    codes = raw[..., :LATENT]
+    codes[(codes & 0x7F) == 0x7F] = NAN_E4M3
+    scales = raw[..., LATENT : LATENT + 16].contiguous().view(torch.float32)
+    scales[torch.isnan(scales)] = math.nan
+    raw[..., LATENT : LATENT + 16] = scales.view(torch.uint8)
+    return raw
+
+
+def quantize_cache_cases() -> list[Case]:
+    family = QuantizeCacheFamily()
+    params = [
+        ({"blocks": 3, "page": 64, "dtype": "bf16", "nan": True}, True),
+        ({"blocks": 2, "page": 16, "dtype": "fp16", "strided": True}, True),
+        ({"blocks": 2, "page": 8, "dtype": "fp32"}, True),
+        ({"blocks": 256, "page": 64, "dtype": "bf16"}, False),
+    ]
+    return [
+        Case(family, f"{p['blocks']}x{p['page']}-{p['dtype']}" + ("-nan" if p.get("nan") else "") + ("-strided" if p.get("strided") else ""),
+             p, quick=quick, seed=900 + i)
+        for i, (p, quick) in enumerate(params)
+    ]

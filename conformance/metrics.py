@@ -129,6 +129,7 @@ _FLASH_MLA = "FlashMLA tests/test_flash_mla.py: cal_diff < 1e-5 for out and lse"
 _FLASH_MLA_V32 = "FlashMLA HEAD tests/test_flash_mla_sparse_*.py: cos_diff < 1e-5 plus per-element abs/rel"
 _DEEP_GEMM = "DeepGEMM tests/test_core.py: calc_diff < 0.001"
 _INDEXER = "DeepGEMM HEAD tests/test_attention.py: calc_diff vs the FP8-simulated reference < 5e-6 (fp32 logits), 3e-5 (bf16)"
+_RECORDS = "unihal: the FP8 cache writer is deterministic (FlashMLA tests/quant.py recipe, scale rounded up exactly): bytes compared exactly"
 _QUANT = "unihal: deterministic cast; scales match to fp32 rounding, dequantised values to fp8 rounding"
 _EXACT = "DeepEP tests: integer layouts compared exactly"
 _MOVED = "unihal: pack/unpack copy rows bitwise; DeepEP's tests check received tokens exactly"
@@ -161,6 +162,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("mla_sparse_prefill", "out"): Tolerance("cos_diff", 1e-5, _FLASH_MLA_V32, _MLA_V32_OUT),
     ("mla_sparse_prefill", "max_logits"): Tolerance("cos_diff", 1e-5, _FLASH_MLA_V32, _MLA_LSE),
     ("mla_sparse_prefill", "lse"): Tolerance("cos_diff", 1e-5, _FLASH_MLA_V32, _MLA_LSE),
+    ("quantize_mla_kv_cache", "records"): Tolerance("mismatches", 0, _RECORDS),
     ("mqa_logits", "logits"): Tolerance("cos_diff", 5e-6, _INDEXER, _FP32_SUM),
     ("mqa_logits", "logits_bf16"): Tolerance("cos_diff", 3e-5, _INDEXER, _BF16_ROUNDED),
     ("paged_mqa_logits", "logits"): Tolerance("cos_diff", 5e-6, _INDEXER, _FP32_SUM),

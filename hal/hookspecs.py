@@ -150,6 +150,19 @@ def hal_mla_sparse_prefill(
     lse float32 [s_q, h_q])`` following :func:`hal.ops.mla_v2_reference.mla_sparse_prefill_reference`."""
 
 
+@hookspec(firstresult=True)
+def hal_quantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
+    """Quantise an MLA cache to FlashMLA's 656-byte FP8 records (:mod:`hal.ops.mla_fp8_cache`).
+
+    Args:
+        k_cache: bf16/fp16/fp32 [num_blocks, page_block_size, 1, 576], any strides.
+
+    Returns:
+        float8_e4m3fn [num_blocks, page_block_size, 1, 656], contiguous, bit-identical to
+        :func:`hal.ops.mla_fp8_cache.quantize_mla_kv_cache_reference`.
+    """
+
+
 # --- Indexer logits (DeepGEMM, DeepSeek-V3.2) ----------------------------------------------
 
 

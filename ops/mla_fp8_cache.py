@@ -6,11 +6,18 @@ FlashMLA's own test allocates them):
 
 - bytes 0..511: the 512 latent ("nope") values as float8_e4m3fn;
 - bytes 512..527: 4 float32 scales, one per 128 latent values (tile), each a power of two (a
-  UE8M0 value stored as fp32): ``2 ** ceil(log2(max(amax, 1e-4) / 448))``;
+  UE8M0 value stored as fp32): the smallest power of two >= ``max(amax / 448, 1e-4)`` (FlashMLA's
+  ``tests/quant.py`` recipe; the clamp applies to the scale, not to amax). We round up exactly,
+  from the float32 bits; the anchor's helper takes ``ceil(log2(x))`` in float32, which for ``x``
+  a few ulps above a power of two can land on that power instead. Both decode within the fp8
+  rounding; unihal's backends all follow the exact rule;
 - bytes 528..655: the 64 rope values as bfloat16, unquantised.
 
 Dequantised latent = fp8 value x its tile's scale (exact in fp32: the scale is a power of two);
 rope is taken as is. Every backend reads the cache through this definition.
+
+Quantising is the dispatched operator ``quantize_mla_kv_cache`` (every engine writes its cache
+with it, so its rounding is part of the contract); NaN in a tile makes its scale and codes NaN.
 """
 
 from __future__ import annotations
@@ -18,11 +25,18 @@ from __future__ import annotations
 import torch
 
 from hal.checks import expect_tensor
+from hal.dispatch import call
 from hal.errors import LayoutError
+from hal.operator import declare
 
 __all__ = [
-    "FP8_TOKEN_BYTES", "LATENT", "ROPE", "TILE", "TILES", "quantize_mla_kv_cache", "dequantize_mla_kv_cache", "check_fp8_kv_cache",
+    "FP8_TOKEN_BYTES", "LATENT", "ROPE", "TILE", "TILES", "QUANTIZE_MLA_KV_CACHE", "quantize_mla_kv_cache", "quantize_mla_kv_cache_reference",
+    "dequantize_mla_kv_cache", "check_fp8_kv_cache", "ue8m0_scale",
 ]
+
+QUANTIZE_MLA_KV_CACHE = declare(
+    "quantize_mla_kv_cache", "hal_quantize_mla_kv_cache", "mla", "bf16 MLA cache -> FlashMLA's 656-byte FP8 records (DeepSeek-V3.2)"
+)
 
 LATENT = 512
 ROPE = 64
@@ -47,21 +61,45 @@ def check_fp8_kv_cache(op: str, name: str, k_cache: object) -> torch.Tensor:
     return cache
 
 
-def quantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16/fp32 [num_blocks, page_block_size, 1, 576] -> the FP8 cache [.., 1, 656] (see module docstring)."""
-    op = "quantize_mla_kv_cache"
-    expect_tensor(op, "k_cache", k_cache, dtypes=(torch.bfloat16, torch.float16, torch.float32), shape=(None, None, 1, LATENT + ROPE))
+def ue8m0_scale(amax: torch.Tensor) -> torch.Tensor:
+    """float32 tile amax -> the smallest power of two >= max(amax / 448, 1e-4), exactly; NaN stays NaN."""
+    x = torch.clamp_min(amax.float() / 448.0, 1e-4)  # clamp_min keeps NaN
+    bits = x.view(torch.int32)
+    exponent = bits & 0x7F800000
+    up = torch.where((bits & 0x7FFFFF) == 0, exponent, exponent + (1 << 23))  # x itself when a power of two
+    return torch.where(torch.isfinite(x), up.view(torch.float32), x)
+
+
+def quantize_mla_kv_cache_reference(k_cache: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`quantize_mla_kv_cache` (validated input)."""
     blocks, page = k_cache.shape[:2]
     values = k_cache.reshape(blocks, page, LATENT + ROPE).float()
-    latent = values[..., :LATENT].view(blocks, page, TILES, TILE)
-    amax = latent.abs().amax(dim=-1).clamp(min=1e-4)
-    scales = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))  # [blocks, page, TILES]
+    latent = values[..., :LATENT].reshape(blocks, page, TILES, TILE)
+    amax = latent.abs().amax(dim=-1)  # NaN-propagating
+    scales = ue8m0_scale(amax)  # [blocks, page, TILES]
     codes = (latent / scales.unsqueeze(-1)).to(torch.float8_e4m3fn).view(blocks, page, LATENT)
     out = torch.empty(blocks, page, FP8_TOKEN_BYTES, dtype=torch.uint8, device=k_cache.device)
     out[..., :LATENT] = codes.view(torch.uint8)
     out[..., SCALE_OFFSET:ROPE_OFFSET] = scales.contiguous().view(torch.uint8).view(blocks, page, 4 * TILES)
     out[..., ROPE_OFFSET:] = values[..., LATENT:].to(torch.bfloat16).contiguous().view(torch.uint8).view(blocks, page, 2 * ROPE)
     return out.view(torch.float8_e4m3fn).view(blocks, page, 1, FP8_TOKEN_BYTES)
+
+
+def quantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
+    """Quantise an MLA cache to FlashMLA's FP8 layout (see the module docstring).
+
+    Args:
+        k_cache: bf16/fp16/fp32 [num_blocks, page_block_size, 1, 576] (any strides).
+
+    Returns:
+        float8_e4m3fn [num_blocks, page_block_size, 1, 656], contiguous.
+    """
+    op = "quantize_mla_kv_cache"
+    expect_tensor(
+        op, "k_cache", k_cache, dtypes=(torch.bfloat16, torch.float16, torch.float32), shape=(None, None, 1, LATENT + ROPE),
+        dims=("num_blocks", "page_block_size", "h_kv", "d"),
+    )
+    return call(QUANTIZE_MLA_KV_CACHE, "k_cache", k_cache.device, k_cache=k_cache)
 
 
 def dequantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:

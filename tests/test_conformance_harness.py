@@ -178,6 +178,8 @@ def test_unsupported_operators_fail_only_with_require_all(wrong_backends, capsys
         ("m_grouped_gemm_fp8_nt_contiguous", "one expert's group scaled by 1.02"),
         ("mla_decode_v2", "one head's row from its neighbour (V3.2 decode)"),
         ("mla_sparse_prefill", "one head's row from its neighbour (sparse prefill)"),
+        ("mqa_logits", "one logit 1% off"),
+        ("paged_mqa_logits", "one page read from the wrong block"),
     ],
 )
 def test_one_wrong_element_row_page_or_group_fails_conformance(op, what, install_plugins):
@@ -190,6 +192,12 @@ def test_one_wrong_element_row_page_or_group_fails_conformance(op, what, install
         assert "element [" in element.note and "its bound" in element.note
     if op.startswith(("gemm", "m_grouped")):
         assert all(m.passed for r in results for m in r.measurements if m.metric == "cos_diff"), "hidden from the global metric"
+
+
+def test_a_cache_quantiser_that_clamps_amax_instead_of_the_scale_fails(install_plugins):
+    install_plugins({"subtly_wrong": "subtly_wrong"})
+    results = run_backend("subtly_wrong", select_cases(quick=True, ops=["quantize_mla_kv_cache"]))
+    assert results and all(r.status == "fail" for r in results), [(r.case_id, r.status, r.reason) for r in results]
 
 
 def test_a_truncating_bf16_gemm_fails_where_rounding_to_nearest_passes():

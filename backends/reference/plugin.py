@@ -14,6 +14,7 @@ from hal.ops.ep_local import combine_reduce_reference, pack_reference, unpack_re
 from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
 from hal.ops.mla_reference import mla_decode_reference
+from hal.ops.mla_fp8_cache import quantize_mla_kv_cache_reference
 from hal.ops.indexer_reference import mqa_logits_reference, paged_mqa_logits_reference
 from hal.ops.mla_v2_reference import mla_decode_v2_reference, mla_sparse_prefill_reference
 from hal.plugin import Availability, BackendInfo, hookimpl
@@ -50,6 +51,11 @@ def hal_mla_decode_v2(
 @hookimpl
 def hal_mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
     return mla_sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+@hookimpl
+def hal_quantize_mla_kv_cache(k_cache):
+    return quantize_mla_kv_cache_reference(k_cache)
 
 
 @hookimpl

@@ -93,6 +93,12 @@ class TritonBackend:
         return mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, tuning=self.tuning)
 
     @hookimpl
+    def hal_quantize_mla_kv_cache(self, k_cache):
+        from hal.backends.triton.mla_sparse import quantize_mla_kv_cache
+
+        return quantize_mla_kv_cache(k_cache)
+
+    @hookimpl
     def hal_mqa_logits(self, q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype):
         from hal.backends.triton.indexer import mqa_logits
 

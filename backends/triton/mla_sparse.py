@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hal.backends.triton.conversions import decode_e4m3fn, round_to
+from hal.backends.triton.conversions import decode_e4m3fn, encode_e4m3fn, round_to
 from hal.backends.triton.runtime import interpreting, launch_options
 from hal.backends.triton.softmax import online_softmax_update
 from hal.backends.triton.tuning import Tuning
 
-__all__ = ["dense_as_indices", "mla_decode_sparse", "mla_sparse_prefill"]
+__all__ = ["dense_as_indices", "mla_decode_sparse", "mla_sparse_prefill", "quantize_mla_kv_cache"]
 
 D_NOPE = 512
 D_ROPE = 64
@@ -245,3 +245,48 @@ def mla_decode_sparse(
         EXACT_BF16=interpreting(), BLOCK_H=block_h, BLOCK_N=block_n, num_warps=tuning.mla.num_warps, **launch_options(tuning),
     )
     return out, lse
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, out_u8, out_f32, out_b16, stride_block, stride_slot, page,
+    EXACT_BF16: tl.constexpr, TILES: tl.constexpr, TILE: tl.constexpr,
+):
+    """One token: 4 tiles of 128 latent values -> e4m3 codes and power-of-two scales; rope -> bf16."""
+    token = tl.program_id(0)
+    block = token // page
+    slot = token % page
+    src = x_ptr + block.to(tl.int64) * stride_block + slot.to(tl.int64) * stride_slot
+    tiles = tl.arange(0, TILES)
+    lanes = tl.arange(0, TILE)
+    latent = tl.load(src + tiles[:, None] * TILE + lanes[None, :]).to(tl.float32)  # [TILES, TILE]
+    amax = tl.max(tl.abs(latent), axis=1)
+    has_nan = tl.max((latent != latent).to(tl.int32), axis=1) != 0
+    x = tl.math.div_rn(tl.where(has_nan, float("nan"), amax), 448.0)
+    x = tl.where(x != x, x, tl.maximum(x, 1e-4))
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = bits & 0x7F800000
+    up = tl.where((bits & 0x7FFFFF) == 0, exponent, exponent + (1 << 23)).to(tl.float32, bitcast=True)
+    scale = tl.where(exponent == 0x7F800000, x, up)  # NaN and inf stay as they are
+    codes = encode_e4m3fn(tl.math.div_rn(latent, scale[:, None]))
+    dst = token.to(tl.int64) * TOKEN_BYTES
+    tl.store(out_u8 + dst + tiles[:, None] * TILE + lanes[None, :], codes)
+    tl.store(out_f32 + (dst + D_NOPE) // 4 + tiles, scale)
+    rope = tl.arange(0, D_ROPE)
+    values = tl.load(src + D_NOPE + rope).to(tl.float32)
+    tl.store(out_b16 + (dst + D_NOPE + 16) // 2 + rope, round_to(values, tl.bfloat16, EXACT_BF16))
+
+
+def quantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
+    """Launch the FP8 cache quantiser (argument validated by ``hal.ops.mla_fp8_cache``)."""
+    blocks, page = k_cache.shape[:2]
+    out = torch.empty(blocks, page, TOKEN_BYTES, dtype=torch.uint8, device=k_cache.device)
+    if out.numel() == 0:
+        return out.view(torch.float8_e4m3fn).view(blocks, page, 1, TOKEN_BYTES)
+    x = k_cache if k_cache.stride(3) == 1 else k_cache.contiguous()
+    flat = out.view(-1)
+    _quantize_kernel[(blocks * page,)](
+        x, flat, flat.view(torch.float32), flat.view(torch.bfloat16), x.stride(0), x.stride(1), page,
+        EXACT_BF16=interpreting(), TILES=4, TILE=128,
+    )
+    return out.view(torch.float8_e4m3fn).view(blocks, page, 1, TOKEN_BYTES)

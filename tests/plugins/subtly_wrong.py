@@ -72,3 +72,46 @@ def hal_mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length
     out, max_logits, lse = mla_sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
     out[-1, -1] = out[-1, -2]
     return out, max_logits, lse
+
+
+@hookimpl
+def hal_mqa_logits(q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype):
+    """One element: the last row's first seen logit 1% off (one head term weighted wrongly)."""
+    from hal.ops.indexer_reference import mqa_logits_reference
+
+    out = mqa_logits_reference(q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype)
+    row = out[-1]
+    first = int(torch.isfinite(row.float()).nonzero()[0])
+    row[first] = (row[first].float() * 1.01).to(out.dtype)
+    return out
+
+
+@hookimpl
+def hal_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits, logits_dtype):
+    """One page: the first sequence reads its second page from its first page's block."""
+    from hal.ops.indexer_reference import paged_mqa_logits_reference
+
+    table = block_table.clone()
+    table[0, 1] = table[0, 0]
+    return paged_mqa_logits_reference(q, kv_cache, weights, context_lens, table, max_context_len, clean_logits, logits_dtype)
+
+
+@hookimpl
+def hal_quantize_mla_kv_cache(k_cache):
+    """The clamp on amax instead of on amax / 448 (an easy misreading of the recipe): only tiles
+    whose amax is under 0.0448 differ."""
+    return _clamped_amax(k_cache)
+
+
+def _clamped_amax(k_cache):
+    from hal.ops import mla_fp8_cache as cache
+
+    blocks, page = k_cache.shape[:2]
+    values = k_cache.reshape(blocks, page, 576).float()
+    latent = values[..., :512].reshape(blocks, page, 4, 128)
+    amax = latent.abs().amax(dim=-1).clamp(min=1e-4)
+    scales = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    out = cache.quantize_mla_kv_cache_reference(k_cache).view(torch.uint8).view(blocks, page, 656).clone()
+    out[..., :512] = (latent / scales.unsqueeze(-1)).to(torch.float8_e4m3fn).view(blocks, page, 512).view(torch.uint8)
+    out[..., 512:528] = scales.contiguous().view(torch.uint8).view(blocks, page, 16)
+    return out.view(torch.float8_e4m3fn).view(blocks, page, 1, 656)
