@@ -106,6 +106,47 @@ def hal_mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_sche
 
 
 @hookimpl
+def hal_mla_decode_v2(
+    q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+    extra_k_cache, extra_indices, topk_length, extra_topk_length,
+):
+    from hal.backends.opencl.v32 import mla_decode_v2
+
+    return mla_decode_v2(
+        q, k_cache, block_table, cache_seqlens, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length,
+    )
+
+
+@hookimpl
+def hal_mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+    from hal.backends.opencl.v32 import mla_sparse_prefill
+
+    return mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+@hookimpl
+def hal_quantize_mla_kv_cache(k_cache):
+    from hal.backends.opencl.v32 import quantize_mla_kv_cache
+
+    return quantize_mla_kv_cache(k_cache)
+
+
+@hookimpl
+def hal_mqa_logits(q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype):
+    from hal.backends.opencl.v32 import mqa_logits
+
+    return mqa_logits(q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype)
+
+
+@hookimpl
+def hal_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits, logits_dtype):
+    from hal.backends.opencl.v32 import paged_mqa_logits
+
+    return paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits, logits_dtype)
+
+
+@hookimpl
 def hal_gemm_fp8_nt(a, a_scales, b, b_scales, out):
     from hal.backends.opencl.gemm_fp8 import gemm_fp8_nt
 
