@@ -538,6 +538,150 @@ SPARSE_PREFILL = Operator(
 )
 
 
+# --- the FP8 cache writer and the indexer (DeepSeek-V3.2) ---------------------------------------
+
+
+def _make_quantize(rng: random.Random) -> Args:
+    g = _gen(rng)
+    blocks, page = rng.choice([0, 1, 3]), rng.choice([1, 16, 64])
+    dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+    x = torch.randn(blocks, page, 1, 576, generator=g) * torch.exp2(torch.randint(-16, 8, (blocks, page, 1, 1), generator=g).float())
+    return {"x": x.to(dtype)}
+
+
+def _judge_quantize(args: Args, result: Any) -> str | None:
+    from hal.conformance.cases_mla_v2 import _canonical_nans
+
+    want = oracles.quantize_cache_oracle(args["x"])
+    return _exact("records", _canonical_nans(result), _canonical_nans(want.view(torch.float8_e4m3fn)))
+
+
+QUANTIZE_CACHE = Operator(
+    "quantize_mla_kv_cache",
+    _make_quantize,
+    lambda a: hal.quantize_mla_kv_cache(a["x"]),
+    _judge_quantize,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("tiles under the scale clamp", lambda a, r: _replace(a, x=a["x"] * 1e-6), True),
+        Mutation("NaN", lambda a, r: _replace(a, x=_poke(a["x"], math.nan, r)), True),
+        Mutation("strided tokens", lambda a, r: _replace(a, x=torch.cat([a["x"], a["x"]], 1)[:, ::2]), True),
+        Mutation("amax exactly 448 x a power of two", lambda a, r: _replace(a, x=_poke(a["x"].clamp(-1, 1), 3.5, r)), True),
+        Mutation("d 512", lambda a, r: _replace(a, x=a["x"][..., :512]), False),
+        Mutation("h_kv 2", lambda a, r: _replace(a, x=torch.cat([a["x"], a["x"]], 2)), False),
+        Mutation("float64", lambda a, r: _replace(a, x=a["x"].double()), False),
+    ),
+)
+
+
+def _make_logits(rng: random.Random) -> Args:
+    g = _gen(rng)
+    m, n, h, d = rng.choice([1, 5, 16]), rng.choice([1, 33, 96]), rng.choice([1, 4, 16]), rng.choice([32, 64, 128])
+    keys, scales = hal.quantize_indexer_keys(torch.randn(n, d, generator=g))
+    a = torch.randint(0, n + 1, (m,), generator=g, dtype=torch.int32)
+    b = torch.randint(0, n + 1, (m,), generator=g, dtype=torch.int32)
+    return {"q": torch.randn(m, h, d, generator=g).to(FP8), "keys": keys, "scales": scales, "weights": torch.randn(m, h, generator=g),
+            "start": torch.minimum(a, b), "end": torch.maximum(a, b), "max_seqlen_k": 0, "dtype": torch.float32}
+
+
+def _call_logits(a: Args) -> Any:
+    return hal.fp8_fp4_mqa_logits(a["q"], (a["keys"], a["scales"]), a["weights"], a["start"], a["end"], clean_logits=a["max_seqlen_k"] == 0,
+                                  max_seqlen_k=a["max_seqlen_k"], logits_dtype=a["dtype"])
+
+
+def _judge_logits(args: Args, result: Any) -> str | None:
+    want = oracles.mqa_logits_oracle(args["q"], args["keys"], args["scales"], args["weights"], args["start"], args["end"], args["max_seqlen_k"])
+    if result.dtype != args["dtype"]:
+        return f"dtype {result.dtype}, expected {args['dtype']}"
+    got = result.double()
+    if args["max_seqlen_k"]:
+        got = torch.where(torch.isneginf(want), want, got)
+    return _compare("mqa_logits", "logits_bf16" if args["dtype"] == torch.bfloat16 else "logits", got, want)
+
+
+MQA_LOGITS = Operator(
+    "mqa_logits",
+    _make_logits,
+    _call_logits,
+    _judge_logits,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("bf16 logits", lambda a, r: _replace(a, dtype=torch.bfloat16), True),
+        Mutation("compressed", lambda a, r: _replace(a, max_seqlen_k=max(int((a["end"] - a["start"]).max()), 1)), True),
+        Mutation("every row empty", lambda a, r: _replace(a, end=a["start"].clone()), True),
+        Mutation("NaN key", lambda a, r: _replace(a, keys=_poke(a["keys"].view(torch.uint8), 0x7F, r).view(FP8)), True),
+        Mutation("inf weight", lambda a, r: _replace(a, weights=_poke(a["weights"], math.inf, r)), True),
+        Mutation("end past the keys", lambda a, r: _replace(a, end=a["end"] + a["keys"].shape[0] + 1), False),
+        Mutation("negative start", lambda a, r: _replace(a, start=a["start"] - 1 - a["end"]), False),
+        Mutation("q bf16", lambda a, r: _replace(a, q=a["q"].to(torch.bfloat16)), False),
+        Mutation("q e5m2", lambda a, r: _replace(a, q=a["q"].to(torch.float8_e5m2)), False),
+        Mutation("scales of another length", lambda a, r: _replace(a, scales=torch.cat([a["scales"], a["scales"]])), False),
+        Mutation("head dim 48", lambda a, r: _replace(a, q=torch.zeros(*a["q"].shape[:2], 48).to(FP8), keys=torch.zeros(a["keys"].shape[0], 48).to(FP8)), False),
+        Mutation("start int64", lambda a, r: _replace(a, start=a["start"].long()), False),
+        Mutation("compressed and clean", lambda a, r: _replace(a, max_seqlen_k=-1), False),
+    ),
+)
+
+
+def _make_paged(rng: random.Random) -> Args:
+    g = _gen(rng)
+    batch, next_n, h, d, block_kv = rng.choice([1, 3]), rng.choice([1, 2, 4]), rng.choice([4, 16]), rng.choice([32, 128]), rng.choice([16, 64])
+    lens = torch.randint(0, 150, (batch,), generator=g, dtype=torch.int32)
+    two_d = rng.random() < 0.6
+    context = ((lens[:, None] + 1) * torch.rand(batch, next_n, generator=g)).to(torch.int32) if two_d else lens
+    if two_d:
+        context[:, -1] = lens
+    pages = int(-(-int(lens.max()) // block_kv)) + 1
+    blocks = batch * pages
+    values, scales = hal.quantize_indexer_keys(torch.randn(blocks, block_kv, d, generator=g))
+    return {"q": torch.randn(batch, next_n, h, d, generator=g).to(FP8), "cache": hal.pack_paged_indexer_cache(values, scales),
+            "weights": torch.randn(batch * next_n, h, generator=g), "context_lens": context.contiguous(),
+            "table": torch.randperm(blocks, generator=g).to(torch.int32).view(batch, pages), "width": int(lens.max()) + rng.choice([0, 7]),
+            "dtype": torch.float32}
+
+
+def _call_paged(a: Args) -> Any:
+    lens = a["context_lens"]
+    meta = hal.get_paged_mqa_logits_metadata(lens if lens.dim() == 2 else lens[:, None], a["cache"].shape[1], 4)
+    return hal.fp8_fp4_paged_mqa_logits(a["q"], a["cache"], a["weights"], lens, a["table"], meta, a["width"], clean_logits=True, logits_dtype=a["dtype"])
+
+
+def _judge_paged(args: Args, result: Any) -> str | None:
+    want = oracles.paged_mqa_logits_oracle(args["q"], args["cache"], args["weights"], args["context_lens"], args["table"], args["width"])
+    if result.dtype != args["dtype"]:
+        return f"dtype {result.dtype}, expected {args['dtype']}"
+    return _compare("paged_mqa_logits", "logits_bf16" if args["dtype"] == torch.bfloat16 else "logits", result.double(), want)
+
+
+PAGED_MQA_LOGITS = Operator(
+    "paged_mqa_logits",
+    _make_paged,
+    _call_paged,
+    _judge_paged,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("bf16 logits", lambda a, r: _replace(a, dtype=torch.bfloat16), True),
+        Mutation("every context empty", lambda a, r: _replace(a, context_lens=torch.zeros_like(a["context_lens"])), True),
+        Mutation("NaN scale in a block", lambda a, r: _replace(a, cache=_nan_scale(a["cache"])), True),
+        Mutation("context past max_context_len", lambda a, r: _replace(a, width=max(int(a["context_lens"].max()) - 1, 0)), False),
+        Mutation("block id past the cache", lambda a, r: _replace(a, table=a["table"] + a["cache"].shape[0]), False),
+        Mutation("cache of D + 3 bytes", lambda a, r: _replace(a, cache=a["cache"][..., :-1]), False),
+        Mutation("q float32", lambda a, r: _replace(a, q=a["q"].float()), False),
+        Mutation("weights of another row count", lambda a, r: _replace(a, weights=torch.cat([a["weights"], a["weights"]])), False),
+        Mutation("context_lens int64", lambda a, r: _replace(a, context_lens=a["context_lens"].long()), False),
+    ),
+)
+
+
+def _nan_scale(cache: torch.Tensor) -> torch.Tensor:
+    """Every scale of the first block NaN (keys a row reads then give NaN logits)."""
+    out = cache.clone()
+    block_kv, width = cache.shape[1], cache.shape[-1]
+    raw = out.view(torch.uint8).view(cache.shape[0], -1)
+    raw[0, block_kv * (width - 4) :] = torch.full((block_kv,), math.nan).view(torch.uint8)
+    return out
+
+
 # --- expert parallelism (local operators) ----------------------------------------------------
 
 
@@ -669,7 +813,10 @@ REDUCE = Operator(
 )
 
 OPERATORS: dict[str, Operator] = {
-    op.name: op for op in (DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, SPARSE_DECODE, SPARSE_PREFILL, LAYOUT, PACK, UNPACK, REDUCE)
+    op.name: op for op in (
+        DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, SPARSE_DECODE, SPARSE_PREFILL, QUANTIZE_CACHE, MQA_LOGITS, PAGED_MQA_LOGITS,
+        LAYOUT, PACK, UNPACK, REDUCE,
+    )
 }
 
 

@@ -238,6 +238,9 @@ def _canonical_nans(cache: torch.Tensor) -> torch.Tensor:
     scales = raw[..., LATENT : LATENT + 16].contiguous().view(torch.float32)
     scales[torch.isnan(scales)] = math.nan
     raw[..., LATENT : LATENT + 16] = scales.view(torch.uint8)
+    rope = raw[..., LATENT + 16 :].contiguous().view(torch.bfloat16)
+    rope[torch.isnan(rope)] = math.nan
+    raw[..., LATENT + 16 :] = rope.view(torch.uint8)
     return raw
 
 

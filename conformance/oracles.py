@@ -221,3 +221,57 @@ def sparse_prefill_oracle(q, kv, indices, scale, sink, topk_length):
             o, lse[t, heads], top[t, heads] = _attend64(q[t, heads], kv[row, g], scale)
             out[t, heads] = _sunk(o, lse[t, heads], None if sink is None else sink[heads])
     return out, top, lse
+
+
+def mqa_logits_oracle(q, keys, scales, weights, start, end, max_seqlen_k) -> torch.Tensor:
+    """float64 indexer logits: Σ_h relu(q_h · k * sf) * w_h, -inf outside each row's [start, end)."""
+    full = torch.einsum("mhd,nd->mhn", q.double(), keys.double()) * scales.double()[None, None, :]
+    full = torch.einsum("mhn,mh->mn", full.relu(), weights.double())
+    n = keys.shape[0]
+    width = max_seqlen_k or n
+    column = torch.arange(width)[None, :] + (start.long()[:, None] if max_seqlen_k else torch.zeros_like(start.long())[:, None])
+    seen = (column >= start.long()[:, None]) & (column < end.long()[:, None])
+    values = full.gather(1, column.clamp(max=max(n - 1, 0))) if n else full.new_zeros(q.shape[0], width)
+    return torch.where(seen, values, -math.inf)
+
+
+def paged_mqa_logits_oracle(q, kv_cache, weights, context_lens, block_table, max_context_len) -> torch.Tensor:
+    """float64 paged indexer logits, -inf at positions a row does not see."""
+    batch, next_n, heads, dim = q.shape
+    block_kv = kv_cache.shape[1]
+    raw = kv_cache.contiguous().view(torch.uint8).view(kv_cache.shape[0], -1)
+    values = raw[:, : block_kv * dim].contiguous().view(torch.float8_e4m3fn).double().view(-1, block_kv, dim)
+    scales = raw[:, block_kv * dim :].contiguous().view(torch.float32).double().view(-1, block_kv)
+    if context_lens.dim() == 2:
+        visible = context_lens.long()
+    else:
+        visible = (context_lens.long()[:, None] - next_n + 1 + torch.arange(next_n)[None, :]).clamp(min=0)
+    out = torch.full((batch * next_n, max_context_len), -math.inf, dtype=torch.float64)
+    for b in range(batch):
+        for j in range(next_n):
+            n = int(visible[b, j])
+            if n == 0:
+                continue
+            blocks = block_table[b, : -(-n // block_kv)].long()
+            keys = values[blocks].reshape(-1, dim)[:n]
+            s = (q[b, j].double() @ keys.T) * scales[blocks].reshape(-1)[:n][None, :]
+            out[b * next_n + j, :n] = (s.relu() * weights[b * next_n + j].double()[:, None]).sum(0)
+    return out
+
+
+def quantize_cache_oracle(x: torch.Tensor) -> torch.Tensor:
+    """The FP8 cache records of x [blocks, page, 1, 576], from the rule stated in words (float64 where
+    the rule is exact): scale = the smallest power of two >= max(fl32(amax / 448), 1e-4)."""
+    blocks, page = x.shape[:2]
+    values = x.reshape(blocks, page, 576).double()
+    latent = values[..., :512].reshape(blocks, page, 4, 128)
+    amax = latent.abs().amax(-1)
+    ratio = torch.clamp_min((amax.float() / 448.0).double(), float(torch.tensor(1e-4, dtype=torch.float32)))
+    exponent = torch.ceil(torch.log2(ratio))  # float64 log2 of a float32 value: exact at powers of two
+    scale = torch.where(torch.isfinite(ratio), torch.exp2(exponent), ratio)
+    codes = (latent / scale[..., None]).float().to(torch.float8_e4m3fn).view(blocks, page, 512)
+    out = torch.empty(blocks, page, 656, dtype=torch.uint8)
+    out[..., :512] = codes.view(torch.uint8)
+    out[..., 512:528] = scale.float().contiguous().view(torch.uint8).view(blocks, page, 16)
+    out[..., 528:] = values[..., 512:].to(torch.bfloat16).contiguous().view(torch.uint8).view(blocks, page, 128)
+    return out.view(blocks, page, 1, 656)
