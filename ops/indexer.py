@@ -121,6 +121,8 @@ def fp8_fp4_mqa_logits(
     """
     op = _OP
     q = _unpack_q(op, q)
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.mqa_logits(q, kv[0], kv[1], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
     expect_tensor(op, "q", q, dtypes=FP8, shape=(None, None, None), dims=("seq_len", "num_heads", "head_dim"), contiguous=True)
     seq_len, num_heads, head_dim = q.shape
     if head_dim not in HEAD_DIMS:
@@ -245,6 +247,10 @@ def fp8_fp4_paged_mqa_logits(
     """
     op = _PAGED_OP
     q = _unpack_q(op, q)
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.paged_mqa_logits(
+            q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
+        )
     expect_tensor(op, "q", q, dtypes=FP8, shape=(None, None, None, None), dims=("batch", "next_n", "num_heads", "head_dim"), contiguous=True)
     batch, next_n, num_heads, head_dim = q.shape
     if head_dim not in HEAD_DIMS:

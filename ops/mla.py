@@ -199,6 +199,11 @@ def flash_mla_with_kvcache(
     extended = is_fp8_kvcache or any(
         x is not None for x in (indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
     )
+    if extended and torch.compiler.is_compiling():  # one opaque node; the V3.2 path needs no schedule
+        return torch.ops.hal.mla_decode_v2(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+            extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length,
+        )
     if isinstance(tile_scheduler_metadata, MLASchedule):
         if num_splits is not None:
             raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")

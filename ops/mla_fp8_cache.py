@@ -94,6 +94,8 @@ def quantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
     Returns:
         float8_e4m3fn [num_blocks, page_block_size, 1, 656], contiguous.
     """
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.quantize_mla_kv_cache(k_cache)
     op = "quantize_mla_kv_cache"
     expect_tensor(
         op, "k_cache", k_cache, dtypes=(torch.bfloat16, torch.float16, torch.float32), shape=(None, None, 1, LATENT + ROPE),

@@ -184,6 +184,8 @@ def flash_mla_sparse_fwd(
         ``(out bf16 [s_q, h_q, d_v], max_logits float32 [s_q, h_q], lse float32 [s_q, h_q])``; a
         row with no valid index: out 0, max_logits -inf, lse +inf.
     """
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        return torch.ops.hal.mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
     op = _PREFILL_OP
     expect_tensor(op, "q", q, dtypes=torch.bfloat16, shape=(None, None, HEAD_DIM_QK), dims=("s_q", "h_q", "d_qk"))
     s_q, h_q, _ = q.shape

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hal.ops import ep as ep_ops
 from hal.ops import ep_local
-from hal.ops import fp8_quant, gemm, mla
+from hal.ops import fp8_quant, gemm, indexer, mla, mla_fp8_cache, mla_v2
 from hal.ops.mla_schedule import BLOCK_SIZE_M, METADATA_WIDTH, default_num_sms
 
 __all__ = ["compiling"]
@@ -152,3 +152,76 @@ def ep_combine_reduce(rows: Tensor, src_idx: Tensor, num_tokens: int, weights: T
 @ep_combine_reduce.register_fake
 def _(rows, src_idx, num_tokens, weights):
     return rows.new_empty(num_tokens, rows.shape[1])
+
+
+# --- DeepSeek-V3.2: the V3.2 decode, sparse prefill, FP8 cache writer, indexer logits ----------
+
+
+@torch.library.custom_op("hal::mla_decode_v2", mutates_args=())
+def mla_decode_v2(
+    q: Tensor, k_cache: Tensor, block_table: Tensor | None, cache_seqlens: Tensor | None, head_dim_v: int, softmax_scale: float | None,
+    causal: bool, is_fp8_kvcache: bool, indices: Tensor | None, attn_sink: Tensor | None, extra_k_cache: Tensor | None,
+    extra_indices_in_kvcache: Tensor | None, topk_length: Tensor | None, extra_topk_length: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    return mla.flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, mla_v2.MLASchedule(), None, softmax_scale, causal, is_fp8_kvcache, indices,
+        attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length,
+    )
+
+
+@mla_decode_v2.register_fake
+def _(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+      extra_indices_in_kvcache, topk_length, extra_topk_length):
+    batch, s_q, h_q, _ = q.shape
+    return q.new_empty(batch, s_q, h_q, head_dim_v), q.new_empty(batch, h_q, s_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("hal::mla_sparse_prefill", mutates_args=())
+def mla_sparse_prefill(
+    q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int, attn_sink: Tensor | None, topk_length: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    return mla_v2.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+@mla_sparse_prefill.register_fake
+def _(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+    s_q, h_q, _ = q.shape
+    return q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16), q.new_empty(s_q, h_q, dtype=torch.float32), q.new_empty(s_q, h_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("hal::quantize_mla_kv_cache", mutates_args=())
+def quantize_mla_kv_cache(k_cache: Tensor) -> Tensor:
+    return mla_fp8_cache.quantize_mla_kv_cache(k_cache)
+
+
+@quantize_mla_kv_cache.register_fake
+def _(k_cache):
+    return k_cache.new_empty(k_cache.shape[0], k_cache.shape[1], 1, mla_fp8_cache.FP8_TOKEN_BYTES, dtype=torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("hal::mqa_logits", mutates_args=())
+def mqa_logits(
+    q: Tensor, k: Tensor, k_scales: Tensor, weights: Tensor, k_start: Tensor, k_end: Tensor, clean_logits: bool, max_seqlen_k: int,
+    logits_dtype: torch.dtype,
+) -> Tensor:
+    return indexer.fp8_fp4_mqa_logits(q, (k, k_scales), weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype)
+
+
+@mqa_logits.register_fake
+def _(q, k, k_scales, weights, k_start, k_end, clean_logits, max_seqlen_k, logits_dtype):
+    return q.new_empty(q.shape[0], max_seqlen_k or k.shape[0], dtype=logits_dtype)
+
+
+@torch.library.custom_op("hal::paged_mqa_logits", mutates_args=())
+def paged_mqa_logits(
+    q: Tensor, kv_cache: Tensor, weights: Tensor, context_lens: Tensor, block_table: Tensor, schedule_meta: Tensor, max_context_len: int,
+    clean_logits: bool, logits_dtype: torch.dtype, indices: Tensor | None,
+) -> Tensor:
+    return indexer.fp8_fp4_paged_mqa_logits(
+        q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
+    )
+
+
+@paged_mqa_logits.register_fake
+def _(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices):
+    return q.new_empty(q.shape[0] * q.shape[1], max_context_len, dtype=logits_dtype)

@@ -98,3 +98,32 @@ def test_ep_local_operators_compile_fullgraph():
     got = torch.compile(ep_local_block, fullgraph=True, backend="aot_eager")(rows, bucket_idx, weights)
     for g_, e in zip(got, expected):
         assert torch.equal(g_, e)
+
+
+def v32_decode_step(index_q, index_cache, weights, lens, table, latent, q):
+    """A DeepSeek-V3.2 decode step: write the FP8 cache, indexer logits, top-k, sparse MLA."""
+    cache = hal.quantize_mla_kv_cache(latent)
+    schedule = hal.get_paged_mqa_logits_metadata(lens, 64, 8)
+    logits = hal.fp8_paged_mqa_logits(index_q, index_cache, weights, lens, table, schedule, 128, clean_logits=True)
+    chosen = logits.topk(16, dim=-1).indices
+    flat = (table.gather(1, (chosen // 64).long()) * 64 + chosen % 64).to(torch.int32).view(q.shape[0], 1, 16)
+    meta, _ = hal.get_mla_metadata()
+    out, lse = hal.flash_mla_with_kvcache(q, cache, None, None, 512, meta, None, is_fp8_kvcache=True, indices=flat,
+                                          attn_sink=torch.zeros(q.shape[2]))
+    prefill = hal.flash_mla_sparse_fwd(q[:, 0], latent.view(-1, 1, 576)[:8], torch.zeros(q.shape[0], 1, 4, dtype=torch.int32), 576**-0.5)
+    return out, lse, prefill[0]
+
+
+def test_a_v32_decode_step_compiles_fullgraph_and_matches_eager():
+    g = torch.Generator().manual_seed(1)
+    values, scales = hal.quantize_indexer_keys(torch.randn(4, 64, 32, generator=g))
+    args = (
+        torch.randn(2, 1, 8, 32, generator=g).to(torch.float8_e4m3fn), hal.pack_paged_indexer_cache(values, scales),
+        torch.randn(2, 8, generator=g), torch.tensor([[100], [40]], dtype=torch.int32), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+        torch.randn(4, 64, 1, 576, generator=g).bfloat16(), torch.randn(2, 1, 16, 576, generator=g).bfloat16(),
+    )
+    eager = v32_decode_step(*args)
+    torch._dynamo.reset()
+    compiled = torch.compile(v32_decode_step, backend="aot_eager", fullgraph=True)(*args)
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)

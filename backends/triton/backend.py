@@ -59,6 +59,14 @@ class TritonBackend:
         return Availability(True, device=f"{self.target.description}; tuning {self.tuning.name}", simulated=self.target.simulated)
 
     @hookimpl
+    def hal_get_mla_metadata(self, cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+        # On the device, in one program: no host round trip, so get_mla_metadata() schedules are
+        # filled inside a CUDA graph capture as well.
+        from hal.backends.triton.schedule import schedule_mla_splits_on_device
+
+        return schedule_mla_splits_on_device(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+
+    @hookimpl
     def hal_mla_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal):
         from hal.backends.triton.mla_decode import mla_decode
 
