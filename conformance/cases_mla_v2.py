@@ -36,9 +36,11 @@ def _sink(kind: str, h_q: int, generator: torch.Generator) -> torch.Tensor | Non
     return sink
 
 
-def _indices(batch: int, s_q: int, topk: int, positions: int, generator: torch.Generator) -> torch.Tensor:
+def _indices(batch: int, s_q: int, topk: int, positions: int, generator: torch.Generator, duplicates: bool = False) -> torch.Tensor:
     idx = torch.stack([torch.randperm(positions, generator=generator)[:topk] for _ in range(batch * s_q)]).view(batch, s_q, topk)
     idx = idx.to(torch.int32)
+    if duplicates:  # the same key named twice in a list counts twice, as in FlashMLA's kernels and reference
+        idx[..., 1::4] = idx[..., 0::4][..., : idx[..., 1::4].shape[-1]]
     idx[torch.rand(batch, s_q, topk, generator=generator) < 0.15] = -1
     if batch * s_q > 1:
         idx[-1, -1] = -1  # one row that sees no key
@@ -82,7 +84,7 @@ class MlaDecodeV2Family(Family):
                     "causal": params.get("causal", False), "fp8": params["fp8"], "indices": None, "attn_sink": sink,
                     "extra_k_cache": None, "extra_indices": None, "topk_length": None, "extra_topk_length": None}
         topk, blocks = params["topk"], params["blocks"]
-        indices = _indices(batch, s_q, topk, blocks * PAGE, generator)
+        indices = _indices(batch, s_q, topk, blocks * PAGE, generator, duplicates=params.get("duplicates", False))
         topk_length = torch.randint(0, topk + 1, (batch,), generator=generator, dtype=torch.int32) if params.get("topk_length") else None
         extra = extra_indices = extra_length = None
         if params.get("extra_topk"):
@@ -167,6 +169,8 @@ def _v2_name(p: Mapping[str, Any]) -> str:
     parts += [f"extra{p['extra_topk']}"] if p.get("extra_topk") else []
     parts += ["topklen"] if p.get("topk_length") else []
     parts += ["causal"] if p.get("causal") else []
+    parts += ["dup"] if p.get("duplicates") else []
+    parts += [f"cache{p['blocks'] * PAGE}"] if p["mode"] == "sparse" and p["blocks"] * PAGE >= 32768 else []
     return "-".join(parts)
 
 
@@ -178,11 +182,14 @@ def mla_v2_cases() -> list[Case]:
         {"mode": "sparse", "batch": 1, "s_q": 2, "h_q": 32, "topk": 64, "blocks": 2, "fp8": True, "extra_topk": 32, "topk_length": True},
         {"mode": "sparse", "batch": 2, "s_q": 1, "h_q": 16, "topk": 48, "blocks": 2, "fp8": False, "sink": "mixed"},
         {"mode": "dense", "batch": 3, "s_q": 2, "h_q": 16, "seqlens": [130, 1, 0], "fp8": True, "causal": True, "sink": "mixed"},
+        {"mode": "sparse", "batch": 2, "s_q": 1, "h_q": 16, "topk": 64, "blocks": 3, "fp8": True, "duplicates": True},
     ]
     full = [
         {"mode": "sparse", "batch": b, "s_q": s_q, "h_q": h, "topk": 2048, "blocks": 64, "fp8": True, "sink": "mixed", "topk_length": True}
         for b in (1, 16) for s_q in (1, 2) for h in (64, 128)
     ]
+    # A 32k-token cache (512 pages), the sizes DeepSeek-V3.2 serves.
+    full += [{"mode": "sparse", "batch": 4, "s_q": 1, "h_q": 128, "topk": 2048, "blocks": 512, "fp8": True, "sink": "mixed", "topk_length": True}]
     cases = [Case(decode, _v2_name(p), p, quick=True, seed=400 + i) for i, p in enumerate(quick)]
     cases += [Case(decode, _v2_name(p), p, quick=False, seed=500 + i) for i, p in enumerate(full)]
     prefill = SparsePrefillFamily()
