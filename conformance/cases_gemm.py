@@ -19,7 +19,7 @@ from hal.conformance.case import Case, Family, Measurement, Tensors, judge
 from hal.ops.fp8_quant import BLOCK, dequantize_per_block, dequantize_per_token, per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
 
-__all__ = ["gemm_cases", "cast_cases"]
+__all__ = ["gemm_cases", "cast_cases", "gemm_v2_cases", "bf16_gemm_cases"]
 
 # (N, K) of the projections DeepGEMM benchmarks for DeepSeek-V3.
 DEEPSEEK_V3_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -233,4 +233,241 @@ def cast_cases() -> list[Case]:
         shapes = [(5, 256), (130, 384)] if op == "per_token_cast_to_fp8" else [(5, 256), (130, 200), (300, 7)]
         cases += [Case(family, f"{r}x{c}", {"rows": r, "cols": c}, quick=True, seed=40 + i) for i, (r, c) in enumerate(shapes)]
         cases.append(Case(family, "4096x7168", {"rows": 4096, "cols": 7168}, quick=False, seed=49))
+    return cases
+
+
+# --- DeepGEMM's current API: layouts, float32 out with c, per-token RHS, UE8M0 scales; BF16 GEMMs --
+
+
+def _cast_v2(x: torch.Tensor, per_token: bool, ue8m0: bool, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's current casts (K padded to 128, as its helpers pad); packed UE8M0 when asked."""
+    from hal.ops import ue8m0 as u
+
+    k = x.shape[1]
+    if per_token:
+        values, sf = u.per_token_cast_to_fp8(_padded_k(x), use_ue8m0=ue8m0 or packed, use_packed_ue8m0=packed)
+    else:
+        values, sf = u.per_block_cast_to_fp8(_padded_k(x), use_ue8m0=ue8m0)
+    return values[:, :k], sf
+
+
+def _scales_f32(sf: torch.Tensor, k: int) -> torch.Tensor:
+    from hal.ops.ue8m0 import unpack_ue8m0_from_int
+
+    return unpack_ue8m0_from_int(sf)[..., : -(-k // BLOCK)] if sf.dtype == torch.int32 else sf
+
+
+class GemmV2Family(Family):
+    """``fp8_gemm_{nt,nn,tn,tt}`` with ``c``, bf16 or float32 ``d``, the (1, 128, 128) or (1, 1, 128)
+    recipe, float32, UE8M0 or packed UE8M0 scales; judged against the float32 reference."""
+
+    op = "gemm_fp8_nt"
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        m, n, k = params["m"], params["n"], params["k"]
+        per_token_b, ue8m0, packed = params.get("recipe") == "token", params.get("ue8m0", False), params.get("packed", False)
+        a, sa = _cast_v2(_ranged(m, k, generator, row_block=1), True, ue8m0, packed)
+        b, sb = _cast_v2(_ranged(n, k, generator, row_block=1 if per_token_b else BLOCK), per_token_b, ue8m0, packed and per_token_b)
+        dtype = torch.float32 if params.get("fp32") else torch.bfloat16
+        c = (torch.randn(m, n, generator=generator) * 32).to(dtype) if params.get("accumulate") else None
+        return {"a": a, "sa": sa, "b": b, "sb": sb, "c": c, "d": torch.full((m, n), math.nan, dtype=dtype),
+                "layout": params.get("layout", "nt"), "per_token_b": per_token_b}
+
+    def run(self, inputs: Tensors) -> Tensors:
+        layout = inputs["layout"]
+        a, sa, b, sb = inputs["a"], inputs["sa"], inputs["b"], inputs["sb"]
+        if layout[0] == "t":  # given transposed, as DeepGEMM's tn/tt callers hold them
+            a, sa = a.t().contiguous(), sa.t()
+        if layout[1] == "n":
+            b, sb = b.t().contiguous(), sb.t()
+        d = inputs["d"]
+        c = d.copy_(inputs["c"]) if inputs["c"] is not None else None  # accumulate in place, as wgrad does
+        getattr(hal, f"fp8_gemm_{layout}")((a, sa), (b, sb), d, c=c, recipe=(1, 1, 128) if inputs["per_token_b"] else None)
+        return {"d": d}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        k = inputs["a"].shape[1]
+        out = torch.empty(inputs["d"].shape, dtype=torch.float32)
+        gemm_fp8_nt_reference(inputs["a"], _scales_f32(inputs["sa"], k), inputs["b"], _scales_f32(inputs["sb"], k), out)
+        if inputs["c"] is not None:
+            out += inputs["c"].float()
+        return {"d": out}
+
+    def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
+        output = "out_fp32" if got["d"].dtype == torch.float32 else "out"
+        return judge(self.op, output, got["d"].float(), expected["d"])
+
+
+class GroupedV2Family(Family):
+    """The v2 m-grouped names: contiguous with m_indices or the psum layout, masked; per-token RHS."""
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        self.masked = op.endswith("masked")
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        groups, n, k = params["groups"], params["n"], params["k"]
+        per_token_b = params.get("recipe") == "token"
+        parts = [_cast_v2(_ranged(n, k, generator, row_block=1 if per_token_b else BLOCK), per_token_b, params.get("ue8m0", False), False) for _ in range(groups)]
+        b, sb = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        if self.masked:
+            m_max = params["m_max"]
+            a_parts = [_cast_v2(_ranged(m_max, k, generator, row_block=1), True, params.get("ue8m0", False), False) for _ in range(groups)]
+            masked = torch.randint(0, m_max + 1, (groups,), generator=generator, dtype=torch.int32)
+            masked[0] = m_max
+            return {"a": torch.stack([p[0] for p in a_parts]), "sa": torch.stack([p[1] for p in a_parts]), "b": b, "sb": sb,
+                    "d": _poisoned(groups, m_max, n), "masked_m": masked, "per_token_b": per_token_b}
+        sizes = [int(s) for s in torch.randint(1, 2 * params["expected_m"], (groups,), generator=generator)]
+        sizes[groups // 2] = 0 if groups > 2 else sizes[groups // 2]
+        ends, end, rows = [], 0, []
+        for g, size in enumerate(sizes):
+            start = math.ceil(end / BLOCK) * BLOCK
+            rows += [-1] * (start - len(rows)) + [g] * size
+            end = start + size
+            ends.append(end)
+        rows += [-1] * (math.ceil(len(rows) / BLOCK) * BLOCK - len(rows))
+        m_indices = torch.tensor(rows, dtype=torch.int32)
+        a, sa = _cast_v2(_ranged(len(rows), k, generator, row_block=1), True, params.get("ue8m0", False), False)
+        layout = torch.tensor(ends, dtype=torch.int32) if params.get("psum") else m_indices
+        return {"a": a, "sa": sa, "b": b, "sb": sb, "d": _poisoned(len(rows), n), "m_indices": m_indices, "layout": layout,
+                "psum": bool(params.get("psum")), "per_token_b": per_token_b}
+
+    def run(self, inputs: Tensors) -> Tensors:
+        recipe = (1, 1, 128) if inputs["per_token_b"] else None
+        if self.masked:
+            hal.m_grouped_fp8_gemm_nt_masked((inputs["a"], inputs["sa"]), (inputs["b"], inputs["sb"]), inputs["d"], inputs["masked_m"], 16, recipe=recipe)
+        else:
+            hal.m_grouped_fp8_gemm_nt_contiguous((inputs["a"], inputs["sa"]), (inputs["b"], inputs["sb"]), inputs["d"], inputs["layout"],
+                                                 recipe=recipe, use_psum_layout=inputs["psum"])
+        return {"d": inputs["d"]}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        out = _unrounded(inputs["d"])
+        if self.masked:
+            m_grouped_masked_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, inputs["masked_m"], 1)
+        else:
+            m_grouped_contiguous_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, inputs["m_indices"])
+        return {"d": out}
+
+    def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
+        if self.masked:
+            rows = torch.arange(got["d"].shape[1])[None, :] < inputs["masked_m"][:, None].long()
+        else:
+            rows = inputs["m_indices"] >= 0
+        return judge(self.op, "out", got["d"][rows], expected["d"][rows])
+
+
+class Bf16GemmFamily(Family):
+    """The BF16 GEMMs: dense (every layout letter, bf16 or float32 d, c), m-grouped contiguous (both
+    layouts), masked. Inputs vary in magnitude per tile; outputs start as NaN."""
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+
+    def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
+        n, k = params["n"], params["k"]
+        if self.op == "gemm_bf16_nt":
+            m = params["m"]
+            dtype = torch.float32 if params.get("fp32") else torch.bfloat16
+            c = (torch.randn(m, n, generator=generator) * 32).to(dtype) if params.get("accumulate") else None
+            return {"a": _ranged(m, k, generator, 1), "b": _ranged(n, k, generator, 1), "c": c,
+                    "d": torch.full((m, n), math.nan, dtype=dtype), "layout": params.get("layout", "nt")}
+        groups = params["groups"]
+        b = torch.stack([_ranged(n, k, generator, 1) for _ in range(groups)])
+        if self.op == "m_grouped_gemm_bf16_nt_masked":
+            m_max = params["m_max"]
+            masked = torch.randint(0, m_max + 1, (groups,), generator=generator, dtype=torch.int32)
+            masked[0] = m_max
+            return {"a": torch.stack([_ranged(m_max, k, generator, 1) for _ in range(groups)]), "b": b,
+                    "d": _poisoned(groups, m_max, n), "masked_m": masked}
+        sizes = [int(s) for s in torch.randint(1, 2 * params["expected_m"], (groups,), generator=generator)]
+        rows = []
+        for g, size in enumerate(sizes):
+            rows += [g] * size + [-1] * (math.ceil(size / BLOCK) * BLOCK - size)
+        m_indices = torch.tensor(rows, dtype=torch.int32)
+        return {"a": _ranged(len(rows), k, generator, 1), "b": b, "d": _poisoned(len(rows), n), "m_indices": m_indices}
+
+    def run(self, inputs: Tensors) -> Tensors:
+        if self.op == "gemm_bf16_nt":
+            layout, a, b = inputs["layout"], inputs["a"], inputs["b"]
+            a = a.t().contiguous() if layout[0] == "t" else a
+            b = b.t().contiguous() if layout[1] == "n" else b
+            d = inputs["d"]
+            c = d.copy_(inputs["c"]) if inputs["c"] is not None else None
+            getattr(hal, f"bf16_gemm_{layout}")(a, b, d, c=c)
+        elif self.op == "m_grouped_gemm_bf16_nt_masked":
+            hal.m_grouped_bf16_gemm_nt_masked(inputs["a"], inputs["b"], inputs["d"], inputs["masked_m"], 16)
+        else:
+            hal.m_grouped_bf16_gemm_nt_contiguous(inputs["a"], inputs["b"], inputs["d"], inputs["m_indices"])
+        return {"d": inputs["d"]}
+
+    def expect(self, inputs: Tensors) -> Tensors:
+        a, b = inputs["a"].float(), inputs["b"].float()
+        if self.op == "gemm_bf16_nt":
+            out = a @ b.T
+            return {"d": out + inputs["c"].float() if inputs["c"] is not None else out}
+        out = torch.full(inputs["d"].shape, math.nan)
+        if self.op == "m_grouped_gemm_bf16_nt_masked":
+            for g, rows in enumerate(inputs["masked_m"].tolist()):
+                out[g, :rows] = a[g, :rows] @ b[g].T
+        else:
+            for g in range(b.shape[0]):
+                rows = inputs["m_indices"] == g
+                out[rows] = a[rows] @ b[g].T
+        return {"d": out}
+
+    def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
+        d = got["d"]
+        if self.op == "m_grouped_gemm_bf16_nt_masked":
+            rows = torch.arange(d.shape[1])[None, :] < inputs["masked_m"][:, None].long()
+            return judge(self.op, "out", d[rows].float(), expected["d"][rows])
+        if self.op == "m_grouped_gemm_bf16_nt_contiguous":
+            rows = inputs["m_indices"] >= 0
+            return judge(self.op, "out", d[rows].float(), expected["d"][rows])
+        return judge(self.op, "out_fp32" if d.dtype == torch.float32 else "out", d.float(), expected["d"])
+
+
+def gemm_v2_cases() -> list[Case]:
+    dense = GemmV2Family()
+    quick = [
+        {"m": 33, "n": 200, "k": 384, "layout": "nt", "fp32": True, "accumulate": True, "recipe": "token"},
+        {"m": 64, "n": 256, "k": 256, "layout": "nn", "ue8m0": True},
+        {"m": 40, "n": 128, "k": 576, "layout": "tn", "fp32": True, "packed": True, "recipe": "token"},
+        {"m": 17, "n": 130, "k": 256, "layout": "tt", "accumulate": True},
+    ]
+    full = [{"m": 4096, "n": n, "k": k, "layout": "nt", "fp32": True, "accumulate": True, "recipe": "token"} for n, k in DEEPSEEK_V3_NK[:3]]
+    full += [{"m": 4096, "n": n, "k": k, "layout": "nn", "ue8m0": True} for n, k in DEEPSEEK_V3_NK[3:]]
+
+    def name(p):
+        return "-".join([f"v2{p['layout']}", f"m{p['m']}", f"n{p['n']}", f"k{p['k']}"] + [f for f in ("fp32", "accumulate", "ue8m0", "packed") if p.get(f)]
+                        + (["pertoken"] if p.get("recipe") == "token" else []))
+
+    cases = [Case(dense, name(p), p, quick=True, seed=1000 + i) for i, p in enumerate(quick)]
+    cases += [Case(dense, name(p), p, quick=False, seed=1100 + i) for i, p in enumerate(full)]
+    contiguous, masked = GroupedV2Family("m_grouped_gemm_fp8_nt_contiguous"), GroupedV2Family("m_grouped_gemm_fp8_nt_masked")
+    cases.append(Case(contiguous, "v2-g4-m80-n256-k256-psum-pertoken", {"groups": 4, "expected_m": 80, "n": 256, "k": 256, "psum": True, "recipe": "token"}, quick=True, seed=1200))
+    cases.append(Case(contiguous, "v2-g3-m60-n128-k384-ue8m0", {"groups": 3, "expected_m": 60, "n": 128, "k": 384, "ue8m0": True}, quick=True, seed=1201))
+    cases.append(Case(masked, "v2-g3-m32-n256-k256-pertoken", {"groups": 3, "m_max": 32, "n": 256, "k": 256, "recipe": "token"}, quick=True, seed=1202))
+    cases.append(Case(contiguous, "v2-g8-m4096-n4096-k7168-psum", {"groups": 8, "expected_m": 4096, "n": 4096, "k": 7168, "psum": True}, quick=False, seed=1210))
+    return cases
+
+
+def bf16_gemm_cases() -> list[Case]:
+    dense = Bf16GemmFamily("gemm_bf16_nt")
+    quick = [
+        {"m": 37, "n": 200, "k": 256, "layout": "nt"},
+        {"m": 64, "n": 128, "k": 200, "layout": "nn", "fp32": True, "accumulate": True},
+        {"m": 20, "n": 144, "k": 384, "layout": "tn", "fp32": True},
+        {"m": 9, "n": 128, "k": 128, "layout": "tt", "accumulate": True},
+    ]
+    cases = [Case(dense, f"{p['layout']}-m{p['m']}-n{p['n']}-k{p['k']}" + ("-fp32" if p.get("fp32") else "") + ("-acc" if p.get("accumulate") else ""),
+                  p, quick=True, seed=1300 + i) for i, p in enumerate(quick)]
+    cases += [Case(dense, f"nt-m{m}-n{n}-k{k}", {"m": m, "n": n, "k": k}, quick=False, seed=1310 + i)
+              for i, (m, (n, k)) in enumerate([(4096, nk) for nk in DEEPSEEK_V3_NK[:4]])]
+    contiguous = Bf16GemmFamily("m_grouped_gemm_bf16_nt_contiguous")
+    cases.append(Case(contiguous, "g4-m90-n256-k256", {"groups": 4, "expected_m": 90, "n": 256, "k": 256}, quick=True, seed=1320))
+    cases.append(Case(contiguous, "g8-m2048-n4096-k7168", {"groups": 8, "expected_m": 2048, "n": 4096, "k": 7168}, quick=False, seed=1321))
+    masked = Bf16GemmFamily("m_grouped_gemm_bf16_nt_masked")
+    cases.append(Case(masked, "g3-m32-n128-k384", {"groups": 3, "m_max": 32, "n": 128, "k": 384}, quick=True, seed=1330))
+    cases.append(Case(masked, "g16-m128-n4096-k7168", {"groups": 16, "m_max": 128, "n": 4096, "k": 7168}, quick=False, seed=1331))
     return cases

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from hal.conformance.case import Case
 from hal.conformance.cases_ep import ep_cases, ep_local_cases
-from hal.conformance.cases_gemm import cast_cases, gemm_cases
+from hal.conformance.cases_gemm import bf16_gemm_cases, cast_cases, gemm_cases, gemm_v2_cases
 from hal.conformance.cases_indexer import indexer_cases
 from hal.conformance.cases_mla import mla_cases
 from hal.conformance.cases_mla_v2 import mla_v2_cases, quantize_cache_cases
@@ -18,7 +18,7 @@ __all__ = ["all_cases", "select_cases"]
 
 def all_cases() -> list[Case]:
     """Every case, quick and full, in a stable order (operator, then declaration order)."""
-    cases = mla_cases() + mla_v2_cases() + quantize_cache_cases() + indexer_cases() + gemm_cases() + cast_cases() + ep_cases() + ep_local_cases()
+    cases = mla_cases() + mla_v2_cases() + quantize_cache_cases() + indexer_cases() + gemm_cases() + gemm_v2_cases() + bf16_gemm_cases() + cast_cases() + ep_cases() + ep_local_cases()
     ids = [c.id for c in cases]
     duplicates = {i for i in ids if ids.count(i) > 1}
     if duplicates:

@@ -128,6 +128,7 @@ class Tolerance:
 _FLASH_MLA = "FlashMLA tests/test_flash_mla.py: cal_diff < 1e-5 for out and lse"
 _FLASH_MLA_V32 = "FlashMLA HEAD tests/test_flash_mla_sparse_*.py: cos_diff < 1e-5 plus per-element abs/rel"
 _DEEP_GEMM = "DeepGEMM tests/test_core.py: calc_diff < 0.001"
+_DEEP_GEMM_BF16 = "DeepGEMM HEAD tests/test_bf16.py: calc_diff < 1e-5"
 _INDEXER = "DeepGEMM HEAD tests/test_attention.py: calc_diff vs the FP8-simulated reference < 5e-6 (fp32 logits), 3e-5 (bf16)"
 _RECORDS = "unihal: the FP8 cache writer is deterministic (FlashMLA tests/quant.py recipe, scale rounded up exactly): bytes compared exactly"
 _QUANT = "unihal: deterministic cast; scales match to fp32 rounding, dequantised values to fp8 rounding"
@@ -146,6 +147,9 @@ _MLA_LSE = ElementBound(1e-6, 8.01 / 65536, 0.0, 23, "FlashMLA HEAD tests: lse a
 # fp32 ulps of the largest partial sums where the sum cancels (1e-5 of the largest output covers K
 # up to 16k). One element off by one bf16 unit fails; so does truncating instead of rounding.
 _BF16_ROUNDED = ElementBound(0.0, 0.0, 0.5, 7, "unihal: half a bf16 ulp of the unrounded reference + fp32 accumulation slack", atol_of_max=1e-5)
+# A float32 GEMM output is the fp32 sum itself: a correct kernel summing in another order lands a
+# few fp32 ulps away, plus slack where the sum cancels (1e-5 of the largest output, as for bf16).
+_FP32_GEMM = ElementBound(0.0, 0.0, 4.0, 23, "unihal: 4 fp32 ulps + fp32 accumulation slack (1e-5 of the largest output)", atol_of_max=1e-5)
 # Indexer logits are an fp32 sum over heads of fp32 dot products of exact e4m3 products: a correct
 # kernel lands within a few fp32 ulps of the float64 value, plus accumulation slack where the
 # signed head weights cancel (2e-6 of the largest logit covers D=128, H=64 with a wide margin).
@@ -168,6 +172,11 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("paged_mqa_logits", "logits"): Tolerance("cos_diff", 5e-6, _INDEXER, _FP32_SUM),
     ("paged_mqa_logits", "logits_bf16"): Tolerance("cos_diff", 3e-5, _INDEXER, _BF16_ROUNDED),
     ("gemm_fp8_nt", "out"): Tolerance("cos_diff", 1e-3, _DEEP_GEMM, _BF16_ROUNDED),
+    ("gemm_fp8_nt", "out_fp32"): Tolerance("cos_diff", 1e-3, _DEEP_GEMM, _FP32_GEMM),
+    ("gemm_bf16_nt", "out"): Tolerance("cos_diff", 1e-5, _DEEP_GEMM_BF16, _BF16_ROUNDED),
+    ("gemm_bf16_nt", "out_fp32"): Tolerance("cos_diff", 1e-5, _DEEP_GEMM_BF16, _FP32_GEMM),
+    ("m_grouped_gemm_bf16_nt_contiguous", "out"): Tolerance("cos_diff", 1e-5, _DEEP_GEMM_BF16, _BF16_ROUNDED),
+    ("m_grouped_gemm_bf16_nt_masked", "out"): Tolerance("cos_diff", 1e-5, _DEEP_GEMM_BF16, _BF16_ROUNDED),
     ("m_grouped_gemm_fp8_nt_contiguous", "out"): Tolerance("cos_diff", 1e-3, _DEEP_GEMM, _BF16_ROUNDED),
     ("m_grouped_gemm_fp8_nt_masked", "out"): Tolerance("cos_diff", 1e-3, _DEEP_GEMM, _BF16_ROUNDED),
     ("per_token_cast_to_fp8", "scales"): Tolerance("max_rel_error", 1e-6, _QUANT),

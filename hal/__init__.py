@@ -5,7 +5,8 @@ Operators (validated here, run on the selected backend)::
     hal.get_mla_metadata, hal.flash_mla_with_kvcache                  # MLA decode (FlashMLA), V3.2 arguments too
     hal.flash_mla_sparse_fwd, hal.quantize_mla_kv_cache               # sparse prefill, the FP8 KV cache
     hal.fp8_mqa_logits, hal.fp8_paged_mqa_logits                      # V3.2 indexer logits (DeepGEMM)
-    hal.gemm_fp8_fp8_bf16_nt                                          # FP8 GEMM (DeepGEMM)
+    hal.gemm_fp8_fp8_bf16_nt, hal.fp8_gemm_nt/nn/tn/tt                # FP8 GEMM (DeepGEMM v1 and current names)
+    hal.bf16_gemm_nt/nn/tn/tt, hal.k_grouped_*                        # BF16 GEMMs, MoE weight gradients
     hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous / _masked           # MoE grouped FP8 GEMM
     hal.per_token_cast_to_fp8, hal.per_block_cast_to_fp8              # FP8 quantisation
     hal.get_dispatch_layout                                           # EP layout (DeepEP)
@@ -48,6 +49,27 @@ from hal.ops.gemm import (
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
 )
+from hal.ops.gemm_bf16 import (
+    bf16_gemm_nn,
+    bf16_gemm_nt,
+    bf16_gemm_tn,
+    bf16_gemm_tt,
+    k_grouped_bf16_gemm_tn_contiguous,
+    m_grouped_bf16_gemm_nn_contiguous,
+    m_grouped_bf16_gemm_nt_contiguous,
+    m_grouped_bf16_gemm_nt_masked,
+)
+from hal.ops.gemm_v2 import (
+    fp8_gemm_nn,
+    fp8_gemm_nt,
+    fp8_gemm_tn,
+    fp8_gemm_tt,
+    k_grouped_fp8_gemm_nt_contiguous,
+    k_grouped_fp8_gemm_tn_contiguous,
+    m_grouped_fp8_gemm_nn_contiguous,
+    m_grouped_fp8_gemm_nt_contiguous,
+    m_grouped_fp8_gemm_nt_masked,
+)
 from hal.ops.indexer import (
     fp8_fp4_mqa_logits,
     fp8_fp4_paged_mqa_logits,
@@ -81,6 +103,23 @@ __all__ = [
     "quantize_indexer_keys",
     "pack_paged_indexer_cache",
     "gemm_fp8_fp8_bf16_nt",
+    "fp8_gemm_nt",
+    "fp8_gemm_nn",
+    "fp8_gemm_tn",
+    "fp8_gemm_tt",
+    "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nn_contiguous",
+    "m_grouped_fp8_gemm_nt_masked",
+    "k_grouped_fp8_gemm_tn_contiguous",
+    "k_grouped_fp8_gemm_nt_contiguous",
+    "bf16_gemm_nt",
+    "bf16_gemm_nn",
+    "bf16_gemm_tn",
+    "bf16_gemm_tt",
+    "m_grouped_bf16_gemm_nt_contiguous",
+    "m_grouped_bf16_gemm_nn_contiguous",
+    "m_grouped_bf16_gemm_nt_masked",
+    "k_grouped_bf16_gemm_tn_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
     "get_m_alignment_for_contiguous_layout",

@@ -163,6 +163,30 @@ def hal_quantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
     """
 
 
+# --- BF16 GEMMs (DeepGEMM) -----------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_gemm_bf16_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b.T``: a bf16 [M, K], b bf16 [N, K], both contiguous, K a multiple of 128
+    (zero-padded); out bf16 or float32 [M, N], contiguous, written in place; exact products summed
+    in fp32, rounded once (:func:`hal.ops.gemm_bf16.gemm_bf16_reference`)."""
+
+
+@hookspec(firstresult=True)
+def hal_m_grouped_gemm_bf16_nt_contiguous(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, m_indices: torch.Tensor) -> None:
+    """MoE grouped bf16: a [M, K], b [G, N, K], out bf16 [M, N]; row r uses group m_indices[r]
+    (int32, -1 = padding: not written); segments aligned to the current contiguous alignment."""
+
+
+@hookspec(firstresult=True)
+def hal_m_grouped_gemm_bf16_nt_masked(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, masked_m: torch.Tensor, expected_m: int
+) -> None:
+    """MoE masked bf16: a [G, M_max, K], b [G, N, K], out bf16 [G, M_max, N]; the first masked_m[g]
+    rows of each group are computed, the others left untouched."""
+
+
 # --- Indexer logits (DeepGEMM, DeepSeek-V3.2) ----------------------------------------------
 
 

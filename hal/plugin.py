@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-__all__ = ["PROJECT", "hookimpl", "not_implemented_yet", "BackendInfo", "Availability"]
+__all__ = ["PROJECT", "hookimpl", "not_implemented_yet", "BackendInfo", "Availability", "current_contracts"]
 
 PROJECT = "hal"
 ENTRY_POINT_GROUP = "hal.backends"
@@ -82,3 +82,12 @@ class Availability:
     reason: str = ""
     device: str = ""
     simulated: bool = False
+
+
+def current_contracts() -> dict[str, int]:
+    """Every operator at its current contract version: what a backend written against this unihal
+    and implementing every feature declares (``BackendInfo(contract_versions=current_contracts())``)."""
+    import hal.ops  # noqa: F401  (declares the operators)
+    from hal.operator import OPERATORS
+
+    return {op.name: op.version for op in OPERATORS.values()}

@@ -26,7 +26,7 @@ import torch
 from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
-from hal.operator import declare
+from hal.operator import Feature, declare
 from hal.ops.fp8_quant import BLOCK
 
 __all__ = [
@@ -42,22 +42,35 @@ __all__ = [
 
 M_ALIGNMENT_CONTIGUOUS = 128
 
-GEMM_FP8_NT = declare("gemm_fp8_nt", "hal_gemm_fp8_nt", "gemm", "FP8 GEMM, per-token LHS and 128x128 RHS scales (gemm_fp8_fp8_bf16_nt)")
+# Version 2 (DeepGEMM's current API): float32 outputs (accumulation with ``c`` runs through them)
+# and per-token RHS scales (the (1, 1, 128) weight-gradient recipe). A backend written for
+# version 1 is never handed either.
+_V2 = (
+    Feature("fp32_out", "float32 out (DeepGEMM v2 d float32; accumulation with c)", since=2),
+    Feature("b_per_token", "per-token RHS scales [N, ceil(K/128)] (recipe (1, 1, 128))", since=2),
+)
+GEMM_FP8_NT = declare(
+    "gemm_fp8_nt", "hal_gemm_fp8_nt", "gemm", "FP8 GEMM, per-token LHS and 128x128 RHS scales (fp8_gemm_nt, gemm_fp8_fp8_bf16_nt)",
+    version=2, features=_V2,
+)
 M_GROUPED_CONTIGUOUS = declare(
     "m_grouped_gemm_fp8_nt_contiguous", "hal_m_grouped_gemm_fp8_nt_contiguous", "gemm",
-    "MoE grouped FP8 GEMM, rows grouped contiguously by expert (m_indices)",
+    "MoE grouped FP8 GEMM, rows grouped contiguously by expert (m_indices)", version=2, features=_V2,
 )
 M_GROUPED_MASKED = declare(
     "m_grouped_gemm_fp8_nt_masked", "hal_m_grouped_gemm_fp8_nt_masked", "gemm",
-    "MoE grouped FP8 GEMM, fixed rows per expert with a per-expert count (masked_m)",
+    "MoE grouped FP8 GEMM, fixed rows per expert with a per-expert count (masked_m)", version=2, features=_V2,
 )
 
 Operand = tuple[torch.Tensor, torch.Tensor]
 
 
+_alignment = [M_ALIGNMENT_CONTIGUOUS]  # DeepGEMM's set_mk_alignment_for_contiguous_layout changes it
+
+
 def get_m_alignment_for_contiguous_layout() -> int:
-    """Row alignment of each expert's segment in the contiguous layout (DeepGEMM: 128)."""
-    return M_ALIGNMENT_CONTIGUOUS
+    """Row alignment of each expert's segment in the contiguous layout (DeepGEMM's default: 128)."""
+    return _alignment[0]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -140,26 +153,28 @@ def _check_operands(
     return _padded_to_blocks(a), sa, _padded_to_blocks(b), sb, out
 
 
-def _check_contiguous_segments(op: str, m_indices: torch.Tensor) -> None:
-    """DeepGEMM's layout: M % 128 == 0 and each 128-row block is one group's rows, then padding."""
+def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str = "lhs[0]") -> None:
+    """DeepGEMM's layout: M a multiple of the alignment (128 by default) and each aligned block of
+    rows one group's rows, then padding."""
     m = m_indices.shape[0]
-    if m % M_ALIGNMENT_CONTIGUOUS:
+    align = get_m_alignment_for_contiguous_layout()
+    if m % align:
         raise ShapeError(
-            op, "lhs[0]", f"M a multiple of {M_ALIGNMENT_CONTIGUOUS} (get_m_alignment_for_contiguous_layout())", f"M={m}",
-            "Pad each expert's rows to a multiple of 128 and mark the padding rows -1 in m_indices.",
+            op, argument, f"M a multiple of {align} (get_m_alignment_for_contiguous_layout())", f"M={m}",
+            f"Pad each expert's rows to a multiple of {align} and mark the padding rows -1 in m_indices.",
         )
     if not value_checks_enabled(m_indices) or m == 0:
         return
-    blocks = m_indices.view(-1, M_ALIGNMENT_CONTIGUOUS)
+    blocks = m_indices.view(-1, align)
     valid = blocks >= 0
     mixed = (valid & (blocks != blocks[:, :1])).any(dim=1) | (valid[:, 1:] & ~valid[:, :-1]).any(dim=1)
     if bool(mixed.any()):
         block = int(mixed.nonzero()[0])
-        rows = f"rows {block * M_ALIGNMENT_CONTIGUOUS}..{(block + 1) * M_ALIGNMENT_CONTIGUOUS - 1}"
+        rows = f"rows {block * align}..{(block + 1) * align - 1}"
         raise ValueRangeError(
-            op, "m_indices", "each 128-row block to hold one group's rows followed only by -1 padding",
+            op, "m_indices", f"each {align}-row block to hold one group's rows followed only by -1 padding",
             f"{rows} holding {sorted(set(blocks[block].tolist()))}",
-            "Sort rows by expert and pad each expert's segment to a multiple of 128 rows with -1.",
+            f"Sort rows by expert and pad each expert's segment to a multiple of {align} rows with -1.",
         )
 
 

@@ -20,11 +20,13 @@ def blockwise_fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tenso
 
     Args:
         a: fp8 [M, K]; a_scales float32 [M, ceil(K / 128)].
-        b: fp8 [N, K]; b_scales float32 [ceil(N / 128), ceil(K / 128)].
+        b: fp8 [N, K]; b_scales float32 [ceil(N / 128), ceil(K / 128)] (128x128 blocks) or
+            [N, ceil(K / 128)] (per token, DeepGEMM's (1, 1, 128) recipe); the two agree at N = 1.
     """
     m, k = a.shape
     n = b.shape[0]
-    b_row_scales = b_scales.float().repeat_interleave(BLOCK, dim=0)[:n]  # [N, ceil(K / 128)]
+    per_token = b_scales.shape[0] == n
+    b_row_scales = b_scales.float() if per_token else b_scales.float().repeat_interleave(BLOCK, dim=0)[:n]  # [N, ceil(K / 128)]
     acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
     for kb in range(-(-k // BLOCK)):  # the last block is partial when K is not a multiple of 128
         cols = slice(kb * BLOCK, min((kb + 1) * BLOCK, k))
@@ -34,7 +36,7 @@ def blockwise_fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tenso
 
 
 def gemm_fp8_nt_reference(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, out: torch.Tensor) -> None:
-    """Dense: out [M, N] bf16 = blockwise product, written in place."""
+    """Dense: out [M, N] (bf16, or float32) = blockwise product, rounded once, written in place."""
     out.copy_(blockwise_fp8_matmul(a, a_scales, b, b_scales))
 
 

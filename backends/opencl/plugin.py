@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from hal.canary import canaries_enabled, file_fingerprint, proving, sources_fingerprint
-from hal.plugin import Availability, BackendInfo, hookimpl
+from hal.plugin import Availability, BackendInfo, current_contracts, hookimpl
 
 # What decides which OpenCL implementation and device a process gets (ocl-icd, pyopencl, PoCL).
 _RUNTIME_ENV = ("OCL_ICD_VENDORS", "OPENCL_VENDOR_PATH", "OCL_ICD_FILENAMES", "PYOPENCL_CTX", "HAL_OPENCL_DEVICE")
@@ -58,7 +58,10 @@ def _library(name: str, beside: Path) -> str:
 
 @hookimpl
 def hal_backend_info() -> BackendInfo:
-    return BackendInfo(description="any OpenCL 1.2 device through pyopencl (PoCL on CPUs)", priority=50, device_types=("cpu",))
+    return BackendInfo(
+        description="any OpenCL 1.2 device through pyopencl (PoCL on CPUs)", priority=50, device_types=("cpu",),
+        contract_versions=current_contracts(),
+    )
 
 
 @hookimpl
@@ -165,6 +168,27 @@ def hal_m_grouped_gemm_fp8_nt_masked(a, a_scales, b, b_scales, out, masked_m, ex
     from hal.backends.opencl.gemm_fp8 import m_grouped_masked
 
     m_grouped_masked(a, a_scales, b, b_scales, out, masked_m, expected_m)
+
+
+@hookimpl
+def hal_gemm_bf16_nt(a, b, out):
+    from hal.backends.opencl.gemm_fp8 import gemm_bf16
+
+    gemm_bf16(a, b, out, "dense")
+
+
+@hookimpl
+def hal_m_grouped_gemm_bf16_nt_contiguous(a, b, out, m_indices):
+    from hal.backends.opencl.gemm_fp8 import gemm_bf16
+
+    gemm_bf16(a, b, out, "contiguous", m_indices)
+
+
+@hookimpl
+def hal_m_grouped_gemm_bf16_nt_masked(a, b, out, masked_m, expected_m):
+    from hal.backends.opencl.gemm_fp8 import gemm_bf16
+
+    gemm_bf16(a, b, out, "masked", masked_m, expected_m)
 
 
 @hookimpl

@@ -14,15 +14,19 @@ from hal.ops.ep_local import combine_reduce_reference, pack_reference, unpack_re
 from hal.ops.fp8_quant import per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
 from hal.ops.mla_reference import mla_decode_reference
+from hal.ops.gemm_bf16 import gemm_bf16_reference
 from hal.ops.mla_fp8_cache import quantize_mla_kv_cache_reference
 from hal.ops.indexer_reference import mqa_logits_reference, paged_mqa_logits_reference
 from hal.ops.mla_v2_reference import mla_decode_v2_reference, mla_sparse_prefill_reference
-from hal.plugin import Availability, BackendInfo, hookimpl
+from hal.plugin import Availability, BackendInfo, current_contracts, hookimpl
 
 
 @hookimpl
 def hal_backend_info() -> BackendInfo:
-    return BackendInfo(description="pure PyTorch reference (Hopper numerics), any torch device", priority=0, device_types=None)
+    return BackendInfo(
+        description="pure PyTorch reference (Hopper numerics), any torch device", priority=0, device_types=None,
+        contract_versions=current_contracts(),
+    )
 
 
 @hookimpl
@@ -51,6 +55,27 @@ def hal_mla_decode_v2(
 @hookimpl
 def hal_mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
     return mla_sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+@hookimpl
+def hal_gemm_bf16_nt(a, b, out):
+    out.copy_(gemm_bf16_reference(a, b))
+
+
+@hookimpl
+def hal_m_grouped_gemm_bf16_nt_contiguous(a, b, out, m_indices):
+    groups = m_indices.long()
+    for g in torch.unique(groups).tolist():
+        if g >= 0:
+            rows = (groups == g).nonzero().squeeze(1)
+            out[rows] = gemm_bf16_reference(a[rows], b[g]).to(out.dtype)
+
+
+@hookimpl
+def hal_m_grouped_gemm_bf16_nt_masked(a, b, out, masked_m, expected_m):
+    for g, rows in enumerate(masked_m.tolist()):
+        if rows > 0:
+            out[g, :rows] = gemm_bf16_reference(a[g, :rows], b[g]).to(out.dtype)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hal.backends.triton.tuning import Tuning
 from hal.errors import OperatorNotSupportedError
-from hal.plugin import Availability, BackendInfo, hookimpl
+from hal.plugin import Availability, BackendInfo, current_contracts, hookimpl
 
 __all__ = ["Target", "TritonBackend"]
 
@@ -49,8 +49,11 @@ class TritonBackend:
     def hal_backend_info(self) -> BackendInfo:
         if self.target.simulated:
             # A simulator is never picked automatically: it is slow and proves numerics, not speed.
-            return BackendInfo(f"{self.description} (simulated in the Triton CPU interpreter)", priority=-1, device_types=("cpu",))
-        return BackendInfo(self.description, priority=100, device_types=(self.device_type,))
+            return BackendInfo(
+                f"{self.description} (simulated in the Triton CPU interpreter)", priority=-1, device_types=("cpu",),
+                contract_versions=current_contracts(),
+            )
+        return BackendInfo(self.description, priority=100, device_types=(self.device_type,), contract_versions=current_contracts())
 
     @hookimpl
     def hal_backend_availability(self) -> Availability:
@@ -126,15 +129,48 @@ class TritonBackend:
 
     @hookimpl
     def hal_m_grouped_gemm_fp8_nt_contiguous(self, a, a_scales, b, b_scales, out, m_indices):
-        from hal.backends.triton.fp8_gemm import CONTIGUOUS, fp8_gemm
+        import dataclasses
 
-        fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=CONTIGUOUS, groups=m_indices)
+        from hal.backends.triton.fp8_gemm import CONTIGUOUS, fp8_gemm
+        from hal.ops.gemm import get_m_alignment_for_contiguous_layout
+
+        # A tile takes its group from its first row: its rows must never span two aligned segments.
+        config = self.tuning.gemm(a.shape[0], b.shape[1], a.shape[1])
+        align = get_m_alignment_for_contiguous_layout()
+        if align % config.block_m:
+            config = dataclasses.replace(config, block_m=max(16, align & -align))
+        fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=CONTIGUOUS, groups=m_indices, config=config)
 
     @hookimpl
     def hal_m_grouped_gemm_fp8_nt_masked(self, a, a_scales, b, b_scales, out, masked_m, expected_m):
         from hal.backends.triton.fp8_gemm import MASKED, fp8_gemm
 
         fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=MASKED, groups=masked_m)
+
+    @hookimpl
+    def hal_gemm_bf16_nt(self, a, b, out):
+        from hal.backends.triton.fp8_gemm import DENSE, bf16_gemm
+
+        bf16_gemm(a, b, out, tuning=self.tuning, layout=DENSE)
+
+    @hookimpl
+    def hal_m_grouped_gemm_bf16_nt_contiguous(self, a, b, out, m_indices):
+        import dataclasses
+
+        from hal.backends.triton.fp8_gemm import CONTIGUOUS, bf16_gemm
+        from hal.ops.gemm import get_m_alignment_for_contiguous_layout
+
+        config = self.tuning.gemm(a.shape[0], b.shape[1], a.shape[1])
+        align = get_m_alignment_for_contiguous_layout()
+        if align % config.block_m:
+            config = dataclasses.replace(config, block_m=max(16, align & -align))
+        bf16_gemm(a, b, out, tuning=self.tuning, layout=CONTIGUOUS, groups=m_indices, config=config)
+
+    @hookimpl
+    def hal_m_grouped_gemm_bf16_nt_masked(self, a, b, out, masked_m, expected_m):
+        from hal.backends.triton.fp8_gemm import MASKED, bf16_gemm
+
+        bf16_gemm(a, b, out, tuning=self.tuning, layout=MASKED, groups=masked_m)
 
     @hookimpl
     def hal_per_token_cast_to_fp8(self, x):

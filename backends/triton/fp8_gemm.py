@@ -1,8 +1,9 @@
 """FP8 GEMM with DeepGEMM's fine-grained scaling: dense, MoE contiguous, MoE masked, one kernel.
 
-``out[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sa[m, kb] * sb[n // 128, kb]``: each 128-wide K
+``out[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sa[m, kb] * sb[n // GRAN_N, kb]``: each 128-wide K
 block is one ``tl.dot`` whose fp32 partial is promoted with its two scales, as DeepGEMM's kernel
-promotes on CUDA cores. BLOCK_N divides 128, so a tile's columns share one RHS scale block.
+promotes on CUDA cores. GRAN_N is 128 (128x128 RHS blocks) or 1 (per-token RHS scales, the
+weight-gradient recipe); the output is bf16 or float32 (rounded once).
 Operands arrive as e4m3fn codes and enter the dot in the target's format (``Tuning``): e4m3fn
 as is, e4m3fnuz by reinterpretation at half value (compensated in the scales), or fp16 on GPUs
 without FP8 dot instructions (every e4m3 value is exact in fp16).
@@ -23,7 +24,7 @@ from hal.backends.triton.conversions import FNUZ_SCALE, e4m3fn_bits_as_fnuz, rou
 from hal.backends.triton.runtime import interpreting, launch_options
 from hal.backends.triton.tuning import FP8_E4M3FN, FP8_E4M3FNUZ, GemmConfig, Tuning
 
-__all__ = ["fp8_gemm", "DENSE", "CONTIGUOUS", "MASKED"]
+__all__ = ["fp8_gemm", "bf16_gemm", "DENSE", "CONTIGUOUS", "MASKED"]
 
 BLOCK_K = 128
 DENSE, CONTIGUOUS, MASKED = 0, 1, 2
@@ -50,7 +51,7 @@ def _fp8_gemm_kernel(
     stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
     stride_og, stride_om,
     LAYOUT: tl.constexpr, FORMAT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr, CHECK_NAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GRAN_N: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -72,7 +73,7 @@ def _fp8_gemm_kernel(
     a_rows = a_ptr + group.to(tl.int64) * stride_ag * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_am
     b_cols = b_ptr + group.to(tl.int64) * stride_bg + cols[None, :].to(tl.int64) * stride_bn
     sa_rows = sa_ptr + group * stride_sag * (LAYOUT == 2) + rows * stride_sam
-    sb_block = sb_ptr + group * stride_sbg + (pid_n * BLOCK_N // 128) * stride_sbn
+    sb_cols = sb_ptr + group * stride_sbg + (cols // GRAN_N) * stride_sbn  # one scale per 128x128 block, or per row of B
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)
     nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -80,20 +81,26 @@ def _fp8_gemm_kernel(
         k0 = kb * BLOCK_K
         a_codes = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
         b_codes = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :], other=0)
-        if CHECK_NAN:
-            # e4m3fn's NaN codes (0x7f, 0xff) must poison their row / column; see fp8_gemm().
-            nan_rows |= tl.max(((a_codes & 0x7F) == 0x7F).to(tl.int32), axis=1)
-            nan_cols |= tl.max(((b_codes & 0x7F) == 0x7F).to(tl.int32), axis=0)
-        a = _as_dot_operand(a_codes, FORMAT, UPCAST)
-        b = _as_dot_operand(b_codes, FORMAT, UPCAST)
-        partial = tl.dot(a, b, out_dtype=tl.float32)
-        sa = tl.load(sa_rows + kb * stride_sak, mask=row_ok, other=0.0)
-        sb = tl.load(sb_block + kb * stride_sbk) * operand_scale
-        acc += partial * (sa[:, None] * sb)
+        if SCALED:
+            if CHECK_NAN:
+                # e4m3fn's NaN codes (0x7f, 0xff) must poison their row / column; see fp8_gemm().
+                nan_rows |= tl.max(((a_codes & 0x7F) == 0x7F).to(tl.int32), axis=1)
+                nan_cols |= tl.max(((b_codes & 0x7F) == 0x7F).to(tl.int32), axis=0)
+            a = _as_dot_operand(a_codes, FORMAT, UPCAST)
+            b = _as_dot_operand(b_codes, FORMAT, UPCAST)
+            partial = tl.dot(a, b, out_dtype=tl.float32)
+            sa = tl.load(sa_rows + kb * stride_sak, mask=row_ok, other=0.0)
+            sb = tl.load(sb_cols + kb * stride_sbk, mask=col_ok, other=0.0) * operand_scale
+            acc += partial * (sa[:, None] * sb[None, :])
+        else:  # bf16 operands (bf16 GEMMs): one fp32-accumulated dot per K block, no scales
+            if UPCAST:
+                a_codes = a_codes.to(tl.float32)
+                b_codes = b_codes.to(tl.float32)
+            acc += tl.dot(a_codes, b_codes, out_dtype=tl.float32)
     if CHECK_NAN:
         acc = tl.where((nan_rows[:, None] | nan_cols[None, :]) != 0, float("nan"), acc)
     out = out_ptr + group.to(tl.int64) * stride_og * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out, round_to(acc, tl.bfloat16, EXACT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out, round_to(acc, out_ptr.dtype.element_ty, EXACT_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def fp8_gemm(
@@ -112,8 +119,8 @@ def fp8_gemm(
 
     Args:
         a: fp8 e4m3fn [M, K] (dense, contiguous) or [G, M, K] (masked); a_scales matching, any strides.
-        b: fp8 e4m3fn [N, K] (dense) or [G, N, K]; b_scales [(G,) ceil(N/128), K/128].
-        out: bf16 [(G,) M, N], contiguous.
+        b: fp8 e4m3fn [N, K] (dense) or [G, N, K]; b_scales [(G,) ceil(N/128), K/128] or per row [(G,) N, K/128].
+        out: bf16 or float32 [(G,) M, N], contiguous.
         tuning: the target's tile table, FP8 format and launch options.
         layout: DENSE, CONTIGUOUS (``groups`` = m_indices int32 [M]) or MASKED (``groups`` = masked_m int32 [G]).
         config: overrides the tuning's tile choice.
@@ -138,10 +145,42 @@ def fp8_gemm(
         lead(a), a.stride(-2), lead(a_scales), a_scales.stride(-2), a_scales.stride(-1),
         lead(b), b.stride(-2), lead(b_scales), b_scales.stride(-2), b_scales.stride(-1),
         lead(out), out.stride(-2),
-        LAYOUT=layout, FORMAT=fmt, UPCAST=not tuning.fp8_dot, EXACT_BF16=interpreting(),
+        LAYOUT=layout, FORMAT=fmt, UPCAST=not tuning.fp8_dot, EXACT_BF16=interpreting(), GRAN_N=1 if b_scales.shape[-2] == n else 128, SCALED=True,
         # NaN codes reach the dot as NaN on NVIDIA's FP8 MMA and fp16 widening; the interpreter's fp8
         # emulation and the e4m3fn -> e4m3fnuz reinterpretation (no 0x7f NaN in fnuz) lose them.
         CHECK_NAN=interpreting() or tuning.fp8_format == FP8_E4M3FNUZ,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(tuning),
+    )
+
+
+def bf16_gemm(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, tuning: Tuning, layout: int = DENSE, groups: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> None:
+    """The same kernel on bf16 operands without scales (DeepGEMM's bf16 GEMMs); shapes as :func:`fp8_gemm`.
+
+    K is a multiple of 128 (hal.ops pads with zeros). The interpreter's bf16 ``tl.dot`` is wrong
+    (triton 3.9), so there the operands enter the dot as fp32 (bf16 products are exact in fp32).
+    """
+    m, k = a.shape[-2:]
+    n = b.shape[-2]
+    if m == 0 or n == 0:
+        return
+    config = config or tuning.gemm(m, n, k)
+    num_groups = a.shape[0] if layout == MASKED else 1
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), num_groups)
+
+    def lead(t: torch.Tensor) -> int:
+        return t.stride(0) if t.dim() == 3 else 0
+
+    _fp8_gemm_kernel[grid](
+        a, out, b, out, out, groups if groups is not None else out,
+        m, n, k, 1.0,
+        lead(a), a.stride(-2), 0, 0, 0,
+        lead(b), b.stride(-2), 0, 0, 0,
+        lead(out), out.stride(-2),
+        LAYOUT=layout, FORMAT=0, UPCAST=interpreting(), EXACT_BF16=interpreting(), CHECK_NAN=False, GRAN_N=128, SCALED=False,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
+        num_warps=config.num_warps, num_stages=min(config.num_stages, 2), **launch_options(tuning),  # bf16 tiles: twice the shared memory
     )

@@ -1,0 +1,160 @@
+"""DeepGEMM's BF16 GEMMs: dense (nt/nn/tn/tt), MoE m-grouped (contiguous, masked), k-grouped.
+
+``d = a @ b.T (+ c)``: a and b bf16, products exact in fp32 and summed in fp32, ``d`` bf16 or
+float32 rounded once (``c`` added in fp32 before that rounding). Layout letters as in
+:mod:`hal.ops.gemm_v2`; MN-major operands are made K-major (a copy) before dispatch.
+
+Backends receive (hooks ``hal_gemm_bf16_nt``, ``hal_m_grouped_gemm_bf16_nt_contiguous``,
+``hal_m_grouped_gemm_bf16_nt_masked``) bf16 operands K-major and contiguous, K padded with zeros
+to a multiple of 128 (zeros add exact zeros), ``out`` bf16 or float32 (masked and contiguous:
+bf16) written in place; contiguous rows marked -1 and masked rows past ``masked_m`` untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor
+from hal.dispatch import call
+from hal.errors import ShapeError
+from hal.operator import declare
+from hal.ops import gemm as v1
+from hal.ops import gemm_v2
+
+__all__ = [
+    "GEMM_BF16_NT", "M_GROUPED_BF16_CONTIGUOUS", "M_GROUPED_BF16_MASKED",
+    "bf16_gemm_nt", "bf16_gemm_nn", "bf16_gemm_tn", "bf16_gemm_tt",
+    "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nn_contiguous", "m_grouped_bf16_gemm_nt_masked",
+    "k_grouped_bf16_gemm_tn_contiguous", "gemm_bf16_reference",
+]
+
+GEMM_BF16_NT = declare("gemm_bf16_nt", "hal_gemm_bf16_nt", "gemm", "BF16 GEMM, fp32 accumulation, bf16 or float32 out (bf16_gemm_nt)")
+M_GROUPED_BF16_CONTIGUOUS = declare(
+    "m_grouped_gemm_bf16_nt_contiguous", "hal_m_grouped_gemm_bf16_nt_contiguous", "gemm", "MoE grouped BF16 GEMM, rows grouped by expert"
+)
+M_GROUPED_BF16_MASKED = declare(
+    "m_grouped_gemm_bf16_nt_masked", "hal_m_grouped_gemm_bf16_nt_masked", "gemm", "MoE grouped BF16 GEMM over per-expert slots (masked_m)"
+)
+
+BF16 = torch.bfloat16
+
+
+def gemm_bf16_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a bf16 [M, K], b bf16 [N, K] -> float32 [M, N]: exact products, fp32 sums."""
+    return a.float() @ b.float().T
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    return v1._padded_to_blocks(gemm_v2._k_major(x))
+
+
+def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None, transpose_a: bool, transpose_b: bool) -> None:
+    expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("K", "M") if transpose_a else ("M", "K"))
+    expect_tensor(op, "b", b, dtypes=BF16, shape=(None, None), dims=("K", "N") if transpose_b else ("N", "K"))
+    a = a.transpose(0, 1) if transpose_a else a
+    b = b.transpose(0, 1) if transpose_b else b
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ShapeError(op, "b", f"K = {k} (a's)", f"K = {b.shape[1]}", "Give a and b the same K.")
+    gemm_v2._output(op, d, c, (m, n), (BF16, torch.float32))
+    expect_same_device(op, "a", a, b=b, d=d, c=c)
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        d.copy_(c) if c is not None else d.zero_()
+        return
+    target = d if c is None else torch.empty(m, n, dtype=torch.float32, device=d.device)
+    call(GEMM_BF16_NT, "a", a.device, a=_padded(a), b=_padded(b), out=target)
+    if c is not None:
+        d.copy_(target + c.float())
+
+
+def bf16_gemm_nt(a, b, d, c=None, compiled_dims: str = "nk") -> None:
+    """``d = a @ b.T (+ c)``: a bf16 [M, K], b bf16 [N, K], d bf16/float32 [M, N]."""
+    _dense("bf16_gemm_nt", a, b, d, c, False, False)
+
+
+def bf16_gemm_nn(a, b, d, c=None, compiled_dims: str = "nk") -> None:
+    """``d = a @ b (+ c)``: b bf16 [K, N]."""
+    _dense("bf16_gemm_nn", a, b, d, c, False, True)
+
+
+def bf16_gemm_tn(a, b, d, c=None, compiled_dims: str = "mn") -> None:
+    """``d = a.T @ b (+ c)``: a bf16 [K, M], b bf16 [K, N]."""
+    _dense("bf16_gemm_tn", a, b, d, c, True, True)
+
+
+def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "mn") -> None:
+    """``d = a.T @ b.T (+ c)``: a bf16 [K, M], b bf16 [N, K]."""
+    _dense("bf16_gemm_tt", a, b, d, c, True, False)
+
+
+def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_b: bool) -> None:
+    expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("M", "K"))
+    expect_tensor(op, "b", b, dtypes=BF16, shape=(None, None, None), dims=("G", "K", "N") if transpose_b else ("G", "N", "K"))
+    b = b.transpose(1, 2) if transpose_b else b
+    m, k = a.shape
+    groups, n = b.shape[0], b.shape[1]
+    if b.shape[2] != k:
+        raise ShapeError(op, "b", f"K = {k} (a's)", f"K = {b.shape[2]}", "Give a and b the same K.")
+    gemm_v2._output(op, d, None, (m, n), (BF16,))
+    if use_psum_layout:
+        expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(groups,), dims=("G",), contiguous=True)
+        expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
+        m_indices = gemm_v2._psum_to_indices(op, grouped_layout, m, gemm_v2.get_mk_alignment_for_contiguous_layout())
+    else:
+        expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(m,), dims=("M",), contiguous=True)
+        m_indices = grouped_layout
+    expect_same_device(op, "a", a, b=b, d=d, grouped_layout=grouped_layout)
+    expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
+    v1._check_contiguous_segments(op, m_indices, "a")
+    if m == 0 or n == 0:
+        return
+    call(M_GROUPED_BF16_CONTIGUOUS, "a", a.device, a=_padded(a), b=_padded(b), out=d, m_indices=m_indices)
+
+
+def m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, compiled_dims: str = "nk", use_psum_layout: bool = False,
+                                      ensure_zero_padding: bool = True, expected_m_for_psum_layout: int | None = None) -> None:
+    """MoE grouped: ``d[r] = a[r] @ b[g(r)].T``; a bf16 [M, K], b bf16 [G, N, K], d bf16 [M, N];
+    grouped_layout m_indices [M] (-1 padding) or, with use_psum_layout, cumulative row ends [G]."""
+    _grouped("m_grouped_bf16_gemm_nt_contiguous", a, b, d, grouped_layout, use_psum_layout, False)
+
+
+def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout, compiled_dims: str = "nk", use_psum_layout: bool = False,
+                                      ensure_zero_padding: bool = True) -> None:
+    """As :func:`m_grouped_bf16_gemm_nt_contiguous` with b bf16 [G, K, N]."""
+    _grouped("m_grouped_bf16_gemm_nn_contiguous", a, b, d, grouped_layout, use_psum_layout, True)
+
+
+def m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m, compiled_dims: str = "nk") -> None:
+    """MoE masked: ``d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T``; a bf16 [G, M_max, K], b bf16 [G, N, K], d bf16 [G, M_max, N]."""
+    op = "m_grouped_bf16_gemm_nt_masked"
+    expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None, None), dims=("G", "M_max", "K"))
+    groups, m_max, k = a.shape
+    expect_tensor(op, "b", b, dtypes=BF16, shape=(groups, None, k), dims=("G", "N", "K"))
+    n = b.shape[1]
+    gemm_v2._output(op, d, None, (groups, m_max, n), (BF16,))
+    expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(groups,), dims=("G",))
+    expect_int(op, "expected_m", expected_m, minimum=1)
+    expect_in_range(op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max})", fix="Clamp masked_m to M_max.")
+    expect_same_device(op, "a", a, b=b, d=d, masked_m=masked_m)
+    if groups == 0 or m_max == 0 or n == 0:
+        return
+    call(M_GROUPED_BF16_MASKED, "a", a.device, a=_padded(a), b=_padded(b), out=d, masked_m=masked_m, expected_m=expected_m)
+
+
+def k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks_cpu, grouped_layout, c=None, compiled_dims: str = "mn", use_psum_layout: bool = False) -> None:
+    """Weight gradients per expert: ``d[g] = c[g] + a_g.T @ b_g`` where a bf16 [sum_k, M] and b bf16
+    [sum_k, N] hold each group's K rows in turn (see :func:`hal.ops.gemm_v2.k_grouped_segments`);
+    d float32 [G, M, N]; ``c`` (float32, may be d) is required, as DeepGEMM requires it."""
+    op = "k_grouped_bf16_gemm_tn_contiguous"
+    expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("sum_k", "M"))
+    expect_tensor(op, "b", b, dtypes=BF16, shape=(a.shape[0], None), dims=("sum_k", "N"))
+    segments = gemm_v2.k_grouped_segments(op, ks_cpu, grouped_layout, a.shape[0], use_psum_layout)
+    groups, m, n = len(segments), a.shape[1], b.shape[1]
+    gemm_v2._output(op, d, c, (groups, m, n), (torch.float32,))
+    if c is None:
+        raise ShapeError(op, "c", "a float32 [G, M, N] accumulator (DeepGEMM requires it)", "None", "Pass c (it may be d itself).")
+    for g, (start, end) in enumerate(segments):
+        _dense(op, a[start:end], b[start:end], d[g], c[g], True, True)
