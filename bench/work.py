@@ -105,7 +105,7 @@ def _paged_mqa_logits(inputs: Tensors) -> Work:
 
 
 def _gemm(inputs: Tensors) -> Work:
-    a, b, out = inputs["a"], inputs["b"], inputs["out"]
+    a, b, out = inputs["a"], inputs["b"], inputs["out"] if "out" in inputs else inputs["d"]
     k = a.shape[-1]
     if "m_indices" in inputs:
         rows = float((inputs["m_indices"] >= 0).sum())
@@ -116,6 +116,20 @@ def _gemm(inputs: Tensors) -> Work:
     n = b.shape[-2]
     bytes_ = rows * k + _nbytes(b, inputs["sb"]) + rows * (k // 128) * 4 + rows * n * out.element_size()
     return Work(bytes_, 2.0 * rows * n * k)
+
+
+def _gemm_bf16(inputs: Tensors) -> Work:
+    """bf16 operands (2 bytes), one output write (and one c read when accumulating)."""
+    a, b, d = inputs["a"], inputs["b"], inputs["d"]
+    k, n = a.shape[-1], b.shape[-2]
+    if "m_indices" in inputs:
+        rows = float((inputs["m_indices"] >= 0).sum())
+    elif "masked_m" in inputs:
+        rows = float(inputs["masked_m"].sum())
+    else:
+        rows = float(a.shape[0])
+    c_bytes = d.element_size() * rows * n if inputs.get("c") is not None else 0.0
+    return Work(rows * k * 2 + _nbytes(b) + rows * n * d.element_size() + c_bytes, 2.0 * rows * n * k)
 
 
 def _cast(inputs: Tensors) -> Work:
@@ -156,6 +170,9 @@ _WORK = {
     "mqa_logits": _mqa_logits,
     "paged_mqa_logits": _paged_mqa_logits,
     "gemm_fp8_nt": _gemm,
+    "gemm_bf16_nt": _gemm_bf16,
+    "m_grouped_gemm_bf16_nt_contiguous": _gemm_bf16,
+    "m_grouped_gemm_bf16_nt_masked": _gemm_bf16,
     "m_grouped_gemm_fp8_nt_contiguous": _gemm,
     "m_grouped_gemm_fp8_nt_masked": _gemm,
     "per_token_cast_to_fp8": _cast,

@@ -318,7 +318,8 @@ class GroupedV2Family(Family):
             return {"a": torch.stack([p[0] for p in a_parts]), "sa": torch.stack([p[1] for p in a_parts]), "b": b, "sb": sb,
                     "d": _poisoned(groups, m_max, n), "masked_m": masked, "per_token_b": per_token_b}
         sizes = [int(s) for s in torch.randint(1, 2 * params["expected_m"], (groups,), generator=generator)]
-        sizes[groups // 2] = 0 if groups > 2 else sizes[groups // 2]
+        if groups > 2:  # an expert with no rows: the last one
+            sizes[-1] = 0
         ends, end, rows = [], 0, []
         for g, size in enumerate(sizes):
             start = math.ceil(end / BLOCK) * BLOCK

@@ -19,7 +19,7 @@ def run_hal(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     command = [executable] if executable else [sys.executable, "-m", "hal.cli"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HAL_BACKEND")}
     environment.update(env or {})
-    environment["COLUMNS"] = "160"
+    environment["COLUMNS"] = "240"  # wide enough that no reason wraps inside its table cell
     return subprocess.run(command + list(args), capture_output=True, text=True, env=environment, timeout=120)
 
 

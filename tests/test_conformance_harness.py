@@ -72,15 +72,19 @@ def test_wrong_scale_layout_is_caught(wrong_backends):
     # With one K block the first block's scale is the right one; every multi-block case must fail.
     cases = [c for c in select_cases(quick=True, ops=["gemm_fp8_nt"]) if c.params["k"] > 128]
     results = run_backend("wrong_scale", cases)
-    assert len(results) >= 3 and all(r.status == "fail" for r in results)
-    assert all(r.worst().value > 1e-3 for r in results), "far off, not within rounding"
+    # A version-1 plugin: the version-2 cases that need float32 out or per-token RHS scales never reach it.
+    ran = [r for r in results if r.status != "unsupported"]
+    assert len(ran) >= 5 and all(r.status == "fail" for r in ran), [(r.case_id, r.status) for r in results]
+    assert all(r.worst().value > 1e-3 for r in ran), "far off, not within rounding"
+    needs_v2 = {c.id for c in cases if c.params.get("fp32") or c.params.get("accumulate") or c.params.get("recipe") == "token"}
+    assert {r.case_id for r in results if r.status == "unsupported"} == needs_v2
 
 
 def test_nan_and_unwritten_rows_are_caught(wrong_backends):
     # The MLA backend plants its NaN in lse[0, 0, 0]: for an empty first sequence that is a wrong +inf.
     expected_notes = {"gemm_fp8_nt": ("NaN",), "mla_decode": ("NaN", "+inf"), "m_grouped_gemm_fp8_nt_masked": ("NaN",)}
     for op, notes in expected_notes.items():
-        results = run_backend("nan_backend", select_cases(quick=True, ops=[op]))
+        results = [r for r in run_backend("nan_backend", select_cases(quick=True, ops=[op])) if r.status != "unsupported"]  # v2-only cases
         assert results and all(r.status == "fail" for r in results), op
         assert all(any(n in r.reason for n in notes) for r in results), [r.reason for r in results]
 
@@ -132,7 +136,9 @@ def test_cli_reports_and_exit_code(wrong_backends, tmp_path, capsys):
     assert code == 1, "a failing backend makes the run fail"
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["summary"]["reference"]["pass"] == report["summary"]["reference"]["total"] > 0
-    assert report["summary"]["wrong_scale"]["fail"] == report["summary"]["wrong_scale"]["total"] - 1  # the K=128 case is right
+    summary = report["summary"]["wrong_scale"]
+    # the K=128 case is right; the v2 cases needing float32 out or per-token RHS scales are not its contract
+    assert summary["fail"] == summary["total"] - 1 - summary["unsupported"] and summary["unsupported"] == 3
     assert report["environment"]["torch"] and report["mode"] == "quick"
     markdown = (tmp_path / "r" / "report.md").read_text()
     assert "| wrong_scale |" in markdown and "cos_diff" in markdown
@@ -184,7 +190,7 @@ def test_unsupported_operators_fail_only_with_require_all(wrong_backends, capsys
 )
 def test_one_wrong_element_row_page_or_group_fails_conformance(op, what, install_plugins):
     install_plugins({"subtly_wrong": "subtly_wrong"})
-    results = run_backend("subtly_wrong", select_cases(quick=True, ops=[op]))
+    results = [r for r in run_backend("subtly_wrong", select_cases(quick=True, ops=[op])) if r.status != "unsupported"]  # v2-only cases
     assert results and all(r.status == "fail" for r in results), (what, [(r.case_id, r.status) for r in results])
     # The per-element bound catches it; for the GEMMs the anchors' global metric alone would not.
     for r in results:
