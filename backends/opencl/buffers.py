@@ -69,8 +69,9 @@ class Bindings:
     def input(self, tensor: torch.Tensor) -> cl.Buffer:
         """A read-only buffer holding ``tensor`` (made contiguous first)."""
         tensor = tensor.contiguous()
-        if tensor.data_ptr() % _ALIGNMENT:
-            tensor = tensor.clone()  # fresh storage is aligned
+        # A size-1 dimension may keep any stride in a "contiguous" tensor; byte views need unit strides.
+        if tensor.data_ptr() % _ALIGNMENT or (tensor.dim() and tensor.stride(-1) != 1):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # fresh storage, aligned, unit strides
         if tensor.numel() == 0:
             return self.scratch(1)  # OpenCL has no empty buffers; kernels never read this one
         self._keep.append(tensor)

@@ -1,0 +1,260 @@
+"""DeepGEMM's current API through hal.compat.deep_gemm, shaped like its own tests
+(tests/test_fp8_fp4.py, test_bf16.py, test_layout.py), at CPU-sized shapes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import hal
+from hal.compat import deep_gemm as dg
+from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+def _cast_k_major(x, per_token, ue8m0):
+    return dg.per_token_cast_to_fp8(x, use_ue8m0=ue8m0) if per_token else dg.per_block_cast_to_fp8(x, use_ue8m0=ue8m0)
+
+
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
+@pytest.mark.parametrize("accumulate,out_dtype,wgrad", [(False, torch.bfloat16, False), (True, torch.float32, True), (False, torch.float32, False)])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_fp8_gemm_normal(layout, accumulate, out_dtype, wgrad, ue8m0):
+    torch.manual_seed(0)
+    m, n, k = 48, 192, 576
+    a = torch.randn(m, k, dtype=torch.bfloat16)
+    b = torch.randn(n, k, dtype=torch.bfloat16)
+    c = (torch.randn(m, n) * 32).to(out_dtype) if accumulate else None
+    d = c.clone() if accumulate else torch.empty(m, n, dtype=out_dtype)
+    ref = (a.float() @ b.float().t() + (c.float() if accumulate else 0)).to(out_dtype)
+    qa = _cast_k_major(a, True, ue8m0)
+    qb = _cast_k_major(b, wgrad, ue8m0)
+    if layout[0] == "t":
+        qa = (qa[0].T.contiguous(), qa[1].T)
+    if layout[1] == "n":
+        qb = (qb[0].T.contiguous(), qb[1].T)
+    getattr(dg, f"fp8_gemm_{layout}")(qa, qb, d, c=d if accumulate else None, recipe=(1, 1, 128) if wgrad else None,
+                                      disable_ue8m0_cast=not ue8m0)
+    assert calc_diff(d, ref) < 0.001
+
+
+def test_mn_major_operands_and_packed_ue8m0_scales():
+    torch.manual_seed(1)
+    m, n, k = 64, 128, 512
+    a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    qa = dg.per_token_cast_to_fp8(a, use_ue8m0=True, use_packed_ue8m0=True)
+    qb = dg.per_token_cast_to_fp8(b, use_ue8m0=True, use_packed_ue8m0=True)
+    assert qa[1].dtype == torch.int32 and qa[1].shape == (m, 1)
+    assert torch.equal(dg.unpack_ue8m0_from_int(qa[1])[:, :4], dg.per_token_cast_to_fp8(a, use_ue8m0=True)[1])
+    d = torch.empty(m, n, dtype=torch.bfloat16)
+    # MN-major views of the values, as DeepGEMM's test hands them (x.T.contiguous().T)
+    dg.fp8_gemm_nt((qa[0].T.contiguous().T, qa[1]), (qb[0].T.contiguous().T, qb[1]), d, recipe=(1, 1, 128))
+    assert calc_diff(d, (a.float() @ b.float().t()).bfloat16()) < 0.001
+
+
+def test_one_operator_two_spellings():
+    torch.manual_seed(2)
+    qa = hal.per_token_cast_to_fp8(torch.randn(16, 256))
+    qb = hal.per_block_cast_to_fp8(torch.randn(128, 256))
+    v1, v2 = torch.empty(16, 128, dtype=torch.bfloat16), torch.empty(16, 128, dtype=torch.bfloat16)
+    dg.gemm_fp8_fp8_bf16_nt(qa, qb, v1)
+    dg.fp8_gemm_nt(qa, qb, v2)
+    assert torch.equal(v1, v2)
+
+
+def _contiguous_layout(num_groups, expected_m, k, psum, alignment=128):
+    random.seed(num_groups)
+    actual = [int(expected_m * random.uniform(0.7, 1.3)) for _ in range(num_groups)]
+    aligned = [dg.align(x, alignment) for x in actual]
+    m = sum(aligned)
+    a = torch.randn(m, k, dtype=torch.bfloat16)
+    layout = torch.empty(num_groups if psum else m, dtype=torch.int32)
+    start = 0
+    for i, (x, y) in enumerate(zip(actual, aligned)):
+        if psum:
+            layout[i] = start + x
+        else:
+            layout[start : start + x] = i
+            layout[start + x : start + y] = -1
+        a[start + x : start + y] = 0
+        start += y
+    return m, a, layout
+
+
+@pytest.mark.parametrize("psum", [False, True])
+def test_m_grouped_fp8_contiguous(psum):
+    torch.manual_seed(3)
+    groups, n, k = 3, 128, 256
+    m, a, layout = _contiguous_layout(groups, 70, k, psum)
+    b = torch.randn(groups, n, k, dtype=torch.bfloat16)
+    qa = dg.per_token_cast_to_fp8(a, use_ue8m0=False)
+    parts = [dg.per_block_cast_to_fp8(b[g], use_ue8m0=False) for g in range(groups)]
+    qb = (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    d = torch.zeros(m, n, dtype=torch.bfloat16)
+    dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, layout, use_psum_layout=psum)
+    m_indices = layout if not psum else torch.tensor(sum(([g] * (int(layout[g]) - dg.align(int(layout[g - 1]) if g else 0, 128)) + [-1] * (dg.align(int(layout[g]), 128) - int(layout[g]))
+                                                       for g in range(groups)), []), dtype=torch.int32)
+    for g in range(groups):
+        rows = m_indices == g
+        assert calc_diff(d[rows], a[rows].float() @ b[g].float().t()) < 0.001
+
+
+def test_m_grouped_masked_and_its_alias():
+    torch.manual_seed(4)
+    groups, m_max, n, k = 4, 32, 128, 256
+    a = torch.randn(groups, m_max, k, dtype=torch.bfloat16)
+    b = torch.randn(groups, n, k, dtype=torch.bfloat16)
+    masked = torch.tensor([32, 7, 0, 20], dtype=torch.int32)
+    qa = [dg.per_token_cast_to_fp8(a[g], use_ue8m0=False) for g in range(groups)]
+    qb = [dg.per_block_cast_to_fp8(b[g], use_ue8m0=False) for g in range(groups)]
+    lhs = (torch.stack([q[0] for q in qa]), torch.stack([q[1] for q in qa]))
+    rhs = (torch.stack([q[0] for q in qb]), torch.stack([q[1] for q in qb]))
+    for fn in (dg.m_grouped_fp8_gemm_nt_masked, dg.fp8_m_grouped_gemm_nt_masked):
+        d = torch.zeros(groups, m_max, n, dtype=torch.bfloat16)
+        fn(lhs, rhs, d, masked, 16)
+        for g in range(groups):
+            rows = int(masked[g])
+            if rows:
+                assert calc_diff(d[g, :rows], a[g, :rows].float() @ b[g].float().t()) < 0.001
+            assert (d[g, rows:] == 0).all()
+
+
+def _k_grouped_cast(x, ks):
+    """Per group, one scale per 128 rows of each column (DeepGEMM's per-channel cast), compact rows."""
+    values, scales, start = torch.zeros(x.shape, dtype=torch.float8_e4m3fn), [], 0
+    for k in ks:
+        if k:
+            chunk = torch.zeros(dg.align(k, 128), x.shape[1], dtype=x.dtype)
+            chunk[:k] = x[start : start + k]
+            v, s = dg.per_channel_cast_to_fp8(chunk, use_ue8m0=False)
+            values[start : start + k] = v[:k]
+            scales.append(s)
+        start += k
+    return values, torch.cat(scales)
+
+
+def test_k_grouped_fp8_tn_and_nt():
+    torch.manual_seed(5)
+    m, n, ks = 64, 96, [256, 0, 128, 384]
+    total = sum(ks)
+    a, b = torch.randn(total, m, dtype=torch.bfloat16), torch.randn(total, n, dtype=torch.bfloat16)
+    c = torch.randn(len(ks), m, n) * 32
+    ref, start = torch.empty_like(c), 0
+    for g, k in enumerate(ks):
+        ref[g] = c[g] + a[start : start + k].float().T @ b[start : start + k].float()
+        start += k
+    qa, qb = _k_grouped_cast(a, ks), _k_grouped_cast(b, ks)
+    layout = torch.tensor(ks, dtype=torch.int32)
+    d = c.clone()
+    dg.k_grouped_fp8_gemm_tn_contiguous(qa, qb, d, ks, layout, d)
+    assert calc_diff(d, ref) < 0.001
+    # The SM90 form: each group's [M, k] / [N, k] block K-major, flattened in turn; scales [M, sum k/128]
+    flat_a = torch.cat([qa[0][s : s + k].T.contiguous().flatten() for s, k in zip([0, 256, 256, 384], ks)])
+    flat_b = torch.cat([qb[0][s : s + k].T.contiguous().flatten() for s, k in zip([0, 256, 256, 384], ks)])
+    d = c.clone()
+    dg.k_grouped_fp8_gemm_nt_contiguous((flat_a, qa[1].T), (flat_b, qb[1].T), d, ks, layout, d)
+    assert calc_diff(d, ref) < 0.001
+
+
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
+def test_bf16_gemm(layout):
+    torch.manual_seed(6)
+    m, n, k = 33, 160, 300
+    a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    c = torch.randn(m, n) * 32
+    for out_dtype, accumulate in ((torch.bfloat16, False), (torch.float32, True)):
+        d = c.clone().to(out_dtype) if accumulate else torch.empty(m, n, dtype=out_dtype)
+        ref = (a.float() @ b.float().t() + (d.float() if accumulate else 0)).to(out_dtype)
+        x = a.T.contiguous() if layout[0] == "t" else a
+        y = b.T.contiguous() if layout[1] == "n" else b
+        getattr(dg, f"bf16_gemm_{layout}")(x, y, d, c=d if accumulate else None)
+        assert calc_diff(d, ref) < 1e-5
+
+
+@pytest.mark.parametrize("psum", [False, True])
+def test_bf16_grouped_and_k_grouped(psum):
+    torch.manual_seed(7)
+    groups, n, k = 3, 128, 256
+    m, a, layout = _contiguous_layout(groups, 50, k, psum)
+    b = torch.randn(groups, n, k, dtype=torch.bfloat16)
+    d = torch.zeros(m, n, dtype=torch.bfloat16)
+    dg.m_grouped_bf16_gemm_nt_contiguous(a, b, d, layout, use_psum_layout=psum)
+    if not psum:
+        for g in range(groups):
+            rows = layout == g
+            assert calc_diff(d[rows], a[rows].float() @ b[g].float().t()) < 1e-5
+    masked = torch.tensor([10, 0, 32], dtype=torch.int32)
+    am = torch.randn(groups, 32, k, dtype=torch.bfloat16)
+    dm = torch.zeros(groups, 32, n, dtype=torch.bfloat16)
+    dg.bf16_m_grouped_gemm_nt_masked(am, b, dm, masked, 16)
+    assert calc_diff(dm[0, :10], am[0, :10].float() @ b[0].float().t()) < 1e-5 and (dm[1] == 0).all()
+    ks = [128, 256]
+    ka, kb = torch.randn(sum(ks), 64, dtype=torch.bfloat16), torch.randn(sum(ks), 32, dtype=torch.bfloat16)
+    c = torch.randn(2, 64, 32)
+    out = c.clone()
+    dg.k_grouped_bf16_gemm_tn_contiguous(ka, kb, out, ks, torch.tensor(ks, dtype=torch.int32), out)
+    assert calc_diff(out[1], c[1] + ka[128:].float().T @ kb[128:].float()) < 1e-5
+
+
+def test_layout_helpers():
+    sf = torch.rand(4097, 7) + 0.5
+    aligned = dg.get_mn_major_tma_aligned_tensor(sf)
+    assert torch.equal(aligned, sf) and aligned.stride(0) == 1 and aligned.stride(1) == dg.get_tma_aligned_size(4097, 4)
+    ue = dg.ceil_to_ue8m0(sf)
+    assert ((ue.view(torch.int32) & 0x7FFFFF) == 0).all() and (ue >= sf).all() and (ue < 2 * sf).all()
+    packed = dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(sf)
+    assert packed.dtype == torch.int32 and packed.shape == (4097, 2) and packed.stride(0) == 1
+    assert torch.equal(dg.unpack_ue8m0_from_int(packed)[:, :7], ue)
+    assert torch.equal(dg.transform_sf_into_required_layout(packed, 4097, 7 * 128, (1, 1, 128)), ue)
+    dg.set_mk_alignment_for_contiguous_layout(64)
+    try:
+        assert dg.get_mk_alignment_for_contiguous_layout() == dg.get_m_alignment_for_contiguous_layout() == 64
+    finally:
+        dg.set_mk_alignment_for_contiguous_layout(128)
+
+
+def test_contiguous_segments_follow_the_alignment_setting():
+    torch.manual_seed(8)
+    dg.set_mk_alignment_for_contiguous_layout(64)
+    try:
+        m, a, layout = _contiguous_layout(3, 40, 128, False, alignment=64)
+        b = torch.randn(3, 128, 128, dtype=torch.bfloat16)
+        d = torch.zeros(m, 128, dtype=torch.bfloat16)
+        dg.m_grouped_bf16_gemm_nt_contiguous(a, b, d, layout)
+        for g in range(3):
+            rows = layout == g
+            assert calc_diff(d[rows], a[rows].float() @ b[g].float().t()) < 1e-5
+    finally:
+        dg.set_mk_alignment_for_contiguous_layout(128)
+
+
+def test_typed_errors():
+    qa = dg.per_token_cast_to_fp8(torch.randn(8, 256), use_ue8m0=False)
+    qb = dg.per_block_cast_to_fp8(torch.randn(128, 256), use_ue8m0=False)
+    d = torch.empty(8, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueRangeError, match="recipe"):
+        dg.fp8_gemm_nt(qa, qb, d, recipe=(1, 128, 64))
+    with pytest.raises(ShapeError, match="b\\[1\\]"):
+        dg.fp8_gemm_nt(qa, qb, d, recipe=(1, 1, 128))  # per-token recipe with per-block scales
+    with pytest.raises(OperatorNotSupportedError, match="FP4"):
+        dg.fp8_fp4_gemm_nt((torch.zeros(8, 128, dtype=torch.int8), qa[1]), qb, d)
+    with pytest.raises(DTypeError, match="'c'"):
+        dg.fp8_gemm_nt(qa, qb, d, c=torch.zeros(8, 128))
+    with pytest.raises(DTypeError, match="'d'"):
+        dg.fp8_gemm_nt(qa, qb, torch.empty(8, 128, dtype=torch.float16))
+    with pytest.raises(ValueRangeError, match="ks_cpu"):
+        dg.k_grouped_fp8_gemm_tn_contiguous((torch.zeros(100, 8).to(torch.float8_e4m3fn), torch.ones(1, 8)), (torch.zeros(100, 8).to(torch.float8_e4m3fn), torch.ones(1, 8)),
+                                            torch.zeros(1, 8, 8), [100], torch.tensor([100], dtype=torch.int32), torch.zeros(1, 8, 8))
+    with pytest.raises(ArgumentError, match="'c'"):
+        dg.k_grouped_bf16_gemm_tn_contiguous(torch.zeros(128, 8, dtype=torch.bfloat16), torch.zeros(128, 8, dtype=torch.bfloat16), torch.zeros(1, 8, 8), [128],
+                                             torch.tensor([128], dtype=torch.int32))
+    with pytest.raises(ValueRangeError, match="grouped_layout"):
+        dg.m_grouped_bf16_gemm_nt_contiguous(torch.zeros(128, 128, dtype=torch.bfloat16), torch.zeros(2, 128, 128, dtype=torch.bfloat16),
+                                             torch.zeros(128, 128, dtype=torch.bfloat16), torch.tensor([100, 200], dtype=torch.int32), use_psum_layout=True)
+    assert not hasattr(dg, "einsum") and hasattr(dg, "fp8_gemm_nt")
