@@ -1,26 +1,16 @@
 """DeepEP's public API on hal: ``Buffer``, ``Config``, ``EventOverlap``, ``topk_idx_t``.
 
-``hal.compat.deep_ep.Buffer`` is :class:`hal.ep.Buffer` (dispatch/combine, cached and
-low-latency modes on torch.distributed). ``Config`` carries DeepEP's kernel tuning record
-(SMs and chunk sizes of its NVLink/RDMA kernels) so code that builds or passes configs ports
-unchanged; the torch.distributed transport has no such kernels, so a Config tunes nothing there.
+``hal.compat.deep_ep.Buffer`` is :class:`hal.ep.Buffer`: DeepEP's legacy ``Buffer`` (every
+constructor argument, the config and lifetime methods, dispatch/combine with ``config``, ``bias``,
+``allocate_on_comm_stream``, the low-latency mode with ``round_scale``, ``use_ue8m0``,
+``use_logfmt``, ``zero_copy``, ``out``) on torch.distributed. ``Config``
+(:mod:`hal.ep.config`) is DeepEP's kernel chunking record with its size hints, validated by
+DeepEP's rules; the torch.distributed transport has no such kernels, so it tunes nothing there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from hal.ep import Buffer, EventOverlap, topk_idx_t
+from hal.ep.config import Config
 
 __all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
-
-
-@dataclass(frozen=True)
-class Config:
-    """DeepEP's ``Config(num_sms, nvl_send, nvl_recv, rdma_send, rdma_recv)`` chunking record."""
-
-    num_sms: int = 20
-    num_max_nvl_chunked_send_tokens: int = 6
-    num_max_nvl_chunked_recv_tokens: int = 256
-    num_max_rdma_chunked_send_tokens: int = 6
-    num_max_rdma_chunked_recv_tokens: int = 256

@@ -23,8 +23,14 @@ Verified against deepseek-ai/DeepEP (``deep_ep/buffer.py``, ``csrc/kernels/inter
 - The hook: DeepEP returns None unless ``return_recv_hook``; this transport always returns a
   callable that does nothing (data has arrived when the call returns).
 
-Not provided: ``round_scale`` / ``use_ue8m0`` (power-of-two and packed UE8M0 scales),
-``use_logfmt``, ``zero_copy`` and ``dispatch_wait_recv_cost_stats``.
+- ``round_scale``: scales rounded up to powers of two before the codes are taken (DeepEP's
+  ``fast_pow2(ceil(log2(amax / 448)))``); ``use_ue8m0`` returns them packed, four exponents per
+  int32 ([num_local_experts, R * max_tokens, hidden / 512], column-major like the float scales;
+  empty slots 0).
+- ``use_logfmt``: the combine payload travels in LogFMT-10 (:mod:`hal.ops.logfmt`) and is decoded
+  by the receiver before the weighted reduction.
+
+Not measured: ``dispatch_wait_recv_cost_stats`` / ``combine_wait_recv_cost_stats`` (checked, left as is).
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ from hal.ep.handle import LowLatencyHandle
 from hal.ep.message import Field, Frame
 from hal.errors import DTypeError, ShapeError, ValueRangeError
 from hal.ops.ep_local import ep_combine_reduce, ep_pack, ep_unpack
+from hal.ops import ue8m0
 from hal.ops.fp8_quant import BLOCK, per_token_cast_to_fp8
+from hal.ops.logfmt import logfmt_decode, logfmt_encode
 
 __all__ = ["dispatch", "combine"]
 
@@ -81,7 +89,7 @@ def _expert_major(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_expert
 
 def dispatch(
     comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, *, num_max_dispatch_tokens_per_rank: int, num_experts: int,
-    use_fp8: bool, cumulative_local_expert_recv_stats: torch.Tensor | None,
+    use_fp8: bool, cumulative_local_expert_recv_stats: torch.Tensor | None, round_scale: bool = False, use_ue8m0: bool = False,
 ) -> tuple[Tokens, torch.Tensor, LowLatencyHandle, EventOverlap, Callable[[], None]]:
     """Send each token to each of its experts' slots; see ``hal.ep.Buffer.low_latency_dispatch``."""
     op = "Buffer.low_latency_dispatch"
@@ -103,12 +111,17 @@ def dispatch(
             check_device(op, "cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, comm)
         message = {"src": torch.arange(num_tokens, dtype=torch.int32, device=x.device), "x": x}
         fields = [Field("src", torch.int32, ()), Field("x", x.dtype, (hidden,))]
-        if use_fp8:
+        if use_fp8 and round_scale:  # power-of-two scales (UE8M0 values), codes x / scale
+            message["x"], message["x_scales"] = ue8m0.per_token_cast_to_fp8(x, use_ue8m0=True)
+            fields = [Field("x_scales", torch.float32, (hidden // BLOCK,)), Field("src", torch.int32, ()), Field("x", FP8, (hidden,))]
+        elif use_fp8:
             message["x"], message["x_scales"] = per_token_cast_to_fp8(x)
             fields = [Field("x_scales", torch.float32, (hidden // BLOCK,)), Field("src", torch.int32, ()), Field("x", FP8, (hidden,))]
         frame = Frame(*fields)
         packed, _, per_expert = ep_pack(frame.pack(message), topk_idx, num_experts)
-        facts = {"hidden": hidden, "num_experts": num_experts, "max_tokens": num_max, "use_fp8": int(use_fp8)}
+        if use_ue8m0 and hidden % (4 * BLOCK):
+            raise ShapeError(op, "x", f"hidden a multiple of {4 * BLOCK} with use_ue8m0 (four scales per int32)", f"hidden={hidden}", "Pass use_ue8m0=False.")
+        facts = {"hidden": hidden, "num_experts": num_experts, "max_tokens": num_max, "use_fp8": int(use_fp8), "round_scale": int(round_scale), "use_ue8m0": int(use_ue8m0)}
         return facts, _Send(frame, packed, per_expert.tolist())
 
     agreed = agree(comm, op, prepare)
@@ -132,7 +145,9 @@ def dispatch(
     recv_x: Tokens = got["x"]
     if "x_scales" in got:
         scales = got["x_scales"]
-        column_major = torch.empty(local, scales.shape[2], scales.shape[1], dtype=torch.float32, device=device).transpose(1, 2)
+        if use_ue8m0:  # four UE8M0 exponents per int32 along hidden (unused slots: zero scales pack as 0)
+            scales = ue8m0.pack_ue8m0_to_int(torch.where(scales > 0, scales, torch.ones_like(scales))).masked_fill(~valid.unsqueeze(2), 0)
+        column_major = torch.empty(local, scales.shape[2], scales.shape[1], dtype=scales.dtype, device=device).transpose(1, 2)
         column_major.copy_(scales)
         recv_x = (got["x"], column_major)
     if cumulative_local_expert_recv_stats is not None:
@@ -143,7 +158,7 @@ def dispatch(
 
 def combine(
     comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle,
-    out: torch.Tensor | None,
+    out: torch.Tensor | None, *, use_logfmt: bool = False,
 ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None]]:
     """Return expert outputs to their tokens' ranks and reduce with weights; see ``hal.ep.Buffer.low_latency_combine``."""
     op = "Buffer.low_latency_combine"
@@ -166,10 +181,15 @@ def combine(
         source = torch.arange(world, device=x.device).repeat(local).repeat_interleave(counts.flatten())
         bucket = torch.full((local, num_slots), -1, dtype=torch.int64, device=x.device)
         bucket[torch.arange(num_slots, device=x.device) < counts.sum(dim=1, keepdim=True)] = source
-        packed, _, _ = ep_pack(x.view(local * num_slots, hidden), bucket.view(-1, 1), world)
+        if use_logfmt and hidden % BLOCK:
+            raise ShapeError(op, "x", f"hidden a multiple of {BLOCK} with use_logfmt", f"hidden={hidden}", "Pass use_logfmt=False.")
+        # LogFMT rows are int16 words; they travel as bf16-typed words (the dtype every transport moves).
+        payload = logfmt_encode(x.reshape(local * num_slots, hidden)).view(torch.bfloat16) if use_logfmt else x.view(local * num_slots, hidden)
+        packed, _, _ = ep_pack(payload, bucket.view(-1, 1), world)
         token, weight, per_expert = _expert_major(topk_idx, topk_weights, handle.num_experts)
         announced = per_expert.tolist() + counts.t().flatten().tolist()
-        facts = {"hidden": hidden, "num_experts": handle.num_experts, "max_tokens": handle.num_max_dispatch_tokens_per_rank, "dispatch": handle.dispatch_id}
+        facts = {"hidden": hidden, "num_experts": handle.num_experts, "max_tokens": handle.num_max_dispatch_tokens_per_rank, "dispatch": handle.dispatch_id,
+                 "use_logfmt": int(use_logfmt)}
         return facts, _Send(None, packed, announced, (token, weight))
 
     send = agree(comm, op, prepare).plan
@@ -186,7 +206,10 @@ def combine(
         )
     rows = comm.all_to_all_rows(send.packed, held[:, me].sum(dim=1).tolist(), routed[me].sum(dim=1).tolist(), "tokens")
     token, weight = send.owner_order
-    combined = ep_combine_reduce(rows, token, topk_idx.shape[0], weight)
+    if use_logfmt:  # decode to float32 and reduce there; one rounding to bf16
+        combined = ep_combine_reduce(logfmt_decode(rows.view(torch.int16), handle.hidden), token, topk_idx.shape[0], weight).to(torch.bfloat16)
+    else:
+        combined = ep_combine_reduce(rows, token, topk_idx.shape[0], weight)
     if out is not None:
         combined = out.copy_(combined)
     return combined, capture(x.device), received

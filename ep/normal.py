@@ -276,7 +276,7 @@ def cached_dispatch(
 
 
 def combine(
-    comm: Communicator, x: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None
+    comm: Communicator, x: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None, bias: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
     """Send received rows back and sum each token's copies; see ``hal.ep.Buffer.combine``."""
     op = "Buffer.combine"
@@ -290,6 +290,10 @@ def combine(
         received = handle.num_recv_tokens
         fields = [Field("x", x.dtype, (x.shape[1],))]
         message = {"x": x[:received]}
+        num_tokens = handle.is_token_in_rank.shape[0]
+        for i, b in enumerate(bias):
+            expect_tensor(op, f"bias[{i}]", b, dtypes=x.dtype, shape=(num_tokens, x.shape[1]), dims=("num_tokens", "hidden"))
+            check_device(op, f"bias[{i}]", b, comm)
         facts = {"hidden": x.shape[1], "dtype": DTYPE_CODES[x.dtype], "with_weights": int(topk_weights is not None), "dispatch": handle.dispatch_id}
         if topk_weights is not None:
             expect_tensor(op, "topk_weights", topk_weights, dtypes=torch.float32, shape=(rows, None), dims=("num_recv_tokens", "num_topk"))
@@ -306,6 +310,10 @@ def combine(
     rows = comm.all_to_all_rows(send.packed, counts[:, me].tolist(), counts[me].tolist(), "tokens")
     got = send.frame.unpack(rows)
     num_tokens = handle.is_token_in_rank.shape[0]
-    combined_x = ep_combine_reduce(got["x"], handle.send_src_idx, num_tokens)
+    if bias:  # the biases join the float32 sum, then one rounding (DeepEP adds them in its kernel)
+        total = ep_combine_reduce(got["x"].float(), handle.send_src_idx, num_tokens)
+        combined_x = (total + sum(b.float() for b in bias)).to(x.dtype)
+    else:
+        combined_x = ep_combine_reduce(got["x"], handle.send_src_idx, num_tokens)
     combined_weights = ep_combine_reduce(got["topk_weights"], handle.send_src_idx, num_tokens) if "topk_weights" in got else None
     return combined_x, combined_weights, capture(x.device)

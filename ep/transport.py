@@ -97,24 +97,26 @@ class TorchTransport:
         )
 
     def combine(
-        self, x: torch.Tensor, handle: DispatchHandle, *, topk_weights: torch.Tensor | None, async_finish: bool
+        self, x: torch.Tensor, handle: DispatchHandle, *, topk_weights: torch.Tensor | None, async_finish: bool,
+        bias: tuple[torch.Tensor, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
-        return normal.combine(self.comm, x, handle, topk_weights)
+        return normal.combine(self.comm, x, handle, topk_weights, bias)
 
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, *, num_max_dispatch_tokens_per_rank: int, num_experts: int,
         cumulative_local_expert_recv_stats: torch.Tensor | None, use_fp8: bool, async_finish: bool, return_recv_hook: bool,
+        round_scale: bool = False, use_ue8m0: bool = False,
     ) -> tuple[Tokens, torch.Tensor, LowLatencyHandle, EventOverlap, Callable[[], None]]:
         return low_latency.dispatch(
             self.comm, x, topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, num_experts=num_experts,
-            use_fp8=use_fp8, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            use_fp8=use_fp8, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats, round_scale=round_scale, use_ue8m0=use_ue8m0,
         )
 
     def low_latency_combine(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle, *, async_finish: bool,
-        return_recv_hook: bool, out: torch.Tensor | None,
+        return_recv_hook: bool, out: torch.Tensor | None, use_logfmt: bool = False,
     ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None]]:
-        return low_latency.combine(self.comm, x, topk_idx, topk_weights, handle, out)
+        return low_latency.combine(self.comm, x, topk_idx, topk_weights, handle, out, use_logfmt=use_logfmt)
 
 
 def select_transport(group: dist.ProcessGroup, device: torch.device, options: dict[str, Any], choice: str | None) -> Transport:

@@ -71,7 +71,7 @@ def unpack_ue8m0_scales(op: str, name: str, sf: torch.Tensor, columns: int) -> t
         raise DTypeError(op, name, "float32 scales, or int32 packed UE8M0 exponents", f"dtype {sf.dtype}", "Pass the scales from per_token_cast_to_fp8.")
     if sf.shape[-1] * 4 < columns:
         raise ShapeError(op, name, f"ceil({columns} / 4) packed columns", f"{sf.shape[-1]}", "Pack ceil(K/128) exponents four per int32.")
-    exponents = sf.contiguous().view(torch.uint8).to(torch.int32)[..., :columns]
+    exponents = sf.clone(memory_format=torch.contiguous_format).view(torch.uint8).to(torch.int32)[..., :columns]
     return (exponents << 23).view(torch.float32)
 
 

@@ -58,7 +58,9 @@ def pack_ue8m0_to_int(x: torch.Tensor) -> torch.Tensor:
 
 def unpack_ue8m0_from_int(packed: torch.Tensor) -> torch.Tensor:
     """int32 [..., k] -> float32 [..., 4k]: the inverse of :func:`pack_ue8m0_to_int` (exact)."""
-    return (packed.contiguous().view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
+    # Row-major copy (contiguous() keeps odd strides of size-1 dimensions; byte views need unit ones).
+    dense = packed.clone(memory_format=torch.contiguous_format)
+    return (dense.view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
 
 
 def _scales(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:

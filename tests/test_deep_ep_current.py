@@ -1,0 +1,150 @@
+"""DeepEP's current legacy ``Buffer`` surface through hal.compat.deep_ep on 2 and 4 gloo ranks, shaped
+like its tests/legacy/test_intranode.py and test_low_latency.py: every constructor argument, the
+config and lifetime methods, ``config=`` / ``allocate_on_comm_stream`` / ``bias``, and the
+low-latency options ``round_scale``, ``use_ue8m0``, ``use_logfmt``, ``zero_copy``, ``out``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hal.compat import deep_ep
+from hal.ep.launch import run_local
+from hal.errors import ArgumentError, ValueRangeError
+from hal.ops.logfmt import logfmt_bound
+from hal.ops.ue8m0 import per_token_cast_to_fp8, unpack_ue8m0_from_int
+
+HIDDEN, EXPERTS_PER_RANK, TOPK, MAX_TOKENS = 512, 2, 2, 8
+
+
+def inputs(rank: int, world: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7 * world + rank)
+    tokens = 5 + rank
+    num_experts = EXPERTS_PER_RANK * world
+    topk_idx = torch.stack([torch.randperm(num_experts, generator=g)[:TOPK] for _ in range(tokens)])
+    topk_idx[0, 1] = -1
+    x = (torch.randn(tokens, HIDDEN, generator=g) * 0.25).to(torch.bfloat16)
+    return {"x": x, "topk_idx": topk_idx, "weights": torch.rand(tokens, TOPK, generator=g),
+            "bias": (torch.randn(tokens, HIDDEN, generator=g).to(torch.bfloat16), torch.randn(tokens, HIDDEN, generator=g).to(torch.bfloat16))}
+
+
+def script(rank: int, world: int) -> dict:
+    buffer = deep_ep.Buffer(None, 1024, 0, False, 4, False, False, True, False, timeout_s=60)  # DeepEP's positional order
+    inp = inputs(rank, world)
+    x, topk_idx, weights, num_experts = inp["x"], inp["topk_idx"], inp["weights"], EXPERTS_PER_RANK * world
+    out: dict = {}
+    per_rank, per_rdma, per_expert, in_rank, event = buffer.get_dispatch_layout(topk_idx, num_experts, buffer.capture(), True, True)
+    config = deep_ep.Buffer.get_dispatch_config(world)
+    recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
+        x, None, per_rank, per_rdma, in_rank, per_expert, topk_idx, weights, 1, 0, config, event, True, True
+    )
+    combined, _, _ = buffer.combine(recv_x, handle, None, inp["bias"], deep_ep.Buffer.get_combine_config(world), None, True, True)
+    plain, _, _ = buffer.combine(recv_x, handle)
+    out["bias"] = [combined, plain]
+    # Low latency: rounded scales, packed scales, LogFMT and zero-copy combine
+    for round_scale, use_ue8m0 in ((True, False), (True, True)):
+        recv, count, ll_handle, _, hook = buffer.low_latency_dispatch(
+            x, topk_idx, MAX_TOKENS, num_experts, None, None, True, round_scale, use_ue8m0, False, True
+        )
+        hook()
+        out[f"ll_scales_{int(use_ue8m0)}"] = [recv[0], recv[1], count, ll_handle[0]]
+    recv, count, ll_handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
+    y = buffer.get_next_low_latency_combine_buffer(ll_handle)
+    y.copy_((recv.float() * 0.5).to(torch.bfloat16))
+    result = torch.empty(x.shape[0], HIDDEN, dtype=torch.bfloat16)
+    exact, _, _ = buffer.low_latency_combine(y, topk_idx, weights, ll_handle, False, True, False, False, result)
+    compressed, _, _ = buffer.low_latency_combine(y, topk_idx, weights, ll_handle, use_logfmt=True)
+    out["logfmt"] = [exact, compressed, result.data_ptr() == exact.data_ptr(), y.clone()]
+    out["zero_copy_refused"] = type(_error(lambda: buffer.low_latency_combine(y.clone(), topk_idx, weights, ll_handle, zero_copy=True))).__name__
+    buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, num_experts)
+    out["local_buffer"] = list(buffer.get_local_buffer_tensor(torch.float32, torch.Size([4, 2])).shape)
+    buffer.destroy()
+    out["after_destroy"] = str(_error(lambda: buffer.get_dispatch_layout(topk_idx, num_experts)))
+    return out
+
+
+def _error(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+    return None
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def world(request):
+    outcomes = run_local(script, request.param, timeout_s=150)
+    assert all(o.returned for o in outcomes), [(o.rank, o.exitcode, o.error) for o in outcomes]
+    return request.param, [o.value for o in outcomes]
+
+
+def test_bias_is_added_in_float32_before_the_rounding(world):
+    size, results = world
+    for rank, out in enumerate(results):
+        combined, plain = out["bias"]
+        b0, b1 = inputs(rank, size)["bias"]
+        want = (plain.float() + b0.float() + b1.float()).bfloat16()
+        assert (combined.float() - want.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * want.float().abs().max()
+
+
+def test_rounded_and_packed_scales(world):
+    size, results = world
+    for rank, out in enumerate(results):
+        codes, scales, count, _ = out["ll_scales_0"]
+        assert ((scales.view(torch.int32) & 0x7FFFFF) == 0).all(), "round_scale gives powers of two"
+        packed_codes, packed, packed_count, _ = out["ll_scales_1"]
+        assert packed.dtype == torch.int32 and packed.shape == (EXPERTS_PER_RANK, size * MAX_TOKENS, HIDDEN // 512)
+        assert packed.stride(1) == 1, "column-major in the last two dimensions, as DeepEP returns them"
+        assert torch.equal(packed_codes, codes) and torch.equal(count, packed_count)
+        for e in range(EXPERTS_PER_RANK):
+            n = int(count[e])
+            assert torch.equal(unpack_ue8m0_from_int(packed[e, :n].contiguous()), scales[e, :n])
+        # Every received token is one of the senders' tokens cast with rounded scales.
+        senders = [per_token_cast_to_fp8(inputs(r, size)["x"], use_ue8m0=True) for r in range(size)]
+        for e in range(EXPERTS_PER_RANK):
+            for slot in range(int(count[e])):
+                src = int(out["ll_scales_0"][3][e, slot])
+                assert any(src < s[0].shape[0] and torch.equal(s[0][src].view(torch.uint8), codes[e, slot].view(torch.uint8)) for s in senders)
+
+
+def test_logfmt_combine_within_its_bound_and_zero_copy(world):
+    size, results = world
+    for rank, out in enumerate(results):
+        exact, compressed, wrote_out, y = out["logfmt"]
+        assert wrote_out and out["zero_copy_refused"] == "ArgumentError"
+        weights = inputs(rank, size)["weights"]
+        # Each token sums at most TOPK expert rows, each within the LogFMT bound of its values (|y| <= max |y|).
+        bound = logfmt_bound(y.view(-1, HIDDEN)).max() * weights.abs().sum(dim=1, keepdim=True) + 1e-2 * exact.float().abs()
+        assert ((compressed.float() - exact.float()).abs() <= bound).all()
+        assert not torch.equal(compressed, exact), "LogFMT is lossy: the payload really went through it"
+
+
+def test_lifetime_and_local_buffer(world):
+    _, results = world
+    for out in results:
+        assert out["local_buffer"] == [4, 2]
+        assert "destroyed" in out["after_destroy"]
+
+
+def test_config_and_size_hints():
+    assert deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) == 1_908_410_496  # DeepEP's layout arithmetic
+    config = deep_ep.Buffer.get_dispatch_config(8)
+    assert (config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens) == (6, 256)
+    assert config.get_rdma_buffer_size_hint(7168 * 2, 8) == 0 and config.get_nvl_buffer_size_hint(7168 * 2, 8) > 0
+    assert deep_ep.Config(20, 6, 256, 6, 100).num_max_rdma_chunked_recv_tokens == 102  # rounded up to the send chunk
+    with pytest.raises(ValueRangeError):
+        deep_ep.Config(20, 300, 256, 6, 128)
+    with pytest.raises(ValueRangeError):
+        deep_ep.Buffer.get_dispatch_config(3)
+    with pytest.raises(ValueRangeError):
+        deep_ep.Buffer.set_num_sms(7)
+    deep_ep.Buffer.set_num_sms(24)
+    try:
+        assert deep_ep.Buffer.get_combine_config(2).num_sms == 24
+    finally:
+        deep_ep.Buffer.set_num_sms(20)
+
+
+def test_constructor_needs_a_group_not_an_mpi_communicator():
+    with pytest.raises(ArgumentError, match="comm"):
+        deep_ep.Buffer(None, comm=object())
