@@ -72,14 +72,56 @@ def _mla_flash_mla(inputs: Tensors) -> Peer:
 
 
 def _gemm_torch_dequant(inputs: Tensors) -> Peer:
-    """Dequantise both operands to bf16 and multiply: what a model without an FP8 GEMM does."""
-    a, sa, b, sb, out = inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], inputs["out"]
+    """Dequantise both operands to bf16 and multiply: what a model without an FP8 GEMM does.
+    Cases of DeepGEMM's current API (``d``, ``c``, per-token RHS, UE8M0 scales) are served too."""
+    from hal.conformance.cases_gemm import _scales_f32
+
+    a, b = inputs["a"], inputs["b"]
+    k = a.shape[1]
+    sa, sb = _scales_f32(inputs["sa"], k), _scales_f32(inputs["sb"], k)
+    dtype = torch.bfloat16 if a.device.type != "cpu" else torch.float32
+    rhs = dequantize_per_token if sb.shape[0] == b.shape[0] and b.shape[0] > 1 else dequantize_per_block
+    target = inputs["out"] if "out" in inputs else inputs["d"]
+    c = inputs.get("c")
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # dequantise over whole 128-channel blocks
+        return torch.nn.functional.pad(x.float(), (0, -k % 128)).to(torch.float8_e4m3fn)
+
+    def call() -> torch.Tensor:
+        product = (rhs_a(a) @ rhs(pad(b), sb)[:, :k].to(dtype).T).float()
+        return (product + c.float() if c is not None else product).to(target.dtype)
+
+    def rhs_a(x: torch.Tensor) -> torch.Tensor:
+        return dequantize_per_token(pad(x), sa)[:, :k].to(dtype)
+
+    return Peer("torch (dequantize + matmul)", call, lambda: {"out" if "out" in inputs else "d": call()})
+
+
+def _bf16_torch(inputs: Tensors) -> Peer:
+    """torch.matmul on the bf16 operands (float32 on the CPU, whose bf16 matmul is slow), c added."""
+    a, b, d, c = inputs["a"], inputs["b"], inputs["d"], inputs.get("c")
     dtype = torch.bfloat16 if a.device.type != "cpu" else torch.float32
 
     def call() -> torch.Tensor:
-        return (dequantize_per_token(a, sa).to(dtype) @ dequantize_per_block(b, sb).to(dtype).T).to(torch.bfloat16)
+        if a.dim() == 3:  # masked: one batched matmul over the experts' slots
+            return torch.bmm(a.to(dtype), b.to(dtype).transpose(1, 2)).to(d.dtype)
+        if "m_indices" in inputs:
+            result = d.clone()
+            for g in range(b.shape[0]):
+                rows = inputs["m_indices"] == g
+                result[rows] = (a[rows].to(dtype) @ b[g].to(dtype).T).to(d.dtype)
+            return result
+        product = (a.to(dtype) @ b.to(dtype).T).float()
+        return (product + c.float() if c is not None else product).to(d.dtype)
 
-    return Peer("torch (dequantize + matmul)", call, lambda: {"out": call()})
+    def outputs() -> Tensors:
+        result = call()
+        if a.dim() == 3:  # rows past masked_m are not compared
+            keep = torch.arange(result.shape[1], device=result.device)[None, :, None] < inputs["masked_m"].long()[:, None, None]
+            result = torch.where(keep, result, d)
+        return {"d": result}
+
+    return Peer("torch.matmul", call, outputs)
 
 
 def _gemm_torch_scaled_mm(inputs: Tensors) -> Peer:
@@ -145,6 +187,9 @@ _BUILDERS: dict[str, list[tuple[Callable[[Tensors], Peer], Callable[[str], bool]
         (_gemm_deep_gemm, lambda device: device == "cuda" and importlib.util.find_spec("deep_gemm") is not None),
     ],
     "m_grouped_gemm_fp8_nt_contiguous": [(_grouped_torch_loop, lambda device: True)],
+    "gemm_bf16_nt": [(_bf16_torch, lambda device: True)],
+    "m_grouped_gemm_bf16_nt_contiguous": [(_bf16_torch, lambda device: True)],
+    "m_grouped_gemm_bf16_nt_masked": [(_bf16_torch, lambda device: True)],
     "m_grouped_gemm_fp8_nt_masked": [(_grouped_torch_loop, lambda device: True)],
 }
 
