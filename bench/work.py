@@ -104,16 +104,18 @@ def _paged_mqa_logits(inputs: Tensors) -> Work:
     return Work(bytes_, 2.0 * heads * dim * float(visible.sum()))
 
 
+def _gemm_rows(inputs: Tensors) -> float:
+    """Rows a GEMM computes: the grouped layouts' valid rows, else all of A's."""
+    if "m_indices" in inputs:
+        return float((inputs["m_indices"] >= 0).sum())
+    if "masked_m" in inputs:
+        return float(inputs["masked_m"].sum())
+    return float(inputs["a"].shape[0])
+
+
 def _gemm(inputs: Tensors) -> Work:
     a, b, out = inputs["a"], inputs["b"], inputs["out"] if "out" in inputs else inputs["d"]
-    k = a.shape[-1]
-    if "m_indices" in inputs:
-        rows = float((inputs["m_indices"] >= 0).sum())
-    elif "masked_m" in inputs:
-        rows = float(inputs["masked_m"].sum())
-    else:
-        rows = float(a.shape[0])
-    n = b.shape[-2]
+    k, n, rows = a.shape[-1], b.shape[-2], _gemm_rows(inputs)
     bytes_ = rows * k + _nbytes(b, inputs["sb"]) + rows * (k // 128) * 4 + rows * n * out.element_size()
     return Work(bytes_, 2.0 * rows * n * k)
 
@@ -121,13 +123,7 @@ def _gemm(inputs: Tensors) -> Work:
 def _gemm_bf16(inputs: Tensors) -> Work:
     """bf16 operands (2 bytes), one output write (and one c read when accumulating)."""
     a, b, d = inputs["a"], inputs["b"], inputs["d"]
-    k, n = a.shape[-1], b.shape[-2]
-    if "m_indices" in inputs:
-        rows = float((inputs["m_indices"] >= 0).sum())
-    elif "masked_m" in inputs:
-        rows = float(inputs["masked_m"].sum())
-    else:
-        rows = float(a.shape[0])
+    k, n, rows = a.shape[-1], b.shape[-2], _gemm_rows(inputs)
     c_bytes = d.element_size() * rows * n if inputs.get("c") is not None else 0.0
     return Work(rows * k * 2 + _nbytes(b) + rows * n * d.element_size() + c_bytes, 2.0 * rows * n * k)
 

@@ -125,6 +125,23 @@ def fp8_gemm(
         layout: DENSE, CONTIGUOUS (``groups`` = m_indices int32 [M]) or MASKED (``groups`` = masked_m int32 [G]).
         config: overrides the tuning's tile choice.
     """
+    fmt = _FORMATS[tuning.fp8_format]
+    # Reinterpreted fnuz operands each carry half their value: scale the product back.
+    operand_scale = FNUZ_SCALE * FNUZ_SCALE if tuning.fp8_format == FP8_E4M3FNUZ else 1.0
+    _launch(
+        a.view(torch.uint8), a_scales, b.view(torch.uint8), b_scales, out, groups, layout, tuning, config, operand_scale,
+        FORMAT=fmt, UPCAST=not tuning.fp8_dot, GRAN_N=1 if b_scales.shape[-2] == b.shape[-2] else 128, SCALED=True,
+        # NaN codes reach the dot as NaN on NVIDIA's FP8 MMA and fp16 widening; the interpreter's fp8
+        # emulation and the e4m3fn -> e4m3fnuz reinterpretation (no 0x7f NaN in fnuz) lose them.
+        CHECK_NAN=interpreting() or tuning.fp8_format == FP8_E4M3FNUZ,
+    )
+
+
+def _launch(
+    a: torch.Tensor, a_scales: torch.Tensor | None, b: torch.Tensor, b_scales: torch.Tensor | None, out: torch.Tensor,
+    groups: torch.Tensor | None, layout: int, tuning: Tuning, config: GemmConfig | None, operand_scale: float, **flags: object,
+) -> None:
+    """The kernel over the grid of ``out``'s tiles (one grid column per masked group); scales None for bf16."""
     m, k = a.shape[-2:]
     n = b.shape[-2]
     if m == 0 or n == 0:
@@ -132,25 +149,23 @@ def fp8_gemm(
     config = config or tuning.gemm(m, n, k)
     num_groups = a.shape[0] if layout == MASKED else 1
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), num_groups)
-    fmt = _FORMATS[tuning.fp8_format]
-    # Reinterpreted fnuz operands each carry half their value: scale the product back.
-    operand_scale = FNUZ_SCALE * FNUZ_SCALE if tuning.fp8_format == FP8_E4M3FNUZ else 1.0
 
-    def lead(t: torch.Tensor) -> int:
-        return t.stride(0) if t.dim() == 3 else 0  # group stride; 0 when ungrouped
+    def lead(t: torch.Tensor | None) -> int:
+        return t.stride(0) if t is not None and t.dim() == 3 else 0  # group stride; 0 when ungrouped
 
+    def strides(t: torch.Tensor | None) -> tuple[int, int]:
+        return (t.stride(-2), t.stride(-1)) if t is not None else (0, 0)
+
+    # bf16 tiles take twice an fp8 tile's shared memory: two stages at most.
+    stages = config.num_stages if flags["SCALED"] else min(config.num_stages, 2)
     _fp8_gemm_kernel[grid](
-        a.view(torch.uint8), a_scales, b.view(torch.uint8), b_scales, out, groups if groups is not None else out,
+        a, a_scales if a_scales is not None else out, b, b_scales if b_scales is not None else out, out, groups if groups is not None else out,
         m, n, k, operand_scale,
-        lead(a), a.stride(-2), lead(a_scales), a_scales.stride(-2), a_scales.stride(-1),
-        lead(b), b.stride(-2), lead(b_scales), b_scales.stride(-2), b_scales.stride(-1),
+        lead(a), a.stride(-2), lead(a_scales), *strides(a_scales),
+        lead(b), b.stride(-2), lead(b_scales), *strides(b_scales),
         lead(out), out.stride(-2),
-        LAYOUT=layout, FORMAT=fmt, UPCAST=not tuning.fp8_dot, EXACT_BF16=interpreting(), GRAN_N=1 if b_scales.shape[-2] == n else 128, SCALED=True,
-        # NaN codes reach the dot as NaN on NVIDIA's FP8 MMA and fp16 widening; the interpreter's fp8
-        # emulation and the e4m3fn -> e4m3fnuz reinterpretation (no 0x7f NaN in fnuz) lose them.
-        CHECK_NAN=interpreting() or tuning.fp8_format == FP8_E4M3FNUZ,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(tuning),
+        LAYOUT=layout, EXACT_BF16=interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
+        num_warps=config.num_warps, num_stages=stages, **flags, **launch_options(tuning),
     )
 
 
@@ -163,24 +178,4 @@ def bf16_gemm(
     K is a multiple of 128 (hal.ops pads with zeros). The interpreter's bf16 ``tl.dot`` is wrong
     (triton 3.9), so there the operands enter the dot as fp32 (bf16 products are exact in fp32).
     """
-    m, k = a.shape[-2:]
-    n = b.shape[-2]
-    if m == 0 or n == 0:
-        return
-    config = config or tuning.gemm(m, n, k)
-    num_groups = a.shape[0] if layout == MASKED else 1
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), num_groups)
-
-    def lead(t: torch.Tensor) -> int:
-        return t.stride(0) if t.dim() == 3 else 0
-
-    _fp8_gemm_kernel[grid](
-        a, out, b, out, out, groups if groups is not None else out,
-        m, n, k, 1.0,
-        lead(a), a.stride(-2), 0, 0, 0,
-        lead(b), b.stride(-2), 0, 0, 0,
-        lead(out), out.stride(-2),
-        LAYOUT=layout, FORMAT=0, UPCAST=interpreting(), EXACT_BF16=interpreting(), CHECK_NAN=False, GRAN_N=128, SCALED=False,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
-        num_warps=config.num_warps, num_stages=min(config.num_stages, 2), **launch_options(tuning),  # bf16 tiles: twice the shared memory
-    )
+    _launch(a, None, b, None, out, groups, layout, tuning, config, 1.0, FORMAT=0, UPCAST=interpreting(), GRAN_N=128, SCALED=False, CHECK_NAN=False)
