@@ -70,6 +70,11 @@ class Operator:
     call: Callable[[Args], Any]
     judge: Callable[[Args, Any], str | None]  # a problem with a result of a valid call, or None
     mutations: tuple[Mutation, ...]
+    operator: str = ""  # the hal operator when ``name`` is a variant of its calls (``gemm_fp8_nt.v2``)
+
+    @property
+    def hal_operator(self) -> str:
+        return self.operator or self.name
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -682,6 +687,115 @@ def _nan_scale(cache: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# --- DeepGEMM's current names: fp8_gemm_{nt,nn,tn,tt}, BF16 GEMMs --------------------------------
+
+
+def _make_v2(rng: random.Random) -> Args:
+    from hal.ops import ue8m0 as u
+
+    g = _gen(rng)
+    m, n, k = rng.choice([1, 7, 40]), rng.choice([64, 130]), rng.choice([128, 256, 320])
+    per_token = rng.random() < 0.5
+    a = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    lhs = u.per_token_cast_to_fp8(torch.nn.functional.pad(a, (0, -k % 128)), use_ue8m0=rng.random() < 0.5)
+    rhs = (u.per_token_cast_to_fp8 if per_token else u.per_block_cast_to_fp8)(torch.nn.functional.pad(b, (0, -k % 128)), use_ue8m0=False)
+    fp32 = rng.random() < 0.5
+    d = torch.empty(m, n, dtype=torch.float32 if fp32 else torch.bfloat16)
+    c = (torch.randn(m, n, generator=g) * 8).to(d.dtype) if rng.random() < 0.5 else None
+    return {"lhs": (lhs[0][:, :k], lhs[1]), "rhs": (rhs[0][:, :k].contiguous(), rhs[1]), "d": d, "c": c, "layout": rng.choice(["nt", "nn", "tn", "tt"]),
+            "recipe": (1, 1, 128) if per_token else None}
+
+
+def _call_v2(a: Args) -> Any:
+    (av, asf), (bv, bsf) = a["lhs"], a["rhs"]
+    if a["layout"][0] == "t":
+        av, asf = av.t().contiguous(), asf.t()
+    if a["layout"][1] == "n":
+        bv, bsf = bv.t().contiguous(), bsf.t()
+    getattr(hal, f"fp8_gemm_{a['layout']}")((av, asf), (bv, bsf), a["d"], c=a["c"], recipe=a["recipe"])
+    return a["d"]
+
+
+def _judge_v2(args: Args, result: Any) -> str | None:
+    from hal.ops.ue8m0 import unpack_ue8m0_from_int
+
+    k = args["lhs"][0].shape[1]
+    sa = args["lhs"][1]
+    sa = unpack_ue8m0_from_int(sa)[:, : -(-k // 128)] if sa.dtype == torch.int32 else sa
+    want = oracles.gemm_oracle(args["lhs"][0], sa, args["rhs"][0], args["rhs"][1])
+    if args["c"] is not None:
+        want = want + args["c"].double()
+    return _compare("gemm_fp8_nt", "out_fp32" if result.dtype == torch.float32 else "out", result.float(), want)
+
+
+def _packed(a: Args, r: random.Random) -> Args:
+    from hal.ops.ue8m0 import ceil_to_ue8m0, pack_ue8m0_to_int
+
+    scales = ceil_to_ue8m0(a["lhs"][1])
+    values = (a["lhs"][0].float() * 0).to(FP8)  # zeros: any scale gives zero products, so the packed scales must only decode right
+    padded = torch.nn.functional.pad(scales, (0, -scales.shape[1] % 4), value=1.0)
+    return _replace(a, lhs=(values, pack_ue8m0_to_int(padded)))
+
+
+FP8_V2 = Operator(
+    "gemm_fp8_nt.v2",
+    _make_v2,
+    _call_v2,
+    _judge_v2,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("packed UE8M0 LHS scales", _packed, True),
+        Mutation("NaN scale", lambda a, r: _pair(a, "lhs", 1, _poke(a["lhs"][1], math.nan, r)), True),
+        Mutation("c of another dtype", lambda a, r: _replace(a, c=torch.zeros(a["d"].shape, dtype=torch.float16)), False),
+        Mutation("d float16", lambda a, r: _replace(a, d=torch.empty(a["d"].shape, dtype=torch.float16)), False),
+        Mutation("recipe (1, 128, 64)", lambda a, r: _replace(a, recipe=(1, 128, 64)), False),
+        Mutation("per-token recipe, block scales", lambda a, r: _replace(a, recipe=(1, 1, 128)) if a["recipe"] is None and a["rhs"][0].shape[0] > 128 else _replace(a, recipe=(2, 2, 2)), False),
+        Mutation("RHS K differs", lambda a, r: _pair(a, "rhs", 0, a["rhs"][0][:, :-1]), False),
+        Mutation("FP4 LHS", lambda a, r: _pair(a, "lhs", 0, torch.zeros(a["lhs"][0].shape, dtype=torch.int8)), False),
+    ),
+    operator="gemm_fp8_nt",
+)
+
+
+def _make_bf16(rng: random.Random) -> Args:
+    g = _gen(rng)
+    m, n, k = rng.choice([0, 3, 33]), rng.choice([16, 130]), rng.choice([0, 64, 300])
+    fp32 = rng.random() < 0.5
+    d = torch.empty(m, n, dtype=torch.float32 if fp32 else torch.bfloat16)
+    return {"a": torch.randn(m, k, generator=g).to(torch.bfloat16), "b": torch.randn(n, k, generator=g).to(torch.bfloat16), "d": d,
+            "c": (torch.randn(m, n, generator=g) * 4).to(d.dtype) if rng.random() < 0.5 else None, "layout": rng.choice(["nt", "nn", "tn", "tt"])}
+
+
+def _call_bf16(a: Args) -> Any:
+    x = a["a"].t().contiguous() if a["layout"][0] == "t" else a["a"]
+    y = a["b"].t().contiguous() if a["layout"][1] == "n" else a["b"]
+    getattr(hal, f"bf16_gemm_{a['layout']}")(x, y, a["d"], c=a["c"])
+    return a["d"]
+
+
+def _judge_bf16(args: Args, result: Any) -> str | None:
+    want = oracles.bf16_gemm_oracle(args["a"], args["b"], args["c"])
+    return _compare("gemm_bf16_nt", "out_fp32" if result.dtype == torch.float32 else "out", result.float(), want)
+
+
+BF16_GEMM = Operator(
+    "gemm_bf16_nt",
+    _make_bf16,
+    _call_bf16,
+    _judge_bf16,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("NaN in a", lambda a, r: _replace(a, a=_poke(a["a"], math.nan, r)), True),
+        Mutation("inf in b", lambda a, r: _replace(a, b=_poke(a["b"], math.inf, r)), True),
+        Mutation("a float32", lambda a, r: _replace(a, a=a["a"].float()), False),
+        Mutation("K differs", lambda a, r: _replace(a, b=torch.zeros(a["b"].shape[0], a["b"].shape[1] + 1, dtype=torch.bfloat16)), False),
+        Mutation("d of another shape", lambda a, r: _replace(a, d=torch.empty(a["d"].shape[0] + 1, a["d"].shape[1], dtype=a["d"].dtype), c=None), False),
+        Mutation("c of another dtype", lambda a, r: _replace(a, c=torch.zeros(a["d"].shape, dtype=torch.float16)), False),
+    ),
+)
+
+
 # --- expert parallelism (local operators) ----------------------------------------------------
 
 
@@ -815,6 +929,7 @@ REDUCE = Operator(
 OPERATORS: dict[str, Operator] = {
     op.name: op for op in (
         DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, SPARSE_DECODE, SPARSE_PREFILL, QUANTIZE_CACHE, MQA_LOGITS, PAGED_MQA_LOGITS,
+        FP8_V2, BF16_GEMM,
         LAYOUT, PACK, UNPACK, REDUCE,
     )
 }
@@ -850,7 +965,7 @@ def run(backend: str, calls: int, seed: int, ops: list[str] | None = None) -> li
     rng = random.Random(seed)
     implemented = hal.get_backend(backend)
     # Operators the backend does not implement are reported as unsupported by conformance; here they are skipped.
-    chosen = [OPERATORS[name] for name in (ops or OPERATORS) if implemented is None or implemented.implements(hal.OPERATORS[name].hook)]
+    chosen = [OPERATORS[name] for name in (ops or OPERATORS) if implemented is None or implemented.implements(hal.OPERATORS[OPERATORS[name].hal_operator].hook)]
     plan = [(op, m) for op in chosen for m in op.mutations]
     if calls > len(plan):
         plan += [(op, rng.choice(op.mutations)) for op in (rng.choice(chosen) for _ in range(calls - len(plan)))]

@@ -31,7 +31,7 @@ def _blockwise(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Ten
     m, k = a.shape
     n = b.shape[0]
     out = torch.zeros(m, n, dtype=torch.float64)
-    row_block = torch.arange(n) // BLOCK
+    row_block = torch.arange(n) if sb.shape[0] == n else torch.arange(n) // BLOCK  # per-token RHS scales, or 128x128 blocks
     for kb in range(-(-k // BLOCK)):
         cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
         partial = a[:, cols].double() @ b[:, cols].double().T
@@ -275,3 +275,9 @@ def quantize_cache_oracle(x: torch.Tensor) -> torch.Tensor:
     out[..., 512:528] = scale.float().contiguous().view(torch.uint8).view(blocks, page, 16)
     out[..., 528:] = values[..., 512:].to(torch.bfloat16).contiguous().view(torch.uint8).view(blocks, page, 128)
     return out.view(blocks, page, 1, 656)
+
+
+def bf16_gemm_oracle(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """float64 ``a @ b.T (+ c)`` for bf16 a [M, K], b [N, K]."""
+    out = a.double() @ b.double().T
+    return out + c.double() if c is not None else out
