@@ -1,5 +1,7 @@
 """Conformance reports: ``report.json`` (machine-readable), ``report.md`` and a self-contained
-``report.html`` (operator x case matrix per backend, coloured by status, details on hover)."""
+``report.html`` a vendor can publish: backend, device, package and certificate identity, a summary,
+every failure with its reason in plain sight, the operator x case matrix coloured by status and by
+margin to threshold, and every threshold with its source."""
 
 from __future__ import annotations
 
@@ -62,37 +64,93 @@ def summarize(results: Sequence[CaseResult]) -> dict[str, dict[str, int]]:
     return summary
 
 
-def build_report(results: Sequence[CaseResult], *, mode: str) -> dict[str, Any]:
+def build_report(results: Sequence[CaseResult], *, mode: str, certificates: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "environment": environment(),
         "mode": mode,
-        "tolerances": {f"{op}.{out}": {"metric": t.metric, "threshold": t.threshold, "source": t.source} for (op, out), t in TOLERANCES.items()},
+        "certificates": dict(certificates or {}),
+        "tolerances": {
+            f"{op}.{out}": {"metric": t.metric, "threshold": t.threshold, "source": t.source,
+                            "element_bound": t.element.source if t.element is not None else None}
+            for (op, out), t in TOLERANCES.items()
+        },
         "summary": summarize(results),
         "results": [r.to_json() for r in results],
     }
 
 
-def _cell_text(result: CaseResult) -> str:
+_NEAR = "#7cb342"  # a pass whose worst error is at least half its threshold
+
+
+def _margin(result: CaseResult) -> float | None:
+    """The worst error as a fraction of its threshold (0 = exact), None without a measurement."""
     worst = result.worst()
-    if result.status == "pass" and worst is not None:
-        return f"{worst.value:.1e}" if worst.value else "0"
-    return result.status
+    if worst is None:
+        return None
+    if not worst.threshold:
+        return 0.0 if worst.value == 0 else float("inf")
+    return worst.value / worst.threshold
+
+
+def _cell_text(result: CaseResult) -> str:
+    """``pass 12%`` (worst error as a share of its threshold), ``pass exact``, or the status."""
+    if result.status != "pass":
+        return result.status
+    margin = _margin(result)
+    if margin is None:
+        return "pass"
+    return "pass exact" if margin == 0 else f"pass {margin:.0%}" if margin >= 0.01 else "pass <1%"
+
+
+def _cell_colour(result: CaseResult) -> str:
+    if result.status == "pass" and (_margin(result) or 0.0) >= 0.5:
+        return _NEAR
+    return _COLOURS[result.status]
+
+
+def _title(report: dict[str, Any]) -> str:
+    return "unihal conformance: " + ", ".join(report["summary"]) + f" ({report['mode']})"
+
+
+def _identity_rows(report: dict[str, Any], results: Sequence[CaseResult]) -> list[tuple[str, str, str, str, str]]:
+    """(backend, device, package, kind, certificate) per backend that ran."""
+    env = report["environment"]
+    devices = {r.backend: r.device for r in results}
+    rows = []
+    for backend in report["summary"]:
+        found = registry.get_backend(backend)
+        source = found.source if found is not None else ""
+        info = env["backends"].get(backend, {})
+        kind = "simulated" if info.get("simulated") else "hardware" if backend != "reference" else "reference (the contract)"
+        cert = report["certificates"].get(backend, "")
+        rows.append((backend, devices.get(backend) or info.get("device", ""), source, kind, cert))
+    return rows
+
+
+def _failures(results: Sequence[CaseResult]) -> list[CaseResult]:
+    return [r for r in results if r.status not in ("pass", "unsupported")]
+
+
+def _measurement_text(r: CaseResult) -> str:
+    return "; ".join(
+        f"{m.output} {m.metric} {m.value:.3g} vs {m.threshold:g}" + (f" ({m.note})" if m.note else "") for m in r.measurements if not m.passed
+    )
 
 
 def _markdown(report: dict[str, Any], results: Sequence[CaseResult]) -> str:
     env = report["environment"]
     lines = [
-        "# unihal conformance report",
+        f"# {_title(report)}",
         "",
-        f"{env['date']} on {env['host']} ({env['platform']}), torch {env['torch']}, unihal {env['unihal']}, mode {report['mode']}.",
+        f"{env['date']}; host {env['host']} ({env['platform']}); torch {env['torch']}; unihal {env['unihal']}; tier {report['mode']}.",
         "",
-        "| backend | device | " + " | ".join(STATUSES) + " | total |",
-        "|---|---|" + "---|" * len(STATUSES) + "---|",
+        "| backend | device | package | kind | certificate sha256 |",
+        "|---|---|---|---|---|",
     ]
-    devices = {r.backend: r.device for r in results}
+    lines += [f"| {b} | {d} | {p} | {k} | {c[:16] + '…' if c else '-'} |" for b, d, p, k, c in _identity_rows(report, results)]
+    lines += ["", "| backend | " + " | ".join(STATUSES) + " | total |", "|---|" + "---|" * len(STATUSES) + "---|"]
     for backend, counts in report["summary"].items():
-        simulated = " (simulated)" if env["backends"].get(backend, {}).get("simulated") else ""
-        lines.append(f"| {backend} | {devices.get(backend, '')}{simulated} | " + " | ".join(str(counts[s]) for s in STATUSES) + f" | {counts['total']} |")
+        lines.append(f"| {backend} | " + " | ".join(str(counts[s]) for s in STATUSES) + f" | {counts['total']} |")
     feature_ops = {op.name: [f.name for f in op.features] for op in OPERATORS.values() if op.features}
     lines += ["", "Contract features per backend that ran (+ served, - not):", "", "| backend | " + " | ".join(feature_ops) + " |", "|---|" + "---|" * len(feature_ops)]
     for backend in report["summary"]:
@@ -102,13 +160,24 @@ def _markdown(report: dict[str, Any], results: Sequence[CaseResult]) -> str:
             for op, names in feature_ops.items()
         ]
         lines.append(f"| {backend} | " + " | ".join(cells) + " |")
-    lines += ["", "| backend | case | status | worst metric | detail |", "|---|---|---|---|---|"]
+    failures = _failures(results)
+    lines += ["", f"## Failures ({len(failures)})", ""]
+    lines += [f"- **{r.backend}** `{r.case_id}`: {r.status}. {r.reason or _measurement_text(r)}".rstrip() for r in failures] or ["None."]
+    lines += ["", "## Every case", "", "| backend | case | result | worst error / threshold |", "|---|---|---|---|"]
     for r in results:
         worst = r.worst()
-        metric = f"{worst.output} {worst.metric} {worst.value:.3g} (< {worst.threshold:g})" if worst else ""
-        lines.append(f"| {r.backend} | `{r.case_id}` | {r.status} | {metric} | {r.reason.replace('|', '/')} |")
-    lines += ["", "Thresholds: " + "; ".join(f"{k}: {v['metric']} < {v['threshold']:g}" for k, v in report["tolerances"].items()), ""]
-    return "\n".join(lines)
+        if worst is None:
+            metric = ""
+        elif worst.metric == "mismatches":
+            metric = "exact" if worst.value == 0 else f"{worst.value:g} mismatches"
+        else:
+            metric = f"{worst.output}: {worst.metric} {worst.value:.3g} / {worst.threshold:g}"
+        lines.append(f"| {r.backend} | `{r.case_id}` | {_cell_text(r)} | {metric} |")
+    lines += ["", "## Thresholds", "", "| output | metric | passes when | per-element bound | source |", "|---|---|---|---|---|"]
+    for key, t in report["tolerances"].items():
+        rule = "exactly equal" if t["metric"] == "mismatches" else f"< {t['threshold']:g}"
+        lines.append(f"| {key} | {t['metric']} | {rule} | {t['element_bound'] or '-'} | {t['source']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _html(report: dict[str, Any], results: Sequence[CaseResult]) -> str:
@@ -134,16 +203,34 @@ def _html(report: dict[str, Any], results: Sequence[CaseResult]) -> str:
                 + [f"{m.output}: {m.metric} = {m.value:.3g} (threshold {m.threshold:g}) {'ok' if m.passed else 'FAIL'} {m.note}" for m in r.measurements]
             ).strip()
             cells.append(
-                f'<td class="{r.status}" style="background:{_COLOURS[r.status]}" title="{html.escape(detail)}">{html.escape(_cell_text(r))}</td>'
+                f'<td class="{r.status}" style="background:{_cell_colour(r)}" title="{html.escape(detail)}">{html.escape(_cell_text(r))}</td>'
             )
         rows.append(f"<tr><th class=\"case\">{html.escape(name)}</th>{''.join(cells)}</tr>")
     summary_rows = "".join(
         f"<tr><th>{html.escape(b)}</th>" + "".join(f'<td class="n">{c[s]}</td>' for s in STATUSES) + f'<td class="n">{c["total"]}</td></tr>'
         for b, c in report["summary"].items()
     )
+    identity_rows = "".join(
+        f"<tr><th>{html.escape(b)}</th><td>{html.escape(d)}</td><td>{html.escape(p)}</td><td>{html.escape(k)}</td>"
+        f"<td class=\"mono\">{html.escape(c) if c else '-'}</td></tr>"
+        for b, d, p, k, c in _identity_rows(report, results)
+    )
+    failures = "".join(
+        f"<li><b>{html.escape(r.backend)}</b> <code>{html.escape(r.case_id)}</code>: {html.escape(r.status)}. "
+        f"{html.escape(r.reason or _measurement_text(r))}</li>"
+        for r in _failures(results)
+    ) or "<li>None.</li>"
+    thresholds = "".join(
+        f"<tr><th>{html.escape(key)}</th><td>{html.escape(t['metric'])}</td>"
+        f"<td>{'exactly equal' if t['metric'] == 'mismatches' else '&lt; ' + format(t['threshold'], 'g')}</td>"
+        f"<td>{html.escape(t['element_bound'] or '-')}</td><td>{html.escape(t['source'])}</td></tr>"
+        for key, t in report["tolerances"].items()
+    )
     legend = " ".join(f'<span class="chip" style="background:{c}">{s}</span>' for s, c in _COLOURS.items())
+    legend += f' <span class="chip" style="background:{_NEAR}">pass, error at least half its threshold</span>'
+    title = html.escape(_title(report))
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>unihal conformance</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}
 table {{ border-collapse: collapse; margin: 12px 0; }}
@@ -152,23 +239,30 @@ td.pass, td.fail, td.error, td.timeout, td.crash, td.unsupported {{ color: #fff;
 tr.op th {{ background: #eee; text-align: left; }}
 th.case {{ text-align: left; font-weight: normal; font-family: monospace; }}
 td.n {{ text-align: right; }}
+.mono, code {{ font-family: monospace; }}
 .chip {{ color: #fff; padding: 2px 8px; border-radius: 4px; margin-right: 4px; }}
 </style></head><body>
-<h1>unihal conformance report</h1>
-<p>{html.escape(env['date'])} on {html.escape(env['host'])} ({html.escape(env['platform'])}); torch {html.escape(env['torch'])}; unihal {html.escape(env['unihal'])}; mode {html.escape(report['mode'])}.</p>
+<h1>{title}</h1>
+<p>{html.escape(env['date'])}; host {html.escape(env['host'])} ({html.escape(env['platform'])}); torch {html.escape(env['torch'])}; unihal {html.escape(env['unihal'])}; tier {html.escape(report['mode'])}.</p>
+<h2>Backends</h2>
+<table id="identity"><tr><th>backend</th><th>device</th><th>package</th><th>kind</th><th>certificate sha256</th></tr>{identity_rows}</table>
 <h2>Summary</h2>
 <table id="summary"><tr><th>backend</th>{''.join(f'<th>{s}</th>' for s in STATUSES)}<th>total</th></tr>{summary_rows}</table>
+<h2>Failures</h2>
+<ul id="failures">{failures}</ul>
 <h2>Matrix</h2>
-<p>{legend} Cells show the worst error metric of a passing case (hover for every measurement and the threshold).</p>
+<p>{legend} A passing cell shows its worst error as a share of that output's threshold ("exact": bit-identical); hover for every measurement.</p>
 <table id="matrix"><tr><th>case</th>{''.join(f'<th>{html.escape(b)}</th>' for b in backends)}</tr>{''.join(rows)}</table>
+<h2>Thresholds</h2>
+<table id="thresholds"><tr><th>output</th><th>metric</th><th>passes when</th><th>per-element bound</th><th>source</th></tr>{thresholds}</table>
 </body></html>
 """
 
 
-def write_reports(results: Sequence[CaseResult], directory: Path, *, mode: str) -> dict[str, Path]:
+def write_reports(results: Sequence[CaseResult], directory: Path, *, mode: str, certificates: dict[str, str] | None = None) -> dict[str, Path]:
     """Write report.json, report.md and report.html into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    report = build_report(results, mode=mode)
+    report = build_report(results, mode=mode, certificates=certificates)
     paths = {"json": directory / "report.json", "md": directory / "report.md", "html": directory / "report.html"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["md"].write_text(_markdown(report, results))

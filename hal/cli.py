@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ def _print_backends(report: dict[str, Any], console: Console) -> None:
             operators += f"\n[dim]{len(b['not_implemented_yet'])} declared, not implemented yet[/]"
         if b["canary"] is not None and b["canary"]["passed"]:
             status += f"\n[dim]canary passed: {b['canary']['cases']} cases in a child process[/]"
+        if b["certification"]:
+            states = Counter(state.split(" (")[0] for state in b["certification"].values())
+            status += "\n" + ", ".join(f"{n} {state}" for state, n in sorted(states.items())) + " (hal certify)"
         table.add_row(name, status, operators)
     console.print(table)
 

@@ -36,7 +36,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     parser.add_argument("--matrix", action="store_true", help="print every case x backend (default: only the cases that did not pass)")
     parser.add_argument("--require-all", action="store_true", help="fail when a backend does not implement an operator (default: report it as unsupported)")
-    parser.set_defaults(run=run)
+    parser.add_argument("--no-certify", dest="certify", action="store_false", help="do not write certificates (default: one per backend into the cache)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="also export the certificates into DIR")
+    parser.set_defaults(run=run, certify=True)
+    certify = commands.add_parser(
+        "certify", help="run the conformance catalogue and write each backend's certificate (what a vendor publishes)",
+        description="hal conformance, writing certificates: the cache keeps them for HAL_REQUIRE_CERTIFIED=1 selection; --out exports them.",
+    )
+    certify.add_argument("--backend", action="append", default=[], help="backend to certify (repeatable; default: every available one)")
+    add_case_filters(certify)
+    certify.add_argument("--report", type=Path, metavar="DIR", help="write report.json, report.md and report.html into DIR")
+    certify.add_argument("--isolate", action="store_true", help="run each backend's cases in a child process")
+    certify.add_argument("--timeout", type=float, default=300.0, help="seconds per case (default 300)")
+    certify.add_argument("--out", type=Path, metavar="DIR", help="also export the certificates into DIR")
+    certify.set_defaults(run=run, certify=True, golden=None, list=False, matrix=False, require_all=False)
+    verify = commands.add_parser("verify", help="check a certificate's hash and, on matching hardware, re-run a sample of its cases")
+    verify.add_argument("certificate", type=Path, help="a certificate file (from hal certify --out, or $HAL_CACHE_DIR/certificates)")
+    verify.add_argument("--sample", type=int, default=6, help="cases to re-run when the backend and device match (default 6; 0: hash only)")
+    verify.set_defaults(run=run_verify)
     actions = parser.add_subparsers(dest="action", metavar="{record}")
     recorder = actions.add_parser(
         "record", help="record golden vectors from one backend", description="Run cases on one backend and save inputs and outputs (safetensors + manifest.json with sha256 and versions)."
@@ -174,10 +191,71 @@ def run(args: argparse.Namespace) -> int:
     if matrix is not None:
         console.print(matrix)
     console.print(_summary(results, backends, skipped, args.require_all, args.golden is not None))
+    certificates = _write_certificates(console, results, backends, mode, args) if args.certify and args.golden is None else {}
     if args.report:
-        paths = write_reports(results, args.report, mode=mode)
+        paths = write_reports(results, args.report, mode=mode, certificates=certificates)
         console.print("Reports: " + ", ".join(str(p) for p in paths.values()))
     elif not args.matrix:
         console.print("[dim]--matrix prints every case; --report DIR writes JSON, Markdown and HTML reports.[/]")
     accepted = {"pass"} if args.require_all else {"pass", "unsupported"}
     return 0 if all(r.status in accepted for r in results) else 1
+
+
+def _write_certificates(console: Console, results: list, backends: list[str], mode: str, args: argparse.Namespace) -> dict[str, str]:
+    """One certificate per backend into the cache (and ``--out``); returns backend -> sha256."""
+    from hal import certificate
+
+    written = {}
+    for backend in backends:
+        cert = certificate.build(backend, results, mode)
+        path = certificate.save(cert)
+        if args.out is not None:
+            path = certificate.save(cert, args.out)
+        ops = cert.data["operators"]
+        certified = sum(1 for entry in ops.values() if entry["certified"])
+        console.print(f"certificate [bold]{escape(backend)}[/]: {certified}/{len(ops)} operators certified, sha256 {cert.sha256[:16]}… -> {escape(str(path))}")
+        written[backend] = cert.sha256
+    return written
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Check the hash; when this machine has the same backend and identity, re-run a sample of the certificate's cases."""
+    import random
+
+    from hal import certificate, registry
+    from hal.conformance.catalogue import all_cases
+    from hal.conformance.runner import run_backend
+
+    console = Console()
+    try:
+        cert = certificate.load(args.certificate)
+    except certificate.CertificateError as exc:
+        console.print(f"[red]rejected:[/] {escape(str(exc))}")
+        return 1
+    data = cert.data
+    ops = data["operators"]
+    console.print(f"sha256 {cert.sha256} matches its content: backend {escape(cert.backend)}, tier {data['tier']}, "
+                  f"{sum(e['certified'] for e in ops.values())}/{len(ops)} operators certified, device {escape(str(data['backend'].get('device')))}")
+    backend = registry.get_backend(cert.backend)
+    if args.sample <= 0:
+        return 0
+    if backend is None or not backend.available:
+        console.print(f"[yellow]not re-run:[/] backend {escape(cert.backend)} is not available here")
+        return 0
+    now = certificate.identity(backend)
+    changed = sorted(k for k in set(now) | set(data["backend"]) if now.get(k) != data["backend"].get(k))
+    if changed:
+        console.print(f"[yellow]not re-run:[/] this machine differs in {', '.join(changed)}")
+        return 0
+    certified_cases = [case_id for entry in ops.values() if entry["certified"] for case_id in entry["cases"]]
+    by_id = {case.id: case for case in all_cases()}
+    chosen = random.Random(cert.sha256).sample(sorted(c for c in certified_cases if c in by_id), min(args.sample, len(certified_cases)))
+    results = run_backend(cert.backend, [by_id[c] for c in chosen])
+    bad = [r for r in results if r.status != "pass"]
+    for r in results:
+        console.print(f"  {'[green]pass[/]' if r.passed else '[red]' + r.status + '[/]'} {escape(r.case_id)}")
+    if bad:
+        console.print(f"[red]the certificate does not hold here:[/] {len(bad)} of {len(results)} re-run cases did not pass")
+        return 1
+    console.print(f"[green]verified:[/] {len(results)} re-run cases pass on this machine")
+    return 0

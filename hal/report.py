@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from hal import registry
+from hal import certificate, registry
 from hal.errors import HalError
 from hal.operator import OPERATORS
 from hal.selection import honoured_variables, select, unknown_variables
@@ -43,6 +43,10 @@ def backends_report() -> dict[str, Any]:
                 "simulated": availability.simulated,
                 "load_error": backend.load_error,
                 "operators": [hooks[h] for h in backend.implemented_hooks() if h in hooks],
+                # what hal certify proved for this backend on this machine (HAL_REQUIRE_CERTIFIED=1 reads it)
+                "certification": {
+                    hooks[h]: certificate.status(backend, hooks[h]) for h in backend.implemented_hooks() if h in hooks
+                } if availability.available else {},
                 "features": {
                     op.name: sorted(backend.features(op)) for op in OPERATORS.values() if op.features and backend.implements(op.hook)
                 },
@@ -73,5 +77,6 @@ def backends_report() -> dict[str, Any]:
         },
         "selection": selection,
         "environment": honoured_variables(),
+        "require_certified": certificate.require_certified(),
         "ignored_environment": {var: {"value": os.environ[var], "did_you_mean": closest} for var, closest in unknown_variables().items()},
     }

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from hal import registry
+from hal import certificate, registry
 from hal.errors import BackendUnavailableError, DeviceError, FeatureNotSupportedError, OperatorNotSupportedError, UnknownBackendError
 from hal.operator import OPERATORS, Operator, get_operator
 from hal.registry import Backend
@@ -162,7 +162,9 @@ def _missing(backend: Backend, op: Operator, features: frozenset[str]) -> tuple[
     return tuple(sorted(features - backend.features(op)))
 
 
-def _why_not(backend: Backend, op: Operator, device_type: str, features: frozenset[str] = frozenset()) -> str | None:
+def _why_not(
+    backend: Backend, op: Operator, device_type: str, features: frozenset[str] = frozenset(), certified_only: bool = False
+) -> str | None:
     if not backend.available:
         return f"unavailable ({backend.availability().reason})"
     if not backend.implements(op.hook):
@@ -173,6 +175,10 @@ def _why_not(backend: Backend, op: Operator, device_type: str, features: frozens
     missing = _missing(backend, op, features)
     if missing:
         return f"lacks feature {', '.join(missing)}"
+    if certified_only:
+        state = certificate.status(backend, op.name)
+        if state not in ("certified", "trusted"):
+            return f"{state} for {op.name} ({certificate.ENV_REQUIRE}=1; run: hal certify --backend {backend.name})"
     return None
 
 
@@ -232,13 +238,13 @@ def select(
         )
     _warn_unknown_variables_once()
     chain, source = _requested(operator)
-    return _select_cached(operator, device_type, device_arg, chain, source, required, registry.generation())
+    return _select_cached(operator, device_type, device_arg, chain, source, required, certificate.require_certified(), registry.generation())
 
 
 @functools.lru_cache(maxsize=512)
 def _select_cached(
     op: Operator, device_type: str, device_arg: str, chain: tuple[str, ...] | None, source: str, features: frozenset[str],
-    _generation: int,
+    certified_only: bool, _generation: int,
 ) -> Selection:
     known = registry.backends()
     explicit = chain is not None
@@ -251,9 +257,13 @@ def _select_cached(
         if backend.name in seen:
             continue
         seen.add(backend.name)
-        why = _why_not(backend, op, device_type, features)
+        # Certificates gate auto-selection only: a backend the user names still runs (with a warning).
+        why = _why_not(backend, op, device_type, features, certified_only and not explicit)
         if why is None:
             selection = Selection(op, device_type, backend, source, tuple(skipped))
+            if explicit and certified_only and certificate.status(backend, op.name) not in ("certified", "trusted"):
+                log.warning("hal: %s runs on '%s' (selected by %s), which is %s for it on this machine",
+                            op.name, backend.name, source, certificate.status(backend, op.name))
             if explicit and skipped:
                 log.warning("hal: %s on %s tensors runs on '%s' (%s)", op.name, device_type, backend.name, selection.reason)
             elif any("lacks feature" in s for s in skipped):  # auto, but never silently slower: once per (op, features)

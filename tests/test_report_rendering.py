@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hal.cli import main
-from hal.conformance.report import _COLOURS
+from hal.conformance.report import _COLOURS, _NEAR
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "render-report.sh"
 
@@ -69,13 +69,28 @@ def count_colour(rows: list[bytes], channels: int, hex_colour: str) -> int:
 
 
 def test_report_renders_with_pass_and_fail_cells(install_plugins, tmp_path):
+    """The report a vendor publishes: identity, failures with their reasons in plain text, the matrix, thresholds."""
     install_plugins({"wrong_scale": "wrong_scale"})
     assert main(["conformance", "--backend", "reference", "--backend", "wrong_scale", "--op", "gemm_fp8_nt", "--report", str(tmp_path)]) == 1
     result = subprocess.run([str(SCRIPT), str(tmp_path / "report.html"), str(tmp_path / "report.png")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     width, height, rows, channels = decode_png(tmp_path / "report.png")
     assert (width, height) == (1100, 1400)
-    green = count_colour(rows, channels, _COLOURS["pass"])
+    # Passing cells are green (dark: error under half its threshold; light: at least half).
+    green = count_colour(rows, channels, _COLOURS["pass"]) + count_colour(rows, channels, _NEAR)
     red = count_colour(rows, channels, _COLOURS["fail"])
-    assert green > 2000 and red > 2000, (green, red)  # six pass cells (5 reference + 1) and four fail cells, plus legend chips
+    assert green > 2000 and red > 2000, (green, red)  # eleven pass cells (10 reference + 1) and six fail cells, plus legend chips
     assert green > red
+
+
+def test_failure_reasons_are_in_the_document_not_only_in_tooltips(install_plugins, tmp_path):
+    import re
+
+    install_plugins({"wrong_scale": "wrong_scale"})
+    main(["conformance", "--backend", "reference", "--backend", "wrong_scale", "--op", "gemm_fp8_nt", "--report", str(tmp_path), "--no-certify"])
+    page = (tmp_path / "report.html").read_text()
+    visible = re.sub(r'title="[^"]*"', "", page)  # what a printout or screenshot shows
+    assert '<ul id="failures">' in visible and "expected" in visible.split('<ul id="failures">')[1].split("</ul>")[0]
+    assert "<title>unihal conformance: reference, wrong_scale" in page and 'id="thresholds"' in page
+    markdown = (tmp_path / "report.md").read_text()
+    assert "mismatches 0 (< 0)" not in markdown and "## Failures (6)" in markdown
