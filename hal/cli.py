@@ -113,6 +113,23 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capabilities(args: argparse.Namespace) -> int:
+    from hal.capabilities import render
+
+    text = render()
+    if args.check is not None:
+        current = args.check.read_text() if args.check.exists() else ""
+        if current != text:
+            Console(stderr=True).print(f"[red]{escape(str(args.check))} is stale:[/] run hal capabilities --write {escape(str(args.check))}")
+            return 1
+        return 0
+    if args.write is not None:
+        args.write.write_text(text)
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
 def _cmd_new_backend(args: argparse.Namespace) -> int:
     from hal.scaffold import write_backend_package
 
@@ -137,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("--json", action="store_true", help="print the report as JSON")
     backends.add_argument("--features", action="store_true", help="print which optional contract features each backend serves")
     backends.set_defaults(run=_cmd_backends)
+    capabilities = commands.add_parser("capabilities", help="print docs/capabilities.md (operators x backends x features) from the code")
+    capabilities.add_argument("--write", type=Path, metavar="FILE", help="write it to FILE")
+    capabilities.add_argument("--check", type=Path, metavar="FILE", help="exit 1 when FILE differs from what the code generates")
+    capabilities.set_defaults(run=_cmd_capabilities)
     cli_conformance.add_parser(commands)
     cli_bench.add_parser(commands)
     scaffold = commands.add_parser("new-backend", help="write a vendor plugin package to start a new backend from")

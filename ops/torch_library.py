@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hal.ops import ep as ep_ops
 from hal.ops import ep_local
-from hal.ops import fp8_quant, gemm, indexer, mla, mla_fp8_cache, mla_v2
+from hal.ops import fp8_quant, gemm, gemm_bf16, gemm_v2, indexer, mla, mla_fp8_cache, mla_v2
 from hal.ops.mla_schedule import BLOCK_SIZE_M, METADATA_WIDTH, default_num_sms
 
 __all__ = ["compiling"]
@@ -225,3 +225,47 @@ def paged_mqa_logits(
 @paged_mqa_logits.register_fake
 def _(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices):
     return q.new_empty(q.shape[0] * q.shape[1], max_context_len, dtype=logits_dtype)
+
+
+# --- DeepGEMM's current GEMM names and the BF16 GEMMs (in place on d) ------------------------------
+
+
+@torch.library.custom_op("hal::fp8_gemm", mutates_args=("d",))
+def fp8_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, d: Tensor, c: Tensor | None, per_token_b: bool, layout: str) -> None:
+    getattr(gemm_v2, f"fp8_gemm_{layout}")((a, sa), (b, sb), d, c=c, recipe=(1, 1, 128) if per_token_b else None)
+
+
+@fp8_gemm.register_fake
+def _(a, sa, b, sb, d, c, per_token_b, layout) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::gemm_bf16_nt", mutates_args=("d",))
+def gemm_bf16_nt(a: Tensor, b: Tensor, d: Tensor, c: Tensor | None, layout: str) -> None:
+    getattr(gemm_bf16, f"bf16_gemm_{layout}")(a, b, d, c=c)
+
+
+@gemm_bf16_nt.register_fake
+def _(a, b, d, c, layout) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::m_grouped_gemm_bf16_nt_contiguous", mutates_args=("d",))
+def m_grouped_gemm_bf16_nt_contiguous(a: Tensor, b: Tensor, d: Tensor, grouped_layout: Tensor, use_psum_layout: bool, transpose_b: bool) -> None:
+    fn = gemm_bf16.m_grouped_bf16_gemm_nn_contiguous if transpose_b else gemm_bf16.m_grouped_bf16_gemm_nt_contiguous
+    fn(a, b, d, grouped_layout, use_psum_layout=use_psum_layout)
+
+
+@m_grouped_gemm_bf16_nt_contiguous.register_fake
+def _(a, b, d, grouped_layout, use_psum_layout, transpose_b) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::m_grouped_gemm_bf16_nt_masked", mutates_args=("d",))
+def m_grouped_gemm_bf16_nt_masked(a: Tensor, b: Tensor, d: Tensor, masked_m: Tensor, expected_m: int) -> None:
+    gemm_bf16.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+
+
+@m_grouped_gemm_bf16_nt_masked.register_fake
+def _(a, b, d, masked_m, expected_m) -> None:
+    return None

@@ -85,3 +85,13 @@ def test_version():
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
+
+
+def test_the_capability_matrix_in_docs_is_current():
+    from pathlib import Path
+
+    from hal.capabilities import render
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "capabilities.md"
+    assert path.read_text() == render(), "docs/capabilities.md is stale: run hal capabilities --write docs/capabilities.md"
+    assert run_hal("capabilities", "--check", str(path)).returncode == 0

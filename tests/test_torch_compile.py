@@ -127,3 +127,22 @@ def test_a_v32_decode_step_compiles_fullgraph_and_matches_eager():
     compiled = torch.compile(v32_decode_step, backend="aot_eager", fullgraph=True)(*args)
     for got, want in zip(compiled, eager):
         assert torch.equal(got, want)
+
+
+def current_gemm_names(a, w, d, c, xb, yb, db):
+    hal.fp8_gemm_nt(a, w, d, c=c)
+    hal.bf16_gemm_nn(xb, yb, db)
+    return d, db
+
+
+def test_deep_gemm_current_names_compile_fullgraph():
+    g = torch.Generator().manual_seed(2)
+    a = hal.per_token_cast_to_fp8(torch.randn(16, 256, generator=g))
+    w = hal.per_block_cast_to_fp8(torch.randn(128, 256, generator=g))
+    xb, yb = torch.randn(8, 128, generator=g).bfloat16(), torch.randn(128, 64, generator=g).bfloat16()
+    eager = current_gemm_names(a, w, torch.empty(16, 128), torch.ones(16, 128), xb, yb, torch.empty(8, 64, dtype=torch.bfloat16))
+    torch._dynamo.reset()
+    compiled = torch.compile(current_gemm_names, backend="aot_eager", fullgraph=True)(
+        a, w, torch.empty(16, 128), torch.ones(16, 128), xb, yb, torch.empty(8, 64, dtype=torch.bfloat16)
+    )
+    assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
