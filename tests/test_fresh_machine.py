@@ -22,7 +22,9 @@ from hal.conformance.catalogue import select_cases
 from hal.conformance.runner import run_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-README_BLOCK = re.compile(r"^#+ .*[Ff]resh machine.*?```\w*\n(.*?)```", re.S | re.M)
+# The first code block after the heading that names a fresh machine (the heading's own line only,
+# as .ci/run's awk reads it: prose elsewhere may say "fresh machine" too).
+README_BLOCK = re.compile(r"^#+ [^\n]*[Ff]resh machine[^\n]*\n.*?```\w*\n(.*?)```", re.S | re.M)
 
 
 def _readme_commands() -> list[str]:
