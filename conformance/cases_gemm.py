@@ -252,9 +252,10 @@ def _cast_v2(x: torch.Tensor, per_token: bool, ue8m0: bool, packed: bool) -> tup
 
 
 def _scales_f32(sf: torch.Tensor, k: int) -> torch.Tensor:
-    from hal.ops.ue8m0 import unpack_ue8m0_from_int
+    """float32 scales for K channels (packed int32 UE8M0 scales unpacked, as the GEMMs unpack them)."""
+    from hal.ops.gemm_v2 import unpack_ue8m0_scales
 
-    return unpack_ue8m0_from_int(sf)[..., : -(-k // BLOCK)] if sf.dtype == torch.int32 else sf
+    return unpack_ue8m0_scales("conformance", "scales", sf, -(-k // BLOCK))
 
 
 class GemmV2Family(Family):

@@ -261,9 +261,9 @@ def _select_cached(
         why = _why_not(backend, op, device_type, features, certified_only and not explicit)
         if why is None:
             selection = Selection(op, device_type, backend, source, tuple(skipped))
-            if explicit and certified_only and certificate.status(backend, op.name) not in ("certified", "trusted"):
-                log.warning("hal: %s runs on '%s' (selected by %s), which is %s for it on this machine",
-                            op.name, backend.name, source, certificate.status(backend, op.name))
+            state = certificate.status(backend, op.name) if explicit and certified_only else "certified"
+            if state not in ("certified", "trusted"):
+                log.warning("hal: %s runs on '%s' (selected by %s), which is %s for it on this machine", op.name, backend.name, source, state)
             if explicit and skipped:
                 log.warning("hal: %s on %s tensors runs on '%s' (%s)", op.name, device_type, backend.name, selection.reason)
             elif any("lacks feature" in s for s in skipped):  # auto, but never silently slower: once per (op, features)

@@ -30,7 +30,7 @@ from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
 from hal.ops.mla_fp8_cache import check_fp8_kv_cache
 
-__all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "decode_v2", "flash_mla_sparse_fwd"]
+__all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "decode_v2", "flash_mla_sparse_fwd", "dense_window_indices"]
 
 MLA_DECODE_V2 = declare(
     "mla_decode_v2", "hal_mla_decode_v2", "mla", "MLA decode with FP8 KV cache, sparse indices, attention sink (FlashMLA, DeepSeek-V3.2)",
@@ -209,3 +209,21 @@ def flash_mla_sparse_fwd(
         MLA_SPARSE_PREFILL, "q", q.device, features=features,
         q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink, topk_length=topk_length,
     )
+
+
+def dense_window_indices(block_table: torch.Tensor, cache_seqlens: torch.Tensor, s_q: int, page: int, causal: bool) -> torch.Tensor:
+    """The dense mode's keys as sparse index lists (how a backend can run the dense V3.2 mode on its
+    sparse kernel), computed with tensor ops on the table's device (no host sync).
+
+    Query token ``i`` of batch ``b`` sees positions ``p < seqlen[b]`` (causal: ``p < seqlen[b] - s_q + i + 1``);
+    its list holds ``block_table[b, p // page] * page + p % page`` for those and -1 elsewhere, over
+    the table's full width (a static shape, so CUDA graphs capture it). Returns int32 [batch, s_q, width * page].
+    """
+    batch, width = block_table.shape
+    positions = torch.arange(width * page, device=block_table.device, dtype=torch.int32)
+    flat = block_table.repeat_interleave(page, dim=1) * page + positions % page  # [batch, width * page]
+    limit = cache_seqlens[:, None].to(torch.int32).expand(batch, s_q)
+    if causal:
+        limit = limit - (s_q - 1) + torch.arange(s_q, device=block_table.device, dtype=torch.int32)[None, :]
+    visible = positions[None, None, :] < limit[:, :, None]
+    return torch.where(visible, flat[:, None, :], -1).to(torch.int32).contiguous()

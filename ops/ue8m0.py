@@ -56,6 +56,12 @@ def pack_ue8m0_to_int(x: torch.Tensor) -> torch.Tensor:
     return (bits >> 23).to(torch.uint8).view(torch.int32)
 
 
+def _pack_padded(sf: torch.Tensor) -> torch.Tensor:
+    """UE8M0 scales [..., n] packed four per int32, padded with 1.0 (exponent 127) to a multiple of 4."""
+    columns = sf.shape[-1]
+    return pack_ue8m0_to_int(torch.nn.functional.pad(sf, (0, _align(columns, 4) - columns), value=1.0))
+
+
 def unpack_ue8m0_from_int(packed: torch.Tensor) -> torch.Tensor:
     """int32 [..., k] -> float32 [..., 4k]: the inverse of :func:`pack_ue8m0_to_int` (exact)."""
     # Row-major copy (contiguous() keeps odd strides of size-1 dimensions; byte views need unit ones).
@@ -78,11 +84,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
     view = padded.view(m, -1, gran_k)
     sf = _scales(view.abs().amax(dim=2), use_ue8m0 or use_packed_ue8m0)
     values = (view * (1.0 / sf).unsqueeze(2)).to(FP8).view(m, -1)[:, :k].contiguous()
-    if use_packed_ue8m0:
-        columns = sf.shape[1]
-        sf = torch.nn.functional.pad(sf, (0, _align(columns, 4) - columns), value=1.0)
-        return values, pack_ue8m0_to_int(sf)
-    return values, sf
+    return values, (_pack_padded(sf) if use_packed_ue8m0 else sf)
 
 
 def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,9 +130,7 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
 
 def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor) -> torch.Tensor:
     """float32 UE8M0 scales [(G,) MN, K'] -> packed int32 [(G,) MN, ceil(K'/4)] in the MN-major aligned layout."""
-    columns = sf.shape[-1]
-    padded = torch.nn.functional.pad(ceil_to_ue8m0(sf), (0, _align(columns, 4) - columns), value=1.0)
-    return get_mn_major_tma_aligned_tensor(pack_ue8m0_to_int(padded))
+    return get_mn_major_tma_aligned_tensor(_pack_padded(ceil_to_ue8m0(sf)))
 
 
 def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe, num_groups: int | None = None, is_sfa: bool | None = None,

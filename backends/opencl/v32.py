@@ -33,6 +33,7 @@ from hal.backends.opencl.buffers import bind
 from hal.backends.opencl.device import runtime
 from hal.backends.opencl.numeric import NUMERIC_SOURCE
 from hal.backends.opencl.program import build
+from hal.ops.mla_v2 import dense_window_indices
 
 __all__ = ["mla_decode_v2", "mla_sparse_prefill", "quantize_mla_kv_cache", "mqa_logits", "paged_mqa_logits"]
 
@@ -367,7 +368,7 @@ def mla_decode_v2(
     batch, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[2]
     if indices is None:
-        indices = _dense_indices(block_table, cache_seqlens, s_q, k_cache.shape[1], causal and s_q > 1)
+        indices = dense_window_indices(block_table, cache_seqlens, s_q, k_cache.shape[1], causal and s_q > 1)
     q = q.contiguous()
     out = torch.empty(batch, s_q, h_q, 512, dtype=q.dtype)
     lse = torch.empty(batch, h_q, s_q, dtype=torch.float32)
@@ -399,17 +400,6 @@ def mla_decode_v2(
         scale=softmax_scale, len_div=s_q,
     )
     return out, lse
-
-
-def _dense_indices(block_table: torch.Tensor, cache_seqlens: torch.Tensor, s_q: int, page: int, causal: bool) -> torch.Tensor:
-    """Each token's visible keys as positions in the flattened cache (-1 past its window)."""
-    batch, width = block_table.shape
-    positions = torch.arange(width * page, dtype=torch.int32)
-    flat = block_table.repeat_interleave(page, dim=1) * page + positions % page
-    limit = cache_seqlens[:, None].to(torch.int32).expand(batch, s_q)
-    if causal:
-        limit = limit - (s_q - 1) + torch.arange(s_q, dtype=torch.int32)[None, :]
-    return torch.where(positions[None, None, :] < limit[:, :, None], flat[:, None, :], -1).to(torch.int32)
 
 
 def mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -82,7 +82,8 @@ class TritonBackend:
         self, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
         extra_k_cache, extra_indices, topk_length, extra_topk_length,
     ):
-        from hal.backends.triton.mla_sparse import dense_as_indices, mla_decode_sparse
+        from hal.backends.triton.mla_sparse import mla_decode_sparse
+        from hal.ops.mla_v2 import dense_window_indices
 
         if indices is None:
             # The dense mode is the sparse kernel over each token's causal window, listed on the device.
@@ -91,7 +92,7 @@ class TritonBackend:
                     f"mla_decode_v2: the Triton dense V3.2 mode takes one latent KV head (h_kv = 1), not {k_cache.shape[2]}; "
                     "select the reference for it: HAL_BACKEND_MLA_DECODE_V2=cuda,reference"
                 )
-            indices = dense_as_indices(block_table, cache_seqlens, q.shape[1], k_cache.shape[1], causal and q.shape[1] > 1)
+            indices = dense_window_indices(block_table, cache_seqlens, q.shape[1], k_cache.shape[1], causal and q.shape[1] > 1)
         return mla_decode_sparse(
             q, k_cache, softmax_scale, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices, topk_length, extra_topk_length,
             tuning=self.tuning,

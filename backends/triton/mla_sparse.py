@@ -21,29 +21,12 @@ from hal.backends.triton.runtime import interpreting, launch_options
 from hal.backends.triton.softmax import online_softmax_update
 from hal.backends.triton.tuning import Tuning
 
-__all__ = ["dense_as_indices", "mla_decode_sparse", "mla_sparse_prefill", "quantize_mla_kv_cache"]
+__all__ = ["mla_decode_sparse", "mla_sparse_prefill", "quantize_mla_kv_cache"]
 
 D_NOPE = 512
 D_ROPE = 64
 TOKEN_BYTES = 656
 LOG2E = 1.4426950408889634
-
-
-def dense_as_indices(block_table: torch.Tensor, cache_seqlens: torch.Tensor, s_q: int, page: int, causal: bool) -> torch.Tensor:
-    """The dense mode's keys as sparse index lists, computed on the device (no host sync).
-
-    Query token ``i`` of batch ``b`` sees positions ``p < seqlen[b]`` (causal: ``p < seqlen[b] - s_q + i + 1``);
-    its list holds ``block_table[b, p // page] * page + p % page`` for those and -1 elsewhere, over
-    the table's full width (a static shape, so CUDA graphs capture it). Returns int32 [batch, s_q, width * page].
-    """
-    batch, width = block_table.shape
-    positions = torch.arange(width * page, device=block_table.device, dtype=torch.int32)
-    flat = block_table.repeat_interleave(page, dim=1) * page + positions % page  # [batch, width * page]
-    limit = cache_seqlens[:, None].to(torch.int32).expand(batch, s_q)
-    if causal:
-        limit = limit - (s_q - 1) + torch.arange(s_q, device=block_table.device, dtype=torch.int32)[None, :]
-    visible = positions[None, None, :] < limit[:, :, None]
-    return torch.where(visible, flat[:, None, :], -1).to(torch.int32).contiguous()
 
 
 @triton.jit
