@@ -115,3 +115,23 @@ def _clamped_amax(k_cache):
     out[..., :512] = (latent / scales.unsqueeze(-1)).to(torch.float8_e4m3fn).view(blocks, page, 512).view(torch.uint8)
     out[..., 512:528] = scales.contiguous().view(torch.uint8).view(blocks, page, 16)
     return out.view(torch.float8_e4m3fn).view(blocks, page, 1, 656)
+
+
+@hookimpl
+def hal_gemm_bf16_nt(a, b, out):
+    """One element: the last output off by 1% of the largest output (beyond any rounding of it)."""
+    from hal.ops.gemm_bf16 import gemm_bf16_reference
+
+    result = gemm_bf16_reference(a, b)
+    result[-1, -1] += 0.01 * result.abs().max()
+    out.copy_(result)
+
+
+@hookimpl
+def hal_m_grouped_gemm_bf16_nt_masked(a, b, out, masked_m, expected_m):
+    """One expert's rows from the next expert's weights (a group-indexing slip)."""
+    from hal.ops.gemm_bf16 import gemm_bf16_reference
+
+    for g, rows in enumerate(masked_m.tolist()):
+        if rows > 0:
+            out[g, :rows] = gemm_bf16_reference(a[g, :rows], b[(g + 1) % b.shape[0]] if g == 0 else b[g]).to(out.dtype)
