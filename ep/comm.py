@@ -17,14 +17,17 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from hal.ep.errors import EPError, EPTimeoutError
+from hal.ep.message import Field, Frame
+from hal.ops.ep_local import ep_pack
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ENV_TIMEOUT", "Communicator", "resolve_timeout", "group_device"]
+__all__ = ["DEFAULT_TIMEOUT_S", "ENV_TIMEOUT", "Communicator", "Outgoing", "resolve_timeout", "group_device"]
 
 # DeepEP's host-side timeout (csrc/kernels/configs.cuh: NUM_CPU_TIMEOUT_SECS = 100).
 DEFAULT_TIMEOUT_S = 100.0
@@ -62,6 +65,25 @@ def group_device(group: dist.ProcessGroup) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@dataclass
+class Outgoing:
+    """The rows of one exchange, prepared before the ranks agree (:meth:`Communicator.prepare_rows`).
+
+    Attributes:
+        frame: the message layout (its fields, in order).
+        src_idx: int32 [S], the message row each sent row is, destination-major (None: the
+            messages are already in send order).
+        counts: int32 [num_buckets], rows per bucket (None without buckets).
+        rows: what the communicator moves: framed int64 words [S, width / 8] (torch.distributed),
+            or each field's tensor as given (shared memory, which gathers straight into its slots).
+    """
+
+    frame: Frame
+    src_idx: torch.Tensor | None
+    counts: torch.Tensor | None
+    rows: torch.Tensor | dict[str, torch.Tensor]
 
 
 class Communicator:
@@ -117,6 +139,28 @@ class Communicator:
         self._run(lambda: _all_gather_flat(out, mine.to(self.device), self.group), phase)
         gathered = out.view(self.world, width).cpu()
         return [bytes(gathered[r, :n].tolist()) for r, n in enumerate(lengths)]
+
+    def prepare_rows(
+        self, fields: Sequence[Field], message: Mapping[str, torch.Tensor], bucket_idx: torch.Tensor | None = None, num_buckets: int = 0
+    ) -> Outgoing:
+        """Prepare messages (each field's tensor ``[N, *field.shape]``) for :meth:`exchange`.
+
+        With ``bucket_idx`` (int64 [N, slots], -1 for none) a message is sent once per bucket
+        it names, bucket-major (:func:`hal.ops.ep_local.ep_pack`); without, the N messages are
+        already in send order. Runs before the ranks agree, so its errors reach every peer.
+        """
+        frame = Frame(*fields)
+        rows = frame.pack(message)
+        if bucket_idx is None:
+            return Outgoing(frame, None, None, rows)
+        packed, src_idx, counts = ep_pack(rows, bucket_idx, num_buckets)
+        return Outgoing(frame, src_idx, counts, packed)
+
+    def exchange(self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str) -> dict[str, torch.Tensor]:
+        """Send ``send_counts[r]`` prepared rows to rank r, receive ``recv_counts[r]`` from each rank
+        r; returns each field of the received messages (contiguous, by source rank)."""
+        assert isinstance(outgoing.rows, torch.Tensor)
+        return outgoing.frame.unpack(self.all_to_all_rows(outgoing.rows, send_counts, recv_counts, phase))
 
     def all_to_all_rows(self, rows: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str) -> torch.Tensor:
         """Send ``rows`` (grouped by destination, ``send_counts[r]`` rows to rank r) and receive

@@ -38,18 +38,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from hal.checks import FP8, expect_int, expect_tensor
 from hal.ep.agreement import agree
 from hal.ep.checks import check_device, check_experts, check_handle, check_topk, check_weights
-from hal.ep.comm import Communicator
+from hal.ep.comm import Communicator, Outgoing
 from hal.ep.errors import EPError, EPMismatchError
 from hal.ep.event import EventOverlap, capture, received
 from hal.ep.handle import LowLatencyHandle
-from hal.ep.message import Field, Frame
+from hal.ep.message import Field
 from hal.errors import DTypeError, ShapeError, ValueRangeError
-from hal.ops.ep_local import ep_combine_reduce, ep_pack, ep_unpack
+from hal.ops.ep_local import ep_combine_reduce, ep_unpack
 from hal.ops import ue8m0
 from hal.ops.fp8_quant import BLOCK, per_token_cast_to_fp8
 from hal.ops.logfmt import logfmt_decode, logfmt_encode
@@ -61,8 +63,7 @@ Tokens = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class _Send:
-    frame: Frame | None
-    packed: torch.Tensor
+    outgoing: Outgoing
     announced: list[int]
     owner_order: tuple[torch.Tensor, torch.Tensor] | None = None  # combine: (token int32 [S], weight float32 [S])
 
@@ -117,28 +118,29 @@ def dispatch(
         elif use_fp8:
             message["x"], message["x_scales"] = per_token_cast_to_fp8(x)
             fields = [Field("x_scales", torch.float32, (hidden // BLOCK,)), Field("src", torch.int32, ()), Field("x", FP8, (hidden,))]
-        frame = Frame(*fields)
-        packed, _, per_expert = ep_pack(frame.pack(message), topk_idx, num_experts)
+        outgoing = comm.prepare_rows(fields, message, topk_idx, num_experts)
+        assert outgoing.counts is not None
         if use_ue8m0 and hidden % (4 * BLOCK):
             raise ShapeError(op, "x", f"hidden a multiple of {4 * BLOCK} with use_ue8m0 (four scales per int32)", f"hidden={hidden}", "Pass use_ue8m0=False.")
         facts = {"hidden": hidden, "num_experts": num_experts, "max_tokens": num_max, "use_fp8": int(use_fp8), "round_scale": int(round_scale), "use_ue8m0": int(use_ue8m0)}
-        return facts, _Send(frame, packed, per_expert.tolist())
+        return facts, _Send(outgoing, outgoing.counts.tolist())
 
     agreed = agree(comm, op, prepare)
     send = agreed.plan
-    assert send.frame is not None
     local = num_experts // world
     table = comm.all_gather_ints(send.announced, "expert counts")  # [R, E]: rank i's selections of each expert
     incoming = table[:, me * local : (me + 1) * local]  # [source rank, local expert]
-    rows = comm.all_to_all_rows(send.packed, table[me].view(world, local).sum(dim=1).tolist(), incoming.sum(dim=1).tolist(), "tokens")
-    device = rows.device
+    rows = comm.exchange(send.outgoing, table[me].view(world, local).sum(dim=1).tolist(), incoming.sum(dim=1).tolist(), "tokens")
+    device = rows["x"].device
     # Rows arrive by source rank, then local expert, then token.
     expert_of_row = torch.arange(local).repeat(world).repeat_interleave(incoming.flatten()).to(torch.int32).to(device)
-    slots, recv_count = ep_unpack(rows, expert_of_row, local, world * num_max_dispatch_tokens_per_rank)
-    if not torch.equal(recv_count.cpu().long(), incoming.sum(dim=0)):
-        raise EPError(f"{op} on rank {me}: unpacked {recv_count.tolist()} tokens per local expert, the senders announced {incoming.sum(dim=0).tolist()}.")
-    got = send.frame.unpack(slots)
-    valid = torch.arange(slots.shape[1], device=device) < recv_count.unsqueeze(1)
+    got = {}
+    for name, field in rows.items():  # each field into its expert slots
+        slots, recv_count = ep_unpack(field.reshape(field.shape[0], math.prod(field.shape[1:])), expert_of_row, local, world * num_max_dispatch_tokens_per_rank)
+        got[name] = slots.view((local, world * num_max_dispatch_tokens_per_rank) + tuple(field.shape[1:]))
+        if not torch.equal(recv_count.cpu().long(), incoming.sum(dim=0)):
+            raise EPError(f"{op} on rank {me}: unpacked {recv_count.tolist()} tokens per local expert, the senders announced {incoming.sum(dim=0).tolist()}.")
+    valid = torch.arange(world * num_max_dispatch_tokens_per_rank, device=device) < recv_count.unsqueeze(1)
     src_info = torch.where(valid, got["src"], -1)
     begin = incoming.cumsum(dim=0) - incoming
     layout_range = ((begin.t() << 32) | incoming.t()).contiguous().to(device)
@@ -185,12 +187,12 @@ def combine(
             raise ShapeError(op, "x", f"hidden a multiple of {BLOCK} with use_logfmt", f"hidden={hidden}", "Pass use_logfmt=False.")
         # LogFMT rows are int16 words; they travel as bf16-typed words (the dtype every transport moves).
         payload = logfmt_encode(x.reshape(local * num_slots, hidden)).view(torch.bfloat16) if use_logfmt else x.view(local * num_slots, hidden)
-        packed, _, _ = ep_pack(payload, bucket.view(-1, 1), world)
+        outgoing = comm.prepare_rows([Field("x", payload.dtype, (payload.shape[1],))], {"x": payload}, bucket.view(-1, 1), world)
         token, weight, per_expert = _expert_major(topk_idx, topk_weights, handle.num_experts)
         announced = per_expert.tolist() + counts.t().flatten().tolist()
         facts = {"hidden": hidden, "num_experts": handle.num_experts, "max_tokens": handle.num_max_dispatch_tokens_per_rank, "dispatch": handle.dispatch_id,
                  "use_logfmt": int(use_logfmt)}
-        return facts, _Send(None, packed, announced, (token, weight))
+        return facts, _Send(outgoing, announced, (token, weight))
 
     send = agree(comm, op, prepare).plan
     assert send.owner_order is not None
@@ -204,7 +206,7 @@ def combine(
             f"{op}: rank {source} routes {int(routed[source, rank, expert])} tokens to expert {rank * local + expert} but rank {rank}'s handle "
             f"holds {int(held[source, rank, expert])} from it. Pass every rank the topk_idx of the low_latency_dispatch whose handle it passes."
         )
-    rows = comm.all_to_all_rows(send.packed, held[:, me].sum(dim=1).tolist(), routed[me].sum(dim=1).tolist(), "tokens")
+    rows = comm.exchange(send.outgoing, held[:, me].sum(dim=1).tolist(), routed[me].sum(dim=1).tolist(), "tokens")["x"]
     token, weight = send.owner_order
     if use_logfmt:  # decode to float32 and reduce there; one rounding to bf16
         combined = ep_combine_reduce(logfmt_decode(rows.view(torch.int16), handle.hidden), token, topk_idx.shape[0], weight).to(torch.bfloat16)

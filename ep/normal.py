@@ -27,14 +27,14 @@ import torch
 from hal.checks import expect_int, expect_tensor
 from hal.ep.agreement import DTYPE_CODES, agree
 from hal.ep.checks import TOKEN_DTYPES, check_device, check_experts, check_handle, check_tokens, check_topk, check_weights
-from hal.ep.comm import Communicator
+from hal.ep.comm import Communicator, Outgoing
 from hal.ep.errors import EPError
 from hal.ep.event import EventOverlap, capture
 from hal.ep.handle import DispatchHandle
-from hal.ep.message import Field, Frame
+from hal.ep.message import Field
 from hal.errors import DTypeError, ShapeError, ValueRangeError
 from hal.ops.ep import NVL_PEERS_PER_NODE, get_dispatch_layout
-from hal.ops.ep_local import ep_combine_reduce, ep_pack
+from hal.ops.ep_local import ep_combine_reduce
 from hal.ops.fp8_quant import BLOCK
 
 __all__ = ["dispatch_layout", "dispatch", "cached_dispatch", "combine"]
@@ -44,11 +44,9 @@ Tokens = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class _Send:
-    """A prepared dispatch: the packed messages and what the receive side needs to read them."""
+    """A prepared dispatch: the messages, in the communicator's form, and the counts to announce."""
 
-    frame: Frame
-    packed: torch.Tensor  # messages, int64 words [S, width / 8], destination rank first
-    send_src_idx: torch.Tensor  # int32 [S]
+    outgoing: Outgoing
     announced: list[int]  # rows per destination rank [R], then tokens per expert [E]
     is_token_in_rank: torch.Tensor | None = None  # a fresh dispatch's map, kept in its handle
 
@@ -179,17 +177,16 @@ def dispatch(
             fields = [Field("topk_idx", torch.int64, (num_topk,)), Field("topk_weights", torch.float32, (num_topk,))] + fields
             message |= {"topk_idx": topk_idx, "topk_weights": check_weights(op, topk_weights, topk_idx, comm)}
             facts["num_topk"] = num_topk
-        frame = Frame(*fields)
-        packed, send_src_idx, per_rank = ep_pack(frame.pack(message), _destinations(in_rank), world)
-        return facts, _Send(frame, packed, send_src_idx, per_rank.tolist() + per_expert.tolist(), in_rank)
+        outgoing = comm.prepare_rows(fields, message, _destinations(in_rank), world)
+        assert outgoing.counts is not None
+        return facts, _Send(outgoing, outgoing.counts.tolist() + per_expert.tolist(), in_rank)
 
     agreed = agree(comm, op, prepare)
     send = agreed.plan
     table = comm.all_gather_ints(send.announced, "layout counts")  # [R, R + E]
     rank_counts, expert_counts = table[:, :world], table[:, world:]
     _check_worst(op, rank_counts, agreed.shared("num_worst_tokens"))
-    rows = comm.all_to_all_rows(send.packed, rank_counts[me].tolist(), rank_counts[:, me].tolist(), "tokens")
-    got = send.frame.unpack(rows)
+    got = comm.exchange(send.outgoing, rank_counts[me].tolist(), rank_counts[:, me].tolist(), "tokens")
     recv_x: Tokens = (got["x"], got["x_scales"]) if "x_scales" in got else got["x"]
     local_experts = expert_counts.shape[1] // world
     announced = expert_counts[:, me * local_experts : (me + 1) * local_experts].sum(dim=0)
@@ -203,15 +200,15 @@ def dispatch(
                 f"{announced.tolist()}; the transport lost or duplicated tokens."
             )
     per_expert = [-(-int(c) // expert_alignment) * expert_alignment for c in announced.tolist()]
-    num_recv_rows = rows.shape[0]
+    num_recv_rows = got["src"].shape[0]
     if num_worst_tokens:
         num_recv_rows, per_expert = num_worst_tokens, []
         recv_x = _pad_tokens(recv_x, num_worst_tokens)
         if recv_topk_idx is not None and recv_topk_weights is not None:
             recv_topk_idx, recv_topk_weights = _pad(recv_topk_idx, num_worst_tokens, -1), _pad(recv_topk_weights, num_worst_tokens, 0.0)
-    device = send.packed.device
+    device = got["src"].device
     prefix = rank_counts.cumsum(dim=0).to(torch.int32).to(device)
-    handle = DispatchHandle(prefix, got["src"], send.is_token_in_rank, send.send_src_idx, num_recv_rows, agreed.number, comm.owner)
+    handle = DispatchHandle(prefix, got["src"], send.is_token_in_rank, send.outgoing.src_idx, num_recv_rows, agreed.number, comm.owner)
     return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, capture(device)
 
 
@@ -259,20 +256,18 @@ def cached_dispatch(
                 op, "x", f"{num_tokens} tokens (as many as the dispatch that made the handle)", f"{data.shape[0]} tokens",
                 "A cached dispatch reuses the layout: pass the same tokens' new values, or dispatch without a handle.",
             )
-        frame = Frame(*_token_fields(data, scales))
         message = {"x": data, "src": torch.arange(num_tokens, dtype=torch.int32, device=data.device)}
         if scales is not None:
             message["x_scales"] = scales
-        packed, send_src_idx, _ = ep_pack(frame.pack(message), _destinations(handle.is_token_in_rank), comm.world)
+        outgoing = comm.prepare_rows(_token_fields(data, scales), message, _destinations(handle.is_token_in_rank), comm.world)
         facts = {"hidden": data.shape[1], "dtype": DTYPE_CODES[data.dtype], "dispatch": handle.dispatch_id}
-        return facts, _Send(frame, packed, send_src_idx, [])
+        return facts, _Send(outgoing, [])
 
     send = agree(comm, op, prepare).plan
     counts = _rank_counts(handle)
-    rows = comm.all_to_all_rows(send.packed, counts[me].tolist(), counts[:, me].tolist(), "tokens")
-    got = send.frame.unpack(rows)
+    got = comm.exchange(send.outgoing, counts[me].tolist(), counts[:, me].tolist(), "tokens")
     recv_x: Tokens = (got["x"], got["x_scales"]) if "x_scales" in got else got["x"]
-    return _pad_tokens(recv_x, handle.num_recv_rows), None, None, None, None, capture(send.packed.device)
+    return _pad_tokens(recv_x, handle.num_recv_rows), None, None, None, None, capture(got["x"].device)
 
 
 def combine(
@@ -301,14 +296,12 @@ def combine(
             fields.insert(0, Field("topk_weights", torch.float32, (topk_weights.shape[1],)))
             message["topk_weights"] = topk_weights[:received]
             facts["num_topk"] = topk_weights.shape[1]
-        frame = Frame(*fields)
-        return facts, _Send(frame, frame.pack(message), handle.send_src_idx, [])
+        return facts, _Send(comm.prepare_rows(fields, message), [])
 
     send = agree(comm, op, prepare).plan
     counts = _rank_counts(handle)
     # Received rows are grouped by source rank already: they go back in the order they came.
-    rows = comm.all_to_all_rows(send.packed, counts[:, me].tolist(), counts[me].tolist(), "tokens")
-    got = send.frame.unpack(rows)
+    got = comm.exchange(send.outgoing, counts[:, me].tolist(), counts[me].tolist(), "tokens")
     num_tokens = handle.is_token_in_rank.shape[0]
     if bias:  # the biases join the float32 sum, then one rounding (DeepEP adds them in its kernel)
         total = ep_combine_reduce(got["x"].float(), handle.send_src_idx, num_tokens)

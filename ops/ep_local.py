@@ -36,6 +36,7 @@ __all__ = [
     "ep_pack",
     "ep_unpack",
     "ep_combine_reduce",
+    "send_order",
     "pack_reference",
     "unpack_reference",
     "combine_reduce_reference",
@@ -50,17 +51,29 @@ EP_COMBINE_REDUCE = declare(
 REDUCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def pack_reference(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference for :func:`ep_pack` (arguments already validated)."""
+def send_order(bucket_idx: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where :func:`ep_pack` takes each packed row from, without moving any row.
+
+    Args:
+        bucket_idx: int64 [num_rows, num_slots], bucket ids or -1 (validated by the caller).
+        num_buckets: B.
+
+    Returns:
+        ``src_idx`` int64 [S]: source rows, bucket-major, rows ascending within a bucket (ties:
+        slot order); ``num_rows_per_bucket`` int32 [B].
+    """
     token, slot = (bucket_idx >= 0).nonzero(as_tuple=True)
     bucket = bucket_idx[token, slot]
     # Row-major nonzero() lists (token, slot) in token order, so a stable sort on the bucket
     # alone yields bucket-major order with tokens ascending (slots ascending on ties).
     order = torch.sort(bucket, stable=True).indices
-    src_idx = token[order]
-    packed = rows.index_select(0, src_idx)
-    counts = torch.bincount(bucket, minlength=num_buckets).to(torch.int32)
-    return packed, src_idx.to(torch.int32), counts
+    return token[order], torch.bincount(bucket, minlength=num_buckets).to(torch.int32)
+
+
+def pack_reference(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference for :func:`ep_pack` (arguments already validated)."""
+    src_idx, counts = send_order(bucket_idx, num_buckets)
+    return rows.index_select(0, src_idx), src_idx.to(torch.int32), counts
 
 
 def unpack_reference(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
