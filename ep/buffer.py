@@ -46,9 +46,12 @@ class Buffer:
         group: the expert-parallel group (default: the world group). NCCL groups take CUDA
             tensors, gloo groups CPU tensors.
         num_nvl_bytes, num_rdma_bytes, low_latency_mode: DeepEP's buffer sizing, passed to a
-            backend transport; the torch.distributed transport allocates per call and ignores them.
+            backend transport. ``num_nvl_bytes`` sizes the shared-memory region of the ``shm``
+            transport (0: ``HAL_EP_SHM_BYTES`` or 256 MiB; larger exchanges go in rounds); the
+            torch.distributed transport allocates per call and ignores them.
         timeout_s: bound on each operation; default ``HAL_EP_TIMEOUT_S`` or 100 s (DeepEP's).
-        transport: ``"torch"``, a backend name, or None for ``HAL_EP_TRANSPORT`` / automatic
+        transport: ``"torch"``, ``"shm"``, a backend name, or None for ``HAL_EP_TRANSPORT`` /
+            automatic: ``shm`` when every rank of a gloo group is on this host, else ``torch``
             (see :func:`hal.ep.transport.select_transport`).
 
     Attributes:
@@ -158,6 +161,9 @@ class Buffer:
         self._alive("destroy")
         self._combine_buffers.clear()
         self._local_buffers.clear()
+        close = getattr(self.transport, "close", None)
+        if close is not None:  # a backend's transport may hold nothing to release
+            close()
         self._destroyed = True
 
     def _alive(self, method: str) -> None:

@@ -9,6 +9,7 @@ by name (a module-level function).
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
 import os
@@ -23,7 +24,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankOutcome", "run_local"]
+__all__ = ["RankOutcome", "run_local", "retain_freed_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def retain_freed_memory(threshold: int = 1 << 30) -> bool:
+    """Keep large freed blocks in this process's heap (glibc), so reusing them costs no page faults.
+
+    glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free: each EP
+    call then faults in every page of its message and result tensors again, which costs more than
+    the copies themselves (measured: a 2-rank combine of 4096 x 7168 bf16 went from 696 ms to
+    71 ms). Raising the mmap and trim thresholds keeps freed blocks for reuse, as tcmalloc or
+    jemalloc (the allocators CPU inference servers preload) do. Process-wide; returns False where
+    glibc's ``mallopt`` is not available. The same effect from outside:
+    ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648``.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,7 @@ class RankOutcome:
 
 def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, rendezvous: str, args: tuple, env: Mapping[str, str], results: Any) -> None:
     os.environ.update(env)
+    retain_freed_memory()
     # As torchrun does (OMP_NUM_THREADS=1 for several ranks): ranks sharing cores must not each
     # start a full intra-op thread pool, or every small kernel waits on oversubscribed threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

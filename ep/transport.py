@@ -1,14 +1,21 @@
 """Who moves the tokens: the default torch.distributed transport, or one a backend supplies.
 
-A transport carries all of a Buffer's communication. :class:`TorchTransport` (the default) runs
-torch.distributed collectives (gloo on CPU, NCCL on CUDA) around the local operators
-``ep_pack`` / ``ep_unpack`` / ``ep_combine_reduce``, which the selected hal backend runs. A
-backend may instead answer the ``hal_ep_transport`` hook with its own object (DeepEP's kernels
+A transport carries all of a Buffer's communication. Built in:
+
+- ``torch`` (:class:`TorchTransport`): torch.distributed collectives (gloo on CPU, NCCL on CUDA)
+  around the local operators ``ep_pack`` / ``ep_unpack`` / ``ep_combine_reduce``, which the
+  selected hal backend runs. The path across machines.
+- ``shm`` (:class:`ShmTransport`): CPU ranks of one host exchange through one shared-memory
+  region (:mod:`hal.ep.shm`), senders writing straight into receivers' slots; the same protocol
+  (agreement, deadlines) on top. Chosen automatically for gloo groups whose ranks share a host.
+
+A backend may instead answer the ``hal_ep_transport`` hook with its own object (DeepEP's kernels
 when ``deep_ep`` is importable, say); :func:`select_transport` says which one a Buffer gets.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -17,18 +24,21 @@ import torch
 import torch.distributed as dist
 
 from hal import registry
-from hal.ep import low_latency, normal
+from hal.ep import low_latency, normal, shm
 from hal.ep.comm import Communicator
 from hal.ep.errors import EPError
 from hal.ep.event import EventOverlap
 from hal.ep.handle import DispatchHandle, LowLatencyHandle
 from hal.errors import BackendUnavailableError, OperatorNotSupportedError, UnknownBackendError
 
-__all__ = ["ENV_TRANSPORT", "TORCH", "Transport", "TorchTransport", "select_transport"]
+__all__ = ["ENV_TRANSPORT", "TORCH", "SHM", "IPC", "Transport", "TorchTransport", "ShmTransport", "select_transport"]
 
 ENV_TRANSPORT = "HAL_EP_TRANSPORT"
 TORCH = "torch"
+SHM = "shm"
+IPC = "ipc"
 HOOK = "hal_ep_transport"
+_log = logging.getLogger("hal.ep")
 
 Tokens = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -75,8 +85,11 @@ class TorchTransport:
 
     name = TORCH
 
-    def __init__(self, group: dist.ProcessGroup, timeout_s: float) -> None:
-        self.comm = Communicator(group, timeout_s)
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float, comm: Communicator | None = None) -> None:
+        self.comm = comm if comm is not None else Communicator(group, timeout_s)
+
+    def close(self) -> None:
+        """Release what the transport holds (nothing for torch.distributed)."""
 
     def get_dispatch_layout(
         self, topk_idx: torch.Tensor, num_experts: int
@@ -119,6 +132,38 @@ class TorchTransport:
         return low_latency.combine(self.comm, x, topk_idx, topk_weights, handle, out, use_logfmt=use_logfmt)
 
 
+class ShmTransport(TorchTransport):
+    """:class:`TorchTransport`'s protocol over a shared-memory region (:mod:`hal.ep.shm`): CPU ranks
+    of one host, no sockets on the data path. Every call completes before returning, as there."""
+
+    name = SHM
+
+    def __init__(self, comm: shm.ShmCommunicator) -> None:
+        super().__init__(comm.group, comm.timeout_s, comm)
+
+    def close(self) -> None:
+        assert isinstance(self.comm, shm.ShmCommunicator)
+        self.comm.close()
+
+
+def _shared_memory(group: dist.ProcessGroup, device: torch.device, options: dict[str, Any], forced: bool) -> Transport | None:
+    """The shm transport for a gloo group whose ranks share a host; None (auto) or an error (forced) otherwise."""
+    if device.type != "cpu" or dist.get_backend(group) != "gloo":
+        if forced:
+            raise OperatorNotSupportedError(
+                f"EP transport '{SHM}': shared memory carries CPU tensors of gloo groups; this group is "
+                f"{dist.get_backend(group)} on {device.type}. Use '{TORCH}'."
+            )
+        return None
+    result = shm.connect(group, options["timeout_s"], shm.data_bytes(int(options.get("num_nvl_bytes") or 0), dist.get_world_size(group)))
+    if isinstance(result, str):
+        if forced:
+            raise BackendUnavailableError(f"EP transport '{SHM}': {result}. Use '{TORCH}' across hosts.")
+        _log.info("hal.ep: shared-memory transport not used (%s); using torch.distributed", result)
+        return None
+    return ShmTransport(result)
+
+
 def select_transport(group: dist.ProcessGroup, device: torch.device, options: dict[str, Any], choice: str | None) -> Transport:
     """The transport for a Buffer.
 
@@ -126,13 +171,24 @@ def select_transport(group: dist.ProcessGroup, device: torch.device, options: di
         group, device: the Buffer's process group and the device its tensors live on.
         options: the Buffer's ``num_nvl_bytes``, ``num_rdma_bytes``, ``low_latency_mode``, ``timeout_s``
             (resolved), passed to backends' ``hal_ep_transport``.
-        choice: ``"torch"`` (the default transport), a backend name (that backend must supply one),
-            or None / ``"auto"``: ``HAL_EP_TRANSPORT`` if set, else the first available backend,
-            by priority, whose hook answers for this device, else ``"torch"``.
+        choice: ``"torch"``, ``"shm"``, a backend name (that backend must supply one), or None /
+            ``"auto"``: ``HAL_EP_TRANSPORT`` if set, else the first available backend, by
+            priority, whose hook answers for this device, else ``"shm"`` for a gloo group whose
+            ranks share a host, else ``"torch"``. Every rank must choose alike (the shm setup is
+            collective).
     """
     choice = choice or os.environ.get(ENV_TRANSPORT, "").strip() or "auto"
     if choice == TORCH:
         return TorchTransport(group, options["timeout_s"])
+    if choice == SHM:
+        transport = _shared_memory(group, device, options, forced=True)
+        assert transport is not None
+        return transport
+    if choice == IPC:
+        raise OperatorNotSupportedError(
+            f"EP transport '{IPC}' (CUDA IPC between the GPUs of one host) is not available in this version of hal; "
+            f"use '{TORCH}' (NCCL) for CUDA groups, '{SHM}' for CPU ranks of one host."
+        )
     known = registry.backends()
     if choice != "auto":
         backend = known.get(choice)
@@ -149,7 +205,7 @@ def select_transport(group: dist.ProcessGroup, device: torch.device, options: di
             transport = _ask(backend, group, device, options)
             if transport is not None:
                 return transport
-    return TorchTransport(group, options["timeout_s"])
+    return _shared_memory(group, device, options, forced=False) or TorchTransport(group, options["timeout_s"])
 
 
 def _ask(backend: registry.Backend, group: dist.ProcessGroup, device: torch.device, options: dict[str, Any]) -> Transport | None:

@@ -1,4 +1,5 @@
-"""``hal.ep.Buffer`` across 1, 2 and 4 gloo processes against a single-process reference.
+"""``hal.ep.Buffer`` across 1, 2 and 4 gloo processes against a single-process reference, on the
+shared-memory transport and on torch.distributed.
 
 Each world size is launched once (``hal.ep.launch.run_local``): every rank runs the same script of
 Buffer calls on inputs regenerated here from seeds, and returns what it received; the tests
@@ -51,7 +52,7 @@ def run_script(rank: int, world: int) -> dict:
     buffer = hal.ep.Buffer(timeout_s=60)
     inp = rank_inputs(rank, world)
     x, topk_idx, weights = inp["x"], inp["topk_idx"], inp["topk_weights"]
-    num_experts, out = EXPERTS_PER_RANK * world, {}
+    num_experts, out = EXPERTS_PER_RANK * world, {"transport": buffer.transport.name}
     per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     layout = {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
     out["layout"] = [per_rank, per_expert, in_rank, per_node is None]
@@ -117,11 +118,13 @@ def run_errors(buffer, rank: int, world: int, inp: dict, layout: dict, handle, r
     return errors
 
 
-@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
+@pytest.fixture(scope="module", params=[(1, "shm"), (2, "shm"), (4, "shm"), (2, "torch"), (4, "torch")], ids=lambda p: f"world{p[0]}-{p[1]}")
 def world(request):
-    outcomes = run_local(run_script, request.param, timeout_s=150)
+    size, transport = request.param
+    outcomes = run_local(run_script, size, timeout_s=150, env={"HAL_EP_TRANSPORT": transport})
     assert all(o.returned for o in outcomes), [(o.rank, o.exitcode, o.error) for o in outcomes]
-    return request.param, [o.value for o in outcomes], [rank_inputs(r, request.param) for r in range(request.param)]
+    assert all(o.value["transport"] == transport for o in outcomes)
+    return size, [o.value for o in outcomes], [rank_inputs(r, size) for r in range(size)]
 
 
 def expected_layout(topk_idx: torch.Tensor, world: int) -> torch.Tensor:
