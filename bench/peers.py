@@ -1,61 +1,38 @@
 """Peers: other implementations of an operator that a user could run instead of unihal.
 
-Each peer is prepared from a case's inputs (already on the device) and returns a callable plus a
-function producing its outputs for a correctness check: a peer whose result is out of tolerance
-is reported as wrong and excluded from the ratios. Peers are found, never installed: torch's own
-operators always; ``flash_mla`` and ``deep_gemm`` when importable on a CUDA device.
+Each peer is a name and its formulations (:mod:`hal.bench.formulation`): ``torch`` offers several
+per operator (:mod:`hal.bench.peers_mla`, :mod:`hal.bench.peers_gemm`) and the bench times the
+fastest one that is correct on the case; the anchors ``flash_mla`` and ``deep_gemm`` have one
+each and join when importable on a CUDA device. Peers are found, never installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
+from hal.bench.formulation import Formulation, Prepared
+from hal.bench.memory import nbytes
+from hal.bench.peers_gemm import GEMM_FORMULATIONS
+from hal.bench.peers_mla import MLA_FORMULATIONS
 from hal.conformance.case import Tensors
-from hal.ops.fp8_quant import dequantize_per_block, dequantize_per_token
-from hal.ops.mla import HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE
+from hal.ops.mla import HEAD_DIM_V
 
-__all__ = ["Peer", "peers_for"]
+__all__ = ["PeerSpec", "peer_specs"]
 
 
 @dataclass(frozen=True)
-class Peer:
-    """A named alternative implementation: ``call()`` runs it; ``outputs()`` runs it and returns the
-    outputs under the names the conformance family compares."""
+class PeerSpec:
+    """A peer of one operator: ``name`` (``torch``, ``flash_mla``, ...), its formulations, and
+    ``applies(device)``: whether it can run on that device type here."""
 
     name: str
-    call: Callable[[], Any]
-    outputs: Callable[[], Tensors]
+    formulations: tuple[Formulation, ...]
+    applies: Callable[[str], bool]
 
 
-def _mla_torch_sdpa(inputs: Tensors) -> Peer:
-    """Gather each sequence's pages into a padded dense cache, then SDPA with a length/causal mask."""
-    q, k_cache, table, seqlens = inputs["q"], inputs["k_cache"], inputs["block_table"], inputs["cache_seqlens"]
-    batch, s_q, h_q, _ = q.shape
-    pages = math.ceil(int(seqlens.max()) / PAGE_BLOCK_SIZE) if batch else 0
-    keys_at = torch.arange(pages * PAGE_BLOCK_SIZE, device=q.device)
-    visible = seqlens.long()[:, None, None] - s_q + 1 + torch.arange(s_q, device=q.device)[None, :, None] if inputs["causal"] and s_q > 1 else seqlens.long()[:, None, None]
-    mask = (keys_at[None, None, :] < visible)[:, None]  # [b, 1, s_q, S]
-    query = q.transpose(1, 2)  # [b, h_q, s_q, d]
-
-    def call() -> torch.Tensor:
-        dense = k_cache[table[:, :pages].clamp(min=0).long()].reshape(batch, 1, pages * PAGE_BLOCK_SIZE, HEAD_DIM_QK)
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, dense, dense[..., :HEAD_DIM_V], attn_mask=mask, scale=HEAD_DIM_QK**-0.5, enable_gqa=True
-        )
-
-    def outputs() -> Tensors:
-        return {"out": call().transpose(1, 2)}
-
-    return Peer("torch.sdpa (gathered pages)", call, outputs)
-
-
-def _mla_flash_mla(inputs: Tensors) -> Peer:
+def _flash_mla(inputs: Tensors) -> Prepared:
     import flash_mla  # noqa: PLC0415  (optional peer)
 
     q, seqlens = inputs["q"], inputs["cache_seqlens"]
@@ -64,79 +41,10 @@ def _mla_flash_mla(inputs: Tensors) -> Peer:
     def call():
         return flash_mla.flash_mla_with_kvcache(q, inputs["k_cache"], inputs["block_table"], seqlens, HEAD_DIM_V, metadata, splits, causal=inputs["causal"])
 
-    def outputs() -> Tensors:
-        out, lse = call()
-        return {"out": out, "lse": lse}
-
-    return Peer("flash_mla", call, outputs)
+    return Prepared(call, lambda: dict(zip(("out", "lse"), call())))
 
 
-def _gemm_torch_dequant(inputs: Tensors) -> Peer:
-    """Dequantise both operands to bf16 and multiply: what a model without an FP8 GEMM does.
-    Cases of DeepGEMM's current API (``d``, ``c``, per-token RHS, UE8M0 scales) are served too."""
-    from hal.conformance.cases_gemm import _scales_f32
-
-    a, b = inputs["a"], inputs["b"]
-    k = a.shape[1]
-    sa, sb = _scales_f32(inputs["sa"], k), _scales_f32(inputs["sb"], k)
-    dtype = torch.bfloat16 if a.device.type != "cpu" else torch.float32
-    rhs = dequantize_per_token if sb.shape[0] == b.shape[0] and b.shape[0] > 1 else dequantize_per_block
-    target = inputs["out"] if "out" in inputs else inputs["d"]
-    c = inputs.get("c")
-
-    def pad(x: torch.Tensor) -> torch.Tensor:  # dequantise over whole 128-channel blocks
-        return torch.nn.functional.pad(x.float(), (0, -k % 128)).to(torch.float8_e4m3fn)
-
-    def call() -> torch.Tensor:
-        product = (rhs_a(a) @ rhs(pad(b), sb)[:, :k].to(dtype).T).float()
-        return (product + c.float() if c is not None else product).to(target.dtype)
-
-    def rhs_a(x: torch.Tensor) -> torch.Tensor:
-        return dequantize_per_token(pad(x), sa)[:, :k].to(dtype)
-
-    return Peer("torch (dequantize + matmul)", call, lambda: {"out" if "out" in inputs else "d": call()})
-
-
-def _bf16_torch(inputs: Tensors) -> Peer:
-    """torch.matmul on the bf16 operands (float32 on the CPU, whose bf16 matmul is slow), c added."""
-    a, b, d, c = inputs["a"], inputs["b"], inputs["d"], inputs.get("c")
-    dtype = torch.bfloat16 if a.device.type != "cpu" else torch.float32
-
-    def call() -> torch.Tensor:
-        if a.dim() == 3:  # masked: one batched matmul over the experts' slots
-            return torch.bmm(a.to(dtype), b.to(dtype).transpose(1, 2)).to(d.dtype)
-        if "m_indices" in inputs:
-            result = d.clone()
-            for g in range(b.shape[0]):
-                rows = inputs["m_indices"] == g
-                result[rows] = (a[rows].to(dtype) @ b[g].to(dtype).T).to(d.dtype)
-            return result
-        product = (a.to(dtype) @ b.to(dtype).T).float()
-        return (product + c.float() if c is not None else product).to(d.dtype)
-
-    def outputs() -> Tensors:
-        result = call()
-        if a.dim() == 3:  # rows past masked_m are not compared
-            keep = torch.arange(result.shape[1], device=result.device)[None, :, None] < inputs["masked_m"].long()[:, None, None]
-            result = torch.where(keep, result, d)
-        return {"d": result}
-
-    return Peer("torch.matmul", call, outputs)
-
-
-def _gemm_torch_scaled_mm(inputs: Tensors) -> Peer:
-    """torch._scaled_mm with DeepGEMM's block scaling (1x128 LHS, 128x128 RHS), where torch supports it."""
-    a, sa, b, sb = inputs["a"], inputs["sa"], inputs["b"], inputs["sb"]
-    scale_a = sa.contiguous()
-    scale_b = sb.t().contiguous()  # [K/128, ceil(N/128)]
-
-    def call() -> torch.Tensor:
-        return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-
-    return Peer("torch._scaled_mm (blockwise)", call, lambda: {"out": call()})
-
-
-def _gemm_deep_gemm(inputs: Tensors) -> Peer:
+def _deep_gemm(inputs: Tensors) -> Prepared:
     import deep_gemm  # noqa: PLC0415  (optional peer)
 
     a, sa, b, sb, out = inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], inputs["out"]
@@ -149,61 +57,31 @@ def _gemm_deep_gemm(inputs: Tensors) -> Peer:
         call()
         return {"out": out}
 
-    return Peer("deep_gemm", call, outputs)
+    return Prepared(call, outputs)
 
 
-def _grouped_torch_loop(inputs: Tensors) -> Peer:
-    """One dequantised matmul per expert."""
-    a, sa, b, sb, out = inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], inputs["out"]
-    dtype = torch.bfloat16 if a.device.type != "cpu" else torch.float32
-    weights = [dequantize_per_block(b[g], sb[g]).to(dtype) for g in range(b.shape[0])]
-    if "m_indices" in inputs:
-        groups = inputs["m_indices"].long()
-        segments = [(g, (groups == g).nonzero().squeeze(1)) for g in range(b.shape[0])]
-    else:
-        masked = inputs["masked_m"].tolist()
-
-    def call() -> torch.Tensor:
-        result = out.clone()
-        if "m_indices" in inputs:
-            for g, rows in segments:
-                result[rows] = (dequantize_per_token(a[rows], sa[rows]).to(dtype) @ weights[g].T).to(torch.bfloat16)
-        else:
-            for g, rows in enumerate(masked):
-                result[g, :rows] = (dequantize_per_token(a[g, :rows], sa[g, :rows]).to(dtype) @ weights[g].T).to(torch.bfloat16)
-        return result
-
-    return Peer("torch (per-expert dequantize + matmul)", call, lambda: {"out": call()})
+def _importable_on_cuda(module: str) -> Callable[[str], bool]:
+    return lambda device: device == "cuda" and importlib.util.find_spec(module) is not None
 
 
-_BUILDERS: dict[str, list[tuple[Callable[[Tensors], Peer], Callable[[str], bool]]]] = {
-    "mla_decode": [
-        (_mla_torch_sdpa, lambda device: True),
-        (_mla_flash_mla, lambda device: device == "cuda" and importlib.util.find_spec("flash_mla") is not None),
-    ],
-    "gemm_fp8_nt": [
-        (_gemm_torch_dequant, lambda device: True),
-        (_gemm_torch_scaled_mm, lambda device: device == "cuda"),
-        (_gemm_deep_gemm, lambda device: device == "cuda" and importlib.util.find_spec("deep_gemm") is not None),
-    ],
-    "m_grouped_gemm_fp8_nt_contiguous": [(_grouped_torch_loop, lambda device: True)],
-    "gemm_bf16_nt": [(_bf16_torch, lambda device: True)],
-    "m_grouped_gemm_bf16_nt_contiguous": [(_bf16_torch, lambda device: True)],
-    "m_grouped_gemm_bf16_nt_masked": [(_bf16_torch, lambda device: True)],
-    "m_grouped_gemm_fp8_nt_masked": [(_grouped_torch_loop, lambda device: True)],
+def _outputs_only(inputs: Tensors) -> int:
+    """Scratch of a fused kernel: about its outputs (taken as the in-place outputs, or 1/8 of the inputs)."""
+    own = nbytes({k: v for k, v in inputs.items() if k in ("out", "d")})
+    return own or nbytes(inputs) // 8
+
+
+def _torch(op: str) -> PeerSpec:
+    formulations = MLA_FORMULATIONS if op == "mla_decode" else GEMM_FORMULATIONS[op]
+    return PeerSpec("torch", formulations, lambda device: True)
+
+
+_PEERS: dict[str, list[PeerSpec]] = {
+    "mla_decode": [_torch("mla_decode"), PeerSpec("flash_mla", (Formulation("flash_mla_with_kvcache", _flash_mla, _outputs_only),), _importable_on_cuda("flash_mla"))],
+    "gemm_fp8_nt": [_torch("gemm_fp8_nt"), PeerSpec("deep_gemm", (Formulation("gemm_fp8_fp8_bf16_nt", _deep_gemm, _outputs_only),), _importable_on_cuda("deep_gemm"))],
+    **{op: [_torch(op)] for op in GEMM_FORMULATIONS if op != "gemm_fp8_nt"},
 }
 
 
-def peers_for(op: str, inputs: Tensors, device: str) -> tuple[list[Peer], list[str]]:
-    """Peers that can run here, and ``"name: why not"`` for those that could not be prepared."""
-    peers, problems = [], []
-    for build, applies in _BUILDERS.get(op, []):
-        if not applies(device):
-            continue
-        try:
-            peers.append(build(inputs))
-        except Exception as exc:
-            problems.append(f"{build.__name__}: {type(exc).__name__}: {exc}")
-    return peers, problems
-
-
+def peer_specs(op: str, device: str) -> list[PeerSpec]:
+    """The peers of ``op`` that can run on ``device`` here (none for operators without peers)."""
+    return [spec for spec in _PEERS.get(op, []) if spec.applies(device)]

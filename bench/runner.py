@@ -1,8 +1,16 @@
-"""``hal bench``: time catalogue cases on backends and peers; fractions of peak and ratios.
+"""``hal bench``: time catalogue cases on backends and peers; fractions of the bound and ratios.
 
-For each case and device: every requested backend that can take the device's tensors, then the
-peers found for the operator. Each contender's output is checked once against the reference
-with the conformance tolerance before it is timed; a wrong result is reported, not ranked.
+For each case and device: the case's peak memory is estimated first and the case skipped, with
+the reason, when the estimate exceeds the memory budget (:mod:`hal.bench.memory`). Then every
+requested backend that can take the device's tensors, and each peer's fastest correct
+formulation (:mod:`hal.bench.formulation`). Each contender's output is checked once against the
+reference with the conformance tolerance before it is timed; a wrong result is reported, not
+ranked. The checked contenders are then timed interleaved (:func:`~hal.bench.timing.measure_interleaved`).
+
+A result's ``fraction_of_bound`` is ``bound_s / median_s``, where ``bound_s`` is the larger of
+bytes / copy bandwidth and FLOPs / the matmul rate of the case's ``compute_dtype`` (bf16 for
+bf16 and FP8 operands, else fp32; see :mod:`hal.bench.work`), both measured on this machine at
+the start of the run (:mod:`hal.bench.peaks`).
 """
 
 from __future__ import annotations
@@ -10,42 +18,69 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hal import registry
-from hal.bench.peaks import measured_peaks
-from hal.bench.peers import peers_for
-from hal.bench.timing import measure
-from hal.bench.work import work_of
+from hal.bench.formulation import choose_fastest, peak_scratch
+from hal.bench.machine import load, machine, versions
+from hal.bench.memory import OUTPUT_KEYS, CaseMemory, MemoryBudget, case_memory, human
+from hal.bench.peaks import Peaks, measured_peaks
+from hal.bench.peers import PeerSpec, peer_specs
+from hal.bench.timing import measure_interleaved
+from hal.bench.work import Work, work_of
 from hal.checks import ENV_CHECK_VALUES
 from hal.conformance.case import Case, Tensors, copied_to, on_cpu
-from hal.conformance.report import environment
 from hal.conformance.devices import pick_device
+from hal.conformance.report import environment
 from hal.operator import get_operator
 from hal.selection import use_backend
 
-__all__ = ["bench_case", "bench", "save_results"]
+__all__ = ["bench_case", "bench", "save_results", "BOUNDS"]
+
+# How a fraction of bound is computed, stated in every results file.
+BOUNDS = (
+    "fraction_of_bound = bound_s / median_s; bound_s = max(bytes / copy_bytes_per_s, flops / matmul_flops_per_s[compute_dtype]); "
+    "compute_dtype is bfloat16 where the operands are bf16 or FP8 (exact in bf16: MLA decode on a bf16 cache, FP8 and bf16 GEMMs, "
+    "the indexer), else float32; peaks are medians of interleaved runs measured at the start of the run"
+)
+
+
+@dataclass(frozen=True)
+class _Contender:
+    name: str
+    kind: str  # "backend" or "peer"
+    call: Callable[[], Any]
+    formulation: str = ""
 
 
 def _device_inputs(case: Case, device: str) -> Tensors:
+    """The case's inputs on ``device``. Unused cache slots, poisoned with NaN by conformance, are
+    zeroed in place: dense peers read them (masked), and a NaN times a zero weight is still NaN."""
     inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
     moved = {}
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device)
-            if key != "out" and value.is_floating_point() and value.element_size() > 1:
-                value = value.nan_to_num(0.0)  # conformance poisons unused cache slots; dense peers read them
+            if key not in OUTPUT_KEYS and value.is_floating_point() and value.element_size() > 1:
+                value.nan_to_num_(0.0)
         moved[key] = value
     return moved
 
 
+def _private_outputs(inputs: Tensors) -> Tensors:
+    """``inputs`` sharing every read-only tensor, with fresh copies of the outputs written in place:
+    what each timed contender runs on, so timing holds one copy of the inputs, not one per contender."""
+    return {k: v.clone() if k in OUTPUT_KEYS and isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 def _check(case: Case, outputs: Tensors, expected: Tensors, inputs: Tensors) -> str:
     """Why ``outputs`` are out of tolerance, or "" when they pass. Outputs a peer does not
-    produce (torch's SDPA has no lse) are not judged; nor are rows a peer may rewrite
-    (padding and masked-off rows), which only unihal's own contract pins."""
+    produce are not judged; nor are rows a peer may rewrite (padding and masked-off rows),
+    which only unihal's own contract pins."""
     merged = {**expected, **on_cpu(outputs)}
     failed = [m for m in case.family.compare(merged, expected, on_cpu(inputs)) if not m.passed and m.metric != "untouched"]
     if failed:
@@ -53,76 +88,151 @@ def _check(case: Case, outputs: Tensors, expected: Tensors, inputs: Tensors) -> 
     return ""
 
 
-def _entry(name: str, kind: str, seconds: float | None, work: Any, peaks: Any, note: str = "") -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": name, "kind": kind, "note": note}
-    if seconds is None:
+def _entry(contender: _Contender, work: Work, peaks: Peaks, timing: Any = None, note: str = "") -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": contender.name, "kind": contender.kind, "note": note}
+    if contender.formulation:
+        entry["formulation"] = contender.formulation
+    if timing is None:
         return entry
-    entry["median_s"] = seconds
-    entry["bytes_per_s"] = work.bytes / seconds
-    entry["flops_per_s"] = work.flops / seconds
-    entry["fraction_of_copy_bw"] = entry["bytes_per_s"] / peaks.copy_bytes_per_s
-    entry["fraction_of_matmul"] = entry["flops_per_s"] / peaks.matmul_flops_per_s
-    bound = max(work.bytes / peaks.copy_bytes_per_s, work.flops / peaks.matmul_flops_per_s)
-    entry["fraction_of_bound"] = bound / seconds
+    seconds = timing.median_s
+    matmul = peaks.flops_per_s(work.compute_dtype)
+    memory_s, compute_s = work.bytes / peaks.copy_bytes_per_s, work.flops / matmul
+    entry.update(
+        median_s=seconds, min_s=timing.min_s, max_s=timing.max_s, repeats=timing.repeats,
+        bytes_per_s=work.bytes / seconds, flops_per_s=work.flops / seconds,
+        fraction_of_copy_bw=work.bytes / seconds / peaks.copy_bytes_per_s, fraction_of_matmul=work.flops / seconds / matmul,
+        bound="copy" if memory_s >= compute_s else f"matmul {work.compute_dtype}", bound_s=max(memory_s, compute_s),
+        fraction_of_bound=max(memory_s, compute_s) / seconds,
+    )
     return entry
 
 
-def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: bool = True, repeats: int = 20) -> dict[str, Any]:
-    """Time one case on ``backends`` (all on ``device``) and its peers; see the module docstring."""
-    inputs = _device_inputs(case, device)
-    expected = on_cpu(case.family.expect(copied_to(inputs, device)))
-    work = work_of(case.op, inputs)
-    peaks = measured_peaks(device)
-    contenders: list[tuple[str, str, Callable[[], Any], Callable[[], Tensors]]] = []
-    unsupported = [name for name in backends if not _implements(name, case.op)]
-    for name in (n for n in backends if n not in unsupported):
-        def outputs(name: str = name) -> Tensors:
+def _backend_contenders(case: Case, names: Sequence[str], inputs: Tensors, expected: Tensors, device: str) -> tuple[list[_Contender], dict[str, str]]:
+    """Backends whose output passes the check (each run on a fresh copy of the inputs), and why the others were not timed."""
+    checked, rejected = [], {}
+    for name in names:
+        try:
             with use_backend(name):
-                return case.family.run(copied_to(inputs, device))
-
-        timed_inputs = copied_to(inputs, device)
+                outputs = case.family.run(copied_to(inputs, device))
+            why = _check(case, outputs, expected, inputs)
+        except Exception as exc:
+            rejected[name] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        if why:
+            rejected[name] = f"wrong result, not timed ({why})"
+            continue
+        timed_inputs = _private_outputs(inputs)
 
         def call(name: str = name, timed_inputs: Tensors = timed_inputs) -> Any:
             with use_backend(name):
                 return case.family.run(timed_inputs)
 
-        contenders.append((name, "backend", call, outputs))
-    notes = []
-    if with_peers:
-        peers, problems = peers_for(case.op, copied_to(inputs, device), device)
-        notes += problems
-        contenders += [(p.name, "peer", p.call, p.outputs) for p in peers]
-    entries = [_entry(name, "backend", None, work, peaks, f"unsupported: {name} does not implement {case.op}") for name in unsupported]
-    for name, kind, call, outputs in contenders:
+        checked.append(_Contender(name, "backend", call))
+    return checked, rejected
+
+
+def _time(contenders: list[_Contender], device: str, repeats: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """Warm each contender up (dropping any that raise), then time the rest interleaved."""
+    running, failed = [], {}
+    for contender in contenders:
         try:
-            why = _check(case, outputs(), expected, inputs)
-            if why:
-                entries.append(_entry(name, kind, None, work, peaks, f"wrong result, not timed ({why})"))
-                continue
-            timing = measure(call, device, repeats=repeats)
-            entries.append(_entry(name, kind, timing.median_s, work, peaks))
+            contender.call()
+            running.append(contender)
         except Exception as exc:
-            entries.append(_entry(name, kind, None, work, peaks, f"{type(exc).__name__}: {exc}"[:300]))
+            failed[contender.name] = f"{type(exc).__name__}: {exc}"[:300]
+    timings = measure_interleaved([c.call for c in running], device, warmup=1, repeats=repeats) if running else []
+    return dict(zip((c.name for c in running), timings)), failed
+
+
+def _over_budget(memory: CaseMemory, allowed: int | None, budget: MemoryBudget | None) -> str:
+    """Why the case is skipped, or "" when its estimate fits."""
+    if allowed is None or budget is None or memory.total <= allowed:
+        return ""
+    return (
+        f"estimated peak {human(memory.total)} (inputs {human(memory.inputs)} x2, outputs, scratch) "
+        f"exceeds the memory budget ({budget.describe()}{'' if budget.limit_bytes is not None else f': {human(allowed)} now'}); raise it with --memory-budget"
+    )
+
+
+def _peer_contenders(
+    case: Case, specs: Sequence[PeerSpec], inputs: Tensors, expected: Tensors, device: str, room: int | None
+) -> tuple[list[_Contender], dict[str, str], list[dict[str, Any]]]:
+    """Each peer's fastest correct formulation; why a peer has none; every formulation's record."""
+    contenders, rejected, records = [], {}, []
+    for spec in specs:
+        choice = choose_fastest(spec.formulations, _private_outputs(inputs), device, lambda out: _check(case, out, expected, inputs), room)
+        records.append({"name": spec.name, "formulation": choice.name, "formulations": choice.tried})
+        if choice.prepared is None:
+            rejected[spec.name] = "no formulation was correct and within the memory budget: " + "; ".join(f"{t['formulation']}: {t['status']}" for t in choice.tried)
+        else:
+            contenders.append(_Contender(spec.name, "peer", choice.prepared.call, choice.name))
+    return contenders, rejected, records
+
+
+def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: bool = True, repeats: int = 20, budget: MemoryBudget | None = None) -> dict[str, Any]:
+    """Time one case on ``backends`` (all on ``device``) and its peers; see the module docstring."""
+    inputs = _device_inputs(case, device)
+    work = work_of(case.op, inputs)
+    unsupported = [name for name in backends if not _implements(name, case.op)]
+    runnable = [name for name in backends if name not in unsupported]
+    specs = peer_specs(case.op, device) if with_peers else []
+    memory = case_memory(case.op, inputs, work.bytes, len(runnable) + len(specs))
+    record: dict[str, Any] = {
+        "case": case.id, "op": case.op, "params": dict(case.params), "device": device,
+        "work": {"bytes": work.bytes, "flops": work.flops, "compute_dtype": work.compute_dtype},
+        "memory_estimate": memory.to_json(), "results": [],
+    }
+    allowed = budget.bytes_now(device) if budget is not None else None
+    skipped = _over_budget(memory, allowed, budget)
+    if skipped:
+        return record | {"skipped": skipped}
+    room = None if allowed is None else allowed - memory.total
+    peer_bytes = max((peak_scratch(spec.formulations, inputs, device, room) for spec in specs), default=0)
+    record["memory_estimate"].update(peer_scratch=peer_bytes, total_with_peer=memory.total + peer_bytes)
+    peaks = measured_peaks(device)
+    expected = on_cpu(case.family.expect(_private_outputs(inputs)))
+    contenders, rejected = _backend_contenders(case, runnable, inputs, expected, device)
+    peers, no_peer, record["peers"] = _peer_contenders(case, specs, inputs, expected, device, room)
+    contenders += peers
+    rejected.update(no_peer)
+    timings, failed = _time(contenders, device, repeats)
+    rejected.update(failed)
+    entries = [_entry(_Contender(n, "backend", _idle), work, peaks, note=f"unsupported: {n} does not implement {case.op}") for n in unsupported]
+    entries += [_entry(c, work, peaks, timings.get(c.name), rejected.get(c.name, "")) for c in contenders]
+    kinds = {spec.name: "peer" for spec in specs}
+    timed_or_tried = {c.name for c in contenders}
+    entries += [_entry(_Contender(n, kinds.get(n, "backend"), _idle), work, peaks, note=why) for n, why in rejected.items() if n not in timed_or_tried]
+    _add_ratios(entries)
+    record["results"] = entries
+    return record
+
+
+def _idle() -> None:
+    """The call of a contender that is reported but never run."""
+
+
+def _add_ratios(entries: list[dict[str, Any]]) -> None:
+    """``speedup_vs`` every other timed contender, and ``ratio_to_peer``: the torch peer's time / this one's (> 1: faster than torch)."""
     timed = {e["name"]: e["median_s"] for e in entries if "median_s" in e}
     for e in entries:
         if "median_s" in e:
             e["speedup_vs"] = {other: t / e["median_s"] for other, t in timed.items() if other != e["name"]}
-    return {
-        "case": case.id,
-        "op": case.op,
-        "params": {k: v for k, v in case.params.items()},
-        "device": device,
-        "work": {"bytes": work.bytes, "flops": work.flops},
-        "results": entries,
-        "notes": notes,
-    }
+            e["ratio_to_peer"] = timed["torch"] / e["median_s"] if "torch" in timed else None
 
 
-def bench(backends: Sequence[str], cases: Sequence[Case], *, with_peers: bool = True, repeats: int = 20, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Benchmark ``cases``; backends are grouped by the device their tensors live on."""
+def bench(
+    backends: Sequence[str], cases: Sequence[Case], *, with_peers: bool = True, repeats: int = 20,
+    budget: MemoryBudget | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``cases``; backends are grouped by the device their tensors live on. ``budget``
+    defaults to :class:`MemoryBudget`'s fraction of available memory."""
+    budget = budget if budget is not None else MemoryBudget()
     by_device: dict[str, list[str]] = {}
     for name in backends:
         by_device.setdefault(pick_device(name), []).append(name)
+    load_at_start = load()
+    budget_at_start = budget.to_json(next(iter(by_device), "cpu"))
+    peaks = {device: measured_peaks(device) for device in by_device}  # before any case: nothing else allocated
     saved = os.environ.get(ENV_CHECK_VALUES)
     os.environ[ENV_CHECK_VALUES] = "0"  # as deployed: no device syncs for argument value checks
     try:
@@ -131,7 +241,7 @@ def bench(backends: Sequence[str], cases: Sequence[Case], *, with_peers: bool = 
             for case in cases:
                 if not any(_implements(n, case.op) for n in names):
                     continue
-                record = bench_case(case, names, device, with_peers=with_peers, repeats=repeats)
+                record = bench_case(case, names, device, with_peers=with_peers, repeats=repeats, budget=budget)
                 records.append(record)
                 if progress:
                     progress(record)
@@ -140,8 +250,14 @@ def bench(backends: Sequence[str], cases: Sequence[Case], *, with_peers: bool = 
             os.environ.pop(ENV_CHECK_VALUES, None)
         else:
             os.environ[ENV_CHECK_VALUES] = saved
-    peaks = {device: vars(measured_peaks(device)) for device in by_device}
-    return {"environment": environment(), "peaks": peaks, "cases": records}
+    return {
+        "environment": environment(), "machine": machine(), "versions": versions(),
+        "load": {"start": load_at_start, "end": load()},
+        "memory_budget": budget_at_start,
+        "peaks": {device: p.to_json() for device, p in peaks.items()},
+        "bounds": BOUNDS,
+        "cases": records,
+    }
 
 
 def _implements(backend: str, op: str) -> bool:

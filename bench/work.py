@@ -3,6 +3,12 @@
 Bytes count each input read once and each output written once (what a perfect kernel moves);
 FLOPs count multiply-adds as two. The bound a case is judged against is whichever of
 bytes / copy bandwidth and FLOPs / matmul rate is larger.
+
+Which matmul rate: the bfloat16 one where the operator's products can run in bf16 with fp32
+accumulation without changing its numerics, i.e. its operands are bf16 or FP8 (e4m3 values are
+exact in bf16): MLA decode on a bf16 cache, the sparse and V3.2 MLA kernels, the indexer's
+logits, every FP8 and bf16 GEMM. Otherwise (fp16 or fp32 operands, whose values bf16 cannot
+hold; operators with no matmul) the float32 rate. :attr:`Work.compute_dtype` says which.
 """
 
 from __future__ import annotations
@@ -14,13 +20,17 @@ import torch
 from hal.conformance.case import Tensors
 from hal.ops.mla import HEAD_DIM_QK, HEAD_DIM_V
 
-__all__ = ["Work", "work_of"]
+__all__ = ["Work", "work_of", "compute_dtype"]
 
 
 @dataclass(frozen=True)
 class Work:
+    """Minimum bytes moved and FLOPs; ``compute_dtype`` names the matmul peak the FLOPs are
+    judged against (``bfloat16`` or ``float32``, see the module docstring)."""
+
     bytes: float
     flops: float
+    compute_dtype: str = "float32"
 
 
 def _nbytes(*tensors) -> float:
@@ -180,5 +190,22 @@ _WORK = {
 }
 
 
+# The operand whose dtype decides the compute bound, for operators that multiply matrices.
+_MATMUL_OPERAND = {
+    "mla_decode": "q", "mla_decode_v2": "q", "mla_sparse_prefill": "q", "mqa_logits": "q", "paged_mqa_logits": "q",
+    "gemm_fp8_nt": "a", "gemm_bf16_nt": "a", "m_grouped_gemm_bf16_nt_contiguous": "a", "m_grouped_gemm_bf16_nt_masked": "a",
+    "m_grouped_gemm_fp8_nt_contiguous": "a", "m_grouped_gemm_fp8_nt_masked": "a",
+}
+_BF16_EXACT = (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def compute_dtype(op: str, inputs: Tensors) -> str:
+    """``bfloat16`` when ``op`` multiplies operands whose values bf16 holds exactly, else ``float32``."""
+    operand = inputs.get(_MATMUL_OPERAND.get(op, ""))
+    return "bfloat16" if isinstance(operand, torch.Tensor) and operand.dtype in _BF16_EXACT else "float32"
+
+
 def work_of(op: str, inputs: Tensors) -> Work:
-    return _WORK[op](inputs)
+    """The work of one call of ``op`` on ``inputs`` (the catalogue family's input dict)."""
+    work = _WORK[op](inputs)
+    return Work(work.bytes, work.flops, compute_dtype(op, inputs))

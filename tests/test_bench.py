@@ -14,7 +14,10 @@ from hal.conformance.catalogue import select_cases
 def test_peaks_are_measured_and_plausible():
     peaks = measured_peaks("cpu")
     assert 1e8 < peaks.copy_bytes_per_s < 1e13
-    assert 1e8 < peaks.matmul_flops_per_s < 1e15
+    for dtype in ("float32", "bfloat16"):
+        rate = peaks.matmul[dtype]
+        assert 1e8 < peaks.flops_per_s(dtype) < 1e15
+        assert rate.repeats >= 7 and rate.low <= rate.median <= rate.high  # median of 7+, with its spread
 
 
 def test_work_model_counts_flops_and_bytes():
@@ -35,18 +38,11 @@ def test_bench_times_backends_and_peers_and_flags_wrong_results(install_plugins)
     by_name = {e["name"]: e for e in record["results"]}
     assert by_name["reference"]["median_s"] > 0
     assert 0 < by_name["reference"]["fraction_of_bound"] < 10
-    assert "torch (dequantize + matmul)" in by_name["reference"]["speedup_vs"]
-    assert by_name["torch (dequantize + matmul)"]["kind"] == "peer"
+    assert "torch" in by_name["reference"]["speedup_vs"]
+    assert by_name["torch"]["kind"] == "peer" and by_name["torch"]["formulation"]
     assert "median_s" not in by_name["wrong_scale"] and "wrong result" in by_name["wrong_scale"]["note"]
-    assert report["peaks"]["cpu"]["copy_bytes_per_s"] > 0
+    assert report["peaks"]["cpu"]["copy_bytes_per_s"]["median"] > 0
     assert report["environment"]["torch"]
-
-
-def test_mla_peer_is_checked_on_out_only():
-    cases = select_cases(quick=True, ops=["mla_decode"], patterns=["*sk2_130_77-bf16"])
-    (record,) = bench(["reference"], cases, repeats=3)["cases"]
-    sdpa = next(e for e in record["results"] if e["kind"] == "peer")
-    assert "median_s" in sdpa, sdpa["note"]
 
 
 def test_save_and_cli_json(tmp_path, capsys):
