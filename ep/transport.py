@@ -31,7 +31,7 @@ from hal.ep.event import EventOverlap
 from hal.ep.handle import DispatchHandle, LowLatencyHandle
 from hal.errors import BackendUnavailableError, OperatorNotSupportedError, UnknownBackendError
 
-__all__ = ["ENV_TRANSPORT", "TORCH", "SHM", "IPC", "Transport", "TorchTransport", "ShmTransport", "select_transport"]
+__all__ = ["ENV_TRANSPORT", "TORCH", "SHM", "IPC", "Transport", "TorchTransport", "ShmTransport", "select_transport", "plan"]
 
 ENV_TRANSPORT = "HAL_EP_TRANSPORT"
 TORCH = "torch"
@@ -216,3 +216,23 @@ def _ask(backend: registry.Backend, group: dist.ProcessGroup, device: torch.devi
     if transport is not None and not isinstance(transport, Transport):
         raise EPError(f"backend '{backend.name}': hal_ep_transport returned {type(transport).__name__}, which lacks the Transport methods")
     return transport
+
+
+def plan() -> dict[str, Any]:
+    """What :func:`select_transport` would give a Buffer on this machine, without creating anything
+    (for ``hal backends``): the forced choice, backends that offer a transport, and the rule."""
+    forced = os.environ.get(ENV_TRANSPORT, "").strip() or None
+    offering = sorted(b.name for b in registry.backends().values() if b.available and b.implements(HOOK))
+    try:
+        stat = os.statvfs(shm.SHM_DIR)
+        room = f"{shm.SHM_DIR}: {stat.f_bavail * stat.f_frsize / 2**30:.1f} GiB free"
+    except OSError:
+        room = f"{shm.SHM_DIR}: not available"
+    return {
+        "forced": forced, "backends": offering, "shm": room,
+        "rule": {
+            "cpu (gloo), ranks on one host": forced or (f"a backend's ({', '.join(offering)}) if it answers, else {SHM}" if offering else SHM),
+            "cpu (gloo), ranks on several hosts": forced or TORCH,
+            "cuda (nccl)": forced or (f"a backend's ({', '.join(offering)}) if it answers, else {TORCH}" if offering else TORCH),
+        },
+    }

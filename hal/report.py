@@ -23,6 +23,12 @@ def device_types_present() -> list[str]:
     return types
 
 
+def _ep_transport() -> dict[str, Any]:
+    from hal.ep.transport import plan  # noqa: PLC0415  (torch.distributed only when reporting)
+
+    return plan()
+
+
 def backends_report() -> dict[str, Any]:
     """A JSON-serialisable description of discovery and selection on this machine."""
     hooks = {op.hook: op.name for op in OPERATORS.values()}
@@ -76,6 +82,7 @@ def backends_report() -> dict[str, Any]:
             for op in OPERATORS.values()
         },
         "selection": selection,
+        "ep_transport": _ep_transport(),
         "environment": honoured_variables(),
         "require_certified": certificate.require_certified(),
         "ignored_environment": {var: {"value": os.environ[var], "did_you_mean": closest} for var, closest in unknown_variables().items()},

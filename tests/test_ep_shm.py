@@ -141,3 +141,13 @@ def test_a_killed_rank_is_reported_at_once_and_leaves_no_segment():
     assert "exited" in outcomes[0].value and "rank 1" in outcomes[0].value, outcomes[0].value
     assert time.monotonic() - start < 30
     assert not shm.leftover_segments()
+
+
+def test_hal_backends_says_which_transport_a_buffer_gets(monkeypatch):
+    from hal.ep.transport import plan
+    from hal.report import backends_report
+
+    assert plan()["rule"]["cpu (gloo), ranks on one host"] == "shm"
+    assert backends_report()["ep_transport"]["rule"]["cuda (nccl)"] == "torch"
+    monkeypatch.setenv("HAL_EP_TRANSPORT", "torch")
+    assert set(plan()["rule"].values()) == {"torch"} and plan()["forced"] == "torch"
