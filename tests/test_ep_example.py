@@ -27,9 +27,10 @@ def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
+@pytest.mark.parametrize("transport", ["shm", "torch"])
 @pytest.mark.parametrize("mode", [[], ["--low-latency"]], ids=["normal", "low-latency"])
-def test_example_matches_the_single_process_reference(mode):
-    result = torchrun(*mode)
+def test_example_matches_the_single_process_reference(mode, transport):
+    result = torchrun(*mode, env={"HAL_EP_TRANSPORT": transport})
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count(" ok") == 2 and "MISMATCH" not in result.stdout
 
