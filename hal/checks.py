@@ -2,8 +2,9 @@
 
 Each check raises the matching :mod:`hal.errors` type with the operator, the argument, what was
 expected, what was given and what to do. Value-range checks read tensor contents, which on an
-accelerator costs a device synchronisation: they run on CPU tensors always, on other devices
-unless ``HAL_CHECK_VALUES=0``, and never while a CUDA graph is being captured.
+accelerator costs a device synchronisation: they run unless ``HAL_CHECK_VALUES=0`` (on every
+device: on CPUs they cost a few microseconds per call, one ``aminmax``), and never while a CUDA
+graph is being captured.
 """
 
 from __future__ import annotations
@@ -119,8 +120,6 @@ def expect_int(op: str, name: str, value: object, *, minimum: int | None = None,
 
 def value_checks_enabled(tensor: torch.Tensor) -> bool:
     """Whether checks that read ``tensor``'s contents should run (see the module docstring)."""
-    if tensor.device.type == "cpu":
-        return True
     if tensor.device.type == "meta":  # no values to read; selection rejects meta tensors with a DeviceError
         return False
     if os.environ.get(ENV_CHECK_VALUES, "1").strip() in ("0", "false", "no", "off"):
@@ -142,6 +141,11 @@ def expect_in_range(
     """
     if values.numel() == 0 or not value_checks_enabled(values):
         return
+    if where is None and values.dtype != torch.bool:
+        # One reduction for the common case (all in range); the element-wise search only to report.
+        smallest, largest = torch.aminmax(values)
+        if int(smallest) >= low and int(largest) < high:
+            return
     bad = (values < low) | (values >= high)
     if where is not None:
         bad &= where

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BLOCK_SIZE_M", "BLOCK_SIZE_N", "FIXED_OVERHEAD_BLOCKS", "METADATA_WIDTH", "HOPPER_NUM_SMS", "schedule_mla_splits", "default_num_sms"]
+__all__ = ["BLOCK_SIZE_M", "BLOCK_SIZE_N", "FIXED_OVERHEAD_BLOCKS", "METADATA_WIDTH", "HOPPER_NUM_SMS", "schedule_mla_splits", "unsplit_schedule", "default_num_sms"]
 
 BLOCK_SIZE_M = 64  # query rows (s_q * h_q / h_kv) per tile
 BLOCK_SIZE_N = 64  # keys per KV block, also the page size
@@ -83,3 +83,17 @@ def schedule_mla_splits(
         torch.tensor(metadata, dtype=torch.int32, device=device),
         torch.tensor(num_splits, dtype=torch.int32, device=device),
     )
+
+
+def unsplit_schedule(cache_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule of one part that splits no sequence: what :func:`schedule_mla_splits` gives
+    for a single SM part, computed without its loop.
+
+    For backends that run every sequence whole (the CPU ones): they read no schedule, so
+    building FlashMLA's 132-part one for them is host time spent on nothing. Same arguments and
+    results as :func:`schedule_mla_splits` (``num_sm_parts`` = 1, ``num_splits = [0, 1, ..., batch]``).
+    """
+    batch = cache_seqlens.shape[0]
+    last = int(cache_seqlens[-1]) if batch else 0
+    metadata = torch.tensor([[0, 0, batch - 1, last, 0, 0, 0, 0]], dtype=torch.int32, device=cache_seqlens.device)
+    return metadata, torch.arange(batch + 1, dtype=torch.int32, device=cache_seqlens.device)

@@ -102,6 +102,14 @@ def hal_backend_canary_key() -> str:
 
 
 @hookimpl
+def hal_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+    # The kernels walk every sequence whole and read no schedule: hand back the one-part schedule.
+    from hal.ops.mla_schedule import unsplit_schedule
+
+    return unsplit_schedule(cache_seqlens)
+
+
+@hookimpl
 def hal_mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal):
     from hal.backends.opencl.mla_decode import mla_decode
 
