@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import hal
-from hal.bench.memory import available_bytes
+from hal.bench.memory import available_bytes, meminfo_bytes
 
 __all__ = ["machine", "versions", "load"]
 
@@ -41,14 +41,7 @@ def _cpu_flags() -> list[str]:
 
 
 def _memory_total() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            match = re.search(r"^MemTotal:\s+(\d+) kB", meminfo.read(), re.MULTILINE)
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return meminfo_bytes("MemTotal", "SC_PHYS_PAGES")
 
 
 def machine() -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 from hal.conformance.case import Tensors
 from hal.ops.mla import HEAD_DIM_QK
 
-__all__ = ["MemoryBudget", "CaseMemory", "nbytes", "available_bytes", "reference_scratch", "case_memory", "parse_budget", "human", "OUTPUT_KEYS"]
+__all__ = ["MemoryBudget", "CaseMemory", "nbytes", "available_bytes", "meminfo_bytes", "reference_scratch", "case_memory", "parse_budget", "human", "OUTPUT_KEYS"]
 
 # Inputs that are outputs written in place (poisoned with NaN): each contender gets its own copy.
 OUTPUT_KEYS = ("out", "d")
@@ -54,14 +54,19 @@ def available_bytes(device: str = "cpu") -> int:
     """Memory a new allocation can get now: CUDA's free memory, else the kernel's MemAvailable."""
     if device == "cuda":
         return int(torch.cuda.mem_get_info()[0])
+    return meminfo_bytes("MemAvailable", "SC_AVPHYS_PAGES")
+
+
+def meminfo_bytes(field: str, pages: str) -> int:
+    """A /proc/meminfo field in bytes, else sysconf's page count ``pages`` times the page size."""
     try:
         with open("/proc/meminfo") as meminfo:
-            match = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read(), re.MULTILINE)
+            match = re.search(rf"^{field}:\s+(\d+) kB", meminfo.read(), re.MULTILINE)
         if match:
             return int(match.group(1)) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
 
 
 def parse_budget(text: str) -> tuple[int | None, float]:
