@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hal.selection import select
 from hal.ops import ep as ep_ops
 from hal.ops import ep_local
 from hal.ops import fp8_quant, gemm, gemm_bf16, gemm_v2, indexer, mla, mla_fp8_cache, mla_v2
@@ -32,6 +33,9 @@ def get_mla_metadata(cache_seqlens: Tensor, num_q_tokens_per_head_k: int, num_he
 @get_mla_metadata.register_fake
 def _(cache_seqlens: Tensor, num_q_tokens_per_head_k: int, num_heads_k: int) -> tuple[Tensor, Tensor]:
     parts = max(default_num_sms(cache_seqlens.device) // num_heads_k // -(-num_q_tokens_per_head_k // BLOCK_SIZE_M), 1)
+    # A backend's own scheduler may say how many parts it makes (OpenCL: one, unsplit).
+    scheduler = select(mla.MLA_DECODE, cache_seqlens.device.type, device_arg="cache_seqlens").backend.impl("hal_get_mla_metadata")
+    parts = getattr(scheduler, "num_sm_parts", parts)
     return cache_seqlens.new_empty(parts, METADATA_WIDTH), cache_seqlens.new_empty(cache_seqlens.shape[0] + 1)
 
 

@@ -18,7 +18,7 @@ SEEDS = [int(os.environ.get("HAL_ADVERSARIAL_SEED", "0")), random.SystemRandom()
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=["fixed-seed", "fresh-seed"])
-@pytest.mark.parametrize("backend", ["reference", "opencl", "numpy"])
+@pytest.mark.parametrize("backend", ["reference", "opencl", "cpu", "numpy"])
 def test_no_defect_in_generated_calls(backend, seed):
     candidate = hal.get_backend(backend)
     if candidate is None or not candidate.available:

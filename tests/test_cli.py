@@ -28,7 +28,7 @@ def test_backends_json_lists_every_backend_with_availability_and_selection():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     by_name = {b["name"]: b for b in report["backends"]}
-    assert {"reference", "cuda", "rocm", "opencl"} <= set(by_name)
+    assert {"reference", "cuda", "rocm", "opencl", "cpu"} <= set(by_name)
     assert by_name["reference"]["available"] and set(by_name["reference"]["operators"]) == set(OPERATORS)
     assert not by_name["cuda"]["available"] and "no CUDA device" in by_name["cuda"]["reason"]
     assert set(report["operators"]) == set(OPERATORS)

@@ -10,8 +10,8 @@ from hal import registry
 
 def test_in_tree_backends_are_discovered_through_entry_points():
     found = hal.list_backends()
-    assert {"reference", "cuda", "rocm", "opencl"} <= set(found)
-    for name in ("reference", "cuda", "rocm", "opencl"):
+    assert {"reference", "cuda", "rocm", "opencl", "cpu"} <= set(found)
+    for name in ("reference", "cuda", "rocm", "opencl", "cpu"):
         assert "(unihal " in found[name].source, "in-tree backends register through the package's entry points"
 
 

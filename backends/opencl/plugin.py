@@ -109,6 +109,9 @@ def hal_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     return unsplit_schedule(cache_seqlens)
 
 
+hal_get_mla_metadata.num_sm_parts = 1  # the shape torch.compile's fake implementation must give
+
+
 @hookimpl
 def hal_mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal):
     from hal.backends.opencl.mla_decode import mla_decode
