@@ -47,7 +47,7 @@ class Buffer:
             tensors, gloo groups CPU tensors.
         num_nvl_bytes, num_rdma_bytes, low_latency_mode: DeepEP's buffer sizing, passed to a
             backend transport. ``num_nvl_bytes`` sizes the shared-memory region of the ``shm``
-            transport (0: ``HAL_EP_SHM_BYTES`` or 256 MiB; larger exchanges go in rounds); the
+            transport (0: ``HAL_EP_SHM_BYTES`` or 1 GiB; larger exchanges go in rounds); the
             torch.distributed transport allocates per call and ignores them.
         timeout_s: bound on each operation; default ``HAL_EP_TIMEOUT_S`` or 100 s (DeepEP's).
         transport: ``"torch"``, ``"shm"``, a backend name, or None for ``HAL_EP_TRANSPORT`` /

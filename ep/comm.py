@@ -156,9 +156,14 @@ class Communicator:
         packed, src_idx, counts = ep_pack(rows, bucket_idx, num_buckets)
         return Outgoing(frame, src_idx, counts, packed)
 
-    def exchange(self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str) -> dict[str, torch.Tensor]:
+    def exchange(
+        self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str, *, in_place: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Send ``send_counts[r]`` prepared rows to rank r, receive ``recv_counts[r]`` from each rank
-        r; returns each field of the received messages (contiguous, by source rank)."""
+        r; returns each field of the received messages (contiguous, by source rank).
+
+        ``in_place``: the caller consumes the results before this Buffer's next operation, so a
+        transport may hand out views of its own buffers (shared memory does); here, fresh tensors."""
         assert isinstance(outgoing.rows, torch.Tensor)
         return outgoing.frame.unpack(self.all_to_all_rows(outgoing.rows, send_counts, recv_counts, phase))
 

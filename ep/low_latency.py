@@ -206,7 +206,7 @@ def combine(
             f"{op}: rank {source} routes {int(routed[source, rank, expert])} tokens to expert {rank * local + expert} but rank {rank}'s handle "
             f"holds {int(held[source, rank, expert])} from it. Pass every rank the topk_idx of the low_latency_dispatch whose handle it passes."
         )
-    rows = comm.exchange(send.outgoing, held[:, me].sum(dim=1).tolist(), routed[me].sum(dim=1).tolist(), "tokens")["x"]
+    rows = comm.exchange(send.outgoing, held[:, me].sum(dim=1).tolist(), routed[me].sum(dim=1).tolist(), "tokens", in_place=True)["x"]  # reduced at once
     token, weight = send.owner_order
     if use_logfmt:  # decode to float32 and reduce there; one rounding to bf16
         combined = ep_combine_reduce(logfmt_decode(rows.view(torch.int16), handle.hidden), token, topk_idx.shape[0], weight).to(torch.bfloat16)

@@ -301,7 +301,7 @@ def combine(
     send = agree(comm, op, prepare).plan
     counts = _rank_counts(handle)
     # Received rows are grouped by source rank already: they go back in the order they came.
-    got = comm.exchange(send.outgoing, counts[:, me].tolist(), counts[me].tolist(), "tokens")
+    got = comm.exchange(send.outgoing, counts[:, me].tolist(), counts[me].tolist(), "tokens", in_place=True)  # reduced at once
     num_tokens = handle.is_token_in_rank.shape[0]
     if bias:  # the biases join the float32 sum, then one rounding (DeepEP adds them in its kernel)
         total = ep_combine_reduce(got["x"].float(), handle.send_src_idx, num_tokens)

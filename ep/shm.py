@@ -18,8 +18,13 @@ buffer, with counters for flow control (NVLink through CUDA IPC; ``csrc/kernels/
   has passed the barrier that follows its read.
 - **Data.** ``R x R`` slots (sender -> receiver) of ``data_bytes / R^2`` bytes, one region per
   message field in each. A sender gathers its rows straight into the receiver's slot (one pass,
-  no framing); the receiver copies them out into its result (one pass). An exchange larger than
-  a slot goes in rounds, as DeepEP's chunked receive buffer does.
+  no framing); the receiver copies them out into its result (one pass); a rank's rows to itself
+  skip the slots (one pass, straight into the result). An exchange larger than a slot goes in
+  rounds, as DeepEP's chunked receive buffer does.
+- **In place.** A receiver's ``R`` slots are adjacent: its receive area. When every rank's whole
+  receipt fits its area and the caller consumes the rows at once (combine's reduction), each
+  sender writes its rows straight to their final rows there, by source rank, and the receiver
+  reduces them where they lie: no copy out.
 
 The agreement protocol (:mod:`hal.ep.agreement`) runs unchanged on top: only the transport of the
 bytes differs from :class:`~hal.ep.comm.Communicator`, whose gloo collectives set the region up.
@@ -50,7 +55,7 @@ __all__ = ["SHM_DIR", "PREFIX", "DEFAULT_BYTES", "ENV_BYTES", "MAILBOX", "MIN_SL
 
 SHM_DIR = "/dev/shm"
 PREFIX = "hal-ep-"
-DEFAULT_BYTES = 256 << 20  # per group; pages are only touched as slots are used
+DEFAULT_BYTES = 1 << 30  # per group; pages are only touched as used. 4096 DeepSeek-V3 tokens from 4 ranks (~215 MB) fit one receive area
 ENV_BYTES = "HAL_EP_SHM_BYTES"
 MAILBOX = 64 << 10
 MIN_SLOT = 1 << 20  # a DeepSeek-V3 token (7168 x fp32 plus routing) is ~29 KB: 35 of them per round
@@ -171,8 +176,15 @@ class Region:
 
     def slot(self, sender: int, receiver: int, offset: int, rows: int, like: torch.Tensor) -> torch.Tensor:
         """``rows`` rows shaped like ``like``'s (2-d) at ``offset`` bytes into slot sender -> receiver."""
-        begin = (sender * self.world + receiver) * self.slot_bytes + offset
+        begin = (receiver * self.world + sender) * self.slot_bytes + offset
         width = like.shape[1] * like.element_size()
+        return self.data[begin : begin + rows * width].view(like.dtype).view(rows, like.shape[1])
+
+    def area(self, receiver: int, offset: int, first: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Rows ``first : first + rows`` shaped like ``like``'s (2-d) of the field region at ``offset``
+        bytes into ``receiver``'s receive area (its ``world`` slots, which are adjacent)."""
+        width = like.shape[1] * like.element_size()
+        begin = receiver * self.world * self.slot_bytes + offset + first * width
         return self.data[begin : begin + rows * width].view(like.dtype).view(rows, like.shape[1])
 
     def close(self) -> None:
@@ -216,6 +228,7 @@ class ShmCommunicator(Communicator):
         super().__init__(group, timeout_s)
         self.region = region
         self._epoch = 0
+        self.last_exchange = ""  # how the latest exchange ran: "in place" or "<n> rounds" (for tests and debugging)
 
     def close(self) -> None:
         self.region.close()
@@ -297,54 +310,111 @@ class ShmCommunicator(Communicator):
         src_idx, counts = send_order(bucket_idx, num_buckets)
         return Outgoing(frame, src_idx.to(torch.int32), counts, tensors)
 
-    def _layout(self, tensors: Sequence[torch.Tensor]) -> tuple[int, list[int]]:
-        """Rows per slot per round, and each field's byte offset in a slot."""
+    def _layout(self, tensors: Sequence[torch.Tensor], space: int) -> tuple[int, list[int]]:
+        """Rows that fit ``space`` bytes, and each field's byte offset in it (one region per field)."""
         row_bytes = [t.shape[1] * t.element_size() for t in tensors]
-        capacity = (self.region.slot_bytes - _ALIGN * len(tensors)) // max(sum(row_bytes), 1)
+        capacity = (space - _ALIGN * len(tensors)) // max(sum(row_bytes), 1)
         offsets, at = [], 0
         for width in row_bytes:
             offsets.append(at)
             at += _round_up(capacity * width, _ALIGN)
         return capacity, offsets
 
-    def exchange(self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _put(tensor: torch.Tensor, order: torch.Tensor | None, begin: int, rows: int, into: torch.Tensor) -> None:
+        """Rows ``begin : begin + rows`` of the send order into ``into`` (a gather when an order is given)."""
+        if order is None:
+            into.copy_(tensor[begin : begin + rows])
+        else:
+            torch.index_select(tensor, 0, order[begin : begin + rows], out=into)
+
+    def exchange(
+        self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str, *, in_place: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """As :meth:`Communicator.exchange`. With ``in_place``, when every rank's whole receipt fits
+        its receive area, the senders write straight to the rows' final places there and the
+        results are views of this rank's area: valid until this Buffer's next operation, for a
+        caller that consumes them at once (combine's reduction). Otherwise, and without
+        ``in_place``, the results are this rank's own tensors."""
         assert isinstance(outgoing.rows, dict)
         fields = outgoing.frame.fields
         tensors = [outgoing.rows[f.name] for f in fields]
         send, recv = [int(c) for c in send_counts], [int(c) for c in recv_counts]
-        capacity, offsets = self._layout(tensors)
+        capacity, offsets = self._layout(tensors, self.region.slot_bytes)
         if capacity < 1:  # the fields are agreed facts: every rank raises this alike, before any barrier
             row = sum(t.shape[1] * t.element_size() for t in tensors)
             raise EPError(
                 f"{self._op}: a message of {row} bytes does not fit a shared-memory slot of {self.region.slot_bytes} bytes; "
                 f"create the Buffer with num_nvl_bytes >= {self.world ** 2 * (row + _ALIGN * len(tensors))} (or set {ENV_BYTES})."
             )
-        need = max([-(-c // capacity) for c in send + recv] + [0])
-        rounds = int(self.all_gather_ints([need], f"{phase} rounds").max())
+        me = self.rank
+        if send[me] != recv[me]:  # both come from one agreed table; a mismatch is a bug, never data to trust
+            raise EPError(f"{self._op}: rank {me} would send itself {send[me]} rows but expects {recv[me]}")
+        peers = [r for r in range(self.world) if r != me]
+        area_rows, area_offsets = self._layout(tensors, self.region.slot_bytes * self.world)
+        need = max([-(-c // capacity) for r in peers for c in (send[r], recv[r])] + [0])
+        # One gather settles the plan on every rank alike: rounds, whether each receipt fits a
+        # receive area whole, and (for direct writes) where each sender's rows go in each area.
+        table = self.all_gather_ints([need, sum(recv)] + send, f"{phase} plan")
+        order = outgoing.src_idx
         send_at = [sum(send[:r]) for r in range(self.world)]
+        if in_place and int(table[:, 1].max()) <= area_rows:
+            self.last_exchange = "in place"
+            return self._direct(tensors, fields, order, send, send_at, table[:, 2:], area_offsets, phase)
+        self.last_exchange = f"{int(table[:, 0].max())} rounds"
+        return self._rounds(tensors, fields, order, send, recv, send_at, int(table[:, 0].max()), capacity, offsets, phase)
+
+    def _direct(
+        self, tensors: list[torch.Tensor], fields: Sequence[Field], order: torch.Tensor | None, send: list[int], send_at: list[int],
+        sends: torch.Tensor, offsets: list[int], phase: str,
+    ) -> dict[str, torch.Tensor]:
+        """One round: each sender writes its rows to their final rows in each receiver's area
+        (``sends[s, r]`` rows from s to r, by source rank), this rank's own rows included."""
+        me = self.rank
+        at = torch.cumsum(sends, dim=0) - sends  # [sender, receiver]: first row of the sender's rows in the receiver's area
+        for peer in [*(r for r in range(self.world) if r != me), me]:  # peers first: their reduction waits on them
+            if send[peer]:
+                first = int(at[me, peer])
+                for tensor, offset in zip(tensors, offsets):
+                    self._put(tensor, order, send_at[peer], send[peer], self.region.area(peer, offset, first, send[peer], tensor))
+        self._barrier(phase)
+        total = int(sends[:, me].sum())
+        # No barrier after the reads: the next exchange begins with a gather, whose barrier no rank
+        # passes before every rank has finished with this one.
+        return {
+            f.name: self.region.area(me, offset, 0, total, t).view(torch.uint8).view(f.dtype).view((total,) + f.shape)
+            for f, t, offset in zip(fields, tensors, offsets)
+        }
+
+    def _rounds(
+        self, tensors: list[torch.Tensor], fields: Sequence[Field], order: torch.Tensor | None, send: list[int], recv: list[int],
+        send_at: list[int], rounds: int, capacity: int, offsets: list[int], phase: str,
+    ) -> dict[str, torch.Tensor]:
+        """Into this rank's own results, through the sender -> receiver slots in rounds of ``capacity`` rows."""
+        me = self.rank
+        peers = [r for r in range(self.world) if r != me]
         recv_at = [sum(recv[:r]) for r in range(self.world)]
         out = [t.new_empty((sum(recv), t.shape[1])) for t in tensors]
-        order = outgoing.src_idx
+        # This rank's rows to itself never pass through a slot: one copy, straight into the result.
+        if recv[me]:
+            for tensor, result in zip(tensors, out):
+                self._put(tensor, order, send_at[me], recv[me], result[recv_at[me] : recv_at[me] + recv[me]])
         for index in range(rounds):
             first = index * capacity
-            for peer in range(self.world):  # write: straight into each receiver's slot
+            for peer in peers:  # write: straight into each receiver's slot
                 rows = min(capacity, send[peer] - first)
                 if rows > 0:
-                    begin = send_at[peer] + first
                     for tensor, offset in zip(tensors, offsets):
-                        slot = self.region.slot(self.rank, peer, offset, rows, tensor)
-                        if order is None:
-                            slot.copy_(tensor[begin : begin + rows])
-                        else:
-                            torch.index_select(tensor, 0, order[begin : begin + rows], out=slot)
+                        self._put(tensor, order, send_at[peer] + first, rows, self.region.slot(me, peer, offset, rows, tensor))
             self._barrier(phase)
-            for peer in range(self.world):  # read: each sender's slot into this rank's result
+            for peer in peers:  # read: each sender's slot into this rank's result
                 rows = min(capacity, recv[peer] - first)
                 if rows > 0:
                     at = recv_at[peer] + first
                     for tensor, result, offset in zip(tensors, out, offsets):
-                        result[at : at + rows].copy_(self.region.slot(peer, self.rank, offset, rows, tensor))
-            self._barrier(f"{phase} (read)")  # slots are reused: every rank has read its own
+                        result[at : at + rows].copy_(self.region.slot(peer, me, offset, rows, tensor))
+            if index + 1 < rounds:  # slots are reused: every rank has read its own (after the last round, the next gather orders it)
+                self._barrier(f"{phase} (read)")
         total = sum(recv)
         return {f.name: o.view(torch.uint8).view(f.dtype).view((total,) + f.shape) for f, o in zip(fields, out)}
 

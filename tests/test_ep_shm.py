@@ -19,7 +19,7 @@ from hal.ep.launch import run_local
 HIDDEN = 1024  # 2 KiB bf16 rows: 600 of them overflow a 1 MiB slot, so exchanges take rounds
 
 
-def both_transports(rank: int, world: int, tokens: int) -> dict:
+def both_transports(rank: int, world: int, tokens: int, slot_bytes: int = shm.MIN_SLOT) -> dict:
     """Dispatch, combine and low-latency round trips on shm and torch Buffers, with the same inputs."""
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, HIDDEN, generator=gen).to(torch.bfloat16)
@@ -28,11 +28,13 @@ def both_transports(rank: int, world: int, tokens: int) -> dict:
     weights = torch.rand(tokens, 3, generator=gen)
     out = {}
     for name in ("shm", "torch"):
-        buffer = hal.ep.Buffer(transport=name, num_nvl_bytes=shm.MIN_SLOT * world * world, explicitly_destroy=True)
+        buffer = hal.ep.Buffer(transport=name, num_nvl_bytes=slot_bytes * world * world, explicitly_destroy=True)
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
         layout = {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
         combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+        if name == "shm":
+            out["combine_exchange"] = buffer.transport.comm.last_exchange
         ll_x, ll_count, ll_handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, tokens, experts, use_fp8=True)
         ll_out = buffer.low_latency_combine(ll_x[0].float().to(torch.bfloat16), topk_idx, weights, ll_handle)[0]
         out[name] = [recv_x, recv_idx, recv_w, torch.tensor(counts), combined, combined_w, ll_x[0].view(torch.uint8), ll_x[1], ll_count, ll_out]
@@ -51,6 +53,20 @@ def test_exchanges_larger_than_a_slot_go_in_rounds_and_match_torch_distributed(w
         value = outcome.value
         assert (value["shm_transport"], value["torch_transport"]) == ("shm", "torch")
         assert 700 * 2 * HIDDEN > value["slot_bytes"], "the case must need more than one round"
+        assert value["combine_exchange"].endswith("rounds") and value["combine_exchange"] != "1 rounds"
+        for got, expected in zip(value["shm"], value["torch"]):
+            assert torch.equal(got, expected), outcome.rank
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_combine_reduces_in_place_when_the_receipt_fits_the_receive_area_and_matches_torch_distributed(world):
+    """A receive area (a receiver's R adjacent slots) holds the whole combine: the senders write
+    the rows where they belong there and the owner reduces them where they lie."""
+    outcomes = run_local(both_transports, world, 700, 4 * shm.MIN_SLOT, timeout_s=240)
+    assert all(o.returned for o in outcomes), [(o.rank, o.exitcode, o.error) for o in outcomes]
+    for outcome in outcomes:
+        value = outcome.value
+        assert value["combine_exchange"] == "in place"
         for got, expected in zip(value["shm"], value["torch"]):
             assert torch.equal(got, expected), outcome.rank
 
