@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from hal import canary, registry
+from hal import canary, env, registry
 from hal.operator import OPERATORS
 
 __all__ = [
@@ -65,7 +65,7 @@ class Certificate:
 
 
 def require_certified() -> bool:
-    return os.environ.get(ENV_REQUIRE, "").strip().lower() in ("1", "true", "yes", "on")
+    return env.get(ENV_REQUIRE).strip().lower() in ("1", "true", "yes", "on")
 
 
 def certificates_dir() -> Path:

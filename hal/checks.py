@@ -9,11 +9,11 @@ graph is being captured.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from hal import env
 from hal.errors import DeviceError, DTypeError, LayoutError, ShapeError, ValueRangeError
 
 __all__ = [
@@ -125,7 +125,7 @@ def value_checks_enabled(tensor: torch.Tensor) -> bool:
     """Whether checks that read ``tensor``'s contents should run (see the module docstring)."""
     if tensor.device.type == "meta":  # no values to read; selection rejects meta tensors with a DeviceError
         return False
-    if os.environ.get(ENV_CHECK_VALUES, "1").strip() in ("0", "false", "no", "off"):
+    if env.get(ENV_CHECK_VALUES, "1").strip() in ("0", "false", "no", "off"):
         return False
     if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
@@ -133,25 +133,28 @@ def value_checks_enabled(tensor: torch.Tensor) -> bool:
 
 
 def expect_in_range(
-    op: str, name: str, values: torch.Tensor, low: int, high: int, *, what: str, fix: str, where: torch.Tensor | None = None
+    op: str, name: str, values: torch.Tensor, low: int, high: int, *, what: str, fix: str,
+    where: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> None:
     """Every element of ``values`` must satisfy ``low <= v < high`` (skipped per :func:`value_checks_enabled`).
 
     Args:
         what: description of the elements for the message (``"block ids"``).
         fix: what the caller should do.
-        where: optional bool mask of ``values``' shape; elements outside it are not checked.
+        where: optional bool mask of ``values``' shape (or a function making it, called only when
+            needed); elements outside it are not checked.
     """
     if values.numel() == 0 or not value_checks_enabled(values):
         return
-    if where is None and values.dtype != torch.bool:
-        # One reduction for the common case (all in range); the element-wise search only to report.
+    if values.dtype != torch.bool:
+        # One reduction for the common case (all in range, so all of the masked ones too); the
+        # mask and the element-wise search only when something is out of range.
         smallest, largest = torch.aminmax(values)
         if int(smallest) >= low and int(largest) < high:
             return
     bad = (values < low) | (values >= high)
     if where is not None:
-        bad &= where
+        bad &= where() if callable(where) else where
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         where = f"[{', '.join(map(str, index))}]"

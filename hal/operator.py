@@ -15,6 +15,8 @@ handed a call that needs it, and keeps serving the calls it can.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,7 +70,7 @@ class Operator:
         """Names of the features a backend written against contract ``version`` serves."""
         return frozenset(f.name for f in self.features if f.since <= version)
 
-    @property
+    @functools.cached_property
     def env_var(self) -> str:
         """The per-operator override variable, e.g. ``HAL_BACKEND_MLA_DECODE``."""
         return "HAL_BACKEND_" + self.name.upper()

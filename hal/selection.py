@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from hal import certificate, registry
+from hal import certificate, env, registry
 from hal.errors import BackendUnavailableError, DeviceError, FeatureNotSupportedError, OperatorNotSupportedError, UnknownBackendError
 from hal.operator import OPERATORS, Operator, get_operator
 from hal.registry import Backend
@@ -151,7 +151,7 @@ def _requested(op: Operator) -> tuple[tuple[str, ...] | None, str]:
         if scope_op is None or scope_op == op.name:
             return names, where
     for var in (op.env_var, ENV_BACKEND):
-        value = os.environ.get(var, "").strip()
+        value = env.get(var).strip()
         if value:
             source = f"{var}={value}"
             return parse_chain(value, source=source), source

@@ -278,9 +278,9 @@ def fp8_fp4_paged_mqa_logits(
     needed = (longest.to(torch.int64) + block_kv - 1) // max(block_kv, 1)
     expect_in_range(op, "context_lens", needed, 0, block_table.shape[1] + 1, what=f"page counts (ceil(len / block_kv={block_kv}))",
                     fix=f"Give block_table enough columns for the longest context ({block_table.shape[1]} given).")
-    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < needed[:, None]
     expect_in_range(op, "block_table", block_table, 0, num_blocks, what="block ids (for the pages a row reads)",
-                    fix=f"Point every page a row reads at one of the cache's {num_blocks} blocks.", where=used)
+                    fix=f"Point every page a row reads at one of the cache's {num_blocks} blocks.",
+                    where=lambda: torch.arange(block_table.shape[1], device=block_table.device)[None, :] < needed[:, None])
     expect_tensor(op, "schedule_meta", schedule_meta, dtypes=torch.int32, shape=(None, 2), dims=("num_sms + 1", "2"))
     if schedule_meta.shape[0] < 2:
         raise ShapeError(op, "schedule_meta", "[num_sms + 1, 2] with num_sms >= 1", f"shape {list(schedule_meta.shape)}", "Pass get_paged_mqa_logits_metadata(...).")

@@ -151,8 +151,11 @@ def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor
         what=f"sequence lengths in tokens (at most the block table's capacity {block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})",
         fix=f"Lengths must be >= 0; a sequence longer than {capacity} tokens needs more block_table columns.",
     )
-    pages_used = (cache_seqlens.long() + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE
-    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]
+
+    def used() -> torch.Tensor:  # only built when some entry is out of range (-1 padding of unused pages, say)
+        pages_used = (cache_seqlens.long() + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE
+        return torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]
+
     expect_in_range(
         _OP, "block_table", block_table, 0, num_blocks, where=used,
         what=f"block ids of used pages (k_cache has {num_blocks} blocks)",

@@ -1,0 +1,45 @@
+"""Host overhead per call: the fast environment reads and the overhead measurement."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from hal import env
+
+
+def test_env_reads_follow_os_environ(monkeypatch: pytest.MonkeyPatch):
+    name = "HAL_TEST_ENV_FAST_PATH"
+    monkeypatch.delenv(name, raising=False)
+    assert env.get(name) == "" and env.get(name, "d") == "d"
+    os.environ[name] = "first"
+    assert env.get(name) == "first"
+    os.environ[name] = "sécond"  # non-ASCII values decode as os.environ does
+    assert env.get(name) == os.environ[name]
+    del os.environ[name]
+    assert env.get(name, "gone") == "gone"
+
+
+def test_check_values_switch_takes_effect_at_the_next_call(monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from hal.checks import value_checks_enabled
+
+    tensor = torch.zeros(1)
+    monkeypatch.setenv("HAL_CHECK_VALUES", "0")
+    assert not value_checks_enabled(tensor)
+    monkeypatch.setenv("HAL_CHECK_VALUES", "1")
+    assert value_checks_enabled(tensor)
+
+
+def test_overhead_is_measured_against_the_backend_called_directly():
+    from hal.bench.overhead import measure
+
+    records = measure(["per_token_cast_to_fp8"], repeats=3, budget_s=0.005)
+    assert [r["op"] for r in records] == ["per_token_cast_to_fp8"]
+    record = records[0]
+    assert "skipped" not in record, record
+    assert record["direct_us"] > 0 and record["public_us"] > 0 and math.isfinite(record["overhead_us"])
+    assert record["hal_calls"] == 1 and record["backends"]
