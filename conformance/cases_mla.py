@@ -133,6 +133,12 @@ def mla_cases() -> list[Case]:
         {"batch": 64, "mean_sk": 1024, "s_q": 2, "h_q": 128, "dtype": "fp16"},
         {"batch": 16, "mean_sk": 2048, "s_q": 1, "h_q": 128, "dtype": "bf16", "schedule_sms": 20},
     ]
+    # Decode at the CPU goal shapes (every sequence exactly s_k long), which `hal bench --case`
+    # times against the fastest torch formulation: b 16/32, s_k 1024/4096, h_q 16/128.
+    full += [
+        {"batch": b, "mean_sk": sk, "s_q": 1, "h_q": h, "dtype": "bf16", "varlen": False}
+        for b in (16, 32) for sk in (1024, 4096) for h in (16, 128)
+    ]
     cases = [Case(family, _name(p), p, quick=True, seed=i) for i, p in enumerate(quick)]
     cases += [Case(family, _name(p), p, quick=False, seed=100 + i) for i, p in enumerate(full)]
     return cases
