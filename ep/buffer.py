@@ -47,11 +47,14 @@ class Buffer:
             tensors, gloo groups CPU tensors.
         num_nvl_bytes, num_rdma_bytes, low_latency_mode: DeepEP's buffer sizing, passed to a
             backend transport. ``num_nvl_bytes`` sizes the shared-memory region of the ``shm``
-            transport (0: ``HAL_EP_SHM_BYTES`` or 1 GiB; larger exchanges go in rounds); the
+            transport (0: ``HAL_EP_SHM_BYTES`` or 1 GiB; larger exchanges go in rounds) and each
+            rank's buffer on its GPU for the ``ipc`` transport (0: 256 MiB; likewise); the
             torch.distributed transport allocates per call and ignores them.
         timeout_s: bound on each operation; default ``HAL_EP_TIMEOUT_S`` or 100 s (DeepEP's).
-        transport: ``"torch"``, ``"shm"``, a backend name, or None for ``HAL_EP_TRANSPORT`` /
-            automatic: ``shm`` when every rank of a gloo group is on this host, else ``torch``
+        transport: ``"torch"``, ``"shm"``, ``"ipc"``, a backend name, or None for ``HAL_EP_TRANSPORT`` /
+            automatic: ``shm`` when every rank of a gloo group is on this host, ``ipc`` (CUDA IPC,
+            needs cupy; host-signalled, so not capturable in a CUDA graph) when every rank of an
+            NCCL group is on this host and their GPUs have peer access, else ``torch``
             (see :func:`hal.ep.transport.select_transport`).
 
     Attributes:

@@ -28,6 +28,10 @@ buffer, with counters for flow control (NVLink through CUDA IPC; ``csrc/kernels/
 
 The agreement protocol (:mod:`hal.ep.agreement`) runs unchanged on top: only the transport of the
 bytes differs from :class:`~hal.ep.comm.Communicator`, whose gloo collectives set the region up.
+
+The data plane is pluggable (:class:`Slots`): :mod:`hal.ep.ipc` keeps this region's control words
+and mailboxes for GPU ranks of one host and swaps the slots for buffers on the GPUs, shared
+through CUDA IPC.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from hal.ep.errors import EPError, EPTimeoutError
 from hal.ep.message import Field, Frame
 from hal.ops.ep_local import send_order
 
-__all__ = ["SHM_DIR", "PREFIX", "DEFAULT_BYTES", "ENV_BYTES", "MAILBOX", "MIN_SLOT", "Region", "ShmCommunicator", "connect", "data_bytes", "leftover_segments"]
+__all__ = ["SHM_DIR", "PREFIX", "DEFAULT_BYTES", "ENV_BYTES", "MAILBOX", "MIN_SLOT", "Region", "ShmCommunicator", "Slots", "connect", "data_bytes", "leftover_segments", "open_region"]
 
 SHM_DIR = "/dev/shm"
 PREFIX = "hal-ep-"
@@ -132,14 +136,51 @@ def _sweep() -> None:
             continue
 
 
+class Slots:
+    """The data plane as one rank sees it: each receiver's receive area of ``world`` adjacent
+    slots (sender -> receiver, ``slot_bytes`` each, by sender). Shared memory gives every rank
+    views of one region (:class:`Region`); CUDA IPC (:mod:`hal.ep.ipc`) gives each rank its own
+    area on its GPU and its peers' areas mapped from theirs. The exchanges only use this API.
+
+    Attributes:
+        world: ranks in the group.
+        slot_bytes: bytes of one sender -> receiver slot (a multiple of 64).
+        areas: uint8 [world * slot_bytes] per receiver, where this rank reads and writes them.
+    """
+
+    def __init__(self, areas: Sequence[torch.Tensor], slot_bytes: int) -> None:
+        self.world = len(areas)
+        self.slot_bytes = slot_bytes
+        self.areas = list(areas)
+
+    def slot(self, sender: int, receiver: int, offset: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """``rows`` rows shaped like ``like``'s (2-d) at ``offset`` bytes into slot sender -> receiver."""
+        begin = sender * self.slot_bytes + offset
+        width = like.shape[1] * like.element_size()
+        return self.areas[receiver][begin : begin + rows * width].view(like.dtype).view(rows, like.shape[1])
+
+    def area(self, receiver: int, offset: int, first: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Rows ``first : first + rows`` shaped like ``like``'s (2-d) of the field region at ``offset``
+        bytes into ``receiver``'s receive area (its ``world`` slots, which are adjacent)."""
+        width = like.shape[1] * like.element_size()
+        begin = offset + first * width
+        return self.areas[receiver][begin : begin + rows * width].view(like.dtype).view(rows, like.shape[1])
+
+    def close(self) -> None:
+        self.areas = []
+
+
 class Region:
     """One group's mapped region: control words, mailboxes and the R x R data slots.
 
     Attributes:
         world: ranks in the group.
-        slot_bytes: bytes of one sender -> receiver slot (a multiple of 64).
+        slot_bytes: bytes of one sender -> receiver slot (a multiple of 64; 0 for a region of
+            control words and mailboxes only, whose data plane lives elsewhere).
         words: the control words (a memoryview of int64).
-        data: uint8 [world * world * slot_bytes], the slots, sender-major.
+        data: uint8 [world * world * slot_bytes], the slots, receiver-major (each receiver's
+            area is its ``world`` adjacent slots, by sender).
+        slots: the data plane over ``data`` (:class:`Slots`).
     """
 
     def __init__(self, path: str, world: int, data_size: int, *, create: bool) -> None:
@@ -161,7 +202,10 @@ class Region:
             os.close(fd)
         self._view = memoryview(self._map)
         self.words = self._view[:control].cast("q")
-        self.data = torch.frombuffer(self._map, dtype=torch.uint8, offset=data_offset, count=self.slot_bytes * world * world)
+        count = self.slot_bytes * world * world
+        self.data = torch.frombuffer(self._map, dtype=torch.uint8, offset=data_offset, count=count) if count else torch.empty(0, dtype=torch.uint8)
+        area = world * self.slot_bytes
+        self.slots = Slots([self.data[r * area : (r + 1) * area] for r in range(world)], self.slot_bytes)
         if create:
             self.words[0], self.words[1], self.words[2] = _MAGIC, world, self.slot_bytes
         elif (self.words[0], self.words[1], self.words[2]) != (_MAGIC, world, self.slot_bytes):
@@ -175,19 +219,15 @@ class Region:
         return self._view[begin : begin + MAILBOX]
 
     def slot(self, sender: int, receiver: int, offset: int, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """``rows`` rows shaped like ``like``'s (2-d) at ``offset`` bytes into slot sender -> receiver."""
-        begin = (receiver * self.world + sender) * self.slot_bytes + offset
-        width = like.shape[1] * like.element_size()
-        return self.data[begin : begin + rows * width].view(like.dtype).view(rows, like.shape[1])
+        """As :meth:`Slots.slot`."""
+        return self.slots.slot(sender, receiver, offset, rows, like)
 
     def area(self, receiver: int, offset: int, first: int, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """Rows ``first : first + rows`` shaped like ``like``'s (2-d) of the field region at ``offset``
-        bytes into ``receiver``'s receive area (its ``world`` slots, which are adjacent)."""
-        width = like.shape[1] * like.element_size()
-        begin = receiver * self.world * self.slot_bytes + offset + first * width
-        return self.data[begin : begin + rows * width].view(like.dtype).view(rows, like.shape[1])
+        """As :meth:`Slots.area`."""
+        return self.slots.area(receiver, offset, first, rows, like)
 
     def close(self) -> None:
+        self.slots.close()
         self.data = torch.empty(0, dtype=torch.uint8)
         self.words.release()
         self._view.release()
@@ -220,13 +260,21 @@ def _words(tensor: torch.Tensor, field: Field) -> torch.Tensor:
 
 
 class ShmCommunicator(Communicator):
-    """:class:`~hal.ep.comm.Communicator`'s exchanges through a shared :class:`Region` (see the module docstring)."""
+    """:class:`~hal.ep.comm.Communicator`'s exchanges through a shared :class:`Region` (see the module docstring).
+
+    The data plane is pluggable: ``slots`` (default: the region's own) is where the exchanges
+    write and read rows; the region always carries the control words and mailboxes. A data plane
+    whose writes complete asynchronously (a GPU's) overrides :meth:`_settle`, which runs before
+    this rank signals any barrier.
+    """
 
     transport = "shm"
+    medium = "shared-memory"  # named in errors
 
-    def __init__(self, group: dist.ProcessGroup, timeout_s: float, region: Region) -> None:
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float, region: Region, slots: Slots | None = None) -> None:
         super().__init__(group, timeout_s)
         self.region = region
+        self.slots = slots if slots is not None else region.slots
         self._epoch = 0
         self.last_exchange = ""  # how the latest exchange ran: "in place" or "<n> rounds" (for tests and debugging)
 
@@ -237,6 +285,7 @@ class ShmCommunicator(Communicator):
 
     def _barrier(self, phase: str) -> None:
         """Arrive at the next epoch and wait for every rank, within the operation's deadline."""
+        self._settle(phase)
         self._epoch += 1
         epoch, words, region = self._epoch, self.region.words, self.region
         _fence()
@@ -263,6 +312,10 @@ class ShmCommunicator(Communicator):
                 os.sched_yield()
             else:
                 time.sleep(min(1e-3, 2e-5 * 2 ** min(spins - 256, 6)))
+
+    def _settle(self, phase: str) -> None:
+        """Make this rank's writes into the slots (and its reads of them) complete before it
+        signals a barrier. Host memory: the barrier's fence suffices."""
 
     def _fail(self, phase: str, cause: str) -> EPTimeoutError:
         self.region.words[self.region.word(self.rank, _ABORT)] = 1
@@ -310,6 +363,10 @@ class ShmCommunicator(Communicator):
         src_idx, counts = send_order(bucket_idx, num_buckets)
         return Outgoing(frame, src_idx.to(torch.int32), counts, tensors)
 
+    def _sizing_fix(self, slot_bytes: int) -> str:
+        """How to make every slot hold ``slot_bytes``."""
+        return f"create the Buffer with num_nvl_bytes >= {self.world ** 2 * slot_bytes} (or set {ENV_BYTES})"
+
     def _layout(self, tensors: Sequence[torch.Tensor], space: int) -> tuple[int, list[int]]:
         """Rows that fit ``space`` bytes, and each field's byte offset in it (one region per field)."""
         row_bytes = [t.shape[1] * t.element_size() for t in tensors]
@@ -340,18 +397,18 @@ class ShmCommunicator(Communicator):
         fields = outgoing.frame.fields
         tensors = [outgoing.rows[f.name] for f in fields]
         send, recv = [int(c) for c in send_counts], [int(c) for c in recv_counts]
-        capacity, offsets = self._layout(tensors, self.region.slot_bytes)
+        capacity, offsets = self._layout(tensors, self.slots.slot_bytes)
         if capacity < 1:  # the fields are agreed facts: every rank raises this alike, before any barrier
             row = sum(t.shape[1] * t.element_size() for t in tensors)
             raise EPError(
-                f"{self._op}: a message of {row} bytes does not fit a shared-memory slot of {self.region.slot_bytes} bytes; "
-                f"create the Buffer with num_nvl_bytes >= {self.world ** 2 * (row + _ALIGN * len(tensors))} (or set {ENV_BYTES})."
+                f"{self._op}: a message of {row} bytes does not fit a {self.medium} slot of {self.slots.slot_bytes} bytes; "
+                f"{self._sizing_fix(row + _ALIGN * len(tensors))}."
             )
         me = self.rank
         if send[me] != recv[me]:  # both come from one agreed table; a mismatch is a bug, never data to trust
             raise EPError(f"{self._op}: rank {me} would send itself {send[me]} rows but expects {recv[me]}")
         peers = [r for r in range(self.world) if r != me]
-        area_rows, area_offsets = self._layout(tensors, self.region.slot_bytes * self.world)
+        area_rows, area_offsets = self._layout(tensors, self.slots.slot_bytes * self.world)
         need = max([-(-c // capacity) for r in peers for c in (send[r], recv[r])] + [0])
         # One gather settles the plan on every rank alike: rounds, whether each receipt fits a
         # receive area whole, and (for direct writes) where each sender's rows go in each area.
@@ -376,13 +433,13 @@ class ShmCommunicator(Communicator):
             if send[peer]:
                 first = int(at[me, peer])
                 for tensor, offset in zip(tensors, offsets):
-                    self._put(tensor, order, send_at[peer], send[peer], self.region.area(peer, offset, first, send[peer], tensor))
+                    self._put(tensor, order, send_at[peer], send[peer], self.slots.area(peer, offset, first, send[peer], tensor))
         self._barrier(phase)
         total = int(sends[:, me].sum())
         # No barrier after the reads: the next exchange begins with a gather, whose barrier no rank
         # passes before every rank has finished with this one.
         return {
-            f.name: self.region.area(me, offset, 0, total, t).view(torch.uint8).view(f.dtype).view((total,) + f.shape)
+            f.name: self.slots.area(me, offset, 0, total, t).view(torch.uint8).view(f.dtype).view((total,) + f.shape)
             for f, t, offset in zip(fields, tensors, offsets)
         }
 
@@ -405,14 +462,14 @@ class ShmCommunicator(Communicator):
                 rows = min(capacity, send[peer] - first)
                 if rows > 0:
                     for tensor, offset in zip(tensors, offsets):
-                        self._put(tensor, order, send_at[peer] + first, rows, self.region.slot(me, peer, offset, rows, tensor))
+                        self._put(tensor, order, send_at[peer] + first, rows, self.slots.slot(me, peer, offset, rows, tensor))
             self._barrier(phase)
             for peer in peers:  # read: each sender's slot into this rank's result
                 rows = min(capacity, recv[peer] - first)
                 if rows > 0:
                     at = recv_at[peer] + first
                     for tensor, result, offset in zip(tensors, out, offsets):
-                        result[at : at + rows].copy_(self.region.slot(peer, me, offset, rows, tensor))
+                        result[at : at + rows].copy_(self.slots.slot(peer, me, offset, rows, tensor))
             if index + 1 < rounds:  # slots are reused: every rank has read its own (after the last round, the next gather orders it)
                 self._barrier(f"{phase} (read)")
         total = sum(recv)
@@ -432,6 +489,20 @@ def connect(group: dist.ProcessGroup, timeout_s: float, size: int) -> ShmCommuni
     """
     setup = Communicator(group, timeout_s)
     setup.begin("Buffer setup (shared memory)")
+    region = open_region(setup, size)
+    if isinstance(region, str):
+        return region
+    return ShmCommunicator(group, timeout_s, region)
+
+
+def open_region(setup: Communicator, size: int) -> Region | str:
+    """Create and map one region of ``size`` data bytes on every rank of ``setup``'s group
+    (collective, over ``setup``'s collectives, inside an operation it has begun); rank 0 unlinks
+    its name once every rank has mapped it.
+
+    Returns the mapped region, or why the ranks cannot share one: the same reason on every rank.
+    ``size`` 0 maps the control words and mailboxes alone (a data plane elsewhere, as CUDA IPC's).
+    """
     identities = setup.all_gather_bytes(_host_identity().encode(), "host identity")
     if len(set(identities)) > 1 or b"no /dev/shm" in identities[0]:
         hosts = sorted({i.decode().split("|")[0] for i in identities})
@@ -474,4 +545,4 @@ def connect(group: dist.ProcessGroup, timeout_s: float, size: int) -> ShmCommuni
         if not status:
             region.close()
         return f"rank {failed[0]} could not map {reply['path']}: {statuses[failed[0]].decode()}"
-    return ShmCommunicator(group, timeout_s, region)
+    return region

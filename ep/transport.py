@@ -8,6 +8,11 @@ A transport carries all of a Buffer's communication. Built in:
 - ``shm`` (:class:`ShmTransport`): CPU ranks of one host exchange through one shared-memory
   region (:mod:`hal.ep.shm`), senders writing straight into receivers' slots; the same protocol
   (agreement, deadlines) on top. Chosen automatically for gloo groups whose ranks share a host.
+- ``ipc`` (:class:`IpcTransport`): GPU ranks of one host exchange through buffers on their GPUs
+  shared with CUDA IPC (:mod:`hal.ep.ipc`, needs cupy), senders writing straight into receivers'
+  slots, the shm transport's control words on the host. Chosen automatically for NCCL groups
+  whose ranks share a host, import cupy and whose GPUs have peer access (or are one). Host
+  signalled: not capturable in a CUDA graph.
 
 A backend may instead answer the ``hal_ep_transport`` hook with its own object (DeepEP's kernels
 when ``deep_ep`` is importable, say); :func:`select_transport` says which one a Buffer gets.
@@ -24,14 +29,14 @@ import torch
 import torch.distributed as dist
 
 from hal import registry
-from hal.ep import low_latency, normal, shm
+from hal.ep import ipc, low_latency, normal, shm
 from hal.ep.comm import Communicator
 from hal.ep.errors import EPError
 from hal.ep.event import EventOverlap
 from hal.ep.handle import DispatchHandle, LowLatencyHandle
 from hal.errors import BackendUnavailableError, OperatorNotSupportedError, UnknownBackendError
 
-__all__ = ["ENV_TRANSPORT", "TORCH", "SHM", "IPC", "Transport", "TorchTransport", "ShmTransport", "select_transport", "plan"]
+__all__ = ["ENV_TRANSPORT", "TORCH", "SHM", "IPC", "Transport", "TorchTransport", "ShmTransport", "IpcTransport", "select_transport", "plan"]
 
 ENV_TRANSPORT = "HAL_EP_TRANSPORT"
 TORCH = "torch"
@@ -146,6 +151,14 @@ class ShmTransport(TorchTransport):
         self.comm.close()
 
 
+class IpcTransport(ShmTransport):
+    """:class:`TorchTransport`'s protocol over buffers on the GPUs of one host, shared through CUDA
+    IPC (:mod:`hal.ep.ipc`). Every call completes before returning (it synchronises the streams it
+    uses), so it cannot be captured in a CUDA graph."""
+
+    name = IPC
+
+
 def _shared_memory(group: dist.ProcessGroup, device: torch.device, options: dict[str, Any], forced: bool) -> Transport | None:
     """The shm transport for a gloo group whose ranks share a host; None (auto) or an error (forced) otherwise."""
     if device.type != "cpu" or dist.get_backend(group) != "gloo":
@@ -164,6 +177,25 @@ def _shared_memory(group: dist.ProcessGroup, device: torch.device, options: dict
     return ShmTransport(result)
 
 
+def _cuda_ipc(group: dist.ProcessGroup, device: torch.device, options: dict[str, Any], forced: bool) -> Transport | None:
+    """The ipc transport for CUDA ranks of one host; None (auto) or an error (forced) otherwise."""
+    if device.type != "cuda":
+        if forced:
+            raise OperatorNotSupportedError(
+                f"EP transport '{IPC}' is not available for this group: {IPC} carries CUDA tensors; CPU groups use {SHM} "
+                f"(this group is {dist.get_backend(group)} on {device.type}). Use '{SHM}' or '{TORCH}'."
+            )
+        return None
+    world = dist.get_world_size(group)
+    result = ipc.connect(group, options["timeout_s"], ipc.area_bytes(int(options.get("num_nvl_bytes") or 0), world), device)
+    if isinstance(result, str):
+        if forced:
+            raise BackendUnavailableError(f"EP transport '{IPC}': {result}. Use '{TORCH}' (NCCL) otherwise.")
+        _log.info("hal.ep: CUDA IPC transport not used (%s); using torch.distributed", result)
+        return None
+    return IpcTransport(result)
+
+
 def select_transport(group: dist.ProcessGroup, device: torch.device, options: dict[str, Any], choice: str | None) -> Transport:
     """The transport for a Buffer.
 
@@ -171,11 +203,12 @@ def select_transport(group: dist.ProcessGroup, device: torch.device, options: di
         group, device: the Buffer's process group and the device its tensors live on.
         options: the Buffer's ``num_nvl_bytes``, ``num_rdma_bytes``, ``low_latency_mode``, ``timeout_s``
             (resolved), passed to backends' ``hal_ep_transport``.
-        choice: ``"torch"``, ``"shm"``, a backend name (that backend must supply one), or None /
-            ``"auto"``: ``HAL_EP_TRANSPORT`` if set, else the first available backend, by
+        choice: ``"torch"``, ``"shm"``, ``"ipc"``, a backend name (that backend must supply one), or
+            None / ``"auto"``: ``HAL_EP_TRANSPORT`` if set, else the first available backend, by
             priority, whose hook answers for this device, else ``"shm"`` for a gloo group whose
-            ranks share a host, else ``"torch"``. Every rank must choose alike (the shm setup is
-            collective).
+            ranks share a host, else ``"ipc"`` for CUDA ranks of one host that import cupy and
+            whose GPUs have peer access (or share one), else ``"torch"``. Every rank must choose
+            alike (the shm and ipc setups are collective; each decides from every rank's facts).
     """
     choice = choice or os.environ.get(ENV_TRANSPORT, "").strip() or "auto"
     if choice == TORCH:
@@ -185,10 +218,9 @@ def select_transport(group: dist.ProcessGroup, device: torch.device, options: di
         assert transport is not None
         return transport
     if choice == IPC:
-        raise OperatorNotSupportedError(
-            f"EP transport '{IPC}' (CUDA IPC between the GPUs of one host) is not available in this version of hal; "
-            f"use '{TORCH}' (NCCL) for CUDA groups, '{SHM}' for CPU ranks of one host."
-        )
+        transport = _cuda_ipc(group, device, options, forced=True)
+        assert transport is not None
+        return transport
     known = registry.backends()
     if choice != "auto":
         backend = known.get(choice)
@@ -205,6 +237,8 @@ def select_transport(group: dist.ProcessGroup, device: torch.device, options: di
             transport = _ask(backend, group, device, options)
             if transport is not None:
                 return transport
+    if device.type == "cuda":
+        return _cuda_ipc(group, device, options, forced=False) or TorchTransport(group, options["timeout_s"])
     return _shared_memory(group, device, options, forced=False) or TorchTransport(group, options["timeout_s"])
 
 
@@ -220,7 +254,8 @@ def _ask(backend: registry.Backend, group: dist.ProcessGroup, device: torch.devi
 
 def plan() -> dict[str, Any]:
     """What :func:`select_transport` would give a Buffer on this machine, without creating anything
-    (for ``hal backends``): the forced choice, backends that offer a transport, and the rule."""
+    (for ``hal backends``): the forced choice, backends that offer a transport, the rule, room in
+    /dev/shm (``shm``) and whether cupy is there for CUDA IPC (``ipc``; found, not imported)."""
     forced = os.environ.get(ENV_TRANSPORT, "").strip() or None
     offering = sorted(b.name for b in registry.backends().values() if b.available and b.implements(HOOK))
     try:
@@ -228,11 +263,17 @@ def plan() -> dict[str, Any]:
         room = f"{shm.SHM_DIR}: {stat.f_bavail * stat.f_frsize / 2**30:.1f} GiB free"
     except OSError:
         room = f"{shm.SHM_DIR}: not available"
+    if ipc.cupy_found():
+        cuda = f"{IPC} if the ranks share a host and each pair of their GPUs has peer access (or they share one), else {TORCH}"
+        cupy = f"cupy found: CUDA ranks of one host can use {IPC}"
+    else:
+        cuda = TORCH
+        cupy = f"cupy not found: {IPC} (CUDA IPC between the GPUs of one host) needs it: {ipc.INSTALL_HINT}"
     return {
-        "forced": forced, "backends": offering, "shm": room,
+        "forced": forced, "backends": offering, "shm": room, "ipc": cupy,
         "rule": {
             "cpu (gloo), ranks on one host": forced or (f"a backend's ({', '.join(offering)}) if it answers, else {SHM}" if offering else SHM),
             "cpu (gloo), ranks on several hosts": forced or TORCH,
-            "cuda (nccl)": forced or (f"a backend's ({', '.join(offering)}) if it answers, else {TORCH}" if offering else TORCH),
+            "cuda (nccl)": forced or (f"a backend's ({', '.join(offering)}) if it answers, else {cuda}" if offering else cuda),
         },
     }

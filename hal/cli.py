@@ -68,7 +68,7 @@ def _print_backends(report: dict[str, Any], console: Console) -> None:
                 chosen.add_row(op_name, pick["backend"], escape(pick["reason"]))
         console.print(chosen)
     ep = report["ep_transport"]
-    console.print("EP transport (hal.ep.Buffer): " + escape("; ".join(f"{where}: {what}" for where, what in ep["rule"].items())) + f" [dim]({escape(ep['shm'])})[/]")
+    console.print("EP transport (hal.ep.Buffer): " + escape("; ".join(f"{where}: {what}" for where, what in ep["rule"].items())) + f" [dim]({escape(ep['shm'])}; {escape(ep.get('ipc', ''))})[/]")
     if report["environment"]:
         console.print("Selection variables honoured: " + escape(", ".join(f"{k}={v}" for k, v in report["environment"].items())))
     for var, ignored in report["ignored_environment"].items():
