@@ -43,7 +43,11 @@ def _assert_conforms(op: str, output: str, got: torch.Tensor, expected: torch.Te
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of 128 columns and 48 rows, so small shapes cross every chunk edge and tail."""
+    """The torch kernels (not the native ones: tests/test_cpu_native.py has those), in chunks of
+    128 columns and 48 rows, so small shapes cross every chunk edge and tail."""
+    from hal.backends.cpu import plugin
+
+    monkeypatch.setattr(plugin, "_kernels", lambda: None)
     monkeypatch.setattr(gemm_fp8, "WEIGHT_BYTES", 1)
     monkeypatch.setattr(gemm_fp8, "PARTIAL_BYTES", 1)
     monkeypatch.setattr(gemm_fp8, "M_CHUNK", 48)
@@ -149,23 +153,51 @@ def test_masked_groups_leave_rows_beyond_the_count_untouched(small_chunks):
 def test_quick_conformance_passes_on_every_operator_it_implements():
     results = run_backend("cpu", select_cases(quick=True))
     ran = {r.op for r in results if r.status != "unsupported"}
-    assert ran == set(GEMMS) | {"ep_combine_reduce"}
+    assert ran == set(GEMMS) | {"ep_combine_reduce", "mla_decode"}
     assert all(r.passed for r in results if r.op in ran), [(r.case_id, r.reason) for r in results if r.op in ran and not r.passed]
 
 
-def test_the_tiled_combine_reduce_is_the_reference_bit_for_bit():
-    from hal.backends.cpu.ep import combine_reduce
+def _same_values(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal value for value: NaN where the reference has NaN, equal numbers elsewhere (+0.0 == -0.0)."""
+    nan = torch.isnan(expected)
+    return got.dtype == expected.dtype and torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], expected[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("copies", ["mixed", "one", "two", "by-source", "by-source-gaps", "by-source-4"])
+def test_the_tiled_combine_reduce_is_the_reference_value_for_value(dtype, copies, monkeypatch):
+    """Every path (general float32 tiles, one-row and two-row tiles), tile edges, specials, weights."""
+    from hal.backends.cpu import ep
     from hal.ops.ep_local import combine_reduce_reference
 
+    monkeypatch.setattr(ep, "TILE_BYTES", 4 * 700 * 7)  # tiles of 7 tokens: 90 tokens cross many edges
     gen = torch.Generator().manual_seed(3)
-    rows = (torch.randn(300, 700, generator=gen) * 100).to(torch.bfloat16)
-    rows[5, 3], rows[7, 9] = float("nan"), float("inf")
-    src_idx = torch.randint(0, 90, (300,), generator=gen, dtype=torch.int32)
-    weights = torch.rand(300, generator=gen)
+    tokens = 90
+    if copies == "mixed":
+        src_idx = torch.randint(0, tokens, (300,), generator=gen, dtype=torch.int32)
+    elif copies.startswith("by-source"):  # as combine receives them: per source rank, sorted by token (slices, no gathers)
+        second = torch.arange(tokens, dtype=torch.int32)
+        if copies.endswith("gaps"):
+            second = second[torch.rand(tokens, generator=gen) > 0.1]
+        src_idx = torch.cat([torch.arange(tokens, dtype=torch.int32), second] * (2 if copies.endswith("4") else 1))
+    else:
+        src_idx = torch.arange(tokens, dtype=torch.int32).repeat(1 if copies == "one" else 2)
+        src_idx = src_idx[torch.randperm(src_idx.numel(), generator=gen)].contiguous()
+    count = src_idx.numel()
+    rows = (torch.randn(count, 700, generator=gen) * 100).to(dtype)
+    rows[5, 3], rows[7, 9], rows[8, 9], rows[11, 2] = float("nan"), float("inf"), -float("inf"), -0.0
+    rows[:, 0] = -0.0  # sums of negative zeros
+    rows[12, 1] = torch.finfo(dtype).max
+    weights = torch.rand(count, generator=gen)
     for w in (None, weights):
-        got, expected = combine_reduce(rows, src_idx, 90, w), combine_reduce_reference(rows, src_idx, 90, w)
-        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
-    assert combine_reduce(rows[:0], src_idx[:0], 4, None).eq(0).all()
+        got, expected = ep.combine_reduce(rows, src_idx, tokens, w), combine_reduce_reference(rows, src_idx, tokens, w)
+        assert _same_values(got, expected)
+    # Rows read through a strided view (a slice of a wider message) give the same result.
+    wide = torch.zeros(count, 800, dtype=dtype)
+    wide[:, 50:750] = rows
+    assert _same_values(ep.combine_reduce(wide[:, 50:750], src_idx, tokens, None), combine_reduce_reference(rows, src_idx, tokens, None))
+    assert ep.combine_reduce(rows[:0], src_idx[:0], 4, None).eq(0).all()
+    assert ep.combine_reduce(rows, src_idx, tokens + 5, None)[tokens:].eq(0).all()  # tokens without rows are 0
 
 
 @pytest.fixture
@@ -185,17 +217,22 @@ def test_without_opencl_auto_selection_gives_cpu_tensors_the_cpu_gemms(op, featu
 
 
 @pytest.mark.parametrize("op", GEMMS)
-def test_opencl_keeps_the_gemms_where_it_runs_and_cpu_beats_the_reference(op):
-    """Priority order for CPU tensors: opencl (50), cpu (40), reference (0)."""
-    assert registry.backends()["opencl"].priority > registry.backends()["cpu"].priority > registry.backends()["reference"].priority
-    expected = "opencl" if hal.get_backend("opencl").available else "cpu"
+def test_cpu_outranks_opencl_only_with_its_native_fast_path(op):
+    """Priority order for CPU tensors: cpu (60, the native AVX-512 BF16 kernels), opencl (50),
+    cpu (40, the torch kernels), reference (0)."""
+    from hal.backends.cpu import native
+
+    opencl, cpu, reference = (registry.backends()[name].priority for name in ("opencl", "cpu", "reference"))
+    assert cpu > reference
+    assert (cpu > opencl) == native.expected_fast()
+    expected = "opencl" if hal.get_backend("opencl").available and opencl > cpu else "cpu"
     assert hal.select(op, "cpu").backend.name == expected
 
 
 def test_other_operators_fall_through_to_the_backends_below():
     cpu = hal.get_backend("cpu")
-    served = set(GEMMS) | {"ep_combine_reduce"}
-    assert sorted(h.removeprefix("hal_") for h in cpu.implemented_hooks()) == sorted(served)
+    served = set(GEMMS) | {"ep_combine_reduce", "mla_decode"}
+    assert sorted(h.removeprefix("hal_") for h in cpu.implemented_hooks()) == sorted(served | {"get_mla_metadata"})  # its MLA schedule
     assert hal.select("ep_combine_reduce", "cpu").backend.name == "cpu", "opencl has none: cpu outranks the numpy example"
     below = sorted((b for b in registry.backends().values() if b.name != "cpu"), key=lambda b: (-b.priority, b.name))
     for op in hal.OPERATORS.values():

@@ -1,0 +1,353 @@
+"""The cpu backend's native kernels (FP8 GEMMs, MLA decode): a small C library built on this machine, loaded with ctypes.
+
+The sources are ``native/fp8_gemm.c`` and ``native/mla_decode.c`` beside this module (plain C11
+with AVX-512 BF16 intrinsics where the compiler targets them, a portable C path elsewhere; their
+headers say how they work), compiled together into one library. It is
+compiled once per machine, lazily, the first time a process needs it::
+
+    $CC (else cc, gcc, clang) -O3 -march=native -std=c11 -ffp-contract=off -fopenmp -fPIC -shared -pthread
+
+into ``$HAL_CACHE_DIR/cpu-native/<key>.so`` (the cache folder of :func:`hal.canary.cache_dir`),
+where ``key`` hashes the source, the compiler's ``--version``, the flags and the CPU model and
+flags from ``/proc/cpuinfo``: editing the source, changing the compiler or moving to another CPU
+builds anew. With OpenMP the kernels run on torch's own intra-op threads (torch's wheel ships
+libgomp.so.1, which the library then binds to). A compiler that refuses the flags is tried again
+without ``-fopenmp`` (the kernels then use a small pthread pool of their own), then also without
+``-march=native``. The library is written under a temporary name and renamed into place, so
+processes building at once never load a half-written file. A failed build is recorded beside it
+(``<key>.err``, the compiler's last words) so that later processes do not retry it; deleting
+the folder retries.
+
+No compiler, a failed build or ``HAL_CPU_NATIVE=0`` leaves the backend on its torch kernels
+(:mod:`hal.backends.cpu.gemm_fp8`); :func:`describe` says which one runs, and why.
+
+Native code can crash its process, so the backend names the library in its canary key
+(:func:`canary_key`) and unihal runs it once in a child process (:mod:`hal.canary`) before
+auto-selection may choose it. Only that child and processes that call the GEMMs load the library;
+availability probes compile at most.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from hal.canary import cache_dir, sources_fingerprint
+
+__all__ = ["ENV_NATIVE", "SOURCES", "FLAGS", "Build", "enabled", "build", "library", "load", "describe", "canary_key", "expected_fast"]
+
+ENV_NATIVE = "HAL_CPU_NATIVE"
+# One library, one build: the FP8 GEMMs and MLA decode (each file self-contained, exporting only
+# hal_fp8_* and hal_mla_* symbols).
+SOURCES = (Path(__file__).parent / "native" / "fp8_gemm.c", Path(__file__).parent / "native" / "mla_decode.c")
+FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-pthread")
+# The preprocessor symbols whose presence selects the fast path in fp8_gemm.c (HAL_FAST).
+_FAST_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512VBMI__", "__AVX512BF16__")
+_FAST_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vbmi", "avx512_bf16")
+_BUILD_TIMEOUT_S = 120
+
+
+def enabled() -> bool:
+    """False when ``HAL_CPU_NATIVE`` is 0 (or false/no/off): the torch kernels run."""
+    return os.environ.get(ENV_NATIVE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _compiler() -> tuple[str, ...] | None:
+    """``$CC`` (split as a shell would), else the first of cc, gcc, clang on PATH."""
+    explicit = os.environ.get("CC", "").strip()
+    if explicit:
+        return tuple(shlex.split(explicit))
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return (found,)
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_version(cc: tuple[str, ...]) -> tuple[str, str] | None:
+    """``(cc --version output, "gcc 12.2.0")``, or None when it does not run."""
+    try:
+        done = subprocess.run([*cc, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    text = done.stdout.strip()
+    first = text.splitlines()[0] if text else ""
+    family = "clang" if "clang" in first.lower() else "gcc" if ("gcc" in first.lower() or "free software foundation" in text.lower()) else Path(cc[0]).name
+    numbers = re.findall(r"\d+\.\d+(?:\.\d+)?", first)
+    return text, f"{family} {numbers[-1]}" if numbers else family
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_identity() -> tuple[str, frozenset[str]]:
+    """The CPU's model and flags as ``/proc/cpuinfo`` has them (the platform's name elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.machine() + " " + platform.processor(), frozenset()
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name in ("model name", "flags", "Features", "CPU implementer", "CPU part") and name not in fields:
+            fields[name] = value.strip()
+    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
+    return json.dumps(fields, sort_keys=True), flags
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _key(cc: tuple[str, ...], version: str, flags: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for part in (_source_digest(), " ".join(cc), version, " ".join(flags), _cpu_identity()[0]):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Build:
+    """The outcome of building the library on this machine.
+
+    Attributes:
+        path: the shared library, or None when there is none.
+        reason: why there is none (no compiler, the compiler's last words).
+        compiler: ``"gcc 12.2.0"``.
+        kernels: ``"avx512_bf16"`` (the fast path) or ``"portable C"``.
+    """
+
+    path: Path | None
+    reason: str = ""
+    compiler: str = ""
+    kernels: str = ""
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])[-800:]
+
+
+def _fast_macros(cc: tuple[str, ...], flags: tuple[str, ...]) -> bool:
+    """Whether the compiler, with these flags, defines every macro the fast path needs."""
+    query = [f for f in flags if f not in ("-shared", "-fPIC")]
+    try:
+        done = subprocess.run([*cc, *query, "-dM", "-E", "-x", "c", os.devnull], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=_BUILD_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    defined = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define ") and len(line.split()) > 1}
+    return done.returncode == 0 and all(m in defined for m in _FAST_MACROS)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _compile(cc: tuple[str, ...], flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile SOURCES into ``target`` (atomically); None on success, else the compiler's last words."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        try:
+            done = subprocess.run([*cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace", timeout=_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(cc)} did not finish within {_BUILD_TIMEOUT_S} s"
+        except OSError as exc:
+            return f"{' '.join(cc)} could not run: {exc}"
+        if done.returncode != 0:
+            return f"{' '.join(cc)} exit code {done.returncode}: {_tail(done.stderr or done.stdout)}"
+        os.replace(tmp, target)
+        return None
+    finally:
+        _unlink_quietly(tmp)
+
+
+def build(*, flags: tuple[str, ...] = FLAGS, folder: Path | None = None) -> Build:
+    """The library for these flags, compiled now unless the cache has it (never loaded here).
+
+    ``flags`` other than :data:`FLAGS` serve tests (the portable path: ``-mno-avx512bf16``)."""
+    cc = _compiler()
+    if cc is None:
+        return Build(None, "no C compiler (set CC, or install gcc or clang)")
+    found = _compiler_version(cc)
+    if found is None:
+        return Build(None, f"the C compiler {' '.join(cc)!r} does not run ({' '.join(cc)} --version failed)")
+    version, short = found
+    folder = folder or cache_dir() / "cpu-native"
+    key = _key(cc, version, flags)
+    library_path, info_path, error_path = folder / f"{key}.so", folder / f"{key}.json", folder / f"{key}.err"
+    try:
+        if library_path.exists() and info_path.exists():
+            return Build(library_path, compiler=short, kernels=json.loads(info_path.read_text())["kernels"])
+        if error_path.exists():
+            return Build(None, error_path.read_text(errors="replace").strip(), compiler=short)
+    except (OSError, ValueError, KeyError):
+        pass  # unreadable: build again
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return Build(None, f"cannot create {folder}: {exc}", compiler=short)
+    # Without OpenMP (Apple's clang): the pthread pool; then without -march=native (compilers that lack it).
+    attempts = [flags, tuple(f for f in flags if f != "-fopenmp"), tuple(f for f in flags if f not in ("-fopenmp", "-march=native"))]
+    failure: str | None = None  # the first attempt's, the one with every flag
+    for used in dict.fromkeys(attempts):
+        error = _compile(cc, used, library_path)
+        if error is None:
+            failure = None
+            break
+        failure = failure or error
+    kernels = "avx512_bf16" if failure is None and _fast_macros(cc, used) else "portable C"
+    try:
+        if failure is not None:
+            reason = f"build failed: {failure}"
+            _write_atomically(error_path, reason.encode())
+            return Build(None, reason, compiler=short)
+        _write_atomically(info_path, json.dumps({"kernels": kernels, "compiler": short, "flags": list(used)}).encode())
+    except OSError as exc:  # a read-only cache: the library may still be there
+        if failure is not None:
+            return Build(None, f"build failed: {failure}", compiler=short)
+        if not library_path.exists():
+            return Build(None, f"cannot write to {folder}: {exc}", compiler=short)
+    return Build(library_path, compiler=short, kernels=kernels)
+
+
+_lock = threading.Lock()
+_built: dict[tuple, Build] = {}
+_loaded: dict[Path, ctypes.CDLL | str] = {}
+
+
+def _current_build() -> Build:
+    """This process's build for the current compiler and cache folder (computed once each)."""
+    marker = (os.environ.get("CC", ""), str(cache_dir()))
+    with _lock:
+        if marker not in _built:
+            _built[marker] = build()
+        return _built[marker]
+
+
+def _load(path: Path) -> ctypes.CDLL | str:
+    """The loaded library with its signatures declared, or why it could not be loaded."""
+    with _lock:
+        if path not in _loaded:
+            try:
+                lib = ctypes.CDLL(str(path))
+                c_long, c_int, c_void_p = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+                lib.hal_fp8_gemm.argtypes = [c_void_p, c_long, c_void_p, c_void_p, c_long, c_void_p, c_int, c_void_p, c_long, c_int, c_long, c_long,
+                                             c_long, c_int]
+                lib.hal_fp8_gemm.restype = c_int
+                lib.hal_fp8_path.argtypes = []
+                lib.hal_fp8_path.restype = ctypes.c_char_p
+                lib.hal_mla_path.argtypes = []
+                lib.hal_mla_path.restype = ctypes.c_char_p
+                _loaded[path] = lib
+            except (OSError, AttributeError) as exc:
+                _loaded[path] = f"the built library does not load: {exc}"
+        return _loaded[path]
+
+
+def library() -> ctypes.CDLL | None:
+    """The native kernels, built and loaded on first use; None when they are off or unavailable."""
+    if not enabled():
+        return None
+    built = _current_build()
+    if built.path is None:
+        return None
+    lib = _load(built.path)
+    return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def load(built: Build) -> ctypes.CDLL:
+    """Load a given build (tests load the portable build beside the default one)."""
+    assert built.path is not None, built.reason
+    lib = _load(built.path)
+    if isinstance(lib, str):
+        raise OSError(lib)
+    return lib
+
+
+def describe(threads: int, *, try_load: bool = False) -> tuple[bool, str]:
+    """``(native, words)``: whether the GEMMs run on the native kernels, and the device string
+    ``hal backends`` shows. Builds the library when needed; loads it only when ``try_load``."""
+    if not enabled():
+        return False, f"torch kernels ({ENV_NATIVE}=0)"
+    built = _current_build()
+    if built.path is None:
+        return False, f"torch kernels (native kernels unavailable: {built.reason})"
+    if try_load:
+        lib = _load(built.path)
+        if isinstance(lib, str):
+            return False, f"torch kernels ({lib})"
+    return True, f"native kernels: fp8 GEMMs, MLA decode ({built.compiler}, {built.kernels}, {threads} threads)"
+
+
+def expected_fast() -> bool:
+    """Cheap (no build): whether the native fast path is expected to run here, so that the
+    backend may rank above opencl. True when the kernels are on, a compiler is found, the CPU has
+    AVX-512 BF16 and VBMI, and no build on this machine has failed or produced the portable path."""
+    if not enabled():
+        return False
+    cc = _compiler()
+    if cc is None or not all(flag in _cpu_identity()[1] for flag in _FAST_CPU_FLAGS):
+        return False
+    found = _compiler_version(cc)
+    if found is None:
+        return False
+    folder = cache_dir() / "cpu-native"
+    key = _key(cc, found[0], FLAGS)
+    if (folder / f"{key}.err").exists():
+        return False
+    try:
+        return json.loads((folder / f"{key}.json").read_text()).get("kernels") == "avx512_bf16"
+    except FileNotFoundError:
+        return True  # not built yet: the CPU and the compiler say it will be
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def canary_key() -> str:
+    """What the native kernels' behaviour depends on: the switch, the compiler, the flags, the CPU
+    and the backend's sources (the C file included)."""
+    cc = _compiler()
+    version = _compiler_version(cc) if cc else None
+    return "\n".join([
+        f"{ENV_NATIVE}={os.environ.get(ENV_NATIVE, '')}",
+        f"compiler {' '.join(cc) if cc else 'none'}: {version[0] if version else 'does not run'}",
+        "flags " + " ".join(FLAGS),
+        "cpu " + _cpu_identity()[0],
+        "sources " + sources_fingerprint(Path(__file__).parent),
+    ])

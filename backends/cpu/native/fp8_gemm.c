@@ -1,0 +1,797 @@
+/* FP8 GEMM with fine-grained scales (DeepGEMM numerics) for the cpu backend of unihal.
+ *
+ * Built on the user's machine by hal.backends.cpu.native (cc -O3 -march=native -std=c11
+ * -ffp-contract=off -fopenmp -pthread -shared -fPIC) and called through ctypes. Plain C11; the
+ * fast path needs AVX-512 F/BW/VBMI/BF16 (AMD Zen 4 and later, Intel Sapphire Rapids and later),
+ * anything else compiles the portable path. -ffp-contract=off matters: the promotion's multiplies
+ * and add must round separately, as the reference's do.
+ *
+ * Contract (hal.ops.gemm_reference): out[m, n] = sum over 128-wide K blocks kb of
+ *     (dot_kb(a[m], b[n]) * a_scales[m, kb]) * b_scales[n or n / 128, kb]
+ * where dot_kb is an fp32 sum of the products of the exactly decoded e4m3fn values (any order), the
+ * promotion is two fp32 multiplies in that order, the blocks are summed in fp32 starting from 0,
+ * and out (bfloat16, round to nearest even as torch does, or float32) is written once.
+ *
+ * Fast path. Every e4m3 value is exact in bf16, and the product of two is exact in fp32 (and is a
+ * multiple of 2^-18, so neither products nor partial sums are ever fp32 denormals, which
+ * vdpbf16ps would flush): each K block's dot product is a run of vdpbf16ps.
+ *   - B is packed per strip of 32 columns, decoded to bf16 in the VNNI pair layout
+ *     (for pair P = k/2: 16 columns x [b[n][2P], b[n][2P+1]] per zmm, two zmm per pair). The
+ *     fp8 bytes are transposed as 16 x 16 dwords (4 shuffle stages), then decoded with two
+ *     128-entry byte table lookups (vpermi2b: low and high byte of the bf16) and interleaved.
+ *   - A is decoded to bf16 pairs, stored per strip of mr <= 12 rows as [P][mr] dwords, so the
+ *     microkernel broadcasts one dword per row and pair.
+ *   - The microkernel keeps mr x 32 fp32 partial sums in registers over one K block (64 pairs),
+ *     then promotes them into the mr x 32 fp32 accumulator tile: (p * sa) * sb, then +.
+ *   - 15 or 16 rows take another kernel whose lanes are rows (see "rows in lanes"): it decodes B
+ *     without the transpose, which at so few rows costs as much as the products.
+ * Work items are (32-column strip, group of row strips), taken dynamically by OpenMP threads
+ * (torch's, see parallel_for), or by a small pthread pool where the compiler has no OpenMP.
+ */
+
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, posix_memalign under -std=c11 */
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512BF16__)
+#define HAL_FAST 1
+#include <immintrin.h>
+#else
+#define HAL_FAST 0
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+#define BLK 128       /* K block of the scales */
+#define NR 32         /* columns per strip */
+#define MR 12         /* most rows per register tile */
+#define PAIRS (BLK / 2)
+#define GROUP_ROWS 768 /* most rows of A per work item (bounds the accumulator scratch) */
+#define A_PACK_BYTES (16L << 20) /* decoded A per super-chunk of rows */
+#define B_PACK_BLOCKS 64 /* most K blocks of a packed B strip (512 KiB) */
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T1
+#endif
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 256 /* how far ahead along each row of B the packing fetches */
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* e4m3fn decoding                                                                            */
+
+static uint16_t lut_bf16[256];             /* bf16 bits of every code (NaN: 0x7fc0, sign kept) */
+static float lut_f32[256];
+static uint8_t lut_lo[128], lut_hi[128];   /* bytes of the bf16 of the code's 7 low bits */
+static pthread_once_t lut_once = PTHREAD_ONCE_INIT;
+
+static void lut_init(void) {
+    for (int code = 0; code < 256; code++) {
+        int sign = code >> 7, e = (code >> 3) & 15, m = code & 7;
+        float v;
+        if (e == 15 && m == 7)
+            v = NAN;
+        else if (e == 0)
+            v = ldexpf((float)m, -9);
+        else
+            v = ldexpf((float)(8 + m), e - 10);
+        if (sign) v = -v;
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        if (v != v) bits = 0x7fc00000u | ((uint32_t)sign << 31);
+        lut_f32[code] = v;
+        lut_bf16[code] = (uint16_t)(bits >> 16); /* exact: e4m3 values need 4 significant bits */
+        if (code < 128) {
+            lut_lo[code] = (uint8_t)(bits >> 16);
+            lut_hi[code] = (uint8_t)(bits >> 24);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* threads                                                                                    */
+
+typedef void (*item_fn)(void *ctx, long item, int tid);
+
+#ifdef _OPENMP
+/* OpenMP. In a process that imported torch, libgomp.so.1 is torch's own (its wheel ships it under
+ * that soname), so these parallel regions run on torch's intra-op threads: no second pool competes
+ * with them for the cores (their idle threads spin for a while after each torch operator). */
+#include <omp.h>
+
+/* Run fn(ctx, item, tid) for item in [0, nitems), items taken dynamically by up to nthreads threads. */
+static void parallel_for(item_fn fn, void *ctx, long nitems, int nthreads) {
+    if (nthreads > nitems) nthreads = (int)nitems;
+    if (nthreads <= 1) {
+        for (long i = 0; i < nitems; i++) fn(ctx, i, 0);
+        return;
+    }
+    long next = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = omp_get_thread_num();
+        long i;
+        while ((i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < nitems) fn(ctx, i, tid);
+    }
+}
+
+#else
+/* ------------------------------------------------------------------------------------------ */
+/* without OpenMP: a persistent pthread pool, the caller is worker 0                          */
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_mutex_t call_mu; /* one job at a time; a concurrent caller runs inline */
+    int nworkers;            /* threads created (tids 1..nworkers) */
+    unsigned long gen;       /* job generation (atomic) */
+    int active;              /* workers that have not finished the current job (atomic) */
+    long next;               /* next item (atomic) */
+    item_fn fn;
+    void *ctx;
+    long nitems;
+    int nthreads;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0};
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void pool_after_fork_child(void) {
+    /* The workers do not exist in a forked child: start afresh (created again on demand). */
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    pool.mu = m;
+    pool.call_mu = m;
+    pool.cv = c;
+    pool.nworkers = 0;
+    pool.gen = 0;
+    pool.active = 0;
+}
+
+static void atfork_init(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
+
+static void run_items(item_fn fn, void *ctx, long nitems, int tid) {
+    long i;
+    while ((i = __atomic_fetch_add(&pool.next, 1, __ATOMIC_RELAXED)) < nitems) fn(ctx, i, tid);
+}
+
+#ifndef SPIN_NS
+#define SPIN_NS 50000L /* how long a worker waits for the next job before sleeping (a GEMM's grouped calls come back to back) */
+#endif
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+#define MAX_THREADS 256
+static unsigned long birth_gen[MAX_THREADS]; /* the generation current when each worker was created */
+
+static void *worker_main(void *arg) {
+    int tid = (int)(long)arg;
+    unsigned long seen = birth_gen[tid]; /* jobs published before its birth are not its own */
+    for (;;) {
+        unsigned long g;
+        long spins = 0, deadline = 0;
+        while ((g = __atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE)) == seen) {
+            CPU_RELAX();
+            if (++spins % 64) continue;
+            long t = now_ns();
+            if (!deadline) deadline = t + SPIN_NS;
+            if (t < deadline) continue;
+            pthread_mutex_lock(&pool.mu);
+            while (__atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = g;
+        if (tid < pool.nthreads) run_items(pool.fn, pool.ctx, pool.nitems, tid);
+        __atomic_fetch_sub(&pool.active, 1, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+/* Run fn(ctx, item, tid) for item in [0, nitems) on up to nthreads threads; tid < nthreads. */
+static void parallel_for(item_fn fn, void *ctx, long nitems, int nthreads) {
+    if (nthreads > nitems) nthreads = (int)nitems;
+    if (nthreads <= 1 || pthread_mutex_trylock(&pool.call_mu) != 0) {
+        for (long i = 0; i < nitems; i++) fn(ctx, i, 0);
+        return;
+    }
+    pthread_once(&atfork_once, atfork_init);
+    pthread_mutex_lock(&pool.mu);
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    while (pool.nworkers < nthreads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        birth_gen[pool.nworkers + 1] = pool.gen; /* the job published below is its first */
+        int ok = pthread_create(&t, &attr, worker_main, (void *)(long)(pool.nworkers + 1)) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool.nworkers++;
+    }
+    if (nthreads > pool.nworkers + 1) nthreads = pool.nworkers + 1;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.nitems = nitems;
+    pool.nthreads = nthreads;
+    __atomic_store_n(&pool.next, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.active, pool.nworkers, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&pool.gen, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    run_items(fn, ctx, nitems, 0);
+    for (long spins = 0; __atomic_load_n(&pool.active, __ATOMIC_ACQUIRE) > 0; spins++) {
+        if (spins < 200000)
+            CPU_RELAX();
+        else
+            sched_yield();
+    }
+    pthread_mutex_unlock(&pool.call_mu);
+}
+
+#endif /* _OPENMP */
+
+/* ------------------------------------------------------------------------------------------ */
+/* per-thread scratch                                                                         */
+
+static __thread void *scratch_ptr;
+static __thread size_t scratch_cap;
+
+static void *scratch(size_t bytes) {
+    if (bytes > scratch_cap) {
+        free(scratch_ptr);
+        scratch_ptr = NULL;
+        scratch_cap = 0;
+        size_t cap = (bytes + 4095) & ~(size_t)4095;
+        if (posix_memalign(&scratch_ptr, 64, cap) != 0) {
+            scratch_ptr = NULL;
+            return NULL;
+        }
+        scratch_cap = cap;
+    }
+    return scratch_ptr;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* problem description                                                                        */
+
+typedef struct {
+    const uint8_t *a; long lda;  /* fp8 [M, K], row stride in bytes */
+    const float *as;             /* [M, KB] */
+    const uint8_t *b; long ldb;  /* fp8 [N, K] */
+    const float *bs; int b_per_token; /* [N or ceil(N/128), KB] */
+    void *out; long ldo; int out_f32;
+    long M, N, K, KB;
+    /* current super-chunk of rows [m0, m0 + mc) */
+    long m0, mc;
+    int nstrips;                 /* row strips of the super-chunk */
+    long *strip_r0;              /* first row of each strip (relative to m0), nstrips + 1 entries */
+    int ngroups;                 /* groups of consecutive strips */
+    int *group_s0;               /* first strip of each group, ngroups + 1 entries */
+    long ncs;                    /* column strips */
+    void *apack;                 /* decoded A of the super-chunk (strip s at strip_r0[s] * K elements) */
+    int failed;                  /* a worker could not get scratch memory */
+} problem;
+
+static float col_scale(const problem *p, long n, long kb) {
+    long row = p->b_per_token ? n : n / BLK;
+    return p->bs[row * p->KB + kb];
+}
+
+static void scale_strip(const problem *p, long n0, float *cs) {
+    /* cs[kb][32]: the scale of each column of the strip in each K block (0 past N). */
+    for (long kb = 0; kb < p->KB; kb++)
+        for (int c = 0; c < NR; c++) cs[kb * NR + c] = n0 + c < p->N ? col_scale(p, n0 + c, kb) : 0.0f;
+}
+
+#if !HAL_FAST
+static inline uint16_t f32_to_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if (v != v) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#endif
+
+#if !HAL_FAST
+static void write_rows_scalar(const problem *p, long row0, int rows, long n0, const float *C) {
+    long cols = p->N - n0 < NR ? p->N - n0 : NR;
+    for (int r = 0; r < rows; r++) {
+        if (p->out_f32) {
+            float *o = (float *)p->out + (row0 + r) * p->ldo + n0;
+            for (long c = 0; c < cols; c++) o[c] = C[r * NR + c];
+        } else {
+            uint16_t *o = (uint16_t *)p->out + (row0 + r) * p->ldo + n0;
+            for (long c = 0; c < cols; c++) o[c] = f32_to_bf16(C[r * NR + c]);
+        }
+    }
+}
+#endif
+
+#if HAL_FAST
+/* ------------------------------------------------------------------------------------------ */
+/* fast path                                                                                  */
+
+typedef struct { __m512i lo0, lo1, hi0, hi1, sign, ilv0, ilv1; } decoder;
+
+static void decoder_init(decoder *d) {
+    d->lo0 = _mm512_loadu_si512(lut_lo);
+    d->lo1 = _mm512_loadu_si512(lut_lo + 64);
+    d->hi0 = _mm512_loadu_si512(lut_hi);
+    d->hi1 = _mm512_loadu_si512(lut_hi + 64);
+    d->sign = _mm512_set1_epi8((char)0x80);
+    /* Dword j of the transposed fp8 holds row j's bytes k..k+3: pair (k, k+1) -> ilv0, (k+2, k+3) -> ilv1,
+     * each dword [lo(x0), hi(x0), lo(x1), hi(x1)]; index >= 64 selects from the high bytes. */
+    uint8_t i0[64], i1[64];
+    for (int j = 0; j < 16; j++) {
+        i0[4 * j + 0] = (uint8_t)(4 * j);     i0[4 * j + 1] = (uint8_t)(64 + 4 * j);
+        i0[4 * j + 2] = (uint8_t)(4 * j + 1); i0[4 * j + 3] = (uint8_t)(64 + 4 * j + 1);
+        i1[4 * j + 0] = (uint8_t)(4 * j + 2); i1[4 * j + 1] = (uint8_t)(64 + 4 * j + 2);
+        i1[4 * j + 2] = (uint8_t)(4 * j + 3); i1[4 * j + 3] = (uint8_t)(64 + 4 * j + 3);
+    }
+    d->ilv0 = _mm512_loadu_si512(i0);
+    d->ilv1 = _mm512_loadu_si512(i1);
+}
+
+/* Pack columns [n0, n0 + 32) x K blocks [kb0, kb1) of B into dst: pair P (relative to kb0 * 64)
+ * at dst + P * 32 dwords, columns 0..15 then 16..31; columns past N are zeros. */
+static void pack_b(const problem *p, const decoder *d, long n0, long kb0, long kb1, uint32_t *dst) {
+    for (int half = 0; half < 2; half++) {
+        long first = n0 + 16 * half;
+        long valid = p->N - first;
+        if (valid > 16) valid = 16;
+        if (valid <= 0) {
+            for (long pp = 0; pp < (kb1 - kb0) * PAIRS; pp++) _mm512_store_si512(dst + pp * NR + 16 * half, _mm512_setzero_si512());
+            continue;
+        }
+        const uint8_t *rows = p->b + first * p->ldb;
+        for (long k0 = kb0 * BLK; k0 < kb1 * BLK; k0 += 64) {
+            __m512i r[16], t[16];
+            /* 16 rows read side by side defeat the hardware prefetchers: fetch ahead along each row
+             * (past the row's end it is the next row's start, or harmless). */
+            for (int j = 0; j < 16; j++) {
+                if (j < valid) {
+                    _mm_prefetch((const char *)(rows + j * p->ldb + k0 + PREFETCH_BYTES), PREFETCH_HINT);
+                    r[j] = _mm512_loadu_si512(rows + j * p->ldb + k0);
+                } else {
+                    r[j] = _mm512_setzero_si512();
+                }
+            }
+            for (int j = 0; j < 16; j += 2) {
+                t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+                t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+            }
+            for (int g = 0; g < 16; g += 4) {
+                r[g + 0] = _mm512_unpacklo_epi64(t[g + 0], t[g + 2]);
+                r[g + 1] = _mm512_unpackhi_epi64(t[g + 0], t[g + 2]);
+                r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+                r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+            }
+            /* r[4g + s] lane L: dword 4L + s of rows 4g..4g+3 */
+            for (int s = 0; s < 4; s++) {
+                __m512i v0 = _mm512_shuffle_i32x4(r[s], r[4 + s], 0x44);
+                __m512i v1 = _mm512_shuffle_i32x4(r[s], r[4 + s], 0xEE);
+                __m512i v2 = _mm512_shuffle_i32x4(r[8 + s], r[12 + s], 0x44);
+                __m512i v3 = _mm512_shuffle_i32x4(r[8 + s], r[12 + s], 0xEE);
+                t[s] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+                t[4 + s] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+                t[8 + s] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+                t[12 + s] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+            }
+            /* t[q]: dword q (bytes k0 + 4q .. + 3) of rows 0..15 */
+            uint32_t *o = dst + ((k0 - kb0 * BLK) / 2) * NR + 16 * half;
+            for (int q = 0; q < 16; q++) {
+                __m512i x = t[q];
+                __m512i lo = _mm512_permutex2var_epi8(d->lo0, x, d->lo1);
+                __m512i hi = _mm512_permutex2var_epi8(d->hi0, x, d->hi1);
+                hi = _mm512_ternarylogic_epi32(hi, x, d->sign, 0xF8); /* hi | (x & 0x80) */
+                _mm512_store_si512(o + (2 * q) * NR, _mm512_permutex2var_epi8(lo, d->ilv0, hi));
+                _mm512_store_si512(o + (2 * q + 1) * NR, _mm512_permutex2var_epi8(lo, d->ilv1, hi));
+            }
+        }
+    }
+}
+
+/* Register tile: MRT rows x 32 columns over K blocks [kb0, kb1); a: the strip's packed A
+ * ([P][MRT] dwords over all of K), b: packed B whose pair 0 is K block kb0's first, as_: the
+ * strip's first row of a_scales, C: the fp32 accumulator tile [MRT][32]. */
+static inline __attribute__((always_inline)) void tile(const int MRT, const uint32_t *a, const uint32_t *b, long kb0, long kb1,
+                                                         const float *as_, long KB, const float *cs, float *C) {
+    const int SETS = MRT == 1 ? 4 : (MRT == 2 ? 2 : 1);
+    for (long kb = kb0; kb < kb1; kb++) {
+        __m512 acc[SETS][MRT][2];
+#pragma GCC unroll 4
+        for (int s = 0; s < SETS; s++)
+#pragma GCC unroll 12
+            for (int r = 0; r < MRT; r++) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
+        const uint32_t *ap = a + kb * PAIRS * MRT;
+        const uint32_t *bp = b + (kb - kb0) * PAIRS * NR;
+        for (int pp = 0; pp < PAIRS; pp += SETS) {
+#pragma GCC unroll 4
+            for (int s = 0; s < SETS; s++) {
+                __m512bh b0 = (__m512bh)_mm512_load_si512(bp + (pp + s) * NR);
+                __m512bh b1 = (__m512bh)_mm512_load_si512(bp + (pp + s) * NR + 16);
+#pragma GCC unroll 12
+                for (int r = 0; r < MRT; r++) {
+                    __m512bh av = (__m512bh)_mm512_set1_epi32((int)ap[(pp + s) * MRT + r]);
+                    acc[s][r][0] = _mm512_dpbf16_ps(acc[s][r][0], av, b0);
+                    acc[s][r][1] = _mm512_dpbf16_ps(acc[s][r][1], av, b1);
+                }
+            }
+        }
+        __m512 s0 = _mm512_loadu_ps(cs + kb * NR), s1 = _mm512_loadu_ps(cs + kb * NR + 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < MRT; r++) {
+            __m512 p0 = acc[0][r][0], p1 = acc[0][r][1];
+#pragma GCC unroll 4
+            for (int s = 1; s < SETS; s++) {
+                p0 = _mm512_add_ps(p0, acc[s][r][0]);
+                p1 = _mm512_add_ps(p1, acc[s][r][1]);
+            }
+            __m512 sa = _mm512_set1_ps(as_[r * KB + kb]);
+            p0 = _mm512_mul_ps(_mm512_mul_ps(p0, sa), s0);
+            p1 = _mm512_mul_ps(_mm512_mul_ps(p1, sa), s1);
+            _mm512_storeu_ps(C + r * NR, _mm512_add_ps(_mm512_loadu_ps(C + r * NR), p0));
+            _mm512_storeu_ps(C + r * NR + 16, _mm512_add_ps(_mm512_loadu_ps(C + r * NR + 16), p1));
+        }
+    }
+}
+
+#define TILE_FN(n) \
+    static void tile_##n(const uint32_t *a, const uint32_t *b, long kb0, long kb1, const float *as_, long KB, const float *cs, float *C) { \
+        tile(n, a, b, kb0, kb1, as_, KB, cs, C); \
+    }
+TILE_FN(1) TILE_FN(2) TILE_FN(3) TILE_FN(4) TILE_FN(5) TILE_FN(6)
+TILE_FN(7) TILE_FN(8) TILE_FN(9) TILE_FN(10) TILE_FN(11) TILE_FN(12)
+
+typedef void (*tile_fn)(const uint32_t *, const uint32_t *, long, long, const float *, long, const float *, float *);
+static const tile_fn tiles[MR + 1] = {NULL, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
+                                      tile_7, tile_8, tile_9, tile_10, tile_11, tile_12};
+
+/* Rows [row0, row0 + rows) x columns [n0, n0 + min(width, N - n0)) of out from C [rows][32] fp32. */
+static void write_rows(const problem *p, long row0, int rows, long n0, long width, const float *C) {
+    long cols = p->N - n0 < width ? p->N - n0 : width;
+    __mmask16 m0 = (__mmask16)(cols >= 16 ? 0xFFFF : ((1u << cols) - 1));
+    __mmask16 m1 = (__mmask16)(cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : ((1u << (cols - 16)) - 1)));
+    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7fc0);
+    for (int r = 0; r < rows; r++) {
+        for (int h = 0; h < 2; h++) {
+            __mmask16 m = h ? m1 : m0;
+            if (!m) continue;
+            __m512 v = _mm512_loadu_ps(C + r * NR + 16 * h);
+            if (p->out_f32) {
+                _mm512_mask_storeu_ps((float *)p->out + (row0 + r) * p->ldo + n0 + 16 * h, m, v);
+            } else {
+                __m512i u = _mm512_castps_si512(v);
+                __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+                rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+                _mm256_mask_storeu_epi16((uint16_t *)p->out + (row0 + r) * p->ldo + n0 + 16 * h, m, _mm512_cvtepi32_epi16(rounded));
+            }
+        }
+    }
+}
+
+/* A strip: rows [r0, r0 + mr) of the super-chunk -> [P][mr] dwords of bf16 pairs. */
+static void pack_a_strip(const problem *p, long r0, int mr, uint32_t *dst) {
+    long P = p->K / 2;
+    for (int r = 0; r < mr; r++) {
+        const uint8_t *row = p->a + (p->m0 + r0 + r) * p->lda;
+        for (long pp = 0; pp < P; pp++)
+            dst[pp * mr + r] = (uint32_t)lut_bf16[row[2 * pp]] | ((uint32_t)lut_bf16[row[2 * pp + 1]] << 16);
+    }
+}
+
+static void item_pack_a(void *ctx, long s, int tid) {
+    (void)tid;
+    problem *p = ctx;
+    long r0 = p->strip_r0[s];
+    pack_a_strip(p, r0, (int)(p->strip_r0[s + 1] - r0), (uint32_t *)p->apack + r0 * (p->K / 2));
+}
+
+static void item_gemm(void *ctx, long item, int tid) {
+    (void)tid;
+    problem *p = ctx;
+    long strip = item % p->ncs, group = item / p->ncs;
+    long n0 = strip * NR;
+    int s0 = p->group_s0[group], s1 = p->group_s0[group + 1];
+    long row0 = p->strip_r0[s0], rows = p->strip_r0[s1] - row0;
+    /* few rows: pack one K block at a time (it stays in L1); many: up to 64 blocks, reused by every strip */
+    long kbc = s1 - s0 <= 2 ? 1 : (p->KB < B_PACK_BLOCKS ? p->KB : B_PACK_BLOCKS);
+    size_t c_bytes = (size_t)rows * NR * 4, cs_bytes = (size_t)p->KB * NR * 4, b_bytes = (size_t)kbc * PAIRS * NR * 4;
+    char *mem = scratch(b_bytes + c_bytes + cs_bytes);
+    if (!mem) {
+        __atomic_store_n(&p->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    uint32_t *bpack = (uint32_t *)mem;
+    float *C = (float *)(mem + b_bytes), *cs = (float *)(mem + b_bytes + c_bytes);
+    decoder d;
+    decoder_init(&d);
+    scale_strip(p, n0, cs);
+    memset(C, 0, c_bytes);
+    for (long kb0 = 0; kb0 < p->KB; kb0 += kbc) {
+        long kb1 = kb0 + kbc < p->KB ? kb0 + kbc : p->KB;
+        pack_b(p, &d, n0, kb0, kb1, bpack);
+        for (int s = s0; s < s1; s++) {
+            long r0 = p->strip_r0[s];
+            int mr = (int)(p->strip_r0[s + 1] - r0);
+            tiles[mr]((const uint32_t *)p->apack + r0 * (p->K / 2), bpack, kb0, kb1, p->as + (p->m0 + r0) * p->KB, p->KB, cs,
+                      C + (r0 - row0) * NR);
+        }
+    }
+    write_rows(p, p->m0 + row0, (int)rows, n0, NR, C);
+}
+
+/* ---- rows in lanes: RL_MIN_ROWS <= M <= 16 ----------------------------------------------------------
+ * With few rows the column-lane tiles above spend as much time transposing B as multiplying. Here
+ * the lanes of an accumulator are (row, pair parity): 8 rows x 2 consecutive K pairs, two
+ * accumulators per column for 16 rows. Each vpbroadcastq puts two bf16 pairs of one column of B
+ * (decoded row-major: two table lookups and an interleave per 64 bytes, no transpose) in every
+ * lane pair, and serves both accumulators. At the end of each K block the two parities are added,
+ * then promoted. Same vdpbf16ps count as column-lane tiles of 16 rows. */
+#define NG 12 /* columns per work item: 24 accumulators */
+#ifndef RL_MIN_ROWS
+#define RL_MIN_ROWS 15 /* measured: below it the column-lane tiles are faster (fewer products) */
+#endif
+
+typedef struct {
+    const problem *p;
+    const uint32_t *apack; /* [K/4][2][16] dwords: pair step s, rows 8h..8h+7, lane 2r + t = pair 2s + t */
+    const float *as32;     /* [KB][2][16]: the scale of row 8h + lane / 2 */
+    long ngroups;
+} rl_problem;
+
+static void item_rl(void *ctx, long item, int tid) {
+    (void)tid;
+    const rl_problem *q = ctx;
+    const problem *p = q->p;
+    long n0 = item * NG;
+    int cols = (int)(p->N - n0 < NG ? p->N - n0 : NG);
+    /* bdec: [NG][64] dwords (one K block of each column, pairs in order), C: [NG][2][16] fp32 */
+    char *mem = scratch(NG * PAIRS * 4 + NG * 2 * 16 * 4);
+    if (!mem) {
+        __atomic_store_n((int *)&p->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    uint32_t *bdec = (uint32_t *)mem;
+    float *C = (float *)(mem + NG * PAIRS * 4);
+    decoder d;
+    decoder_init(&d);
+    uint8_t in0[64], in1[64];
+    for (int i = 0; i < 32; i++) {
+        in0[2 * i] = (uint8_t)i; in0[2 * i + 1] = (uint8_t)(64 + i);
+        in1[2 * i] = (uint8_t)(32 + i); in1[2 * i + 1] = (uint8_t)(96 + i);
+    }
+    const __m512i ilvn0 = _mm512_loadu_si512(in0), ilvn1 = _mm512_loadu_si512(in1);
+    for (int c = cols; c < NG; c++) memset(bdec + c * PAIRS, 0, PAIRS * 4);
+    __m512 acc[NG][2], Cv[NG][2];
+    for (int c = 0; c < NG; c++) Cv[c][0] = Cv[c][1] = _mm512_setzero_ps();
+    const uint8_t *brow = p->b + n0 * p->ldb;
+    for (long kb = 0; kb < p->KB; kb++) {
+        for (int c = 0; c < cols; c++) {
+            const uint8_t *src = brow + c * p->ldb + kb * BLK;
+            _mm_prefetch((const char *)(src + PREFETCH_BYTES), PREFETCH_HINT);
+            _mm_prefetch((const char *)(src + PREFETCH_BYTES + 64), PREFETCH_HINT);
+            for (int h = 0; h < 2; h++) {
+                __m512i x = _mm512_loadu_si512(src + 64 * h);
+                __m512i lo = _mm512_permutex2var_epi8(d.lo0, x, d.lo1);
+                __m512i hi = _mm512_permutex2var_epi8(d.hi0, x, d.hi1);
+                hi = _mm512_ternarylogic_epi32(hi, x, d.sign, 0xF8);
+                _mm512_store_si512(bdec + c * PAIRS + 32 * h, _mm512_permutex2var_epi8(lo, ilvn0, hi));
+                _mm512_store_si512(bdec + c * PAIRS + 32 * h + 16, _mm512_permutex2var_epi8(lo, ilvn1, hi));
+            }
+        }
+#pragma GCC unroll 12
+        for (int c = 0; c < NG; c++) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
+        const uint32_t *ap = q->apack + kb * (PAIRS / 2) * 32;
+        for (int st = 0; st < PAIRS / 2; st++) {
+            __m512bh a0 = (__m512bh)_mm512_load_si512(ap + st * 32), a1 = (__m512bh)_mm512_load_si512(ap + st * 32 + 16);
+#pragma GCC unroll 12
+            for (int c = 0; c < NG; c++) {
+                long long two;
+                memcpy(&two, bdec + c * PAIRS + 2 * st, 8);
+                __m512bh bv = (__m512bh)_mm512_set1_epi64(two);
+                acc[c][0] = _mm512_dpbf16_ps(acc[c][0], a0, bv);
+                acc[c][1] = _mm512_dpbf16_ps(acc[c][1], a1, bv);
+            }
+        }
+        __m512 sa0 = _mm512_load_ps(q->as32 + kb * 32), sa1 = _mm512_load_ps(q->as32 + kb * 32 + 16);
+#pragma GCC unroll 12
+        for (int c = 0; c < NG; c++) {
+            __m512 sb = _mm512_set1_ps(c < cols ? col_scale(p, n0 + c, kb) : 0.0f);
+            __m512 v0 = _mm512_add_ps(acc[c][0], _mm512_permute_ps(acc[c][0], 0xB1)); /* both parities in each lane */
+            __m512 v1 = _mm512_add_ps(acc[c][1], _mm512_permute_ps(acc[c][1], 0xB1));
+            Cv[c][0] = _mm512_add_ps(Cv[c][0], _mm512_mul_ps(_mm512_mul_ps(v0, sa0), sb));
+            Cv[c][1] = _mm512_add_ps(Cv[c][1], _mm512_mul_ps(_mm512_mul_ps(v1, sa1), sb));
+        }
+    }
+    for (int c = 0; c < NG; c++) {
+        _mm512_store_ps(C + c * 32, Cv[c][0]);
+        _mm512_store_ps(C + c * 32 + 16, Cv[c][1]);
+    }
+    for (long r = 0; r < p->M; r++) {
+        const float *src = C + (r / 8) * 16 + 2 * (r % 8); /* + c * 32 */
+        if (p->out_f32) {
+            float *o = (float *)p->out + r * p->ldo + n0;
+            for (int c = 0; c < cols; c++) o[c] = src[c * 32];
+        } else {
+            uint16_t *o = (uint16_t *)p->out + r * p->ldo + n0;
+            for (int c = 0; c < cols; c++) {
+                float v = src[c * 32];
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                o[c] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+    }
+}
+
+/* RL_MIN_ROWS <= M <= 16 (K a multiple of 128): returns 0, or ENOMEM. */
+static int gemm_rows_in_lanes(problem *p, int nthreads) {
+    long steps = p->K / 4;
+    uint32_t *apack = NULL;
+    float *as32 = NULL;
+    if (posix_memalign((void **)&apack, 64, (size_t)steps * 128) != 0) return ENOMEM;
+    if (posix_memalign((void **)&as32, 64, (size_t)p->KB * 128) != 0) {
+        free(apack);
+        return ENOMEM;
+    }
+    for (long st = 0; st < steps; st++)
+        for (int lane = 0; lane < 32; lane++) {
+            long r = 8 * (lane / 16) + (lane % 16) / 2, k = 4 * st + 2 * (lane % 2);
+            const uint8_t *row = p->a + r * p->lda;
+            apack[st * 32 + lane] = r < p->M ? (uint32_t)lut_bf16[row[k]] | ((uint32_t)lut_bf16[row[k + 1]] << 16) : 0;
+        }
+    for (long kb = 0; kb < p->KB; kb++)
+        for (int lane = 0; lane < 32; lane++) {
+            long r = 8 * (lane / 16) + (lane % 16) / 2;
+            as32[kb * 32 + lane] = r < p->M ? p->as[r * p->KB + kb] : 0.0f;
+        }
+    rl_problem q = {p, apack, as32, (p->N + NG - 1) / NG};
+    parallel_for(item_rl, &q, q.ngroups, nthreads);
+    free(apack);
+    free(as32);
+    return p->failed ? ENOMEM : 0;
+}
+
+
+#define APACK_ELEM 2 /* bytes per decoded A value */
+
+#else
+/* ------------------------------------------------------------------------------------------ */
+/* portable path: fp32 products of decoded values, 16 partial sums per dot product            */
+
+static void item_pack_a(void *ctx, long s, int tid) {
+    (void)tid;
+    problem *p = ctx;
+    for (long r = p->strip_r0[s]; r < p->strip_r0[s + 1]; r++) {
+        const uint8_t *row = p->a + (p->m0 + r) * p->lda;
+        float *dst = (float *)p->apack + r * p->K;
+        for (long k = 0; k < p->K; k++) dst[k] = lut_f32[row[k]];
+    }
+}
+
+static void item_gemm(void *ctx, long item, int tid) {
+    (void)tid;
+    problem *p = ctx;
+    long strip = item % p->ncs, group = item / p->ncs;
+    long n0 = strip * NR;
+    int s0 = p->group_s0[group], s1 = p->group_s0[group + 1];
+    long row0 = p->strip_r0[s0], rows = p->strip_r0[s1] - row0;
+    long cols = p->N - n0 < NR ? p->N - n0 : NR;
+    size_t c_bytes = (size_t)rows * NR * 4, cs_bytes = (size_t)p->KB * NR * 4, b_bytes = (size_t)NR * BLK * 4;
+    char *mem = scratch(b_bytes + c_bytes + cs_bytes);
+    if (!mem) {
+        __atomic_store_n(&p->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    float *bf = (float *)mem, *C = (float *)(mem + b_bytes), *cs = (float *)(mem + b_bytes + c_bytes);
+    scale_strip(p, n0, cs);
+    memset(C, 0, c_bytes);
+    for (long kb = 0; kb < p->KB; kb++) {
+        for (long c = 0; c < cols; c++) {
+            const uint8_t *src = p->b + (n0 + c) * p->ldb + kb * BLK;
+            for (int k = 0; k < BLK; k++) bf[c * BLK + k] = lut_f32[src[k]];
+        }
+        for (long r = 0; r < rows; r++) {
+            const float *ar = (const float *)p->apack + (row0 + r) * p->K + kb * BLK;
+            float sa = p->as[(p->m0 + row0 + r) * p->KB + kb];
+            for (long c = 0; c < cols; c++) {
+                const float *bc = bf + c * BLK;
+                float part[16] = {0};
+                for (int k = 0; k < BLK; k += 16)
+                    for (int j = 0; j < 16; j++) part[j] += ar[k + j] * bc[k + j];
+                float sum = 0.0f;
+                for (int j = 0; j < 16; j++) sum += part[j];
+                float t = sum * sa;
+                t = t * cs[kb * NR + c];
+                C[r * NR + c] += t;
+            }
+        }
+    }
+    write_rows_scalar(p, p->m0 + row0, (int)rows, n0, C);
+}
+
+#define APACK_ELEM 4
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* entry points                                                                               */
+
+const char *hal_fp8_path(void) { return HAL_FAST ? "avx512_bf16" : "portable C"; }
+
+/* out = blockwise-scaled a @ b.T. Returns 0, or ENOMEM. */
+int hal_fp8_gemm(const uint8_t *a, long lda, const float *as, const uint8_t *b, long ldb, const float *bs, int b_per_token, void *out,
+                 long ldo, int out_f32, long M, long N, long K, int nthreads) {
+    pthread_once(&lut_once, lut_init);
+    if (M <= 0 || N <= 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    problem p = {a, lda, as, b, ldb, bs, b_per_token, out, ldo, out_f32, M, N, K, K / BLK, 0, 0, 0, NULL, 0, NULL, 0, NULL, 0};
+    if (p.KB == 0) { /* no products: every sum is zero */
+        for (long m = 0; m < M; m++) memset((char *)out + m * ldo * (out_f32 ? 4 : 2), 0, (size_t)N * (out_f32 ? 4 : 2));
+        return 0;
+    }
+#if HAL_FAST
+    if (M >= RL_MIN_ROWS && M <= 16) return gemm_rows_in_lanes(&p, nthreads);
+#endif
+    p.ncs = (N + NR - 1) / NR;
+    long ms = A_PACK_BYTES / (APACK_ELEM * K);
+    if (ms < MR) ms = MR;
+    if (ms > M) ms = M;
+    long max_strips = (ms + MR - 1) / MR;
+    long *strip_r0 = malloc(sizeof(long) * (size_t)(max_strips + 1));
+    int *group_s0 = malloc(sizeof(int) * (size_t)(max_strips + 1));
+    void *apack = NULL;
+    if (!strip_r0 || !group_s0 || posix_memalign(&apack, 64, (size_t)ms * (size_t)K * APACK_ELEM) != 0) {
+        free(strip_r0);
+        free(group_s0);
+        return ENOMEM;
+    }
+    p.strip_r0 = strip_r0;
+    p.group_s0 = group_s0;
+    p.apack = apack;
+    int rc = 0;
+    for (long m0 = 0; m0 < M && !rc; m0 += ms) {
+        long mc = M - m0 < ms ? M - m0 : ms;
+        p.m0 = m0;
+        p.mc = mc;
+        /* row strips of at most MR rows, balanced */
+        int ns = (int)((mc + MR - 1) / MR);
+        for (int s = 0; s <= ns; s++) strip_r0[s] = (mc * s) / ns;
+        p.nstrips = ns;
+        /* groups of strips: at most GROUP_ROWS rows, and enough items to keep every thread busy */
+        long ng = (mc + GROUP_ROWS - 1) / GROUP_ROWS;
+        long want = (4L * nthreads + p.ncs - 1) / p.ncs;
+        if (ng < want) ng = want;
+        if (ng > ns) ng = ns;
+        if (mc <= 2 * MR) ng = 1;
+        for (long g = 0; g <= ng; g++) group_s0[g] = (int)((ns * g) / ng);
+        p.ngroups = (int)ng;
+        if (mc <= 2 * MR) {
+            for (int s = 0; s < ns; s++) item_pack_a(&p, s, 0);
+        } else {
+            parallel_for(item_pack_a, &p, ns, nthreads);
+        }
+        parallel_for(item_gemm, &p, p.ncs * ng, nthreads);
+        if (p.failed) rc = ENOMEM;
+    }
+    free(apack);
+    free(strip_r0);
+    free(group_s0);
+    return rc;
+}

@@ -1,0 +1,313 @@
+"""The cpu backend's native FP8 GEMM kernels (hal.backends.cpu.native): the reference's numerics
+across every tile, strip and panel edge (row strips of up to 12 rows, 32-column strips, 16-column
+halves, 64-wide K steps of the packing, 128-wide K blocks), both scale layouts, both outputs,
+non-finite values, every e4m3 code; the grouped layouts; the build cache and its failures; the
+fallback to the torch kernels. The portable C path (built without AVX-512 BF16) is held to the same
+cases. Skipped where the library cannot be built (no C compiler)."""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+
+import pytest
+import torch
+
+import hal
+from hal.backends.cpu import gemm_fp8, gemm_native, native, plugin
+from hal.conformance.case import judge
+from hal.ops.gemm_reference import blockwise_fp8_matmul
+
+FP8 = torch.float8_e4m3fn
+
+_FAST = native.library()
+pytestmark = pytest.mark.skipif(_FAST is None, reason=f"native kernels unavailable here: {native.describe(1)[1]}")
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory):
+    """The portable C path without OpenMP (so with the library's own pthread pool), built twice at
+    once into one fresh folder (the atomic rename)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build is forced with an x86 flag (-mno-avx512bf16)")
+    folder = tmp_path_factory.mktemp("native")
+    flags = tuple(f for f in native.FLAGS if f != "-fopenmp") + ("-mno-avx512bf16",)
+    builds = []
+    threads = [threading.Thread(target=lambda: builds.append(native.build(flags=flags, folder=folder))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 2 and all(b.path is not None and b.kernels == "portable C" for b in builds), builds
+    assert sorted(p.name for p in folder.iterdir()) == sorted([builds[0].path.name, builds[0].path.with_suffix(".json").name])
+    lib = native.load(builds[0])
+    assert lib.hal_fp8_path() == b"portable C"
+    return lib
+
+
+@pytest.fixture(params=["fast", "portable"])
+def lib(request, monkeypatch):
+    if request.param == "fast":
+        if _FAST.hal_fp8_path() != b"avx512_bf16":
+            pytest.skip("this CPU or compiler has no AVX-512 BF16 + VBMI: the default build is the portable path")
+        return _FAST
+    monkeypatch.setattr(gemm_native, "PORTABLE_MAX_ROWS", 1 << 30)  # every shape on the portable path, none handed to torch
+    return request.getfixturevalue("portable")
+
+
+def _cast(x: torch.Tensor, rows_per_scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] as e4m3 with one scale per (rows_per_scale x 128) block, as hal's casts do (done
+    here in torch so that no backend is probed: these tests need only the cpu backend)."""
+    r, k = x.shape
+    blocks = -(-r // rows_per_scale)
+    padded = torch.zeros(blocks * rows_per_scale, k)
+    padded[:r] = x
+    view = padded.view(blocks, rows_per_scale, k // 128, 128)
+    scales = view.abs().amax(dim=(1, 3)).clamp(min=1e-4) / 448.0
+    values = (view / scales[:, None, :, None]).view(-1, k)[:r].to(FP8)
+    return values.contiguous(), scales.contiguous()
+
+
+def _lhs(m: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cast(torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen)), 1)
+
+
+def _rhs(n: int, k: int, gen: torch.Generator, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    b, sb = _cast(torch.randn(n, k, generator=gen), 128)
+    if per_token:
+        sb = torch.rand(n, k // 128, generator=gen) + 0.5
+    return b, sb
+
+
+def _expected(a, sa, b, sb) -> torch.Tensor:
+    with hal.use_backend("reference"):
+        return blockwise_fp8_matmul(a, sa, b, sb)
+
+
+def _assert_conforms(got: torch.Tensor, expected: torch.Tensor, op: str = "gemm_fp8_nt") -> None:
+    verdicts = judge(op, "out_fp32" if got.dtype == torch.float32 else "out", got, expected)
+    assert all(v.passed for v in verdicts), [(v.metric, v.value, v.note) for v in verdicts]
+
+
+def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal value for value, NaN where expected has NaN."""
+    nan = torch.isnan(expected)
+    return torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], expected[~nan])
+
+
+# m: 1 row strip of 1, 2, 7 rows; 13 = 7 + 6; 15, 16 (rows in lanes, 12-column groups); 17; 33 (three strips: packed per K block);
+# 255, 257 (many strips in groups: B packed once per strip of columns). n: one partial half, a
+# partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
+@pytest.mark.parametrize(
+    "m, n, k",
+    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (13, 33, 256), (15, 200, 256), (16, 130, 384), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
+)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_dense_matches_the_reference(lib, m, n, k, per_token):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k + per_token)
+    (a, sa), (b, sb) = _lhs(m, k, gen), _rhs(n, k, gen, per_token)
+    expected = _expected(a, sa, b, sb)
+    for dtype in (torch.bfloat16, torch.float32):
+        out = torch.full((m, n), math.nan, dtype=dtype)
+        gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+        _assert_conforms(out, expected)
+
+
+def test_every_e4m3_code_and_every_product_is_exact(lib):
+    """A [256, 128] and B [256, 128] hold code i in column 0 of row i, zeros elsewhere: out[i, j] is
+    the product of codes i and j, exact in fp32 (NaN for 0x7f and 0xff), subnormals included."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    a = torch.zeros(256, 128, dtype=torch.uint8)
+    a[:, 0] = codes
+    a, b = a.view(FP8), a.clone().view(FP8)
+    ones = torch.ones(256, 1)
+    values = codes.view(FP8).double()
+    exact = (values[:, None] * values[None, :]).float()
+    out = torch.empty(256, 256)
+    gemm_native.gemm_fp8_nt(lib, a, ones, b, ones, out)
+    assert _same(out, exact)
+    out16 = torch.empty(256, 256, dtype=torch.bfloat16)
+    gemm_native.gemm_fp8_nt(lib, a, ones, b, ones, out16)
+    nan, zero = torch.isnan(exact), exact == 0
+    rounded = exact.to(torch.bfloat16)
+    assert torch.equal(out16.view(torch.int16)[~nan & ~zero], rounded.view(torch.int16)[~nan & ~zero])  # torch's rounding, bit for bit
+    assert torch.isnan(out16[nan].float()).all() and (out16[zero] == 0).all()
+
+
+def test_partial_sums_that_cancel_to_tiny_values_are_not_flushed(lib):
+    """Block sums as small as one product of two subnormals (2^-18), after cancellation, scaled up."""
+    k = 256
+    a = torch.zeros(3, k)
+    b = torch.zeros(130, k)
+    a[:, :3] = torch.tensor([1.0, -1.0, 2.0**-9])  # exact in any summation order
+    b[:, :3] = torch.tensor([1.0, 1.0, 2.0**-9])
+    a[1, 128:131] = torch.tensor([2.0**-9, 2.0**-9, -(2.0**-8)])  # sums to 0 exactly in block 1
+    b[:, 128:131] = 2.0**-9
+    sa, sb = torch.full((3, 2), 2.0**20), torch.ones(2, 2)
+    a8, b8 = a.to(FP8), b.to(FP8)
+    out = torch.empty(3, 130)
+    gemm_native.gemm_fp8_nt(lib, a8, sa, b8, sb, out)
+    expected = _expected(a8, sa, b8, sb)
+    assert _same(out, expected) and out[0, 0].item() == 2.0**2  # (2^-18 * 2^20) and nothing else
+
+
+@pytest.mark.parametrize("m", [16, 20])
+def test_nan_codes_infinite_and_nan_scales_and_zero_rows(lib, m):
+    gen = torch.Generator().manual_seed(3)
+    n, k = 200, 384
+    (a, sa), (b, sb) = _lhs(m, k, gen), _rhs(n, k, gen)
+    a.view(torch.uint8)[1, 5] = 0x7F  # NaN in A: that row is NaN
+    b.view(torch.uint8)[7, 200] = 0xFF  # NaN in B: that column is NaN
+    a.view(torch.uint8)[4] = 0  # a zero row: 0, or NaN where a scale is infinite
+    a.view(torch.uint8)[5] = 0x80  # a row of -0.0
+    sa[4, 2] = math.inf
+    sa[6, 1] = math.inf
+    sa[8, 0] = math.nan
+    sb[1, 0] = -math.inf
+    sb[0, 2] = math.nan
+    expected = _expected(a, sa, b, sb)
+    assert torch.isnan(expected).any() and torch.isinf(expected).any()
+    for dtype in (torch.bfloat16, torch.float32):
+        out = torch.empty(m, n, dtype=dtype)
+        gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+        _assert_conforms(out, expected)
+        assert torch.equal(torch.isinf(out), torch.isinf(expected)) and torch.equal(torch.isnan(out), torch.isnan(expected))
+
+
+@pytest.mark.parametrize("m", [16, 17])
+def test_row_slice_and_strided_outputs_leave_the_rest_untouched(lib, m):
+    gen = torch.Generator().manual_seed(4)
+    (a, sa), (b, sb) = _lhs(m, 256, gen), _rhs(70, 256, gen)
+    expected = _expected(a, sa, b, sb)
+    big = torch.full((30, 70), math.nan, dtype=torch.bfloat16)
+    gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, big[6:6 + m])
+    _assert_conforms(big[6:6 + m], expected)
+    assert torch.isnan(big[:6].float()).all() and torch.isnan(big[6 + m:].float()).all()
+    wide = torch.full((m, 100), math.nan)
+    gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, wide[:, 10:80])  # rows 100 apart
+    _assert_conforms(wide[:, 10:80], expected)
+    assert torch.isnan(wide[:, :10]).all() and torch.isnan(wide[:, 80:]).all()
+
+
+@pytest.mark.parametrize("m", [16, 40])
+def test_threads_do_not_change_the_bits(lib, m):
+    gen = torch.Generator().manual_seed(5)
+    (a, sa), (b, sb) = _lhs(m, 512, gen), _rhs(300, 512, gen)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.empty(m, 300)
+            gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_grouped_layouts_through_the_api():
+    """Contiguous: an empty group, a split group, -1 rows untouched; masked: empty groups and tails
+    untouched; both through hal's API (the ops layer's checks, then this backend)."""
+    gen = torch.Generator().manual_seed(6)
+    groups, n, k = 4, 136, 256
+    layout = [0] * 100 + [-1] * 28 + [2] * 128 + [3] * 60 + [-1] * 68 + [2] * 128
+    m_indices = torch.tensor(layout, dtype=torch.int32)
+    a, sa = _lhs(len(layout), k, gen)
+    parts = [_rhs(n, k, gen) for _ in range(groups)]
+    b, sb = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    out = torch.full((len(layout), n), math.nan, dtype=torch.bfloat16)
+    with hal.use_backend("cpu"):
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    for g in (0, 2, 3):
+        rows = (m_indices == g).nonzero().squeeze(1)
+        _assert_conforms(out[rows], _expected(a[rows], sa[rows], b[g], sb[g]), "m_grouped_gemm_fp8_nt_contiguous")
+    assert torch.isnan(out[m_indices < 0].float()).all()
+
+    m_max = 40
+    lhs = [_lhs(m_max, k, gen) for _ in range(groups)]
+    a, sa = torch.stack([p[0] for p in lhs]), torch.stack([p[1] for p in lhs])
+    masked_m = torch.tensor([m_max, 0, 13, 1], dtype=torch.int32)
+    out = torch.full((groups, m_max, n), math.nan, dtype=torch.bfloat16)
+    with hal.use_backend("cpu"):
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 16)
+    for g, rows in enumerate(masked_m.tolist()):
+        if rows:
+            _assert_conforms(out[g, :rows], _expected(a[g, :rows], sa[g, :rows], b[g], sb[g]), "m_grouped_gemm_fp8_nt_masked")
+        assert torch.isnan(out[g, rows:].float()).all()
+
+
+def test_the_api_runs_the_native_kernels_and_honours_the_switch(monkeypatch):
+    """HAL_CPU_NATIVE=0 sends the same call to the torch kernels (read per call) and says so."""
+    gen = torch.Generator().manual_seed(7)
+    (a, sa), (b, sb) = _lhs(9, 256, gen), _rhs(130, 256, gen)
+    torch_calls = []
+    real = gemm_fp8.gemm_fp8_nt
+    monkeypatch.setattr(gemm_fp8, "gemm_fp8_nt", lambda *args: (torch_calls.append(1), real(*args)))
+    out = torch.empty(9, 130, dtype=torch.bfloat16)
+    plugin.hal_gemm_fp8_nt(a, sa, b, sb, out)
+    assert not torch_calls
+    native_out = out.clone()
+    assert plugin.hal_backend_availability().device.startswith("native kernels: fp8 GEMMs, MLA decode (")
+    monkeypatch.setenv(native.ENV_NATIVE, "0")
+    plugin.hal_gemm_fp8_nt(a, sa, b, sb, out)
+    assert torch_calls == [1]
+    _assert_conforms(native_out, _expected(a, sa, b, sb))
+    assert plugin.hal_backend_availability().device.startswith("torch kernels (HAL_CPU_NATIVE=0)")
+    assert plugin.priority() == plugin.PRIORITY and "HAL_CPU_NATIVE=0" in plugin.hal_backend_canary_key()
+
+
+def test_a_failed_build_is_reported_recorded_and_not_retried(tmp_path, monkeypatch):
+    """A compiler that fails: the torch kernels run, the reason carries its last words, the
+    failure is recorded so that the next process neither retries nor ranks the backend above opencl."""
+    cc = tmp_path / "fakecc"
+    count = tmp_path / "count"
+    cc.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --version ]; then echo "gcc (Fake) 9.9.9"; exit 0; fi\n'
+        f'case "$*" in *-shared*) echo x >> "{count}";; esac\n'
+        'echo "fp8_gemm.c:1: error: this compiler refuses" >&2; exit 1\n'
+    )
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+    attempts = []
+    for _ in range(2):
+        built = native.build()
+        assert built.path is None and "this compiler refuses" in built.reason and built.compiler == "gcc 9.9.9"
+        attempts.append(count.read_text().count("x"))
+    assert attempts == [3, 3]  # every flag, then without -fopenmp, then without -march=native too; never again
+    assert native.library() is None
+    assert not native.expected_fast()
+    words = plugin.hal_backend_availability().device
+    assert words.startswith("torch kernels (native kernels unavailable: build failed:") and "this compiler refuses" in words
+
+
+def test_no_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+    assert native.build().path is None and "does not run" in native.build().reason
+    assert native.describe(2) == (False, native.describe(2)[1]) and native.describe(2)[1].startswith("torch kernels (native kernels unavailable")
+
+
+def test_the_build_is_cached_per_machine_and_source():
+    built = native.build()
+    assert built.path is not None and built.path.parent.name == "cpu-native" and built.path.exists()
+    assert native.build() == built  # the cache answers
+    key = native.canary_key()
+    assert "HAL_CPU_NATIVE=" in key and "sources " in key and "flags " in key and "cpu " in key
+
+
+def test_the_portable_path_hands_many_rows_to_the_torch_kernels(portable, monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    (a, sa), (b, sb) = _lhs(gemm_native.PORTABLE_MAX_ROWS + 1, 256, gen), _rhs(130, 256, gen)
+    calls = []
+    real = gemm_fp8._blockwise
+    monkeypatch.setattr(gemm_fp8, "_blockwise", lambda *args: (calls.append(1), real(*args)))
+    out = torch.empty(a.shape[0], 130, dtype=torch.bfloat16)
+    gemm_native.gemm_fp8_nt(portable, a, sa, b, sb, out)
+    assert calls == [1]
+    _assert_conforms(out, _expected(a, sa, b, sb))
+    gemm_native.gemm_fp8_nt(portable, a[:-1], sa[:-1], b, sb, out[:-1])
+    assert calls == [1]
