@@ -9,9 +9,10 @@ medians, both timed in one interleaved run:
     overhead = median(public call) - median(the same implementation calls, direct)
 
 So the overhead includes argument checks, value-range checks (on unless ``HAL_CHECK_VALUES=0``),
-backend selection, and whatever the public function does around the hook (output allocation,
-tuple packing), which is host work a user pays on every call. ``get_mla_metadata`` is reported
-whole as well (the issue's budget for it is total time, not overhead).
+backend selection, and whatever the public path does around the hooks (output allocation, tuple
+packing; for ``mla_decode``, the ``get_mla_metadata`` call the case makes first, whose scheduler
+is reached without ``hal.dispatch.call`` and so counts whole), which is host work a user pays on
+every call.
 
     python -m hal.bench.overhead [--op NAME ...] [--json]
 """
@@ -46,14 +47,16 @@ def _size(case: Case) -> int:
 
 
 @contextlib.contextmanager
-def _recording(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> Iterator[None]:
-    """Record each backend implementation a public call reaches, with its (validated) arguments."""
+def _recording(calls: list[tuple[str, Callable[..., Any], dict[str, Any]]]) -> Iterator[None]:
+    """Record each backend implementation a public call reaches: the backend's name, the
+    implementation and its (validated) arguments."""
     from hal import dispatch
     from hal.selection import select
 
     def recorder(op: Any, device_arg: str, device: torch.device, /, *, features: Any = (), **arguments: Any) -> Any:
-        implementation = select(op, device.type, device_arg=device_arg, features=features).backend.impl(op.hook)
-        calls.append((implementation, dict(arguments)))
+        backend = select(op, device.type, device_arg=device_arg, features=features).backend
+        implementation = backend.impl(op.hook)
+        calls.append((backend.name, implementation, dict(arguments)))
         return implementation(**arguments)
 
     modules = [importlib.import_module(f"hal.ops.{name}") for name in _OPS_MODULES]
@@ -92,7 +95,7 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
             continue
         case = min(cases, key=_size)
         inputs = copied_to(case.family.build(case.params, torch.Generator().manual_seed(case.seed)), "cpu")
-        calls: list[tuple[Callable[..., Any], dict[str, Any]]] = []
+        calls: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
         try:
             with _recording(calls):
                 case.family.run(inputs)
@@ -107,7 +110,7 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
             return case.family.run(inputs)
 
         def direct() -> Any:
-            for implementation, arguments in calls:
+            for _, implementation, arguments in calls:
                 implementation(**arguments)
 
         start = time.perf_counter()
@@ -121,8 +124,7 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
             for name, timer in timers.items():
                 samples[name].append(timer())
         public_us, direct_us = statistics.median(samples["public"]), statistics.median(samples["direct"])
-        backends = sorted({getattr(impl, "__module__", "?").split(".")[2] if getattr(impl, "__module__", "").startswith("hal.backends.") else getattr(impl, "__module__", "?") for impl, _ in calls})
-        records.append({"op": op, "case": case.id, "backends": backends, "hal_calls": len(calls), "public_us": public_us,
+        records.append({"op": op, "case": case.id, "backends": sorted({name for name, _, _ in calls}), "hal_calls": len(calls), "public_us": public_us,
                         "direct_us": direct_us, "overhead_us": public_us - direct_us, "batch": batch, "repeats": repeats})
     return records
 

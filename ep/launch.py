@@ -68,13 +68,17 @@ class RankOutcome:
         return self.exitcode == 0 and not self.error
 
 
-def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, rendezvous: str, args: tuple, env: Mapping[str, str], results: Any) -> None:
+def _rank_main(
+    fn: Callable[..., Any], rank: int, world_size: int, rendezvous: str, args: tuple, env: Mapping[str, str], results: Any, backend: str = "gloo"
+) -> None:
     os.environ.update(env)
     retain_freed_memory()
     # As torchrun does (OMP_NUM_THREADS=1 for several ranks): ranks sharing cores must not each
     # start a full intra-op thread pool, or every small kernel waits on oversubscribed threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    if backend == "nccl":  # one GPU per rank, as torchrun's LOCAL_RANK convention
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         # torch.save bytes, not the queue's pickling: torch's shared-memory tensor passing would
         # need this process alive until the parent reads, and it exits right after.
@@ -88,9 +92,10 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, rendezvous: s
 
 
 def run_local(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0, env: Mapping[str, str] | None = None
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0, env: Mapping[str, str] | None = None,
+    backend: str = "gloo",
 ) -> list[RankOutcome]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; wait at most ``timeout_s``.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; wait at most ``timeout_s``.
 
     Args:
         fn: a module-level function returning tensors, numbers, strings, or lists/tuples/dicts of them.
@@ -98,13 +103,14 @@ def run_local(
         args: extra arguments (must pickle).
         timeout_s: the whole run's bound; ranks still running then are killed (exitcode None).
         env: environment variables set in every rank before torch.distributed starts.
+        backend: the process group's backend: ``gloo``, or ``nccl`` with rank r on GPU r.
     """
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     with tempfile.TemporaryDirectory(prefix="hal-ep-") as directory:
         rendezvous = str(Path(directory) / "rendezvous")
         processes = [
-            context.Process(target=_rank_main, args=(fn, rank, world_size, rendezvous, args, dict(env or {}), results), daemon=True)
+            context.Process(target=_rank_main, args=(fn, rank, world_size, rendezvous, args, dict(env or {}), results, backend), daemon=True)
             for rank in range(world_size)
         ]
         for process in processes:

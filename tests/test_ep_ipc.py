@@ -12,16 +12,11 @@ the GPU) and two GPUs over NCCL, each compared bit for bit with the torch transp
 
 from __future__ import annotations
 
-import io
 import logging
-import multiprocessing
 import os
-import queue
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -338,47 +333,6 @@ def test_two_processes_on_one_gpu_exchange_through_cuda_ipc_bit_for_bit():
         assert not got["leftovers"]
 
 
-def _nccl_rank(fn, rank: int, world: int, rendezvous: str, args: tuple, env: dict, results) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(env)
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        value = io.BytesIO()
-        torch.save(fn(rank, world, *args), value)
-        results.put((rank, value.getvalue(), ""))
-    except Exception as exc:  # reported to the parent
-        results.put((rank, None, f"{type(exc).__name__}: {exc}"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _run_nccl(fn, world: int, *args, timeout_s: float = 300.0, env: dict | None = None) -> dict[int, tuple]:
-    """One NCCL rank per GPU (spawned); every rank's (value, error)."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    reported: dict[int, tuple] = {}
-    with tempfile.TemporaryDirectory(prefix="hal-ep-nccl-") as directory:
-        rendezvous = str(Path(directory) / "rendezvous")
-        processes = [context.Process(target=_nccl_rank, args=(fn, r, world, rendezvous, args, dict(env or {}), results), daemon=True) for r in range(world)]
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + timeout_s
-        while len(reported) < world and time.monotonic() < deadline:
-            try:
-                rank, data, error = results.get(timeout=0.1)
-                reported[rank] = (torch.load(io.BytesIO(data), weights_only=True) if data is not None else None, error)
-            except queue.Empty:
-                if not any(p.is_alive() for p in processes) and results.empty():
-                    break
-        for process in processes:
-            process.join(timeout=max(deadline - time.monotonic(), 0.1))
-            if process.is_alive():
-                process.kill()
-    return reported
-
-
 def _ipc_on_gpus(rank: int, world: int, tokens: int) -> dict:
     """NCCL ranks on their own GPUs: a Buffer selects ipc by itself; torch.distributed is the reference."""
     gpu = torch.device("cuda", rank)
@@ -399,9 +353,9 @@ def _ipc_on_gpus(rank: int, world: int, tokens: int) -> dict:
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not CUPY or not torch.cuda.can_device_access_peer(0, 1),
                     reason="needs two CUDA GPUs with peer access, and cupy")
 def test_ipc_is_selected_for_nccl_ranks_of_one_host_and_matches_torch_bit_for_bit():
-    reported = _run_nccl(_ipc_on_gpus, 2, 600, env={"HAL_BACKEND": "reference"})
-    assert sorted(reported) == [0, 1], reported
-    for rank, (got, error) in reported.items():
+    outcomes = run_local(_ipc_on_gpus, 2, 600, timeout_s=300.0, env={"HAL_BACKEND": "reference"}, backend="nccl")
+    assert all(o.value is not None or o.error for o in outcomes), outcomes  # every rank reported
+    for rank, got, error in ((o.rank, o.value, o.error) for o in outcomes):
         assert not error, (rank, error)
         assert got["rounds transport"] == got["in place transport"] == "ipc"
         assert got["rounds exchange"].endswith("rounds") and got["in place exchange"] == "in place"

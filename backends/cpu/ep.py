@@ -97,7 +97,10 @@ def combine_reduce(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, w
             # computes bf16/fp16 and mixed-dtype arithmetic in float32 on CPU, rounding once.
             if depth == 1:
                 part, which = copy_k(0, t, gathered[0])
-                weighted(part, which, target) if weights is not None else target.copy_(part)
+                if weights is None:
+                    target.copy_(part)
+                else:
+                    weighted(part, which, target)
             elif depth == 2 and weights is None:
                 torch.add(copy_k(0, t, gathered[0])[0], copy_k(1, t, gathered[1])[0], out=target)
             else:
@@ -112,15 +115,20 @@ def combine_reduce(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, w
         else:  # tokens with different numbers of rows: a float32 tile; full copies added, the others scattered in
             for k in range(depth):
                 part, which = copy_k(k, t, gathered[0])
-                full = part.shape[0] == size
-                if full:
+                if part.shape[0] == size:  # every token of the tile has this copy
                     part = weighted(part, which, scratch[:size])
-                    acc.copy_(part) if k == 0 else acc.add_(part)
+                    if k == 0:
+                        acc.copy_(part)
+                    else:
+                        acc.add_(part)
                     continue
                 if k == 0:  # some tokens of the tile have no rows at all
                     acc.zero_()
                 values = scratch[: part.shape[0]]
-                weighted(part, which, values) if weights is not None else values.copy_(part)
+                if weights is None:
+                    values.copy_(part)  # index_add_ takes float32 rows only
+                else:
+                    weighted(part, which, values)
                 acc.index_add_(0, tokens_k[k][bounds[k][t] : bounds[k][t + 1]] - t0, values)
             target.copy_(acc)
     return out
