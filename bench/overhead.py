@@ -1,18 +1,23 @@
 """Host overhead per call: what unihal adds around a backend's kernel (validation, value checks,
 selection), per operator, in microseconds.
 
-For each operator, the smallest quick conformance case is run through the public ``hal`` API,
-as a user calls it; the backend implementations it reaches are recorded with their arguments
-(already validated) and then called directly. The overhead is the difference of the two
-medians, both timed in one interleaved run:
+For each operator, the smallest quick conformance case is run once with two recorders in place:
+one records the public ``hal`` functions the case calls (the outermost calls only, with their
+arguments), the other the backend implementations those calls reach (with their validated
+arguments). Both are then timed, interleaved, in one run:
 
-    overhead = median(public call) - median(the same implementation calls, direct)
+    overhead = median(the public calls) - median(the same implementation calls, direct)
 
 So the overhead includes argument checks, value-range checks (on unless ``HAL_CHECK_VALUES=0``),
 backend selection, and whatever the public path does around the hooks (output allocation, tuple
-packing; for ``mla_decode``, the ``get_mla_metadata`` call the case makes first, whose scheduler
-is reached without ``hal.dispatch.call`` and so counts whole), which is host work a user pays on
-every call.
+packing), which is host work a user pays on every call; what the conformance case does around
+the public call (building inputs, canonicalising results) is not timed.
+
+Schedules are timed on their own rows. An engine computes ``get_mla_metadata`` and
+``get_paged_mqa_logits_metadata`` once per decoding step and passes the result to every layer's
+attention call, so an operator's row times its call with the schedule its case made beforehand,
+and each schedule function gets a row of its own whose whole time counts as host overhead
+(its "direct" column is empty).
 
     python -m hal.bench.overhead [--op NAME ...] [--json]
 """
@@ -36,6 +41,9 @@ from hal.conformance.case import Case, copied_to
 from hal.conformance.catalogue import select_cases
 
 __all__ = ["measure", "main"]
+
+# Schedule functions a case calls before its operator (a public call each, made once per step).
+_SCHEDULES = ("get_mla_metadata", "get_paged_mqa_logits_metadata")
 
 # The ops modules that reach a backend through ``hal.dispatch.call`` (each imports it by name).
 _OPS_MODULES = ("ep", "ep_local", "fp8_quant", "gemm", "gemm_bf16", "gemm_v2", "indexer", "mla", "mla_fp8_cache", "mla_v2")
@@ -72,6 +80,59 @@ def _recording(calls: list[tuple[str, Callable[..., Any], dict[str, Any]]]) -> I
             module.call = original
 
 
+PublicCall = tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+def _public_functions(namespace: Any) -> dict[str, Callable[..., Any]]:
+    """The public functions of ``hal`` reachable as attributes of ``namespace``: those of
+    ``hal.__all__`` on ``hal`` itself, and on a conformance module the ones it imported by name
+    from a ``hal.ops`` module's ``__all__``."""
+    found = {}
+    for name, value in vars(namespace).items():
+        if not callable(value) or isinstance(value, type):
+            continue
+        home = sys.modules.get(getattr(value, "__module__", "") or "")
+        if home is not None and home.__name__.startswith(("hal.ops.", "hal.ep")) and name in getattr(home, "__all__", ()):
+            found[name] = value
+        elif namespace.__name__ == "hal" and name in getattr(namespace, "__all__", ()):
+            found[name] = value
+    return found
+
+
+@contextlib.contextmanager
+def _public_calls(made: list[PublicCall], case: Case) -> Iterator[None]:
+    """Record each outermost call ``case`` makes to a public function of ``hal`` (its name, the
+    function, its arguments); calls those functions make to each other are part of the outer one."""
+    import hal
+
+    namespaces = (hal, sys.modules[type(case.family).__module__])
+    saved = [(namespace, _public_functions(namespace)) for namespace in namespaces]
+    depth = 0
+
+    def recording(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            nonlocal depth
+            if depth == 0:
+                made.append((name, function, args, kwargs))
+            depth += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth -= 1
+
+        return wrapper
+
+    try:
+        for namespace, functions in saved:
+            for name, function in functions.items():
+                setattr(namespace, name, recording(name, function))
+        yield
+    finally:
+        for namespace, functions in saved:
+            for name, function in functions.items():
+                setattr(namespace, name, function)
+
+
 def _median_us(fn: Callable[[], Any], batch: int) -> Callable[[], float]:
     def once() -> float:
         start = time.perf_counter()
@@ -90,24 +151,39 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
         if not ops or any(fnmatch.fnmatch(case.op, p) for p in ops):
             by_op.setdefault(case.op, []).append(case)
     records = []
+    schedule_rows: dict[str, dict[str, Any]] = {}
     for op, cases in sorted(by_op.items()):
         if op.startswith("ep_") and op not in ("ep_dispatch_layout", "ep_pack", "ep_unpack", "ep_combine_reduce"):
             continue
-        case = min(cases, key=_size)
+        # Cases that build their schedule outside the public API (``schedule_sms``: another GPU's
+        # schedule, given to every backend) are not what a user's call does.
+        usual = [c for c in cases if c.params.get("schedule_sms") is None] or cases
+        case = min(usual, key=_size)
         inputs = copied_to(case.family.build(case.params, torch.Generator().manual_seed(case.seed)), "cpu")
         calls: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
+        made: list[PublicCall] = []
         try:
-            with _recording(calls):
+            with _recording(calls), _public_calls(made, case):
                 case.family.run(inputs)
         except Exception as exc:  # a case this machine cannot run: say so, never hide it
             records.append({"op": op, "case": case.id, "skipped": f"{type(exc).__name__}: {exc}"})
             continue
-        if not calls:
-            records.append({"op": op, "case": case.id, "skipped": "the public call reached no backend"})
+        operator_calls = [entry for entry in made if entry[0] not in _SCHEDULES]
+        if not calls or not operator_calls:
+            records.append({"op": op, "case": case.id, "skipped": "the case reached no backend through a public call"})
             continue
 
         def public() -> Any:
-            return case.family.run(inputs)
+            for _, function, args, kwargs in operator_calls:
+                function(*args, **kwargs)
+
+        for name, function, args, kwargs in made:
+            if name in _SCHEDULES and name not in schedule_rows:
+                timer = _median_us(lambda: function(*args, **kwargs), 200)
+                timer()
+                us = statistics.median(timer() for _ in range(repeats))
+                schedule_rows[name] = {"op": name, "case": case.id, "public": [name], "backends": [], "hal_calls": 0, "public_us": us, "direct_us": None,
+                                       "overhead_us": us, "batch": 200, "repeats": repeats}
 
         def direct() -> Any:
             for _, implementation, arguments in calls:
@@ -124,9 +200,9 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
             for name, timer in timers.items():
                 samples[name].append(timer())
         public_us, direct_us = statistics.median(samples["public"]), statistics.median(samples["direct"])
-        records.append({"op": op, "case": case.id, "backends": sorted({name for name, _, _ in calls}), "hal_calls": len(calls), "public_us": public_us,
+        records.append({"op": op, "case": case.id, "public": [name for name, *_ in operator_calls], "backends": sorted({name for name, _, _ in calls}), "hal_calls": len(calls), "public_us": public_us,
                         "direct_us": direct_us, "overhead_us": public_us - direct_us, "batch": batch, "repeats": repeats})
-    return records
+    return records + [schedule_rows[name] for name in sorted(schedule_rows)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in r:
             print(f"{r['op']:34s} skipped: {r['skipped']}")
             continue
-        print(f"{r['op']:34s} {','.join(r['backends']):12s} {r['public_us']:10.1f} {r['direct_us']:10.1f} {r['overhead_us']:12.1f}")
+        direct = "-" if r["direct_us"] is None else f"{r['direct_us']:.1f}"
+        print(f"{r['op']:34s} {','.join(r['backends']) or '(host)':12s} {r['public_us']:10.1f} {direct:>10s} {r['overhead_us']:12.1f}")
     return 0
 
 

@@ -43,3 +43,13 @@ def test_overhead_is_measured_against_the_backend_called_directly():
     assert "skipped" not in record, record
     assert record["direct_us"] > 0 and record["public_us"] > 0 and math.isfinite(record["overhead_us"])
     assert record["hal_calls"] == 1 and record["backends"]
+
+
+def test_schedules_get_rows_of_their_own_and_operators_are_timed_without_them():
+    from hal.bench.overhead import measure
+
+    records = {r["op"]: r for r in measure(["mla_decode", "ep_pack"], repeats=3, budget_s=0.005)}
+    assert set(records) == {"mla_decode", "ep_pack", "get_mla_metadata"}, records
+    assert records["mla_decode"]["public"] == ["flash_mla_with_kvcache"]  # the schedule was made before, once
+    assert records["get_mla_metadata"]["direct_us"] is None and records["get_mla_metadata"]["public_us"] > 0
+    assert records["ep_pack"]["public"] == ["ep_pack"]  # a function the case imported by name is found too
