@@ -10,10 +10,11 @@ graph is being captured.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from hal import env
+from hal import env, optional
 from hal.errors import DeviceError, DTypeError, LayoutError, ShapeError, ValueRangeError
 
 __all__ = [
@@ -22,7 +23,9 @@ __all__ = [
     "expect_same_device",
     "expect_int",
     "value_checks_enabled",
+    "value_range",
     "expect_in_range",
+    "expect_rows_in_range",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -67,18 +70,26 @@ def expect_tensor(
     """
     if not isinstance(value, torch.Tensor):
         raise DTypeError(op, name, "a torch.Tensor", type(value).__name__, f"Pass '{name}' as a tensor.")
+    # Success costs a few attribute reads and comparisons (this runs several times per operator
+    # call); the messages are built only on failure.
     if dtypes is not None:
-        accepted = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
-        if value.dtype not in accepted:
+        dtype = value.dtype
+        if dtype is not dtypes and (isinstance(dtypes, torch.dtype) or dtype not in dtypes):
+            accepted = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
             wanted = " or ".join(_dtype_name(d) for d in accepted)
             raise DTypeError(
                 op, name, f"dtype {wanted}", f"dtype {_dtype_name(value.dtype)}", f"Convert '{name}' with .to({wanted.split(' or ')[0]})."
             )
     if shape is not None:
-        actual = tuple(value.shape)
-        if len(actual) == len(shape) and all(want is None or want == got for want, got in zip(shape, actual)):
-            shape = None  # the common case: nothing to report, no message text to build
+        actual = value.shape
+        if len(actual) == len(shape):
+            for want, got in zip(shape, actual):
+                if want is not None and want != got:
+                    break
+            else:
+                shape = None  # the common case: nothing to report
     if shape is not None:
+        actual = tuple(value.shape)
         expected_text = _shape_text(shape, dims)
         if len(actual) != len(shape):
             raise ShapeError(
@@ -121,15 +132,30 @@ def expect_int(op: str, name: str, value: object, *, minimum: int | None = None,
     return value
 
 
+_OFF = frozenset(("0", "false", "no", "off"))
+
+
 def value_checks_enabled(tensor: torch.Tensor) -> bool:
     """Whether checks that read ``tensor``'s contents should run (see the module docstring)."""
-    if tensor.device.type == "meta":  # no values to read; selection rejects meta tensors with a DeviceError
+    kind = tensor.device.type
+    if kind == "meta":  # no values to read; selection rejects meta tensors with a DeviceError
         return False
-    if env.get(ENV_CHECK_VALUES, "1").strip() in ("0", "false", "no", "off"):
+    if env.get(ENV_CHECK_VALUES, "1").strip() in _OFF:
         return False
-    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if kind == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def value_range(values: torch.Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer tensor as Python ints, in one reduction; None when its values
+    are not to be read (empty, or per :func:`value_checks_enabled`). For operators that hold one
+    tensor to several bounds: one reduction, then :func:`expect_in_range` only for a bound it breaks
+    (to find and name the element)."""
+    if values.numel() == 0 or not value_checks_enabled(values):
+        return None
+    smallest, largest = torch.aminmax(values)
+    return int(smallest), int(largest)
 
 
 def expect_in_range(
@@ -152,6 +178,13 @@ def expect_in_range(
         smallest, largest = torch.aminmax(values)
         if int(smallest) >= low and int(largest) < high:
             return
+    _raise_first_out_of_range(op, name, values, low, high, what, fix, where)
+
+
+def _raise_first_out_of_range(
+    op: str, name: str, values: torch.Tensor, low: int, high: int, what: str, fix: str,
+    where: torch.Tensor | Callable[[], torch.Tensor] | None,
+) -> None:
     bad = (values < low) | (values >= high)
     if where is not None:
         bad &= where() if callable(where) else where
@@ -161,3 +194,68 @@ def expect_in_range(
         raise ValueRangeError(
             op, name, f"{what} in [{low}, {high})", f"{int(values[index])} at {name}{where} ({int(bad.sum())} out of range)", fix
         )
+
+
+_POSITIONS: dict[tuple[int, int], Any] = {}
+
+
+def _positions(width: int, per_entry: int) -> Any:
+    key = (width, per_entry)
+    if key not in _POSITIONS:
+        if len(_POSITIONS) > 64:
+            _POSITIONS.clear()
+        np = optional.numpy()
+        _POSITIONS[key] = np.arange(width, dtype=np.int64) * per_entry
+    return _POSITIONS[key]
+
+
+def expect_rows_in_range(
+    op: str, name: str, table: torch.Tensor, lengths: torch.Tensor | Callable[[], torch.Tensor], low: int, high: int, *,
+    per_entry: int = 1, what: str, fix: str,
+) -> None:
+    """Entry ``j`` of row ``r`` of the 2-d ``table`` must satisfy ``low <= v < high`` where it is
+    read, that is where ``j * per_entry < lengths[r]``; the rest of a row is padding (skipped per
+    :func:`value_checks_enabled`).
+
+    This is the shape of every paged or sparse index in the catalogue: a block table whose row
+    holds a sequence's pages then padding (-1, stale ids), with ``lengths`` the sequence lengths in
+    tokens and ``per_entry`` the page size; a top-k list cut at its length (``per_entry`` 1).
+    One reduction settles the common case (every entry in range, padding included); only when some
+    entry is out of range is ``lengths`` (an integer tensor [rows], or a function making it) read.
+    CPU tables are read through NumPy when it is installed: a torch operator call costs
+    microseconds of dispatch there, and this path runs on every call of engines that pad with -1.
+    """
+    if table.numel() == 0 or not value_checks_enabled(table):
+        return
+    np = optional.numpy() if table.device.type == "cpu" and table.dtype != torch.bool else None
+    if np is not None:
+        values = table.numpy()
+        if low == 0 and values.dtype.kind == "i":  # one comparison for both bounds: negatives read as huge unsigned
+            unsigned = values.view(values.dtype.str.replace("i", "u"))
+            if np.maximum.reduce(unsigned, axis=None) < high:
+                return
+            bad = unsigned >= high
+        else:
+            bad = (values < low) | (values >= high)
+            if not bad.any():
+                return
+        limits = lengths() if callable(lengths) else lengths
+        bad &= _positions(table.shape[1], per_entry)[None, :] < limits.cpu().numpy()[:, None]
+        if not bad.any():
+            return
+        row, column = (int(i[0]) for i in np.nonzero(bad))
+        count = int(bad.sum())
+    else:
+        smallest, largest = torch.aminmax(table)
+        if int(smallest) >= low and int(largest) < high:
+            return
+        limits = lengths() if callable(lengths) else lengths
+        positions = torch.arange(table.shape[1], device=table.device, dtype=torch.int64) * per_entry
+        mask = ((table < low) | (table >= high)) & (positions[None, :] < limits.to(table.device)[:, None])
+        if not bool(mask.any()):
+            return
+        row, column = (int(i) for i in mask.nonzero()[0])
+        count = int(mask.sum())
+    raise ValueRangeError(
+        op, name, f"{what} in [{low}, {high})", f"{int(table[row, column])} at {name}[{row}, {column}] ({count} out of range)", fix
+    )

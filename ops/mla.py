@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
+from hal.checks import expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, value_checks_enabled
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.operator import declare
@@ -152,12 +152,8 @@ def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor
         fix=f"Lengths must be >= 0; a sequence longer than {capacity} tokens needs more block_table columns.",
     )
 
-    def used() -> torch.Tensor:  # only built when some entry is out of range (-1 padding of unused pages, say)
-        pages_used = (cache_seqlens.long() + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE
-        return torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]
-
-    expect_in_range(
-        _OP, "block_table", block_table, 0, num_blocks, where=used,
+    expect_rows_in_range(
+        _OP, "block_table", block_table, cache_seqlens, 0, num_blocks, per_entry=PAGE_BLOCK_SIZE,
         what=f"block ids of used pages (k_cache has {num_blocks} blocks)",
         fix="Every page a sequence uses must index an existing k_cache block.",
     )
