@@ -38,7 +38,7 @@ class Feature:
     since: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Operator:
     """One dispatchable operator.
 
@@ -49,6 +49,9 @@ class Operator:
         summary: one line for listings.
         version: the contract version (raised when a feature is added).
         features: the optional parts of the contract a backend may or may not implement.
+
+    Operators are declared once each, so they compare and hash by identity: selection's cache
+    hashes one on every call, which field-wise hashing made cost microseconds.
     """
 
     name: str

@@ -213,6 +213,9 @@ def _warn_unknown_variables_once() -> None:
         )
 
 
+_NO_FEATURES: frozenset[str] = frozenset()
+
+
 def select(
     op: Operator | str, device_type: str = "cpu", *, device_arg: str = "inputs", features: Iterable[str] = ()
 ) -> Selection:
@@ -226,9 +229,7 @@ def select(
             only backends that declare all of them are candidates.
     """
     operator = op if isinstance(op, Operator) else get_operator(op)
-    required = frozenset(features)
-    for name in required:
-        operator.feature(name)  # an unknown name is a unihal bug: fail loudly
+    required = frozenset(features) if features else _NO_FEATURES
     if device_type == "meta":
         raise DeviceError(
             operator.name, device_arg, "a tensor with data (cpu, cuda, ...)", "a tensor on the meta device",
@@ -246,6 +247,8 @@ def _select_cached(
     op: Operator, device_type: str, device_arg: str, chain: tuple[str, ...] | None, source: str, features: frozenset[str],
     certified_only: bool, _generation: int,
 ) -> Selection:
+    for name in features:
+        op.feature(name)  # an unknown name is a unihal bug: fail loudly (never cached: errors are not)
     known = registry.backends()
     explicit = chain is not None
     candidates: list[Backend] = []
