@@ -1,0 +1,122 @@
+"""The host-side fast paths give the verdicts of their plain torch formulations.
+
+Value checks and CPU schedules take NumPy paths when NumPy is installed (``hal.optional``); each is
+compared here, on random inputs, with the torch path it replaces (NumPy switched off).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import hal
+from hal import optional
+from hal.checks import expect_rows_in_range
+from hal.errors import ValueRangeError
+from hal.ops import gemm
+
+
+@pytest.fixture
+def without_numpy(monkeypatch: pytest.MonkeyPatch):
+    def switch(off: bool) -> None:
+        monkeypatch.setattr(optional, "_NUMPY", False if off else None)
+
+    return switch
+
+
+def _verdict(check) -> str | None:
+    try:
+        check()
+    except ValueRangeError as error:
+        return str(error)
+    return None
+
+
+def _rows_truth(table: torch.Tensor, lengths: torch.Tensor, low: int, high: int, per_entry: int) -> tuple[int, int] | None:
+    for r in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            if j * per_entry < int(lengths[r]) and not low <= int(table[r, j]) < high:
+                return r, j
+    return None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rows_in_range_reads_only_the_used_prefix_on_both_paths(seed: int, without_numpy):
+    rng = random.Random(seed)
+    for _ in range(150):
+        rows, width, per_entry = rng.randint(1, 6), rng.randint(1, 7), rng.choice([1, 16, 64])
+        low, high = rng.choice([0, 0, -1, 2]), rng.randint(3, 9)
+        dtype = rng.choice([torch.int32, torch.int64])
+        table = torch.randint(-3, 12, (rows, width), dtype=dtype)
+        if rng.random() < 0.5:  # a column-major view: strided tables too
+            table = torch.randint(-3, 12, (width, rows), dtype=dtype).t()
+        lengths = torch.randint(0, width * per_entry + 1, (rows,), dtype=torch.int32)
+        truth = _rows_truth(table, lengths, low, high, per_entry)
+        verdicts = []
+        for off in (False, True):
+            without_numpy(off)
+            verdicts.append(_verdict(lambda: expect_rows_in_range(
+                "op", "block_table", table, lengths, low, high, per_entry=per_entry, what="ids", fix="fix")))
+        assert verdicts[0] == verdicts[1]
+        if truth is None:
+            assert verdicts[0] is None
+        else:  # the first offending used entry, by position, is the one named
+            assert f"at block_table[{truth[0]}, {truth[1]}]" in verdicts[0]
+
+
+def test_rows_in_range_computes_lazy_lengths_only_when_needed():
+    asked = []
+
+    def lengths() -> torch.Tensor:
+        asked.append(True)
+        return torch.tensor([1, 1])
+
+    expect_rows_in_range("op", "t", torch.tensor([[0, 1], [2, 3]]), lengths, 0, 4, what="ids", fix="fix")
+    assert not asked
+    expect_rows_in_range("op", "t", torch.tensor([[0, -1], [2, -1]]), lengths, 0, 4, what="ids", fix="fix")
+    assert asked
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paged_logits_schedule_is_the_same_on_both_paths(seed: int, without_numpy):
+    rng = random.Random(seed)
+    for _ in range(200):
+        batch, next_n, sms = rng.randint(0, 30), rng.choice([1, 2, 4]), rng.randint(1, 140)
+        lens = torch.randint(-2, rng.choice([5, 300, 20000]), (batch, next_n), dtype=torch.int32)
+        lens = lens if rng.random() < 0.5 else lens[:, -1].contiguous()
+        results = []
+        for off in (False, True):
+            without_numpy(off)
+            results.append(hal.get_paged_mqa_logits_metadata(lens if lens.dim() == 2 else lens[:, None], 64, sms))
+        assert results[0].dtype == results[1].dtype == torch.int32 and torch.equal(results[0], results[1])
+
+
+def _segments_truth(m_indices: torch.Tensor, align: int) -> int | None:
+    blocks = m_indices.view(-1, align)
+    valid = blocks >= 0
+    mixed = (valid & (blocks != blocks[:, :1])).any(dim=1) | (valid[:, 1:] & ~valid[:, :-1]).any(dim=1)
+    return int(mixed.nonzero()[0]) if bool(mixed.any()) else None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_contiguous_segments_check_matches_the_blockwise_definition(seed: int, without_numpy):
+    rng = random.Random(seed)
+    align = gemm.get_m_alignment_for_contiguous_layout()
+    for _ in range(300):
+        groups, values = rng.randint(1, 4), []
+        for _ in range(rng.randint(1, 4)):
+            block = [rng.randint(-1, groups - 1)] * (count := rng.randint(0, align)) + [-1] * (align - count)
+            for _ in range(rng.choice([0, 0, 1, 2])):
+                block[rng.randrange(align)] = rng.randint(-1, groups - 1)
+            values += block
+        m_indices = torch.tensor(values, dtype=torch.int32)
+        truth = _segments_truth(m_indices, align)
+        for off in (False, True):
+            without_numpy(off)
+            verdict = _verdict(lambda: gemm._check_contiguous_segments("op", m_indices))
+            if truth is None:
+                assert verdict is None
+            else:
+                assert verdict is not None and f"rows {truth * align}..{(truth + 1) * align - 1}" in verdict
