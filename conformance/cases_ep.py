@@ -141,10 +141,14 @@ class CombineReduceFamily(Family):
         src_idx = src[torch.randperm(src.numel(), generator=generator)].to(torch.int32)
         rows = _rows(src.numel(), params["width"], "bf16", generator)
         weights = torch.rand(src.numel(), generator=generator) if params.get("weighted") else None
-        return {"rows": rows, "src_idx": src_idx, "num_tokens": tokens, "weights": weights}
+        return {"rows": rows, "src_idx": src_idx, "num_tokens": tokens, "weights": weights, "segments": params.get("segments", 1)}
 
     def run(self, inputs: Tensors) -> Tensors:
-        return {"out": ep_combine_reduce(inputs["rows"], inputs["src_idx"], inputs["num_tokens"], inputs["weights"])}
+        rows = inputs["rows"]
+        if inputs.get("segments", 1) > 1:  # contract v2: the same rows in pieces (an empty one first)
+            cuts = [i * rows.shape[0] // (inputs["segments"] - 1) for i in range(inputs["segments"])]
+            rows = (rows[:0],) + tuple(rows[a:b] for a, b in zip(cuts, cuts[1:]))
+        return {"out": ep_combine_reduce(rows, inputs["src_idx"], inputs["num_tokens"], inputs["weights"])}
 
     def expect(self, inputs: Tensors) -> Tensors:
         return {"out": combine_reduce_reference(inputs["rows"], inputs["src_idx"], inputs["num_tokens"], inputs["weights"])}
@@ -169,6 +173,10 @@ def ep_local_cases() -> list[Case]:
         (reduce, {"tokens": 4096, "copies": 8, "width": 7168}, False),
         (reduce, {"tokens": 128, "copies": 8, "width": 7168, "weighted": True}, False),
         (reduce, {"tokens": 256, "copies": 32, "width": 2048, "weighted": True}, False),
+        # Rows in segments (contract version 2, feature row_segments): a combine's own rows and the received ones.
+        (reduce, {"tokens": 40, "copies": 2, "width": 96, "segments": 3}, True),
+        (reduce, {"tokens": 36, "copies": 5, "width": 64, "weighted": True, "segments": 4}, True),
+        (reduce, {"tokens": 4096, "copies": 2, "width": 7168, "segments": 3}, False),
     ]
 
     def name(p: Mapping[str, Any]) -> str:

@@ -157,13 +157,17 @@ class Communicator:
         return Outgoing(frame, src_idx, counts, packed)
 
     def exchange(
-        self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str, *, in_place: bool = False
-    ) -> dict[str, torch.Tensor]:
+        self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str, *, in_place: bool = False,
+        keep_own: bool = False,
+    ) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
         """Send ``send_counts[r]`` prepared rows to rank r, receive ``recv_counts[r]`` from each rank
         r; returns each field of the received messages (contiguous, by source rank).
 
         ``in_place``: the caller consumes the results before this Buffer's next operation, so a
-        transport may hand out views of its own buffers (shared memory does); here, fresh tensors."""
+        transport may hand out views of its own buffers (shared memory does); here, fresh tensors.
+        ``keep_own`` (with ``in_place``): the caller also takes a field as a tuple of segments
+        standing for their concatenation, so a transport may leave the rows this rank sends itself
+        where they are instead of copying them beside the received ones; here, one tensor."""
         assert isinstance(outgoing.rows, torch.Tensor)
         return outgoing.frame.unpack(self.all_to_all_rows(outgoing.rows, send_counts, recv_counts, phase))
 

@@ -301,10 +301,12 @@ def combine(
     send = agree(comm, op, prepare).plan
     counts = _rank_counts(handle)
     # Received rows are grouped by source rank already: they go back in the order they came.
-    got = comm.exchange(send.outgoing, counts[:, me].tolist(), counts[me].tolist(), "tokens", in_place=True)  # reduced at once
+    # Reduced at once; this rank's own rows may stay in x (segments), read there by the reduction.
+    got = comm.exchange(send.outgoing, counts[:, me].tolist(), counts[me].tolist(), "tokens", in_place=True, keep_own=True)
     num_tokens = handle.is_token_in_rank.shape[0]
     if bias:  # the biases join the float32 sum, then one rounding (DeepEP adds them in its kernel)
-        total = ep_combine_reduce(got["x"].float(), handle.send_src_idx, num_tokens)
+        rows = got["x"] if isinstance(got["x"], torch.Tensor) else torch.cat(got["x"])
+        total = ep_combine_reduce(rows.float(), handle.send_src_idx, num_tokens)
         combined_x = (total + sum(b.float() for b in bias)).to(x.dtype)
     else:
         combined_x = ep_combine_reduce(got["x"], handle.send_src_idx, num_tokens)

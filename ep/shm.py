@@ -386,13 +386,17 @@ class ShmCommunicator(Communicator):
             torch.index_select(tensor, 0, order[begin : begin + rows], out=into)
 
     def exchange(
-        self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str, *, in_place: bool = False
-    ) -> dict[str, torch.Tensor]:
+        self, outgoing: Outgoing, send_counts: Sequence[int], recv_counts: Sequence[int], phase: str, *, in_place: bool = False,
+        keep_own: bool = False,
+    ) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
         """As :meth:`Communicator.exchange`. With ``in_place``, when every rank's whole receipt fits
         its receive area, the senders write straight to the rows' final places there and the
         results are views of this rank's area: valid until this Buffer's next operation, for a
-        caller that consumes them at once (combine's reduction). Otherwise, and without
-        ``in_place``, the results are this rank's own tensors."""
+        caller that consumes them at once (combine's reduction). With ``keep_own`` too, and rows
+        sent in their own order (no gather), the rows this rank sends itself are not copied into
+        its area: each field is then ``(rows from lower ranks, own rows, rows from higher ranks)``,
+        views of the area and of the outgoing tensor (a third of a 2-rank combine's copying).
+        Otherwise, and without ``in_place``, the results are this rank's own tensors."""
         assert isinstance(outgoing.rows, dict)
         fields = outgoing.frame.fields
         tensors = [outgoing.rows[f.name] for f in fields]
@@ -417,29 +421,42 @@ class ShmCommunicator(Communicator):
         send_at = [sum(send[:r]) for r in range(self.world)]
         if in_place and int(table[:, 1].max()) <= area_rows:
             self.last_exchange = "in place"
-            return self._direct(tensors, fields, order, send, send_at, table[:, 2:], area_offsets, phase)
+            own = keep_own and order is None and send[me] > 0
+            return self._direct(tensors, fields, order, send, send_at, table[:, 2:], area_offsets, phase, own)
         self.last_exchange = f"{int(table[:, 0].max())} rounds"
         return self._rounds(tensors, fields, order, send, recv, send_at, int(table[:, 0].max()), capacity, offsets, phase)
 
     def _direct(
         self, tensors: list[torch.Tensor], fields: Sequence[Field], order: torch.Tensor | None, send: list[int], send_at: list[int],
-        sends: torch.Tensor, offsets: list[int], phase: str,
-    ) -> dict[str, torch.Tensor]:
+        sends: torch.Tensor, offsets: list[int], phase: str, keep_own: bool = False,
+    ) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
         """One round: each sender writes its rows to their final rows in each receiver's area
-        (``sends[s, r]`` rows from s to r, by source rank), this rank's own rows included."""
+        (``sends[s, r]`` rows from s to r, by source rank), this rank's own rows included unless
+        ``keep_own`` (then they stay in the outgoing tensors and each field comes in three segments)."""
         me = self.rank
         at = torch.cumsum(sends, dim=0) - sends  # [sender, receiver]: first row of the sender's rows in the receiver's area
         for peer in [*(r for r in range(self.world) if r != me), me]:  # peers first: their reduction waits on them
-            if send[peer]:
+            if send[peer] and not (peer == me and keep_own):
                 first = int(at[me, peer])
                 for tensor, offset in zip(tensors, offsets):
                     self._put(tensor, order, send_at[peer], send[peer], self.slots.area(peer, offset, first, send[peer], tensor))
         self._barrier(phase)
         total = int(sends[:, me].sum())
+
+        def field(f: Field, t: torch.Tensor, offset: int, first: int, rows: int) -> torch.Tensor:
+            return self.slots.area(me, offset, first, rows, t).view(torch.uint8).view(f.dtype).view((rows,) + f.shape)
+
         # No barrier after the reads: the next exchange begins with a gather, whose barrier no rank
         # passes before every rank has finished with this one.
+        if not keep_own:
+            return {f.name: field(f, t, offset, 0, total) for f, t, offset in zip(fields, tensors, offsets)}
+        own_at, own = int(at[me, me]), send[me]
         return {
-            f.name: self.slots.area(me, offset, 0, total, t).view(torch.uint8).view(f.dtype).view((total,) + f.shape)
+            f.name: (
+                field(f, t, offset, 0, own_at),
+                t[send_at[me] : send_at[me] + own].view(torch.uint8).view(f.dtype).view((own,) + f.shape),
+                field(f, t, offset, own_at + own, total - own_at - own),
+            )
             for f, t, offset in zip(fields, tensors, offsets)
         }
 

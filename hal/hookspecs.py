@@ -369,12 +369,15 @@ def hal_ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: 
 
 @hookspec(firstresult=True)
 def hal_ep_combine_reduce(
-    rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None
+    rows: torch.Tensor | tuple[torch.Tensor, ...], src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None
 ) -> torch.Tensor:
     """Sum rows into their tokens: see :func:`hal.ops.ep_local.ep_combine_reduce`.
 
     Args:
-        rows: [S, width] bf16/fp16/fp32.
+        rows: [S, width] bf16/fp16/fp32. A backend declaring the ``row_segments`` feature (contract
+            version 2) may instead receive a tuple of [S_i, width] tensors of one dtype and
+            width, standing for their concatenation in order (S = their rows together); each
+            segment may be a view with any row stride.
         src_idx: int32 [S] in [0, num_tokens).
         num_tokens: N.
         weights: float32 [S] or None.

@@ -21,18 +21,21 @@ DeepEP's low-latency kernels.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
 from hal.dispatch import call
-from hal.errors import ValueRangeError
-from hal.operator import declare
+from hal.errors import DTypeError, ValueRangeError
+from hal.operator import Feature, declare
+from hal.selection import select
 
 __all__ = [
     "EP_PACK",
     "EP_UNPACK",
     "EP_COMBINE_REDUCE",
+    "ROW_SEGMENTS",
     "ep_pack",
     "ep_unpack",
     "ep_combine_reduce",
@@ -44,8 +47,16 @@ __all__ = [
 
 EP_PACK = declare("ep_pack", "hal_ep_pack", "ep", "Copy rows into bucket-major send order (dispatch send buffer)")
 EP_UNPACK = declare("ep_unpack", "hal_ep_unpack", "ep", "Regroup received rows into fixed slots per local expert")
+# Version 2: rows may come in segments (a tuple of tensors read in order, as if concatenated), so
+# that a combine reads the rows a rank sent itself where they already are instead of copying them
+# next to the received ones first. A backend written for version 1 is handed one tensor (the
+# segments concatenated here).
+ROW_SEGMENTS = Feature(
+    "row_segments", "rows as a tuple of [S_i, width] tensors read in order, as if concatenated (no copy to join them)", since=2,
+)
 EP_COMBINE_REDUCE = declare(
-    "ep_combine_reduce", "hal_ep_combine_reduce", "ep", "Sum (optionally weighted) rows back into their tokens in fp32"
+    "ep_combine_reduce", "hal_ep_combine_reduce", "ep", "Sum (optionally weighted) rows back into their tokens in fp32",
+    version=2, features=(ROW_SEGMENTS,),
 )
 
 REDUCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -95,10 +106,26 @@ def unpack_reference(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_bucket
     return slots.view(rows.dtype).view((num_buckets, num_slots) + tuple(rows.shape[1:])), counts.to(torch.int32)
 
 
+def _segments(op: str, rows: object) -> tuple[torch.Tensor, ...]:
+    """``rows`` as a non-empty tuple of checked [S_i, width] tensors of one dtype, width and device."""
+    if isinstance(rows, torch.Tensor):
+        expect_tensor(op, "rows", rows, dtypes=REDUCE_DTYPES, shape=(None, None), dims=("S", "width"))
+        return (rows,)
+    if not isinstance(rows, (tuple, list)) or not rows:
+        raise DTypeError(op, "rows", "a tensor [S, width] or a non-empty tuple of them", type(rows).__name__, "Pass the rows as a tensor.")
+    first = expect_tensor(op, "rows[0]", rows[0], dtypes=REDUCE_DTYPES, shape=(None, None), dims=("S", "width"))
+    for i, segment in enumerate(rows[1:], start=1):
+        expect_tensor(op, f"rows[{i}]", segment, dtypes=first.dtype, shape=(None, first.shape[1]), dims=("S_i", "width"))
+        expect_same_device(op, "rows[0]", first, **{f"rows[{i}]": segment})
+    return tuple(rows)
+
+
 def combine_reduce_reference(
-    rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None
+    rows: torch.Tensor | Sequence[torch.Tensor], src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None
 ) -> torch.Tensor:
-    """Reference for :func:`ep_combine_reduce` (arguments already validated)."""
+    """Reference for :func:`ep_combine_reduce` (arguments already validated; segments concatenated)."""
+    if not isinstance(rows, torch.Tensor):
+        rows = torch.cat(tuple(rows))
     values = rows.float()
     if weights is not None:
         values = values * weights.unsqueeze(1)
@@ -174,12 +201,15 @@ def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int,
 
 
 def ep_combine_reduce(
-    rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None = None
+    rows: torch.Tensor | Sequence[torch.Tensor], src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Sum rows into the tokens they came from: ``out[t] = sum over s with src_idx[s] == t of w[s] * rows[s]``.
 
     Args:
-        rows: [S, width] bf16/fp16/fp32.
+        rows: [S, width] bf16/fp16/fp32; or a tuple of such tensors (one dtype and width) standing
+            for their concatenation, in order (``S`` = their rows together): a backend that
+            declares the ``row_segments`` feature reads them where they are; for others they are
+            concatenated here.
         src_idx: int32 [S], the token of each row, in [0, num_tokens).
         num_tokens: N.
         weights: float32 [S] or None (plain sum, normal-mode combine).
@@ -187,17 +217,28 @@ def ep_combine_reduce(
     Returns:
         [N, width], dtype of rows: accumulated in float32, rounded once; tokens without rows are 0.
     """
-    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
-        return torch.ops.hal.ep_combine_reduce(rows, src_idx, num_tokens, weights)
     op = EP_COMBINE_REDUCE.name
-    expect_tensor(op, "rows", rows, dtypes=REDUCE_DTYPES, shape=(None, None), dims=("S", "width"))
-    expect_tensor(op, "src_idx", src_idx, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))
+    segments = _segments(op, rows)
+    if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        whole = segments[0] if len(segments) == 1 else torch.cat(segments)
+        return torch.ops.hal.ep_combine_reduce(whole, src_idx, num_tokens, weights)
+    first = segments[0]
+    total = sum(s.shape[0] for s in segments)
+    expect_tensor(op, "src_idx", src_idx, dtypes=torch.int32, shape=(total,), dims=("S",))
     expect_int(op, "num_tokens", num_tokens, minimum=0)
     if weights is not None:
-        expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(rows.shape[0],), dims=("S",))
-    expect_same_device(op, "rows", rows, src_idx=src_idx, weights=weights)
+        expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(total,), dims=("S",))
+    expect_same_device(op, "rows", first, src_idx=src_idx, weights=weights)
     expect_in_range(
         op, "src_idx", src_idx, 0, num_tokens, what=f"token ids (num_tokens={num_tokens})",
         fix="Each row must come from an existing token.",
     )
+    if len(segments) == 1:
+        rows = first
+    else:
+        backend = select(EP_COMBINE_REDUCE, first.device.type, device_arg="rows").backend
+        if ROW_SEGMENTS.name in backend.features(EP_COMBINE_REDUCE):
+            return call(EP_COMBINE_REDUCE, "rows", first.device, features=(ROW_SEGMENTS.name,), rows=segments, src_idx=src_idx,
+                        num_tokens=num_tokens, weights=weights)
+        rows = torch.cat(segments)
     return call(EP_COMBINE_REDUCE, "rows", rows.device, rows=rows, src_idx=src_idx, num_tokens=num_tokens, weights=weights)

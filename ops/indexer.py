@@ -190,8 +190,8 @@ def get_paged_mqa_logits_metadata(
     if indices is not None:
         expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(context_lens.shape[0],), dims=("batch",))
     lens = context_lens if context_lens.dim() == 1 else context_lens[:, -1]
-    np = optional.numpy() if lens.device.type == "cpu" else None
-    if np is not None:  # the same arithmetic in NumPy: a dozen torch calls cost ~60 us of dispatch on a CPU
+    np = optional.numpy() if lens.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    if np is not None:  # the same arithmetic in NumPy: a dozen torch calls cost ~60 us of dispatch on a CPU (traced: torch)
         return torch.from_numpy(_split_segments(np, lens.numpy(), num_sms))
     segments = (lens.clamp(min=0).to(torch.int64) + SPLIT_KV - 1) // SPLIT_KV
     ends = torch.cumsum(segments, 0)  # exclusive end segment of each row

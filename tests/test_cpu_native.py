@@ -249,7 +249,7 @@ def test_the_api_runs_the_native_kernels_and_honours_the_switch(monkeypatch):
     plugin.hal_gemm_fp8_nt(a, sa, b, sb, out)
     assert not torch_calls
     native_out = out.clone()
-    assert plugin.hal_backend_availability().device.startswith("native kernels: fp8 GEMMs, MLA decode (")
+    assert plugin.hal_backend_availability().device.startswith("native kernels: fp8 GEMMs, MLA decode, combine reduce (")
     monkeypatch.setenv(native.ENV_NATIVE, "0")
     plugin.hal_gemm_fp8_nt(a, sa, b, sb, out)
     assert torch_calls == [1]

@@ -25,18 +25,27 @@ against 37 ms for the previous float32-accumulator tiling and 40 ms for the refe
 
 from __future__ import annotations
 
+import bisect
+import ctypes
+import itertools
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["combine_reduce", "TILE_BYTES"]
+__all__ = ["combine_reduce", "combine_reduce_native", "TILE_BYTES"]
 
 TILE_BYTES = 1 << 20  # float32 tile of tokens: small enough to stay in L2 on the CPUs we target
 
 
-def combine_reduce(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None) -> torch.Tensor:
+def combine_reduce(
+    rows: torch.Tensor | Sequence[torch.Tensor], src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None
+) -> torch.Tensor:
     """``ep_combine_reduce`` (arguments validated by the operator).
 
     Args:
-        rows: [S, H] bf16, fp16 or fp32 (any row stride; rows are gathered).
+        rows: [S, H] bf16, fp16 or fp32 (any row stride; rows are gathered); or segments of such
+            rows (the ``row_segments`` feature), read where they are: a tile's k-th rows that lie
+            consecutively in one segment are a view of it, others are gathered segment by segment.
         src_idx: int32 [S], each in [0, num_tokens).
         num_tokens: N.
         weights: float32 [S] or None.
@@ -44,10 +53,32 @@ def combine_reduce(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, w
     Returns:
         [N, H], the rows' dtype: each token's (weighted) sum, rounded once; tokens without rows are 0.
     """
-    count, hidden = rows.shape
+    segments = (rows,) if isinstance(rows, torch.Tensor) else tuple(rows)
+    rows = segments[0]  # dtype, width and device of them all
+    hidden = rows.shape[1]
+    ends = list(itertools.accumulate(segment.shape[0] for segment in segments))  # exclusive end row of each segment
+    count = ends[-1]
     out = torch.empty(num_tokens, hidden, dtype=rows.dtype, device=rows.device)
     if count == 0 or hidden == 0 or num_tokens == 0:
         return out.zero_()
+    ends_tensor = torch.tensor(ends, dtype=torch.int64, device=rows.device)
+
+    def gather(which: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Rows ``which`` (indices into the segments' concatenation) into ``into``, from each segment in turn."""
+        if len(segments) == 1:
+            return torch.index_select(rows, 0, which, out=into)
+        home = torch.bucketize(which, ends_tensor, right=True)
+        for s, segment in enumerate(segments):
+            at = torch.nonzero(home == s).flatten()
+            if at.numel():
+                into.index_copy_(0, at, segment.index_select(0, which[at] - (ends[s] - segment.shape[0])))
+        return into
+
+    def piece(first: int, size: int) -> torch.Tensor | None:
+        """Rows ``first : first + size`` of the concatenation as a view, when one segment holds them all."""
+        s = bisect.bisect_right(ends, first)
+        begin = ends[s] - segments[s].shape[0]
+        return segments[s][first - begin : first - begin + size] if first + size <= ends[s] else None
     index = src_idx.long()
     order = torch.argsort(index, stable=True)  # rows by token; a token's rows in row order
     copies = torch.bincount(index, minlength=num_tokens)
@@ -75,9 +106,10 @@ def combine_reduce(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, w
         lo, hi = bounds[k][t], bounds[k][t + 1]
         which = rows_k[k][lo:hi]
         if consecutive[k][hi - 1] - consecutive[k][lo] == hi - 1 - lo:
-            first = int(which[0])
-            return rows[first : first + hi - lo], which
-        return torch.index_select(rows, 0, which, out=buffer[: hi - lo]), which
+            part = piece(int(which[0]), hi - lo)
+            if part is not None:
+                return part, which
+        return gather(which, buffer[: hi - lo]), which
 
     def weighted(part: torch.Tensor, which: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
         """w * float(row), in float32 as the reference (rows are promoted; ``into`` takes the product)."""
@@ -131,4 +163,47 @@ def combine_reduce(rows: torch.Tensor, src_idx: torch.Tensor, num_tokens: int, w
                     weighted(part, which, values)
                 acc.index_add_(0, tokens_k[k][bounds[k][t] : bounds[k][t + 1]] - t0, values)
             target.copy_(acc)
+    return out
+
+
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_ARGTYPES = [_i32, _ptr, _ptr, _ptr, _i32, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i32]
+
+
+def combine_reduce_native(
+    lib: ctypes.CDLL, rows: torch.Tensor | Sequence[torch.Tensor], src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None,
+    threads: int,
+) -> torch.Tensor:
+    """``ep_combine_reduce`` on the native kernel ``native/ep_reduce.c`` (arguments validated by the operator).
+
+    One pass per token over its rows in row order (a stable sort of the rows by token, made here),
+    summed in an fp32 accumulator of 1024 channels that stays in L1 and rounded once: the
+    reference's value bit for bit (NaN payloads aside), every row read once and the output written
+    once, whatever the tokens' row counts and wherever their rows lie among the segments. A
+    segment whose rows are not unit-stride along the width is copied first.
+    """
+    segments = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+    segments = [s if s.shape[1] <= 1 or s.stride(1) == 1 else s.contiguous() for s in segments]
+    first = segments[0]
+    hidden = first.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=first.dtype)
+    if num_tokens == 0 or hidden == 0:
+        return out
+    index = src_idx.long()
+    order = torch.argsort(index, stable=True)
+    starts = torch.zeros(num_tokens + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(index, minlength=num_tokens), 0, out=starts[1:])
+    count = len(segments)
+    pointers = (ctypes.c_void_p * count)(*(s.data_ptr() for s in segments))
+    ends = (ctypes.c_int64 * count)(*itertools.accumulate(s.shape[0] for s in segments))
+    strides = (ctypes.c_int64 * count)(*(s.stride(0) for s in segments))
+    w = None if weights is None else weights.contiguous()
+    fn = lib.hal_ep_combine_reduce
+    if fn.argtypes is None or tuple(fn.argtypes) != tuple(_ARGTYPES):
+        fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    status = fn(count, pointers, ends, strides, _DTYPE_CODES[first.dtype], hidden, order.data_ptr(), starts.data_ptr(), num_tokens,
+                None if w is None else w.data_ptr(), out.data_ptr(), threads)
+    if status:
+        raise RuntimeError(f"hal_ep_combine_reduce refused its arguments (status {status}): a unihal bug, please report it")
     return out

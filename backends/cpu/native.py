@@ -1,6 +1,6 @@
-"""The cpu backend's native kernels (FP8 GEMMs, MLA decode): a small C library built on this machine, loaded with ctypes.
+"""The cpu backend's native kernels (FP8 GEMMs, MLA decode, combine's reduction): a small C library built on this machine, loaded with ctypes.
 
-The sources are ``native/fp8_gemm.c`` and ``native/mla_decode.c`` beside this module (plain C11
+The sources are ``native/fp8_gemm.c``, ``native/mla_decode.c`` and ``native/ep_reduce.c`` beside this module (plain C11
 with AVX-512 BF16 intrinsics where the compiler targets them, a portable C path elsewhere; their
 headers say how they work), compiled together into one library. It is
 compiled once per machine, lazily, the first time a process needs it::
@@ -49,9 +49,9 @@ from hal.canary import cache_dir, sources_fingerprint
 __all__ = ["ENV_NATIVE", "SOURCES", "FLAGS", "Build", "enabled", "build", "library", "load", "describe", "canary_key", "expected_fast"]
 
 ENV_NATIVE = "HAL_CPU_NATIVE"
-# One library, one build: the FP8 GEMMs and MLA decode (each file self-contained, exporting only
-# hal_fp8_* and hal_mla_* symbols).
-SOURCES = (Path(__file__).parent / "native" / "fp8_gemm.c", Path(__file__).parent / "native" / "mla_decode.c")
+# One library, one build: the FP8 GEMMs, MLA decode and the combine reduction (each file
+# self-contained, exporting only hal_fp8_*, hal_mla_* and hal_ep_* symbols).
+SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("fp8_gemm.c", "mla_decode.c", "ep_reduce.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-pthread")
 # The preprocessor symbols whose presence selects the fast path in fp8_gemm.c (HAL_FAST).
 _FAST_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512VBMI__", "__AVX512BF16__")
@@ -312,7 +312,7 @@ def describe(threads: int, *, try_load: bool = False) -> tuple[bool, str]:
         lib = _load(built.path)
         if isinstance(lib, str):
             return False, f"torch kernels ({lib})"
-    return True, f"native kernels: fp8 GEMMs, MLA decode ({built.compiler}, {built.kernels}, {threads} threads)"
+    return True, f"native kernels: fp8 GEMMs, MLA decode, combine reduce ({built.compiler}, {built.kernels}, {threads} threads)"
 
 
 def expected_fast() -> bool:

@@ -131,6 +131,11 @@ def hal_m_grouped_gemm_fp8_nt_masked(a, a_scales, b, b_scales, out, masked_m, ex
 
 @hookimpl
 def hal_ep_combine_reduce(rows, src_idx, num_tokens, weights):
+    lib = _kernels()
+    if lib is not None:
+        from hal.backends.cpu.ep import combine_reduce_native
+
+        return combine_reduce_native(lib, rows, src_idx, num_tokens, weights, torch.get_num_threads())
     from hal.backends.cpu.ep import combine_reduce
 
     return combine_reduce(rows, src_idx, num_tokens, weights)
