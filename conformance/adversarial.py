@@ -904,8 +904,16 @@ def _make_reduce(rng: random.Random) -> Args:
     }
 
 
+def _split_rows(a: Args, r: random.Random) -> Args:
+    """The same rows as segments (contract v2): cut at random places, an empty piece possible."""
+    rows = a["rows"]
+    cuts = sorted(r.randint(0, rows.shape[0]) for _ in range(r.randint(1, 3)))
+    return _replace(a, rows=tuple(rows[x:y] for x, y in zip([0, *cuts], [*cuts, rows.shape[0]])))
+
+
 def _judge_reduce(args: Args, result: Any) -> str | None:
-    want = oracles.combine_reduce_oracle(args["rows"], args["src_idx"], args["num_tokens"], args["weights"])
+    rows = args["rows"] if isinstance(args["rows"], torch.Tensor) else torch.cat(args["rows"])
+    want = oracles.combine_reduce_oracle(rows, args["src_idx"], args["num_tokens"], args["weights"])
     return _compare("ep_combine_reduce", "out", result.float(), want.float())
 
 
@@ -920,6 +928,10 @@ REDUCE = Operator(
         Mutation("NaN weight", lambda a, r: _replace(a, weights=_poke(a["weights"], math.nan, r)) if a["weights"] is not None else a, True),
         Mutation("source past N", lambda a, r: _replace(a, src_idx=torch.full_like(a["src_idx"], a["num_tokens"])) if a["rows"].shape[0] else a, None),
         Mutation("rows int32", lambda a, r: _replace(a, rows=a["rows"].int()), False),
+        Mutation("rows in segments", _split_rows, True),
+        Mutation("segments of two dtypes", lambda a, r: _replace(a, rows=(a["rows"], a["rows"][:1].double())), False),
+        Mutation("segments of two widths", lambda a, r: _replace(a, rows=(a["rows"], torch.zeros(1, 17, dtype=a["rows"].dtype))), False),
+        Mutation("no segments", lambda a, r: _replace(a, rows=()), False),
         Mutation("weights float64", lambda a, r: _replace(a, weights=a["weights"].double()) if a["weights"] is not None else _replace(a, weights=torch.ones(a["rows"].shape[0], dtype=torch.float64)), False),
     ),
 )
