@@ -58,11 +58,12 @@ def check_topk(op: str, topk_idx: object, num_tokens: int, num_experts: int, com
     expect_tensor(op, "topk_idx", topk_idx, dtypes=torch.int64, shape=(num_tokens, None), dims=("num_tokens", "num_topk"))
     assert isinstance(topk_idx, torch.Tensor)
     check_device(op, "topk_idx", topk_idx, comm)
+    # Dispatch reads its counts on the host anyway: these checks cost no extra stall on a GPU.
     expect_in_range(
         op, "topk_idx", topk_idx, -1, num_experts, what=f"expert ids (-1 for none; num_experts={num_experts})",
-        fix="Route only to existing experts, or -1 for an unused slot.",
+        fix="Route only to existing experts, or -1 for an unused slot.", synchronised=True,
     )
-    if value_checks_enabled(topk_idx) and topk_idx.shape[1] > 1:
+    if value_checks_enabled(topk_idx, synchronised=True) and topk_idx.shape[1] > 1:
         ordered = topk_idx.sort(dim=1).values
         repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
         if bool(repeated.any()):

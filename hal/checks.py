@@ -1,10 +1,14 @@
 """Argument checks shared by every operator: dtype, rank, shape, device, layout, value range.
 
 Each check raises the matching :mod:`hal.errors` type with the operator, the argument, what was
-expected, what was given and what to do. Value-range checks read tensor contents, which on an
-accelerator costs a device synchronisation: they run unless ``HAL_CHECK_VALUES=0`` (on every
-device: on CPUs they cost a few microseconds per call, one ``aminmax``), and never while a CUDA
-graph is being captured.
+expected, what was given and what to do.
+
+Value-range checks read tensor contents (block tables, lengths, indices). On CPU tensors that
+costs a few microseconds per call (one ``aminmax``), and they run unless ``HAL_CHECK_VALUES=0``.
+On an accelerator each check is a device synchronisation, which stalls the host and breaks the
+overlap of launches with kernels (FlashMLA's and DeepGEMM's kernels read these values unchecked),
+so there they are opt-in: ``HAL_CHECK_VALUES=1`` (debugging, tests); never while a CUDA graph is
+being captured.
 """
 
 from __future__ import annotations
@@ -133,18 +137,27 @@ def expect_int(op: str, name: str, value: object, *, minimum: int | None = None,
 
 
 _OFF = frozenset(("0", "false", "no", "off"))
+_ON = frozenset(("1", "true", "yes", "on"))
 
 
-def value_checks_enabled(tensor: torch.Tensor) -> bool:
-    """Whether checks that read ``tensor``'s contents should run (see the module docstring)."""
+def value_checks_enabled(tensor: torch.Tensor, *, synchronised: bool = False) -> bool:
+    """Whether checks that read ``tensor``'s contents should run (see the module docstring): on
+    CPU tensors unless ``HAL_CHECK_VALUES`` is off, on other devices only when it is on.
+
+    ``synchronised``: the caller waits for the device anyway (expert-parallel dispatch reads its
+    counts on the host), so a check adds no stall: then on every device unless it is off."""
     kind = tensor.device.type
     if kind == "meta":  # no values to read; selection rejects meta tensors with a DeviceError
         return False
-    if env.get(ENV_CHECK_VALUES, "1").strip() in _OFF:
+    setting = env.get(ENV_CHECK_VALUES).strip().lower()
+    if kind == "cpu" or synchronised:
+        if setting in _OFF:
+            return False
+    elif setting not in _ON:  # an accelerator: each check would be a host synchronisation
         return False
     if kind == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return True
+    return True  # cpu, or an accelerator outside graph capture
 
 
 def value_range(values: torch.Tensor) -> tuple[int, int] | None:
@@ -160,7 +173,7 @@ def value_range(values: torch.Tensor) -> tuple[int, int] | None:
 
 def expect_in_range(
     op: str, name: str, values: torch.Tensor, low: int, high: int, *, what: str, fix: str,
-    where: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    where: torch.Tensor | Callable[[], torch.Tensor] | None = None, synchronised: bool = False,
 ) -> None:
     """Every element of ``values`` must satisfy ``low <= v < high`` (skipped per :func:`value_checks_enabled`).
 
@@ -169,8 +182,9 @@ def expect_in_range(
         fix: what the caller should do.
         where: optional bool mask of ``values``' shape (or a function making it, called only when
             needed); elements outside it are not checked.
+        synchronised: see :func:`value_checks_enabled`.
     """
-    if values.numel() == 0 or not value_checks_enabled(values):
+    if values.numel() == 0 or not value_checks_enabled(values, synchronised=synchronised):
         return
     if values.dtype != torch.bool:
         # One reduction for the common case (all in range, so all of the masked ones too); the

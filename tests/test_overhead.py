@@ -34,6 +34,26 @@ def test_check_values_switch_takes_effect_at_the_next_call(monkeypatch: pytest.M
     assert value_checks_enabled(tensor)
 
 
+def test_value_checks_are_opt_in_on_accelerators(monkeypatch: pytest.MonkeyPatch):
+    # On an accelerator every value check is a host synchronisation: off unless asked for. (An
+    # "xpu" device stands for one: a CUDA one would reach the graph-capture query, which needs CUDA.)
+    import types
+
+    import torch
+
+    from hal.checks import value_checks_enabled
+
+    accelerator = types.SimpleNamespace(device=torch.device("xpu"))
+    cpu = torch.zeros(1)
+    for setting, on_cpu, on_accelerator in (("", True, False), ("0", False, False), ("off", False, False), ("1", True, True), ("on", True, True)):
+        monkeypatch.setenv("HAL_CHECK_VALUES", setting)
+        assert value_checks_enabled(cpu) is on_cpu, setting
+        assert value_checks_enabled(accelerator) is on_accelerator, setting
+        # a caller that synchronises anyway (EP dispatch) checks unless they are switched off
+        assert value_checks_enabled(accelerator, synchronised=True) is on_cpu, setting
+    assert not value_checks_enabled(torch.zeros(1, device="meta"))
+
+
 def test_overhead_is_measured_against_the_backend_called_directly():
     from hal.bench.overhead import measure
 
