@@ -4,9 +4,10 @@
 block is one ``tl.dot`` whose fp32 partial is promoted with its two scales, as DeepGEMM's kernel
 promotes on CUDA cores. GRAN_N is 128 (128x128 RHS blocks) or 1 (per-token RHS scales, the
 weight-gradient recipe); the output is bf16 or float32 (rounded once).
-Operands arrive as e4m3fn codes and enter the dot in the target's format (``Tuning``): e4m3fn
-as is, e4m3fnuz by reinterpretation at half value (compensated in the scales), or fp16 on GPUs
-without FP8 dot instructions (every e4m3 value is exact in fp16).
+Operands arrive as e4m3fn and enter the dot in the target's format (``Tuning``): e4m3fn as
+loaded (fp8-typed loads, so the tiles go from shared memory to the MMA with no bitcast in
+registers), e4m3fnuz by reinterpreting the codes at half value (compensated in the scales), or
+fp16 on GPUs without FP8 dot instructions (every e4m3 value is exact in fp16).
 
 Layouts select the B group of a tile: dense (group 0), contiguous (``m_indices`` of the tile's
 first row; DeepGEMM's layout keeps each 128-row block to one group, -1 blocks are skipped),
@@ -32,15 +33,27 @@ _FORMATS = {FP8_E4M3FN: 0, FP8_E4M3FNUZ: 1}
 
 
 @triton.jit
-def _as_dot_operand(code, FORMAT: tl.constexpr, UPCAST: tl.constexpr):
-    """uint8 e4m3fn codes -> what this target's tl.dot takes (see Tuning.fp8_format / fp8_dot)."""
+def _as_dot_operand(loaded, FORMAT: tl.constexpr, UPCAST: tl.constexpr):
+    """Loaded operands -> what this target's tl.dot takes (see Tuning.fp8_format / fp8_dot): e4m3fn
+    values as loaded (typed loads: no register round trip between shared memory and the MMA), or
+    uint8 e4m3fn codes reinterpreted as e4m3fnuz."""
     if FORMAT == 1:
-        value = e4m3fn_bits_as_fnuz(code).to(tl.float8e4b8, bitcast=True)
+        value = e4m3fn_bits_as_fnuz(loaded).to(tl.float8e4b8, bitcast=True)
     else:
-        value = code.to(tl.float8e4nv, bitcast=True)
+        value = loaded
     if UPCAST:
         value = value.to(tl.float16)
     return value
+
+
+@triton.jit
+def _nan_codes(loaded, FORMAT: tl.constexpr):
+    """1 where an operand holds one of e4m3fn's NaN codes (0x7f, 0xff), else 0."""
+    if FORMAT == 1:
+        codes = loaded
+    else:
+        codes = loaded.to(tl.uint8, bitcast=True)
+    return ((codes & 0x7F) == 0x7F).to(tl.int32)
 
 
 @triton.jit
@@ -79,13 +92,15 @@ def _fp8_gemm_kernel(
     nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for kb in range(0, K // BLOCK_K):
         k0 = kb * BLOCK_K
-        a_codes = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
-        b_codes = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :], other=0)
+        # No fill value for the masked lanes: a row of A past M (a column of B past N) only reaches
+        # its own output row (column), which is never stored; K is whole blocks (hal.ops pads it).
+        a_codes = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None])
+        b_codes = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :])
         if SCALED:
             if CHECK_NAN:
                 # e4m3fn's NaN codes (0x7f, 0xff) must poison their row / column; see fp8_gemm().
-                nan_rows |= tl.max(((a_codes & 0x7F) == 0x7F).to(tl.int32), axis=1)
-                nan_cols |= tl.max(((b_codes & 0x7F) == 0x7F).to(tl.int32), axis=0)
+                nan_rows |= tl.max(_nan_codes(a_codes, FORMAT), axis=1)
+                nan_cols |= tl.max(_nan_codes(b_codes, FORMAT), axis=0)
             a = _as_dot_operand(a_codes, FORMAT, UPCAST)
             b = _as_dot_operand(b_codes, FORMAT, UPCAST)
             partial = tl.dot(a, b, out_dtype=tl.float32)
@@ -128,8 +143,12 @@ def fp8_gemm(
     fmt = _FORMATS[tuning.fp8_format]
     # Reinterpreted fnuz operands each carry half their value: scale the product back.
     operand_scale = FNUZ_SCALE * FNUZ_SCALE if tuning.fp8_format == FP8_E4M3FNUZ else 1.0
+    # e4m3fn targets load the operands as fp8 (typed pointers feed the MMA straight from shared
+    # memory); the fnuz reinterpretation works on the codes, loaded as uint8.
+    codes = tuning.fp8_format == FP8_E4M3FNUZ
     _launch(
-        a.view(torch.uint8), a_scales, b.view(torch.uint8), b_scales, out, groups, layout, tuning, config, operand_scale,
+        a.view(torch.uint8) if codes else a, a_scales, b.view(torch.uint8) if codes else b, b_scales, out, groups, layout, tuning, config,
+        operand_scale,
         FORMAT=fmt, UPCAST=not tuning.fp8_dot, GRAN_N=1 if b_scales.shape[-2] == b.shape[-2] else 128, SCALED=True,
         # NaN codes reach the dot as NaN on NVIDIA's FP8 MMA and fp16 widening; the interpreter's fp8
         # emulation and the e4m3fn -> e4m3fnuz reinterpretation (no 0x7f NaN in fnuz) lose them.
