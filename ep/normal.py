@@ -32,9 +32,10 @@ from hal.ep.errors import EPError
 from hal.ep.event import EventOverlap, capture
 from hal.ep.handle import DispatchHandle
 from hal.ep.message import Field
-from hal.errors import DTypeError, ShapeError, ValueRangeError
+from hal.errors import DTypeError, HalError, ShapeError, ValueRangeError
 from hal.ops.ep import NVL_PEERS_PER_NODE, get_dispatch_layout
-from hal.ops.ep_local import ep_combine_reduce
+from hal.ops.ep_local import EP_COMBINE_REDUCE, ROW_SEGMENTS, ep_combine_reduce
+from hal.selection import select
 from hal.ops.fp8_quant import BLOCK
 
 __all__ = ["dispatch_layout", "dispatch", "cached_dispatch", "combine"]
@@ -270,6 +271,15 @@ def cached_dispatch(
     return _pad_tokens(recv_x, handle.num_recv_rows), None, None, None, None, capture(got["x"].device)
 
 
+def _reduction_reads_segments(device: torch.device) -> bool:
+    """Whether the backend that will run ``ep_combine_reduce`` on ``device`` takes rows in segments."""
+    try:
+        backend = select(EP_COMBINE_REDUCE, device.type, device_arg="x").backend
+    except HalError:  # the reduction's own call raises it, typed, where it belongs
+        return False
+    return ROW_SEGMENTS.name in backend.features(EP_COMBINE_REDUCE)
+
+
 def combine(
     comm: Communicator, x: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None, bias: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
@@ -301,12 +311,13 @@ def combine(
     send = agree(comm, op, prepare).plan
     counts = _rank_counts(handle)
     # Received rows are grouped by source rank already: they go back in the order they came.
-    # Reduced at once; this rank's own rows may stay in x (segments), read there by the reduction.
-    got = comm.exchange(send.outgoing, counts[:, me].tolist(), counts[me].tolist(), "tokens", in_place=True, keep_own=True)
+    # Reduced at once. Where the reduction reads rows in segments, this rank's own rows stay in x
+    # (a transport may then hand them over in place) instead of being copied beside the others.
+    keep_own = not bias and _reduction_reads_segments(x.device)
+    got = comm.exchange(send.outgoing, counts[:, me].tolist(), counts[me].tolist(), "tokens", in_place=True, keep_own=keep_own)
     num_tokens = handle.is_token_in_rank.shape[0]
     if bias:  # the biases join the float32 sum, then one rounding (DeepEP adds them in its kernel)
-        rows = got["x"] if isinstance(got["x"], torch.Tensor) else torch.cat(got["x"])
-        total = ep_combine_reduce(rows.float(), handle.send_src_idx, num_tokens)
+        total = ep_combine_reduce(got["x"].float(), handle.send_src_idx, num_tokens)
         combined_x = (total + sum(b.float() for b in bias)).to(x.dtype)
     else:
         combined_x = ep_combine_reduce(got["x"], handle.send_src_idx, num_tokens)

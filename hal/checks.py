@@ -215,12 +215,13 @@ _POSITIONS: dict[tuple[int, int], Any] = {}
 
 def _positions(width: int, per_entry: int) -> Any:
     key = (width, per_entry)
-    if key not in _POSITIONS:
+    positions = _POSITIONS.get(key)
+    if positions is None:
         if len(_POSITIONS) > 64:
             _POSITIONS.clear()
         np = optional.numpy()
-        _POSITIONS[key] = np.arange(width, dtype=np.int64) * per_entry
-    return _POSITIONS[key]
+        positions = _POSITIONS[key] = np.arange(width, dtype=np.int64) * per_entry
+    return positions
 
 
 def expect_rows_in_range(
@@ -241,10 +242,11 @@ def expect_rows_in_range(
     """
     if table.numel() == 0 or not value_checks_enabled(table):
         return
-    np = optional.numpy() if table.device.type == "cpu" and table.dtype != torch.bool else None
+    np = optional.numpy_for(table) if table.dtype != torch.bool else None
     if np is not None:
         values = table.numpy()
-        if low == 0 and values.dtype.kind == "i":  # one comparison for both bounds: negatives read as huge unsigned
+        if low == 0 and values.dtype.kind == "i" and high <= np.iinfo(values.dtype).max + 1:
+            # one comparison for both bounds: negatives read as unsigned exceed every such high
             unsigned = values.view(values.dtype.str.replace("i", "u"))
             if np.maximum.reduce(unsigned, axis=None) < high:
                 return
@@ -254,7 +256,7 @@ def expect_rows_in_range(
             if not bad.any():
                 return
         limits = lengths() if callable(lengths) else lengths
-        bad &= _positions(table.shape[1], per_entry)[None, :] < limits.cpu().numpy()[:, None]
+        bad &= _positions(table.shape[1], per_entry)[None, :] < limits.detach().cpu().numpy()[:, None]
         if not bad.any():
             return
         row, column = (int(i[0]) for i in np.nonzero(bad))

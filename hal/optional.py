@@ -10,18 +10,35 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["numpy"]
+import torch
+
+__all__ = ["numpy", "numpy_for"]
 
 _NUMPY: Any = None
 
 
 def numpy() -> Any:
-    """The ``numpy`` module, or None when it is not installed (looked up once)."""
+    """The ``numpy`` module, or None when it is not installed or torch cannot hand it tensors
+    (a torch built without NumPy support); looked up once."""
     global _NUMPY
     if _NUMPY is None:
         try:
             import numpy as module
-        except ImportError:
+
+            torch.zeros(1).numpy()
+        except (ImportError, RuntimeError):
             module = False
         _NUMPY = module
     return _NUMPY or None
+
+
+def numpy_for(*tensors: torch.Tensor) -> Any:
+    """NumPy, when every one of ``tensors`` may be read through it: plain CPU tensors (no subclass
+    such as a FakeTensor), outside torch.compile and outside any dispatch mode (make_fx and other
+    tracers, which must see torch operations to record them). Else None: take the torch path."""
+    for tensor in tensors:
+        if type(tensor) is not torch.Tensor or tensor.device.type != "cpu":
+            return None
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return None
+    return numpy()

@@ -86,7 +86,12 @@ class Availability:
 
 def current_contracts() -> dict[str, int]:
     """Every operator at its current contract version: what a backend written against this unihal
-    and implementing every feature declares (``BackendInfo(contract_versions=current_contracts())``)."""
+    and implementing every feature declares (``BackendInfo(contract_versions=current_contracts())``).
+
+    It follows unihal: a later contract version's features come with it, including ones that
+    change what a hook receives (``ep_combine_reduce`` v2 may hand ``rows`` as a tuple of
+    segments). A backend whose hooks were written against an older contract pins those
+    operators: ``current_contracts() | {"ep_combine_reduce": 1}``."""
     import hal.ops  # noqa: F401  (declares the operators)
     from hal.operator import OPERATORS
 

@@ -51,9 +51,7 @@ EP_UNPACK = declare("ep_unpack", "hal_ep_unpack", "ep", "Regroup received rows i
 # that a combine reads the rows a rank sent itself where they already are instead of copying them
 # next to the received ones first. A backend written for version 1 is handed one tensor (the
 # segments concatenated here).
-ROW_SEGMENTS = Feature(
-    "row_segments", "rows as a tuple of [S_i, width] tensors read in order, as if concatenated (no copy to join them)", since=2,
-)
+ROW_SEGMENTS = Feature("row_segments", "rows as a tuple of [S_i, width] tensors, read in order as if concatenated", since=2)
 EP_COMBINE_REDUCE = declare(
     "ep_combine_reduce", "hal_ep_combine_reduce", "ep", "Sum (optionally weighted) rows back into their tokens in fp32",
     version=2, features=(ROW_SEGMENTS,),
@@ -207,9 +205,9 @@ def ep_combine_reduce(
 
     Args:
         rows: [S, width] bf16/fp16/fp32; or a tuple of such tensors (one dtype and width) standing
-            for their concatenation, in order (``S`` = their rows together): a backend that
-            declares the ``row_segments`` feature reads them where they are; for others they are
-            concatenated here.
+            for their concatenation, in order (``S`` = their rows together): handed as they are to
+            a backend that declares the ``row_segments`` feature (the cpu backend reads them where
+            they lie; the reference concatenates them), concatenated here for the others.
         src_idx: int32 [S], the token of each row, in [0, num_tokens).
         num_tokens: N.
         weights: float32 [S] or None (plain sum, normal-mode combine).

@@ -169,7 +169,7 @@ def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str =
     # Within a block each row's index equals the previous row's or is -1: the block is then one
     # group's rows followed only by padding. Pairs that straddle two blocks are exempt. NumPy for
     # CPU tensors (when installed): the same five operations cost a fraction of torch's dispatch.
-    np = optional.numpy() if m_indices.device.type == "cpu" else None
+    np = optional.numpy_for(m_indices)
     rows = m_indices.numpy() if np is not None else m_indices
     broken = (rows[1:] != rows[:-1]) & (rows[1:] != -1)
     broken[align - 1 :: align] = False

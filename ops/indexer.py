@@ -169,8 +169,10 @@ def get_paged_mqa_logits_metadata(
 
     Each row's keys are cut into segments of :data:`SPLIT_KV`; entry ``i`` of the result is
     ``(first row, first segment in it)`` of worker ``i``, and entry ``num_sms`` is ``(rows, 0)``.
-    Computed on the device with tensor ops (no host sync). unihal's backends compute logits
-    from the inputs alone and accept any schedule of this shape: it is a hint, never a contract.
+    Computed on the device with tensor ops (no host sync); plain CPU tensors outside tracing take
+    the same arithmetic in NumPy, which costs a fraction of the torch calls' dispatch. unihal's
+    backends compute logits from the inputs alone and accept any schedule of this shape: it is a
+    hint, never a contract.
 
     Args:
         context_lens: int32 [batch, next_n] (or [batch]).
@@ -190,8 +192,8 @@ def get_paged_mqa_logits_metadata(
     if indices is not None:
         expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(context_lens.shape[0],), dims=("batch",))
     lens = context_lens if context_lens.dim() == 1 else context_lens[:, -1]
-    np = optional.numpy() if lens.device.type == "cpu" and not torch.compiler.is_compiling() else None
-    if np is not None:  # the same arithmetic in NumPy: a dozen torch calls cost ~60 us of dispatch on a CPU (traced: torch)
+    np = optional.numpy_for(lens)
+    if np is not None:  # plain CPU tensors, not traced: the same arithmetic in NumPy (a dozen torch calls cost ~60 us of dispatch)
         return torch.from_numpy(_split_segments(np, lens.numpy(), num_sms))
     segments = (lens.clamp(min=0).to(torch.int64) + SPLIT_KV - 1) // SPLIT_KV
     ends = torch.cumsum(segments, 0)  # exclusive end segment of each row

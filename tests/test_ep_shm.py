@@ -168,3 +168,18 @@ def test_hal_backends_says_which_transport_a_buffer_gets(monkeypatch):
     assert backends_report()["ep_transport"]["rule"]["cuda (nccl)"] == "torch"
     monkeypatch.setenv("HAL_EP_TRANSPORT", "torch")
     assert set(plan()["rule"].values()) == {"torch"} and plan()["forced"] == "torch"
+
+
+def test_combine_keeps_its_own_rows_in_place_only_for_a_reduction_that_reads_segments():
+    import hal
+    from hal.ep.normal import _reduction_reads_segments
+    from hal.ops.ep_local import EP_COMBINE_REDUCE, ROW_SEGMENTS
+
+    cpu = torch.device("cpu")
+    assert _reduction_reads_segments(cpu) == (ROW_SEGMENTS.name in hal.selection.select(EP_COMBINE_REDUCE, "cpu").backend.features(EP_COMBINE_REDUCE))
+    older = [b for b in hal.registry.backends().values()
+             if b.available and b.implements(EP_COMBINE_REDUCE.hook) and b.accepts_device("cpu") and ROW_SEGMENTS.name not in b.features(EP_COMBINE_REDUCE)]
+    if not older:
+        pytest.skip("no installed backend serves ep_combine_reduce at contract version 1")
+    with hal.use_backend(older[0].name, op="ep_combine_reduce"):
+        assert not _reduction_reads_segments(cpu)

@@ -120,3 +120,30 @@ def test_contiguous_segments_check_matches_the_blockwise_definition(seed: int, w
                 assert verdict is None
             else:
                 assert verdict is not None and f"rows {truth * align}..{(truth + 1) * align - 1}" in verdict
+
+
+def test_rows_in_range_of_narrow_dtypes_agree_on_both_paths(without_numpy):
+    # The NumPy path reads negatives as unsigned only where that exceeds every allowed value.
+    for dtype, value, high in ((torch.int8, -100, 200), (torch.int16, -1, 70000), (torch.int32, -1, 2**32)):
+        table = torch.tensor([[value]], dtype=dtype)
+        verdicts = []
+        for off in (False, True):
+            without_numpy(off)
+            verdicts.append(_verdict(lambda: expect_rows_in_range("op", "t", table, torch.tensor([1]), 0, high, what="ids", fix="fix")))
+        assert verdicts[0] is not None and verdicts[0] == verdicts[1], (dtype, verdicts)
+
+
+def test_paged_logits_schedule_is_traced_as_torch_operations():
+    # Tracers must see the schedule's arithmetic: NumPy would hand them a constant.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def schedule(lens: torch.Tensor) -> torch.Tensor:
+        return hal.get_paged_mqa_logits_metadata(lens, 64, 4)
+
+    traced = make_fx(schedule, tracing_mode="real")(torch.tensor([[100], [7000]], dtype=torch.int32))
+    other = torch.tensor([[9000], [3]], dtype=torch.int32)
+    assert torch.equal(traced(other), schedule(other))
+    with FakeTensorMode():
+        fake = hal.get_paged_mqa_logits_metadata(torch.zeros(3, 1, dtype=torch.int32), 64, 4)
+    assert fake.shape == (5, 2)

@@ -47,13 +47,16 @@ class TritonBackend:
 
     @hookimpl
     def hal_backend_info(self) -> BackendInfo:
+        # ep_combine_reduce at version 1: this backend runs the reference reduction, which would
+        # only concatenate segments (a combine then keeps copying its own rows, one pass cheaper).
+        contracts = current_contracts() | {"ep_combine_reduce": 1}
         if self.target.simulated:
             # A simulator is never picked automatically: it is slow and proves numerics, not speed.
             return BackendInfo(
                 f"{self.description} (simulated in the Triton CPU interpreter)", priority=-1, device_types=("cpu",),
-                contract_versions=current_contracts(),
+                contract_versions=contracts,
             )
-        return BackendInfo(self.description, priority=100, device_types=(self.device_type,), contract_versions=current_contracts())
+        return BackendInfo(self.description, priority=100, device_types=(self.device_type,), contract_versions=contracts)
 
     @hookimpl
     def hal_backend_availability(self) -> Availability:
