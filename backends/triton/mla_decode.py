@@ -45,8 +45,11 @@ def _mla_split_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr,
     BLOCK_H: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
 ):
-    part = tl.program_id(0)
-    row_block = tl.program_id(1)
+    # Row blocks on the fastest grid axis: the programs that read one part's KV pages (one per
+    # block of BLOCK_H query rows) are launched together, so the pages come from HBM once and from
+    # L2 for the others (with the part first, h_q = 128 ran its 8 row blocks in separate waves).
+    row_block = tl.program_id(0)
+    part = tl.program_id(1)
     kv_head = tl.program_id(2)
     begin_b = tl.load(meta_ptr + part * 8 + 0)
     begin_t = tl.load(meta_ptr + part * 8 + 1)
@@ -197,7 +200,7 @@ def mla_decode(
     block_h = config.block_h
     upcast = dot_operand_dtype(q.dtype) != q.dtype
     common = dict(BLOCK_H=block_h, D_NOPE=D_NOPE, EXACT_BF16=interpreting(), num_warps=config.num_warps, **launch_options(tuning))
-    _mla_split_kernel[(num_parts, triton.cdiv(rows, block_h), h_kv)](
+    _mla_split_kernel[(triton.cdiv(rows, block_h), num_parts, h_kv)](
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
         out, lse, acc_o, acc_lse,
         batch, s_q, group, softmax_scale * LOG2E,
