@@ -11,8 +11,8 @@ fp16 on GPUs without FP8 dot instructions (every e4m3 value is exact in fp16).
 
 Layouts select the B group of a tile: dense (group 0), contiguous (``m_indices`` of the tile's
 first row; DeepGEMM's layout keeps each 128-row block to one group, -1 blocks are skipped),
-masked (grid axis 2 is the group; rows at or beyond ``masked_m[g]`` are neither computed nor
-stored).
+masked (grid axis 2 is the group, or a persistent grid walking every group's tiles when that grid
+would be larger; rows at or beyond ``masked_m[g]`` are neither computed nor stored).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def _nan_codes(loaded, FORMAT: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemm_kernel(
+def _gemm_tile(
+    pid_m, pid_n, group,
     a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr,
     M, N, K, operand_scale,
     stride_ag, stride_am, stride_sag, stride_sam, stride_sak,
@@ -66,56 +67,89 @@ def _fp8_gemm_kernel(
     LAYOUT: tl.constexpr, FORMAT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr, CHECK_NAN: tl.constexpr,
     GRAN_N: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group = tl.program_id(2)
+    """One BLOCK_M x BLOCK_N tile of out (group ``group`` for the masked layout): nothing when the
+    layout says the tile holds no rows (a -1 block of m_indices, rows at or past masked_m[g])."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_limit = M
+    active = True
     if LAYOUT == 1:
         group = tl.load(group_ptr + pid_m * BLOCK_M)
-        if group < 0:
-            return
+        active = group >= 0
     if LAYOUT == 2:
         row_limit = tl.load(group_ptr + group)
-        if pid_m * BLOCK_M >= row_limit:
-            return
-    row_ok = rows < row_limit
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    a_rows = a_ptr + group.to(tl.int64) * stride_ag * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_am
-    b_cols = b_ptr + group.to(tl.int64) * stride_bg + cols[None, :].to(tl.int64) * stride_bn
-    sa_rows = sa_ptr + group * stride_sag * (LAYOUT == 2) + rows * stride_sam
-    sb_cols = sb_ptr + group * stride_sbg + (cols // GRAN_N) * stride_sbn  # one scale per 128x128 block, or per row of B
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for kb in range(0, K // BLOCK_K):
-        k0 = kb * BLOCK_K
-        # No fill value for the masked lanes: a row of A past M (a column of B past N) only reaches
-        # its own output row (column), which is never stored; K is whole blocks (hal.ops pads it).
-        a_codes = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None])
-        b_codes = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :])
-        if SCALED:
-            if CHECK_NAN:
-                # e4m3fn's NaN codes (0x7f, 0xff) must poison their row / column; see fp8_gemm().
-                nan_rows |= tl.max(_nan_codes(a_codes, FORMAT), axis=1)
-                nan_cols |= tl.max(_nan_codes(b_codes, FORMAT), axis=0)
-            a = _as_dot_operand(a_codes, FORMAT, UPCAST)
-            b = _as_dot_operand(b_codes, FORMAT, UPCAST)
-            partial = tl.dot(a, b, out_dtype=tl.float32)
-            sa = tl.load(sa_rows + kb * stride_sak, mask=row_ok, other=0.0)
-            sb = tl.load(sb_cols + kb * stride_sbk, mask=col_ok, other=0.0) * operand_scale
-            acc += partial * (sa[:, None] * sb[None, :])
-        else:  # bf16 operands (bf16 GEMMs): one fp32-accumulated dot per K block, no scales
-            if UPCAST:
-                a_codes = a_codes.to(tl.float32)
-                b_codes = b_codes.to(tl.float32)
-            acc += tl.dot(a_codes, b_codes, out_dtype=tl.float32)
-    if CHECK_NAN:
-        acc = tl.where((nan_rows[:, None] | nan_cols[None, :]) != 0, float("nan"), acc)
-    out = out_ptr + group.to(tl.int64) * stride_og * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out, round_to(acc, out_ptr.dtype.element_ty, EXACT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+        active = pid_m * BLOCK_M < row_limit
+    if active:
+        row_ok = rows < row_limit
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        a_rows = a_ptr + group.to(tl.int64) * stride_ag * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_am
+        b_cols = b_ptr + group.to(tl.int64) * stride_bg + cols[None, :].to(tl.int64) * stride_bn
+        sa_rows = sa_ptr + group * stride_sag * (LAYOUT == 2) + rows * stride_sam
+        sb_cols = sb_ptr + group * stride_sbg + (cols // GRAN_N) * stride_sbn  # one scale per 128x128 block, or per row of B
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for kb in range(0, K // BLOCK_K):
+            k0 = kb * BLOCK_K
+            # No fill value for the masked lanes: a row of A past M (a column of B past N) only reaches
+            # its own output row (column), which is never stored; K is whole blocks (hal.ops pads it).
+            a_codes = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None])
+            b_codes = tl.load(b_cols + (k0 + ks)[:, None], mask=col_ok[None, :])
+            if SCALED:
+                if CHECK_NAN:
+                    # e4m3fn's NaN codes (0x7f, 0xff) must poison their row / column; see fp8_gemm().
+                    nan_rows |= tl.max(_nan_codes(a_codes, FORMAT), axis=1)
+                    nan_cols |= tl.max(_nan_codes(b_codes, FORMAT), axis=0)
+                a = _as_dot_operand(a_codes, FORMAT, UPCAST)
+                b = _as_dot_operand(b_codes, FORMAT, UPCAST)
+                partial = tl.dot(a, b, out_dtype=tl.float32)
+                sa = tl.load(sa_rows + kb * stride_sak, mask=row_ok, other=0.0)
+                sb = tl.load(sb_cols + kb * stride_sbk, mask=col_ok, other=0.0) * operand_scale
+                acc += partial * (sa[:, None] * sb[None, :])
+            else:  # bf16 operands (bf16 GEMMs): one fp32-accumulated dot per K block, no scales
+                if UPCAST:
+                    a_codes = a_codes.to(tl.float32)
+                    b_codes = b_codes.to(tl.float32)
+                acc += tl.dot(a_codes, b_codes, out_dtype=tl.float32)
+        if CHECK_NAN:
+            acc = tl.where((nan_rows[:, None] | nan_cols[None, :]) != 0, float("nan"), acc)
+        out = out_ptr + group.to(tl.int64) * stride_og * (LAYOUT == 2) + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        tl.store(out, round_to(acc, out_ptr.dtype.element_ty, EXACT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr,
+    M, N, K, operand_scale, num_groups,
+    stride_ag, stride_am, stride_sag, stride_sam, stride_sak,
+    stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
+    stride_og, stride_om,
+    LAYOUT: tl.constexpr, FORMAT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr, CHECK_NAN: tl.constexpr,
+    GRAN_N: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """A grid of tiles (program ids: row tile, column tile, group); or, ``PERSISTENT`` (the masked
+    layout), a fixed set of programs each walking tiles ``pid, pid + programs, ...`` over every
+    group's M_max rows, so that groups filled far below M_max cost a skipped loop step per empty
+    tile instead of a launched block."""
+    if PERSISTENT:
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        per_group = tl.cdiv(M, BLOCK_M) * tiles_n
+        for tile in range(tl.program_id(0), per_group * num_groups, tl.num_programs(0)):
+            group = tile // per_group
+            within = tile - group * per_group
+            _gemm_tile(
+                within // tiles_n, within % tiles_n, group, a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr, M, N, K, operand_scale,
+                stride_ag, stride_am, stride_sag, stride_sam, stride_sak, stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
+                stride_og, stride_om, LAYOUT, FORMAT, UPCAST, EXACT_BF16, CHECK_NAN, GRAN_N, SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+    else:
+        _gemm_tile(
+            tl.program_id(0), tl.program_id(1), tl.program_id(2), a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr, M, N, K, operand_scale,
+            stride_ag, stride_am, stride_sag, stride_sam, stride_sak, stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
+            stride_og, stride_om, LAYOUT, FORMAT, UPCAST, EXACT_BF16, CHECK_NAN, GRAN_N, SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
 
 def fp8_gemm(
@@ -167,7 +201,12 @@ def _launch(
         return
     config = config or tuning.gemm(m, n, k)
     num_groups = a.shape[0] if layout == MASKED else 1
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), num_groups)
+    tiles = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), num_groups)
+    # The masked layout's real rows are on the device (masked_m): its grid would launch a block per
+    # tile of every group's M_max rows, most of them empty in decoding (M_max 2048, ~64 rows: 28,672
+    # blocks for 896 with work). A persistent grid of a few blocks per SM walks the tiles instead.
+    persistent = layout == MASKED and tiles[0] * tiles[1] * tiles[2] > _persistent_programs(out.device)
+    grid = (_persistent_programs(out.device),) if persistent else tiles
 
     def lead(t: torch.Tensor | None) -> int:
         return t.stride(0) if t is not None and t.dim() == 3 else 0  # group stride; 0 when ungrouped
@@ -179,13 +218,21 @@ def _launch(
     stages = config.num_stages if flags["SCALED"] else min(config.num_stages, 2)
     _fp8_gemm_kernel[grid](
         a, a_scales if a_scales is not None else out, b, b_scales if b_scales is not None else out, out, groups if groups is not None else out,
-        m, n, k, operand_scale,
+        m, n, k, operand_scale, num_groups,
         lead(a), a.stride(-2), lead(a_scales), *strides(a_scales),
         lead(b), b.stride(-2), lead(b_scales), *strides(b_scales),
         lead(out), out.stride(-2),
-        LAYOUT=layout, EXACT_BF16=interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K,
+        LAYOUT=layout, EXACT_BF16=interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K, PERSISTENT=persistent,
         num_warps=config.num_warps, num_stages=stages, **flags, **launch_options(tuning),
     )
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Blocks of a persistent launch: 4 per SM (CU) where the device tells its count; in the
+    interpreter a small number, so that its tests walk several tiles per program."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
 
 
 def bf16_gemm(

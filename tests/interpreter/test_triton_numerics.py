@@ -113,3 +113,34 @@ def test_in_kernel_fnuz_mapping_matches_the_host_conversion():
     _fnuz_kernel[(1,)](codes, mapped, BLOCK=256)
     expected, _ = e4m3fn_to_e4m3fnuz(codes.cpu().view(torch.float8_e4m3fn), torch.ones(1))
     assert torch.equal(mapped.cpu(), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("fp8_format", [FP8_E4M3FN, FP8_E4M3FNUZ])
+@pytest.mark.parametrize("programs", [1, 3, 1000])
+def test_masked_gemm_persistent_walk_equals_the_grid(monkeypatch, programs, fp8_format):
+    # A persistent launch walks every group's tiles from a few programs; rows at or past masked_m
+    # stay untouched (NaN here) exactly as with one block per tile (1000 programs: the tile grid).
+    from hal.backends.triton import fp8_gemm as kernels
+    from hal.backends.triton.fp8_gemm import MASKED
+
+    monkeypatch.setattr(kernels, "_persistent_programs", lambda device: programs)
+    generator = torch.Generator().manual_seed(9)
+    groups, m_max, n, k = 3, 40, 72, 256
+    masked_m = torch.tensor([0, 17, 40], dtype=torch.int32)
+    a, sa = per_token_cast_reference(torch.randn(groups * m_max, k, generator=generator))
+    a, sa = a.view(groups, m_max, k), sa.view(groups, m_max, -1)
+    casts = [per_block_cast_reference(torch.randn(n, k, generator=generator)) for _ in range(groups)]
+    b, sb = torch.stack([c[0] for c in casts]), torch.stack([c[1] for c in casts])
+    out = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    tuning = Tuning("test", interpreter_gemm_config, fp8_format=fp8_format)
+    kernels.fp8_gemm(a.to(DEVICE), sa.to(DEVICE), b.to(DEVICE), sb.to(DEVICE), out, tuning=tuning, layout=MASKED,
+                     groups=masked_m.to(DEVICE), config=GemmConfig(16, 32, 4, 1))
+    out = out.cpu()
+    for g in range(groups):
+        rows = int(masked_m[g])
+        expected = torch.empty(rows, n, dtype=torch.bfloat16)
+        gemm_fp8_nt_reference(a[g, :rows], sa[g, :rows], b[g], sb[g], expected)
+        if rows:
+            scale = float(expected.float().abs().max())
+            torch.testing.assert_close(out[g, :rows].float(), expected.float(), rtol=2**-7, atol=1e-3 * scale)
+        assert out[g, rows:].isnan().all()
