@@ -28,6 +28,7 @@ from hal.backends.triton.tuning import FP8_E4M3FN, FP8_E4M3FNUZ, GemmConfig, Tun
 __all__ = ["fp8_gemm", "bf16_gemm", "DENSE", "CONTIGUOUS", "MASKED"]
 
 BLOCK_K = 128
+GROUP_M = 8  # row tiles per band of the grid's L2-friendly order
 DENSE, CONTIGUOUS, MASKED = 0, 1, 2
 _FORMATS = {FP8_E4M3FN: 0, FP8_E4M3FNUZ: 1}
 
@@ -127,9 +128,10 @@ def _fp8_gemm_kernel(
     stride_og, stride_om,
     LAYOUT: tl.constexpr, FORMAT: tl.constexpr, UPCAST: tl.constexpr, EXACT_BF16: tl.constexpr, CHECK_NAN: tl.constexpr,
     GRAN_N: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """A grid of tiles (program ids: row tile, column tile, group); or, ``PERSISTENT`` (the masked
+    """A grid of tiles (program ids: (row tile, column tile) in bands of GROUP_M row tiles, group);
+    or, ``PERSISTENT`` (the masked
     layout), a fixed set of programs each walking tiles ``pid, pid + programs, ...`` over every
     group's M_max rows, so that groups filled far below M_max cost a skipped loop step per empty
     tile instead of a launched block."""
@@ -145,8 +147,18 @@ def _fp8_gemm_kernel(
                 stride_og, stride_om, LAYOUT, FORMAT, UPCAST, EXACT_BF16, CHECK_NAN, GRAN_N, SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
             )
     else:
+        # Grid axis 0 holds the (row tile, column tile) pairs in groups of GROUP_M row tiles: the
+        # blocks running at once share GROUP_M row panels of A and a few column panels of B, which
+        # then come from L2 (row-major order would stream all of B once per row tile).
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid = tl.program_id(0)
+        band = pid // (GROUP_M * tiles_n)
+        first_m = band * GROUP_M
+        band_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        within = pid - band * GROUP_M * tiles_n
         _gemm_tile(
-            tl.program_id(0), tl.program_id(1), tl.program_id(2), a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr, M, N, K, operand_scale,
+            first_m + within % band_rows, within // band_rows, tl.program_id(1), a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, group_ptr, M, N, K, operand_scale,
             stride_ag, stride_am, stride_sag, stride_sam, stride_sak, stride_bg, stride_bn, stride_sbg, stride_sbn, stride_sbk,
             stride_og, stride_om, LAYOUT, FORMAT, UPCAST, EXACT_BF16, CHECK_NAN, GRAN_N, SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
         )
@@ -206,7 +218,7 @@ def _launch(
     # tile of every group's M_max rows, most of them empty in decoding (M_max 2048, ~64 rows: 28,672
     # blocks for 896 with work). A persistent grid of a few blocks per SM walks the tiles instead.
     persistent = layout == MASKED and tiles[0] * tiles[1] * tiles[2] > _persistent_programs(out.device)
-    grid = (_persistent_programs(out.device),) if persistent else tiles
+    grid = (_persistent_programs(out.device),) if persistent else (tiles[0] * tiles[1], tiles[2])
 
     def lead(t: torch.Tensor | None) -> int:
         return t.stride(0) if t is not None and t.dim() == 3 else 0  # group stride; 0 when ungrouped
@@ -222,7 +234,7 @@ def _launch(
         lead(a), a.stride(-2), lead(a_scales), *strides(a_scales),
         lead(b), b.stride(-2), lead(b_scales), *strides(b_scales),
         lead(out), out.stride(-2),
-        LAYOUT=layout, EXACT_BF16=interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K, PERSISTENT=persistent,
+        LAYOUT=layout, EXACT_BF16=interpreting(), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=BLOCK_K, PERSISTENT=persistent, GROUP_M=GROUP_M,
         num_warps=config.num_warps, num_stages=stages, **flags, **launch_options(tuning),
     )
 
