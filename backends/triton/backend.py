@@ -149,7 +149,10 @@ class TritonBackend:
     def hal_m_grouped_gemm_fp8_nt_masked(self, a, a_scales, b, b_scales, out, masked_m, expected_m):
         from hal.backends.triton.fp8_gemm import MASKED, fp8_gemm
 
-        fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=MASKED, groups=masked_m)
+        # DeepGEMM's expected_m: the typical rows per group picks the tile, not M_max (the persistent
+        # launch walks every tile up to M_max either way, so any masked_m is computed).
+        config = self.tuning.gemm(min(max(expected_m, 1), a.shape[1]), b.shape[1], a.shape[2])
+        fp8_gemm(a, a_scales, b, b_scales, out, tuning=self.tuning, layout=MASKED, groups=masked_m, config=config)
 
     @hookimpl
     def hal_gemm_bf16_nt(self, a, b, out):
@@ -174,7 +177,8 @@ class TritonBackend:
     def hal_m_grouped_gemm_bf16_nt_masked(self, a, b, out, masked_m, expected_m):
         from hal.backends.triton.fp8_gemm import MASKED, bf16_gemm
 
-        bf16_gemm(a, b, out, tuning=self.tuning, layout=MASKED, groups=masked_m)
+        config = self.tuning.gemm(min(max(expected_m, 1), a.shape[1]), b.shape[1], a.shape[2])  # as the FP8 masked GEMM
+        bf16_gemm(a, b, out, tuning=self.tuning, layout=MASKED, groups=masked_m, config=config)
 
     @hookimpl
     def hal_per_token_cast_to_fp8(self, x):
