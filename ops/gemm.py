@@ -154,9 +154,10 @@ def _check_operands(
     return _padded_to_blocks(a), sa, _padded_to_blocks(b), sb, out
 
 
-def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str = "lhs[0]") -> None:
+def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str = "lhs[0]", name: str = "m_indices") -> None:
     """DeepGEMM's layout: M a multiple of the alignment (128 by default) and each aligned block of
-    rows one group's rows, then padding."""
+    rows one group's rows, then padding. ``argument``: the operand whose M is checked; ``name``:
+    the argument the row groups came from (``grouped_layout`` in DeepGEMM's current API)."""
     m = m_indices.shape[0]
     align = get_m_alignment_for_contiguous_layout()
     if m % align:
@@ -178,7 +179,7 @@ def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str =
         block = (first + 1) // align
         span = f"rows {block * align}..{(block + 1) * align - 1}"
         raise ValueRangeError(
-            op, "m_indices", f"each {align}-row block to hold one group's rows followed only by -1 padding",
+            op, name, f"each {align}-row block to hold one group's rows followed only by -1 padding",
             f"{span} holding {sorted(set(m_indices[block * align : (block + 1) * align].tolist()))}",
             f"Sort rows by expert and pad each expert's segment to a multiple of {align} rows with -1.",
         )

@@ -112,7 +112,7 @@ def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_
         m_indices = grouped_layout
     expect_same_device(op, "a", a, b=b, d=d, grouped_layout=grouped_layout)
     expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
-    v1._check_contiguous_segments(op, m_indices, "a")
+    v1._check_contiguous_segments(op, m_indices, "a", "grouped_layout")
     if m == 0 or n == 0:
         return
     call(M_GROUPED_BF16_CONTIGUOUS, "a", a.device, a=_padded(a), b=_padded(b), out=d, m_indices=m_indices)

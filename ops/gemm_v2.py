@@ -241,7 +241,7 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
         m_indices = grouped_layout
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "grouped_layout": grouped_layout})
     expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
-    v1._check_contiguous_segments(op, m_indices, "a[0]")
+    v1._check_contiguous_segments(op, m_indices, "a[0]", "grouped_layout")
     if m == 0 or n == 0:
         return
     features = {"b_per_token"} if gran == 1 and n > 1 else set()
