@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hal import optional
 from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
 from hal.dispatch import call
 from hal.errors import DTypeError, ValueRangeError
@@ -188,7 +189,8 @@ def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int,
         fix="Every row must belong to a bucket.",
     )
     if value_checks_enabled(bucket_of_row) and bucket_of_row.numel():
-        counts = torch.bincount(bucket_of_row.long(), minlength=num_buckets)
+        np = optional.numpy_for(bucket_of_row)  # ids are in range now: bincount takes them as they are
+        counts = np.bincount(bucket_of_row.numpy(), minlength=num_buckets) if np else torch.bincount(bucket_of_row.long(), minlength=num_buckets)
         if int(counts.max()) > num_slots:
             full = int(counts.argmax())
             raise ValueRangeError(
