@@ -223,20 +223,28 @@ def sparse_prefill_oracle(q, kv, indices, scale, sink, topk_length):
     return out, top, lse
 
 
-def mqa_logits_oracle(q, keys, scales, weights, start, end, max_seqlen_k) -> torch.Tensor:
-    """float64 indexer logits: Σ_h relu(q_h · k * sf) * w_h, -inf outside each row's [start, end)."""
-    full = torch.einsum("mhd,nd->mhn", q.double(), keys.double()) * scales.double()[None, None, :]
-    full = torch.einsum("mhn,mh->mn", full.relu(), weights.double())
+def mqa_logits_oracle(q, keys, scales, weights, start, end, max_seqlen_k, magnitude: bool = False) -> torch.Tensor:
+    """float64 indexer logits: Σ_h relu(q_h · k * sf) * w_h, -inf outside each row's [start, end).
+
+    ``magnitude``: instead, Σ_h |w_h| * sf * Σ_d |q_hd * k_d| at the same places (0 where unseen),
+    the scale of every rounding an fp32 evaluation of the sum makes (its condition)."""
+    if magnitude:
+        full = torch.einsum("mhd,nd->mhn", q.double().abs(), keys.double().abs()) * scales.double().abs()[None, None, :]
+        full = torch.einsum("mhn,mh->mn", full, weights.double().abs())
+    else:
+        full = torch.einsum("mhd,nd->mhn", q.double(), keys.double()) * scales.double()[None, None, :]
+        full = torch.einsum("mhn,mh->mn", full.relu(), weights.double())
     n = keys.shape[0]
     width = max_seqlen_k or n
     column = torch.arange(width)[None, :] + (start.long()[:, None] if max_seqlen_k else torch.zeros_like(start.long())[:, None])
     seen = (column >= start.long()[:, None]) & (column < end.long()[:, None])
     values = full.gather(1, column.clamp(max=max(n - 1, 0))) if n else full.new_zeros(q.shape[0], width)
-    return torch.where(seen, values, -math.inf)
+    return torch.where(seen, values, 0.0 if magnitude else -math.inf)
 
 
-def paged_mqa_logits_oracle(q, kv_cache, weights, context_lens, block_table, max_context_len) -> torch.Tensor:
-    """float64 paged indexer logits, -inf at positions a row does not see."""
+def paged_mqa_logits_oracle(q, kv_cache, weights, context_lens, block_table, max_context_len, magnitude: bool = False) -> torch.Tensor:
+    """float64 paged indexer logits, -inf at positions a row does not see (``magnitude``: as for
+    :func:`mqa_logits_oracle`, 0 where unseen)."""
     batch, next_n, heads, dim = q.shape
     block_kv = kv_cache.shape[1]
     raw = kv_cache.contiguous().view(torch.uint8).view(kv_cache.shape[0], -1)
@@ -246,7 +254,7 @@ def paged_mqa_logits_oracle(q, kv_cache, weights, context_lens, block_table, max
         visible = context_lens.long()
     else:
         visible = (context_lens.long()[:, None] - next_n + 1 + torch.arange(next_n)[None, :]).clamp(min=0)
-    out = torch.full((batch * next_n, max_context_len), -math.inf, dtype=torch.float64)
+    out = torch.full((batch * next_n, max_context_len), 0.0 if magnitude else -math.inf, dtype=torch.float64)
     for b in range(batch):
         for j in range(next_n):
             n = int(visible[b, j])
@@ -254,6 +262,10 @@ def paged_mqa_logits_oracle(q, kv_cache, weights, context_lens, block_table, max
                 continue
             blocks = block_table[b, : -(-n // block_kv)].long()
             keys = values[blocks].reshape(-1, dim)[:n]
+            if magnitude:
+                s = (q[b, j].double().abs() @ keys.abs().T) * scales[blocks].reshape(-1)[:n].abs()[None, :]
+                out[b * next_n + j, :n] = (s * weights[b * next_n + j].double().abs()[:, None]).sum(0)
+                continue
             s = (q[b, j].double() @ keys.T) * scales[blocks].reshape(-1)[:n][None, :]
             out[b * next_n + j, :n] = (s.relu() * weights[b * next_n + j].double()[:, None]).sum(0)
     return out
