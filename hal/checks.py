@@ -177,6 +177,8 @@ def expect_in_range(
 ) -> None:
     """Every element of ``values`` must satisfy ``low <= v < high`` (skipped per :func:`value_checks_enabled`).
 
+    Tables whose rows are only read up to a length take :func:`expect_rows_in_range` instead.
+
     Args:
         what: description of the elements for the message (``"block ids"``).
         fix: what the caller should do.
@@ -192,13 +194,6 @@ def expect_in_range(
         smallest, largest = torch.aminmax(values)
         if int(smallest) >= low and int(largest) < high:
             return
-    _raise_first_out_of_range(op, name, values, low, high, what, fix, where)
-
-
-def _raise_first_out_of_range(
-    op: str, name: str, values: torch.Tensor, low: int, high: int, what: str, fix: str,
-    where: torch.Tensor | Callable[[], torch.Tensor] | None,
-) -> None:
     bad = (values < low) | (values >= high)
     if where is not None:
         bad &= where() if callable(where) else where
