@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BLOCK_SIZE_M", "BLOCK_SIZE_N", "FIXED_OVERHEAD_BLOCKS", "METADATA_WIDTH", "HOPPER_NUM_SMS", "schedule_mla_splits", "unsplit_schedule", "default_num_sms"]
+__all__ = ["BLOCK_SIZE_M", "BLOCK_SIZE_N", "FIXED_OVERHEAD_BLOCKS", "METADATA_WIDTH", "HOPPER_NUM_SMS", "schedule_mla_splits", "unsplit_schedule", "one_part_scheduler", "default_num_sms"]
 
 BLOCK_SIZE_M = 64  # query rows (s_q * h_q / h_kv) per tile
 BLOCK_SIZE_N = 64  # keys per KV block, also the page size
@@ -97,3 +97,16 @@ def unsplit_schedule(cache_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.T
     last = int(cache_seqlens[-1]) if batch else 0
     metadata = torch.tensor([[0, 0, batch - 1, last, 0, 0, 0, 0]], dtype=torch.int32, device=cache_seqlens.device)
     return metadata, torch.arange(batch + 1, dtype=torch.int32, device=cache_seqlens.device)
+
+
+def one_part_scheduler(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``hal_get_mla_metadata`` implementation for backends whose kernels walk every sequence
+    whole and read no schedule: :func:`unsplit_schedule`, whatever the head counts. Such a backend
+    registers it as is (``hal_get_mla_metadata = hookimpl(one_part_scheduler)``); ``num_sm_parts``
+    tells torch.compile's fake implementation the shape it gives."""
+    return unsplit_schedule(cache_seqlens)
+
+
+one_part_scheduler.num_sm_parts = 1  # type: ignore[attr-defined]

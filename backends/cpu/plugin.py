@@ -52,6 +52,7 @@ from hal.canary import canaries_enabled, proving
 from hal.ops.ep_local import EP_COMBINE_REDUCE
 from hal.ops.gemm import GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED
 from hal.ops.mla import MLA_DECODE
+from hal.ops.mla_schedule import one_part_scheduler
 from hal.plugin import Availability, BackendInfo, hookimpl
 
 PRIORITY = 40  # torch kernels: below opencl
@@ -141,16 +142,9 @@ def hal_ep_combine_reduce(rows, src_idx, num_tokens, weights):
     return combine_reduce(rows, src_idx, num_tokens, weights)
 
 
-@hookimpl
-def hal_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
-    # Both MLA paths walk every sequence whole (the native kernel splits long sequences itself
-    # when there are too few to share among its threads) and read no schedule.
-    from hal.ops.mla_schedule import unsplit_schedule
-
-    return unsplit_schedule(cache_seqlens)
-
-
-hal_get_mla_metadata.num_sm_parts = 1  # the shape torch.compile's fake implementation must give
+# Both MLA paths walk every sequence whole (the native kernel splits long sequences itself when
+# there are too few to share among its threads) and read no schedule: the one-part schedule.
+hal_get_mla_metadata = hookimpl(one_part_scheduler)
 
 
 @hookimpl

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from hal.canary import canaries_enabled, file_fingerprint, proving, sources_fingerprint
+from hal.ops.mla_schedule import one_part_scheduler
 from hal.plugin import Availability, BackendInfo, current_contracts, hookimpl
 
 # What decides which OpenCL implementation and device a process gets (ocl-icd, pyopencl, PoCL).
@@ -101,15 +102,8 @@ def hal_backend_canary_key() -> str:
     return "\n".join(parts)
 
 
-@hookimpl
-def hal_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
-    # The kernels walk every sequence whole and read no schedule: hand back the one-part schedule.
-    from hal.ops.mla_schedule import unsplit_schedule
-
-    return unsplit_schedule(cache_seqlens)
-
-
-hal_get_mla_metadata.num_sm_parts = 1  # the shape torch.compile's fake implementation must give
+# The kernels walk every sequence whole and read no schedule: the one-part schedule.
+hal_get_mla_metadata = hookimpl(one_part_scheduler)
 
 
 @hookimpl
