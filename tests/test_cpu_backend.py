@@ -53,6 +53,19 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemm_fp8, "M_CHUNK", 48)
 
 
+@pytest.fixture(params=["torch", "native"])
+def grouped_kernels(request: pytest.FixtureRequest) -> None:
+    """The grouped layouts through hal's API on each of the backend's kernels: the torch ones in
+    small chunks, and the native ones where the library builds (its own file tests them further)."""
+    if request.param == "torch":
+        request.getfixturevalue("small_chunks")
+        return
+    from hal.backends.cpu import native
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {native.describe(1)[1]}")
+
+
 def test_decode_is_exact_for_every_e4m3_code():
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8)
     decoded = gemm_fp8.decode_e4m3(codes)
@@ -115,7 +128,7 @@ def test_nan_and_inf_propagate_as_in_the_reference():
     _assert_conforms("gemm_fp8_nt", "out", out, expected)
 
 
-def test_contiguous_groups_with_an_empty_group_padding_and_a_split_group(small_chunks):
+def test_contiguous_groups_with_an_empty_group_padding_and_a_split_group(grouped_kernels):
     gen = torch.Generator().manual_seed(4)
     groups, n, k = 4, 136, 256
     # group 1 has no rows; group 2's rows come in two runs; -1 rows are padding.
@@ -133,14 +146,14 @@ def test_contiguous_groups_with_an_empty_group_padding_and_a_split_group(small_c
     assert torch.isnan(out[m_indices < 0].float()).all()  # padding rows are never written
 
 
-def test_masked_groups_leave_rows_beyond_the_count_untouched(small_chunks):
+def test_masked_groups_leave_rows_beyond_the_count_untouched(grouped_kernels):
     gen = torch.Generator().manual_seed(5)
-    groups, m_max, n, k = 3, 64, 200, 256
+    groups, m_max, n, k = 4, 64, 200, 256
     lhs = [_lhs(m_max, k, gen) for _ in range(groups)]
     rhs = [_rhs(n, k, gen) for _ in range(groups)]
     a, sa = torch.stack([p[0] for p in lhs]), torch.stack([p[1] for p in lhs])
     b, sb = torch.stack([p[0] for p in rhs]), torch.stack([p[1] for p in rhs])
-    masked_m = torch.tensor([m_max, 0, 50], dtype=torch.int32)
+    masked_m = torch.tensor([m_max, 0, 50, 1], dtype=torch.int32)  # full, empty, partial, one row
     out = torch.full((groups, m_max, n), math.nan, dtype=torch.bfloat16)
     with hal.use_backend("cpu"):
         hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)

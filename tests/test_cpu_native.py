@@ -1,9 +1,10 @@
 """The cpu backend's native FP8 GEMM kernels (hal.backends.cpu.native): the reference's numerics
 across every tile, strip and panel edge (row strips of up to 12 rows, 32-column strips, 16-column
 halves, 64-wide K steps of the packing, 128-wide K blocks), both scale layouts, both outputs,
-non-finite values, every e4m3 code; the grouped layouts; the build cache and its failures; the
+non-finite values, every e4m3 code; the build cache and its failures; the
 fallback to the torch kernels. The portable C path (built without AVX-512 BF16) is held to the same
-cases. Skipped where the library cannot be built (no C compiler)."""
+cases. Skipped where the library cannot be built (no C compiler). The grouped layouts through
+hal's API run on these kernels in tests/test_cpu_backend.py, beside the torch kernels."""
 
 from __future__ import annotations
 
@@ -205,37 +206,6 @@ def test_threads_do_not_change_the_bits(lib, m):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-
-
-def test_grouped_layouts_through_the_api():
-    """Contiguous: an empty group, a split group, -1 rows untouched; masked: empty groups and tails
-    untouched; both through hal's API (the ops layer's checks, then this backend)."""
-    gen = torch.Generator().manual_seed(6)
-    groups, n, k = 4, 136, 256
-    layout = [0] * 100 + [-1] * 28 + [2] * 128 + [3] * 60 + [-1] * 68 + [2] * 128
-    m_indices = torch.tensor(layout, dtype=torch.int32)
-    a, sa = _lhs(len(layout), k, gen)
-    parts = [_rhs(n, k, gen) for _ in range(groups)]
-    b, sb = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-    out = torch.full((len(layout), n), math.nan, dtype=torch.bfloat16)
-    with hal.use_backend("cpu"):
-        hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
-    for g in (0, 2, 3):
-        rows = (m_indices == g).nonzero().squeeze(1)
-        _assert_conforms(out[rows], _expected(a[rows], sa[rows], b[g], sb[g]), "m_grouped_gemm_fp8_nt_contiguous")
-    assert torch.isnan(out[m_indices < 0].float()).all()
-
-    m_max = 40
-    lhs = [_lhs(m_max, k, gen) for _ in range(groups)]
-    a, sa = torch.stack([p[0] for p in lhs]), torch.stack([p[1] for p in lhs])
-    masked_m = torch.tensor([m_max, 0, 13, 1], dtype=torch.int32)
-    out = torch.full((groups, m_max, n), math.nan, dtype=torch.bfloat16)
-    with hal.use_backend("cpu"):
-        hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 16)
-    for g, rows in enumerate(masked_m.tolist()):
-        if rows:
-            _assert_conforms(out[g, :rows], _expected(a[g, :rows], sa[g, :rows], b[g], sb[g]), "m_grouped_gemm_fp8_nt_masked")
-        assert torch.isnan(out[g, rows:].float()).all()
 
 
 def test_the_api_runs_the_native_kernels_and_honours_the_switch(monkeypatch):
