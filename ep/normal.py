@@ -34,8 +34,7 @@ from hal.ep.handle import DispatchHandle
 from hal.ep.message import Field
 from hal.errors import DTypeError, HalError, ShapeError, ValueRangeError
 from hal.ops.ep import NVL_PEERS_PER_NODE, get_dispatch_layout
-from hal.ops.ep_local import EP_COMBINE_REDUCE, ROW_SEGMENTS, ep_combine_reduce
-from hal.selection import select
+from hal.ops.ep_local import ep_combine_reduce, reads_row_segments
 from hal.ops.fp8_quant import BLOCK
 
 __all__ = ["dispatch_layout", "dispatch", "cached_dispatch", "combine"]
@@ -274,10 +273,9 @@ def cached_dispatch(
 def _reduction_reads_segments(device: torch.device) -> bool:
     """Whether the backend that will run ``ep_combine_reduce`` on ``device`` takes rows in segments."""
     try:
-        backend = select(EP_COMBINE_REDUCE, device.type, device_arg="x").backend
+        return reads_row_segments(device.type, device_arg="x")
     except HalError:  # the reduction's own call raises it, typed, where it belongs
         return False
-    return ROW_SEGMENTS.name in backend.features(EP_COMBINE_REDUCE)
 
 
 def combine(

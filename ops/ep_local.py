@@ -37,6 +37,7 @@ __all__ = [
     "EP_UNPACK",
     "EP_COMBINE_REDUCE",
     "ROW_SEGMENTS",
+    "reads_row_segments",
     "ep_pack",
     "ep_unpack",
     "ep_combine_reduce",
@@ -117,6 +118,12 @@ def _segments(op: str, rows: object) -> tuple[torch.Tensor, ...]:
         expect_tensor(op, f"rows[{i}]", segment, dtypes=first.dtype, shape=(None, first.shape[1]), dims=("S_i", "width"))
         expect_same_device(op, "rows[0]", first, **{f"rows[{i}]": segment})
     return tuple(rows)
+
+
+def reads_row_segments(device_type: str, device_arg: str = "rows") -> bool:
+    """Whether the backend selected for ``ep_combine_reduce`` on ``device_type`` tensors takes rows
+    in segments (feature ``row_segments``); a selection error is raised, typed."""
+    return ROW_SEGMENTS.name in select(EP_COMBINE_REDUCE, device_type, device_arg=device_arg).backend.features(EP_COMBINE_REDUCE)
 
 
 def combine_reduce_reference(
@@ -236,8 +243,7 @@ def ep_combine_reduce(
     if len(segments) == 1:
         rows = first
     else:
-        backend = select(EP_COMBINE_REDUCE, first.device.type, device_arg="rows").backend
-        if ROW_SEGMENTS.name in backend.features(EP_COMBINE_REDUCE):
+        if reads_row_segments(first.device.type):
             return call(EP_COMBINE_REDUCE, "rows", first.device, features=(ROW_SEGMENTS.name,), rows=segments, src_idx=src_idx,
                         num_tokens=num_tokens, weights=weights)
         rows = torch.cat(segments)
