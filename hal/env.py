@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
-__all__ = ["get"]
+__all__ = ["get", "raw", "reader"]
 
 _DATA = getattr(os.environ, "_data", None)
 _FAST = os.name == "posix" and isinstance(_DATA, dict) and all(isinstance(k, bytes) for k in list(_DATA)[:8])
@@ -31,3 +32,19 @@ def get(name: str, default: str = "") -> str:
         value = _DATA.get(_key(name))  # type: ignore[union-attr]
         return default if value is None else os.fsdecode(value)
     return os.environ.get(name, default)
+
+
+def raw(name: str) -> bytes | str | None:
+    """The variable's value as stored (bytes on POSIX, else str), or None when unset: a key for
+    caching what a value parses to, without decoding it on every call."""
+    if _FAST:
+        return _DATA.get(_key(name))  # type: ignore[union-attr]
+    return os.environ.get(name)
+
+
+def reader(name: str) -> Callable[[], bytes | str | None]:
+    """A function returning :func:`raw` of ``name``, bound to its pre-encoded key (a call costs
+    one dict lookup): for state compared on every operator call."""
+    if _FAST:
+        return functools.partial(_DATA.get, _key(name))  # type: ignore[union-attr]
+    return functools.partial(os.environ.get, name)

@@ -237,9 +237,30 @@ def select(
             "or FakeTensorMode through the torch.ops.hal custom ops, which have fake implementations; "
             "otherwise pass real tensors.",
         )
+    # The last selection for this call's key is reused while nothing it depends on changed: the
+    # scopes, the two selection variables, HAL_REQUIRE_CERTIFIED (compared as stored, undecoded)
+    # and the registry. Reading them so costs a third of parsing them (this runs on every call).
+    readers = _READERS.get(operator)
+    if readers is None:
+        readers = _READERS[operator] = env.reader(operator.env_var)
+    state = (_scopes.get(), readers(), _read_backend(), _read_require(), registry.generation())
+    key = (operator, device_type, device_arg, required)
+    recent = _RECENT.get(key)
+    if recent is not None and recent[0] == state:
+        return recent[1]
     _warn_unknown_variables_once()
     chain, source = _requested(operator)
-    return _select_cached(operator, device_type, device_arg, chain, source, required, certificate.require_certified(), registry.generation())
+    selection = _select_cached(operator, device_type, device_arg, chain, source, required, certificate.require_certified(), registry.generation())
+    if len(_RECENT) > 512:
+        _RECENT.clear()
+    _RECENT[key] = (state, selection)
+    return selection
+
+
+_READERS: dict[Operator, Callable[[], Any]] = {}
+_RECENT: dict[tuple[Any, ...], tuple[tuple[Any, ...], Selection]] = {}
+_read_backend = env.reader(ENV_BACKEND)
+_read_require = env.reader(certificate.ENV_REQUIRE)
 
 
 @functools.lru_cache(maxsize=512)
@@ -335,3 +356,4 @@ def _no_backend_error(
 def clear_cache() -> None:
     """Forget cached selections (environment variables are re-read on every call anyway)."""
     _select_cached.cache_clear()
+    _RECENT.clear()

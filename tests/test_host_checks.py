@@ -13,7 +13,7 @@ import torch
 
 import hal
 from hal import optional
-from hal.checks import expect_rows_in_range
+from hal.checks import expect_in_range, expect_rows_in_range
 from hal.errors import ValueRangeError
 from hal.ops import gemm
 
@@ -131,6 +131,36 @@ def test_rows_in_range_of_narrow_dtypes_agree_on_both_paths(without_numpy):
             without_numpy(off)
             verdicts.append(_verdict(lambda: expect_rows_in_range("op", "t", table, torch.tensor([1]), 0, high, what="ids", fix="fix")))
         assert verdicts[0] is not None and verdicts[0] == verdicts[1], (dtype, verdicts)
+    # bounds beyond a narrow dtype's range are vacuous, not wrapped into it
+    for dtype, value, low, high, bad in ((torch.uint8, 5, -1, 2**40, False), (torch.uint8, 5, -1, 5, True), (torch.int8, -100, -2**40, 2**40, False)):
+        table = torch.tensor([[value, 1]], dtype=dtype)
+        for off in (False, True):
+            without_numpy(off)
+            verdict = _verdict(lambda: expect_rows_in_range("op", "t", table, torch.tensor([2]), low, high, what="ids", fix="fix"))
+            assert (verdict is not None) == bad and (not bad or "at t[0, 0]" in verdict), (dtype, low, high, off, verdict)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_in_range_agrees_on_both_paths(seed: int, without_numpy):
+    # One unsigned maximum where low is 0 and high fits the signed range, min and max otherwise.
+    rng = random.Random(seed)
+    for _ in range(200):
+        dtype = rng.choice([torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8])
+        info = torch.iinfo(dtype)
+        low = rng.choice([0, 0, -1, 2, info.min])
+        high = rng.choice([rng.randint(3, 9), info.max, info.max + 1, 2**40])
+        values = torch.randint(max(info.min, -4), min(info.max, 12) + 1, (rng.randint(1, 9),), dtype=dtype)
+        if rng.random() < 0.3:
+            values[rng.randrange(values.numel())] = rng.choice([info.min, info.max])
+        truth = next((i for i, v in enumerate(values.tolist()) if not low <= v < high), None)
+        verdicts = []
+        for off in (False, True):
+            without_numpy(off)
+            verdicts.append(_verdict(lambda: expect_in_range("op", "ids", values, low, high, what="ids", fix="fix")))
+        assert verdicts[0] == verdicts[1], (dtype, low, high, values)
+        assert (verdicts[0] is None) == (truth is None), (dtype, low, high, values, verdicts)
+        if truth is not None:
+            assert f"at ids[{truth}]" in verdicts[0]
 
 
 def test_paged_logits_schedule_is_traced_as_torch_operations():

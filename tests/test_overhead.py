@@ -43,7 +43,7 @@ def test_value_checks_are_opt_in_on_accelerators(monkeypatch: pytest.MonkeyPatch
 
     from hal.checks import value_checks_enabled
 
-    accelerator = types.SimpleNamespace(device=torch.device("xpu"))
+    accelerator = types.SimpleNamespace(device=torch.device("xpu"), is_cpu=False, is_meta=False, is_cuda=False)
     cpu = torch.zeros(1)
     for setting, on_cpu, on_accelerator in (("", True, False), ("0", False, False), ("off", False, False), ("1", True, True), ("on", True, True)):
         monkeypatch.setenv("HAL_CHECK_VALUES", setting)

@@ -145,9 +145,18 @@ def test_use_backend_rejects_unknown_names_and_operators():
 
 
 def test_env_changes_take_effect_without_restart(with_test_backends, monkeypatch):
+    # Selection reuses its last answer per call site only while every input to it is unchanged.
     assert hal.select("gemm_fp8_nt").backend.name == "recording"
     monkeypatch.setenv("HAL_BACKEND", "reference")
     assert hal.select("gemm_fp8_nt").backend.name == "reference"
+    monkeypatch.setenv("HAL_BACKEND_GEMM_FP8_NT", "recording")
+    assert hal.select("gemm_fp8_nt").backend.name == "recording"
+    with hal.use_backend("reference", op="gemm_fp8_nt"):
+        assert hal.select("gemm_fp8_nt").backend.name == "reference"
+    assert hal.select("gemm_fp8_nt").backend.name == "recording"
+    monkeypatch.delenv("HAL_BACKEND_GEMM_FP8_NT")
+    monkeypatch.delenv("HAL_BACKEND")
+    assert hal.select("gemm_fp8_nt").backend.name == "recording"
 
 
 def test_get_mla_metadata_follows_the_mla_decode_selection(with_test_backends, monkeypatch):
