@@ -17,6 +17,7 @@ import torch
 import hal
 from hal.conformance.case import Case, Family, Measurement, Tensors, judge
 from hal.ops.fp8_quant import BLOCK, dequantize_per_block, dequantize_per_token, per_block_cast_reference, per_token_cast_reference
+from hal.ops.gemm import rows_by_block
 from hal.ops.gemm_reference import gemm_fp8_nt_reference, m_grouped_contiguous_reference, m_grouped_masked_reference
 
 __all__ = ["gemm_cases", "cast_cases", "gemm_v2_cases", "bf16_gemm_cases"]
@@ -116,11 +117,13 @@ class ContiguousGemmFamily(Family):
 
     def expect(self, inputs: Tensors) -> Tensors:
         out = _unrounded(inputs["out"])
-        m_grouped_contiguous_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, inputs["m_indices"])
+        m_grouped_contiguous_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, rows_by_block(inputs["m_indices"]))
         return {"out": out}
 
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
-        rows = inputs["m_indices"] >= 0  # padding rows are unspecified, as in DeepGEMM's test
+        # Every row of a group's aligned block is computed with that group, its -1 padding rows
+        # included (DeepGEMM computes whole tiles, and its tests check those rows too).
+        rows = rows_by_block(inputs["m_indices"]) >= 0
         return judge(self.op, "out", got["out"][rows], expected["out"][rows])
 
 
@@ -348,14 +351,14 @@ class GroupedV2Family(Family):
         if self.masked:
             m_grouped_masked_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, inputs["masked_m"], 1)
         else:
-            m_grouped_contiguous_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, inputs["m_indices"])
+            m_grouped_contiguous_reference(inputs["a"], inputs["sa"], inputs["b"], inputs["sb"], out, rows_by_block(inputs["m_indices"]))
         return {"d": out}
 
     def compare(self, got: Tensors, expected: Tensors, inputs: Tensors) -> list[Measurement]:
         if self.masked:
             rows = torch.arange(got["d"].shape[1])[None, :] < inputs["masked_m"][:, None].long()
-        else:
-            rows = inputs["m_indices"] >= 0
+        else:  # the psum layout's padding rows too: a group owns its rows up to its aligned end
+            rows = rows_by_block(inputs["m_indices"]) >= 0
         return judge(self.op, "out", got["d"][rows], expected["d"][rows])
 
 
@@ -413,8 +416,9 @@ class Bf16GemmFamily(Family):
             for g, rows in enumerate(inputs["masked_m"].tolist()):
                 out[g, :rows] = a[g, :rows] @ b[g].T
         else:
+            computed = rows_by_block(inputs["m_indices"])
             for g in range(b.shape[0]):
-                rows = inputs["m_indices"] == g
+                rows = computed == g
                 out[rows] = a[rows] @ b[g].T
         return {"d": out}
 
@@ -424,7 +428,7 @@ class Bf16GemmFamily(Family):
             rows = torch.arange(d.shape[1])[None, :] < inputs["masked_m"][:, None].long()
             return judge(self.op, "out", d[rows].float(), expected["d"][rows])
         if self.op == "m_grouped_gemm_bf16_nt_contiguous":
-            rows = inputs["m_indices"] >= 0
+            rows = rows_by_block(inputs["m_indices"]) >= 0
             return judge(self.op, "out", d[rows].float(), expected["d"][rows])
         return judge(self.op, "out_fp32" if d.dtype == torch.float32 else "out", d.float(), expected["d"])
 

@@ -44,7 +44,8 @@ def gemm_oracle(a, sa, b, sb) -> torch.Tensor:
 
 
 def grouped_contiguous_oracle(a, sa, b, sb, m_indices) -> torch.Tensor:
-    """Rows of group g use B[g]; padding rows (-1) are NaN (unspecified)."""
+    """Rows of group g use B[g]; rows marked -1 are NaN (pass :func:`hal.ops.gemm.rows_by_block`
+    of the caller's m_indices for the rows a call computes)."""
     out = torch.full((a.shape[0], b.shape[1]), math.nan, dtype=torch.float64)
     for g in range(b.shape[0]):
         rows = (m_indices == g).nonzero().flatten()

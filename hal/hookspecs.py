@@ -278,8 +278,10 @@ def hal_m_grouped_gemm_fp8_nt_contiguous(
         a: float8_e4m3fn [M, K]; a_scales float32 [M, K // 128].
         b: float8_e4m3fn [G, N, K]; b_scales float32 [G, ceil(N / 128), K // 128].
         out: bfloat16 [M, N].
-        m_indices: int32 [M], the group of each row in [0, G), or -1 for padding rows whose
-            output is unspecified (a backend may skip them).
+        m_indices: int32 [M], the group of each row in [0, G), or -1 for rows not computed
+            (a backend may skip them). The public call hands over
+            :func:`hal.ops.gemm.rows_by_block` of the user's indices: -1 padding rows inside a
+            group's aligned block arrive as that group's rows (DeepGEMM computes whole tiles).
     """
 
 

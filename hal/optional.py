@@ -25,8 +25,8 @@ def numpy() -> Any:
         try:
             import numpy as module
 
-            torch.zeros(1).numpy()
-        except (ImportError, RuntimeError):
+            torch.zeros(1, dtype=torch.int32).numpy()  # an explicit dtype: the default may be bf16, which NumPy lacks
+        except Exception:  # absent, or a torch built without NumPy support: the torch paths serve
             module = False
         _NUMPY = module
     return _NUMPY or None

@@ -185,6 +185,27 @@ def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str =
         )
 
 
+def rows_by_block(m_indices: torch.Tensor) -> torch.Tensor:
+    """The group each row of the contiguous layout is computed with, as DeepGEMM computes it.
+
+    DeepGEMM's kernels compute whole tiles: every row of an aligned block (of
+    :func:`get_m_alignment_for_contiguous_layout` rows) takes the group of the block's first row.
+    Rows marked -1 after a group's rows are therefore computed with that group (A's padding rows
+    times its B: zeros where A is zero there, which DeepGEMM's tests build and check over the
+    whole output), and a block whose first row is -1 is not computed (its rows are left as they
+    were). Backends receive this mapping: a row they are handed as -1 is one they leave untouched.
+
+    ``m_indices``: int32 [M], M a multiple of the alignment. Returns int32 [M] on its device.
+    """
+    align = get_m_alignment_for_contiguous_layout()
+    if m_indices.shape[0] == 0:
+        return m_indices
+    np = optional.numpy_for(m_indices)
+    if np is not None:
+        return torch.from_numpy(np.repeat(m_indices.numpy()[::align], align))
+    return m_indices[::align].repeat_interleave(align)  # output size known from shapes: no device sync
+
+
 def gemm_fp8_fp8_bf16_nt(lhs: Operand, rhs: Operand, out: torch.Tensor) -> None:
     """Dense FP8 GEMM ``out = lhs @ rhs.T`` with fine-grained scales (see the module docstring).
 
@@ -208,7 +229,9 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Operand, rhs: Operand, out: t
             each expert's segment of rows is padded to a multiple of 128 rows
             (:func:`get_m_alignment_for_contiguous_layout`) with rows marked -1.
         rhs: ``(B float8_e4m3fn [G, N, K], sb float32 [G, ceil(N / 128), ceil(K / 128)])``.
-        out: bfloat16 [M, N]; rows whose m_indices is -1 are unspecified after the call.
+        out: bfloat16 [M, N]; rows marked -1 inside a group's aligned block are computed with
+            that group (DeepGEMM computes whole tiles, see :func:`rows_by_block`); blocks whose
+            first row is -1 are left untouched.
         m_indices: int32 [M], the expert of each row in [0, G), -1 for padding.
     """
     op = "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous"
@@ -222,7 +245,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Operand, rhs: Operand, out: t
         fix="Each row's expert must index a group of rhs.",
     )
     _check_contiguous_segments(op, m_indices)
-    call(M_GROUPED_CONTIGUOUS, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out, m_indices=m_indices)
+    call(M_GROUPED_CONTIGUOUS, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out, m_indices=rows_by_block(m_indices))
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(

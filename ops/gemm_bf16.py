@@ -7,7 +7,9 @@ float32 rounded once (``c`` added in fp32 before that rounding). Layout letters 
 Backends receive (hooks ``hal_gemm_bf16_nt``, ``hal_m_grouped_gemm_bf16_nt_contiguous``,
 ``hal_m_grouped_gemm_bf16_nt_masked``) bf16 operands K-major and contiguous, K padded with zeros
 to a multiple of 128 (zeros add exact zeros), ``out`` bf16 or float32 (masked and contiguous:
-bf16) written in place; contiguous rows marked -1 and masked rows past ``masked_m`` untouched.
+bf16) written in place; masked rows past ``masked_m`` untouched; contiguous rows as in
+:func:`hal.ops.gemm.rows_by_block` (-1 rows inside a group's aligned block computed with it,
+blocks of only -1 rows untouched).
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_
     v1._check_contiguous_segments(op, m_indices, "a", "grouped_layout")
     if m == 0 or n == 0:
         return
-    call(M_GROUPED_BF16_CONTIGUOUS, "a", a.device, a=_padded(a), b=_padded(b), out=d, m_indices=m_indices)
+    call(M_GROUPED_BF16_CONTIGUOUS, "a", a.device, a=_padded(a), b=_padded(b), out=d,
+         m_indices=m_indices if use_psum_layout else v1.rows_by_block(m_indices))
 
 
 def m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, compiled_dims: str = "nk", use_psum_layout: bool = False,

@@ -20,7 +20,10 @@ Scales (``a = (values, sfa)``, ``b = (values, sfb)``), one per 128 K-channels:
 Operands given MN-major are made K-major (a copy) before dispatch; ``compiled_dims`` is a JIT hint
 and is ignored. ``m_grouped_fp8_gemm_nt_contiguous`` takes ``grouped_layout`` as m_indices [M] or,
 with ``use_psum_layout``, as the cumulative row ends [G] of each group (group g's rows are
-``[align(end[g - 1], alignment), end[g])``; rows between are padding). Contracts and numerics:
+``[align(end[g - 1], alignment), end[g])``; as DeepGEMM computes whole tiles, rows up to
+``align(end[g])`` are computed with group g: zeros where A's padding rows are zero, which
+``ensure_zero_padding`` asks for). With m_indices, -1 rows inside a group's aligned block are
+computed with that group for the same reason (:func:`hal.ops.gemm.rows_by_block`). Contracts and numerics:
 :mod:`hal.ops.gemm`.
 """
 
@@ -203,13 +206,17 @@ def _grouped_rhs(op: str, b: object, transpose: bool) -> tuple[torch.Tensor, tor
 
 
 def _psum_to_indices(op: str, ends: torch.Tensor, m: int, alignment: int) -> torch.Tensor:
-    """Cumulative group ends [G] -> m_indices [M]: group g owns [align(end[g-1]), end[g]), the rest is -1."""
+    """Cumulative group ends [G] -> the group each row is computed with [M]: group g's rows are
+    [align(end[g-1]), end[g]) and DeepGEMM computes its whole tiles, so it owns the rows up to
+    align(end[g]) (its padding rows, zero where A is zero there: what ``ensure_zero_padding``
+    asks for); rows past the last aligned end are -1 (left untouched)."""
     groups = ends.shape[0]
+    aligned = (ends + alignment - 1) // alignment * alignment
     starts = torch.zeros_like(ends)
     if groups > 1:
-        starts[1:] = (ends[:-1] + alignment - 1) // alignment * alignment
+        starts[1:] = aligned[:-1]
     rows = torch.arange(m, device=ends.device, dtype=torch.int32)
-    owner = torch.searchsorted(ends.contiguous(), rows, right=True).to(torch.int32)  # first g with end[g] > row
+    owner = torch.searchsorted(aligned.contiguous(), rows, right=True).to(torch.int32)  # first g with align(end[g]) > row
     inside = owner < groups
     owner_start = starts[owner.clamp(max=max(groups - 1, 0)).long()] if groups else rows
     return torch.where(inside & (rows >= owner_start), owner, torch.full_like(owner, -1))
@@ -246,7 +253,8 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
         return
     features = {"b_per_token"} if gran == 1 and n > 1 else set()
     call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
-         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d, m_indices=m_indices)
+         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
+         m_indices=m_indices if use_psum_layout else v1.rows_by_block(m_indices))
 
 
 def m_grouped_fp8_gemm_nt_contiguous(

@@ -16,6 +16,7 @@ from hal.backends.cpu import gemm_fp8
 from hal.conformance.case import judge
 from hal.conformance.catalogue import select_cases
 from hal.conformance.runner import run_backend
+from hal.ops import gemm
 from hal.ops.gemm_reference import blockwise_fp8_matmul
 
 FP8 = torch.float8_e4m3fn
@@ -131,8 +132,8 @@ def test_nan_and_inf_propagate_as_in_the_reference():
 def test_contiguous_groups_with_an_empty_group_padding_and_a_split_group(grouped_kernels):
     gen = torch.Generator().manual_seed(4)
     groups, n, k = 4, 136, 256
-    # group 1 has no rows; group 2's rows come in two runs; -1 rows are padding.
-    layout = [0] * 100 + [-1] * 28 + [2] * 128 + [3] * 60 + [-1] * 68 + [2] * 128
+    # group 1 has no rows; group 2's rows come in two runs; -1 rows are padding, one block all of it.
+    layout = [0] * 100 + [-1] * 28 + [2] * 128 + [3] * 60 + [-1] * 68 + [-1] * 128 + [2] * 128
     m_indices = torch.tensor(layout, dtype=torch.int32)
     a, sa = _lhs(len(layout), k, gen)
     parts = [_rhs(n, k, gen) for _ in range(groups)]
@@ -140,10 +141,13 @@ def test_contiguous_groups_with_an_empty_group_padding_and_a_split_group(grouped
     out = torch.full((len(layout), n), math.nan, dtype=torch.bfloat16)
     with hal.use_backend("cpu"):
         hal.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    # As DeepGEMM's whole tiles: padding rows after a group's rows are computed with that group.
+    computed = torch.tensor([0] * 128 + [2] * 128 + [3] * 128 + [-1] * 128 + [2] * 128, dtype=torch.int32)
+    assert torch.equal(gemm.rows_by_block(m_indices), computed)
     for g in (0, 2, 3):
-        rows = (m_indices == g).nonzero().squeeze(1)
+        rows = (computed == g).nonzero().squeeze(1)
         _assert_conforms("m_grouped_gemm_fp8_nt_contiguous", "out", out[rows], _expected(a[rows], sa[rows], b[g], sb[g]))
-    assert torch.isnan(out[m_indices < 0].float()).all()  # padding rows are never written
+    assert torch.isnan(out[computed < 0].float()).all()  # a block of padding alone is never written
 
 
 def test_masked_groups_leave_rows_beyond_the_count_untouched(grouped_kernels):

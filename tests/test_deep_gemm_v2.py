@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -87,6 +88,20 @@ def _contiguous_layout(num_groups, expected_m, k, psum, alignment=128):
     return m, a, layout
 
 
+def _whole_output_reference(a, b, layout, psum, alignment=128):
+    """As DeepGEMM's generator builds it: each group's aligned segment of rows, padding (A zero)
+    included, times its B; DeepGEMM's test compares the whole output with it."""
+    ref = torch.full((a.shape[0], b.shape[1]), math.nan)
+    ends = layout.tolist() if psum else None
+    start = 0
+    for g in range(b.shape[0]):
+        end = ends[g] if psum else start + int((layout == g).sum())
+        aligned = dg.align(end, alignment)
+        ref[start:aligned] = a[start:aligned].float() @ b[g].float().t()
+        start = aligned
+    return ref, [(ends[g], dg.align(ends[g], alignment)) for g in range(b.shape[0])] if psum else []
+
+
 @pytest.mark.parametrize("psum", [False, True])
 def test_m_grouped_fp8_contiguous(psum):
     torch.manual_seed(3)
@@ -96,13 +111,14 @@ def test_m_grouped_fp8_contiguous(psum):
     qa = dg.per_token_cast_to_fp8(a, use_ue8m0=False)
     parts = [dg.per_block_cast_to_fp8(b[g], use_ue8m0=False) for g in range(groups)]
     qb = (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
-    d = torch.zeros(m, n, dtype=torch.bfloat16)
+    d = torch.full((m, n), math.nan, dtype=torch.bfloat16)  # torch.empty's garbage, made visible
     dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, layout, use_psum_layout=psum)
-    m_indices = layout if not psum else torch.tensor(sum(([g] * (int(layout[g]) - dg.align(int(layout[g - 1]) if g else 0, 128)) + [-1] * (dg.align(int(layout[g]), 128) - int(layout[g]))
-                                                       for g in range(groups)), []), dtype=torch.int32)
-    for g in range(groups):
-        rows = m_indices == g
-        assert calc_diff(d[rows], a[rows].float() @ b[g].float().t()) < 0.001
+    # DeepGEMM computes whole tiles: its test checks the whole output, padding rows (A zero) too,
+    # and with the psum layout (ensure_zero_padding, the default) that they are exactly zero.
+    ref, padding = _whole_output_reference(a, b, layout, psum)
+    assert calc_diff(d, ref) < 0.001
+    for end, aligned in padding:
+        assert torch.equal(d[end:aligned], torch.zeros_like(d[end:aligned]))
 
 
 def test_m_grouped_masked_and_its_alias():
@@ -183,12 +199,12 @@ def test_bf16_grouped_and_k_grouped(psum):
     groups, n, k = 3, 128, 256
     m, a, layout = _contiguous_layout(groups, 50, k, psum)
     b = torch.randn(groups, n, k, dtype=torch.bfloat16)
-    d = torch.zeros(m, n, dtype=torch.bfloat16)
+    d = torch.full((m, n), math.nan, dtype=torch.bfloat16)
     dg.m_grouped_bf16_gemm_nt_contiguous(a, b, d, layout, use_psum_layout=psum)
-    if not psum:
-        for g in range(groups):
-            rows = layout == g
-            assert calc_diff(d[rows], a[rows].float() @ b[g].float().t()) < 1e-5
+    ref, padding = _whole_output_reference(a, b, layout, psum)
+    assert calc_diff(d, ref) < 1e-5
+    for end, aligned in padding:
+        assert torch.equal(d[end:aligned], torch.zeros_like(d[end:aligned]))
     masked = torch.tensor([10, 0, 32], dtype=torch.int32)
     am = torch.randn(groups, 32, k, dtype=torch.bfloat16)
     dm = torch.zeros(groups, 32, n, dtype=torch.bfloat16)

@@ -177,3 +177,47 @@ def test_paged_logits_schedule_is_traced_as_torch_operations():
     with FakeTensorMode():
         fake = hal.get_paged_mqa_logits_metadata(torch.zeros(3, 1, dtype=torch.int32), 64, 4)
     assert fake.shape == (5, 2)
+
+
+def test_numpy_is_found_under_a_bf16_default_dtype(monkeypatch: pytest.MonkeyPatch):
+    # FlashMLA's tests set torch's default dtype to bf16 before their first call; NumPy has no
+    # bf16, so the probe must not depend on the default.
+    monkeypatch.setattr(optional, "_NUMPY", None)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert optional.numpy() is not None
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_results_do_not_depend_on_the_default_dtype():
+    # One quick case per operator, run as selected for CPU tensors under the float32 and the bf16
+    # default dtype: nothing inside may build a float tensor without naming its dtype.
+    from hal.conformance.case import copied_to
+    from hal.conformance.catalogue import select_cases
+
+    smallest: dict[str, object] = {}
+    for case in select_cases(quick=True):
+        if case.op.startswith("ep_") and case.op not in ("ep_dispatch_layout", "ep_pack", "ep_unpack", "ep_combine_reduce"):
+            continue  # the multi-rank EP cases run in their own tests
+        if case.op not in smallest:
+            smallest[case.op] = case
+    previous = torch.get_default_dtype()
+    for case in smallest.values():
+        inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
+        want = case.family.run(copied_to(inputs, "cpu"))
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            got = case.family.run(copied_to(inputs, "cpu"))
+        finally:
+            torch.set_default_dtype(previous)
+        for name, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert got[name].dtype == value.dtype, (case.id, name)
+                same_bits = got[name].view(torch.uint8) if value.element_size() == 1 else None  # fp8: compare codes
+                if same_bits is not None:
+                    assert torch.equal(same_bits, value.view(torch.uint8)), (case.id, name)
+                else:
+                    assert torch.equal(got[name].nan_to_num(nan=7.0) if value.is_floating_point() else got[name],
+                                       value.nan_to_num(nan=7.0) if value.is_floating_point() else value), (case.id, name)
