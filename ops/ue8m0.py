@@ -115,28 +115,103 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims: tuple[int, ...], use_ue8m
     return (x.float() * (1.0 / sf)).to(FP8), sf.squeeze()
 
 
+def _tma_aligned(mn: int, element_size: int) -> int:
+    """MN rounded up so each column of an MN-major tensor starts 16-byte aligned (TMA's rule)."""
+    return _align(mn, 16 // element_size)
+
+
 def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
-    """Scales [(G,) MN, K'] in DeepGEMM's MN-major layout, MN padded so each column starts 16-byte aligned."""
+    """Scales [(G,) MN, K'] in DeepGEMM's MN-major layout: the same values with strides
+    ``(aligned * K', 1, aligned)`` (``(1, aligned)`` in 2-d), ``aligned`` = MN rounded up to 16
+    bytes; returned as given when already so."""
     batched = sf if sf.dim() == 3 else sf.unsqueeze(0)
     groups, mn, columns = batched.shape
-    aligned = _align(mn, 16 // sf.element_size())
-    if batched.stride(1) == 1 and (columns <= 1 or batched.stride(2) == aligned):
+    aligned = _tma_aligned(mn, sf.element_size())
+    if batched.stride(1) == 1 and batched.stride(2) == aligned and (groups == 1 or batched.stride(0) == aligned * columns):
         return sf
     storage = torch.empty(groups, columns, aligned, dtype=sf.dtype, device=sf.device)
     storage[:, :, :mn] = batched.transpose(1, 2)
-    out = storage[:, :, :mn].transpose(1, 2)
+    out = storage.transpose(1, 2)[:, :mn]
     return out if sf.dim() == 3 else out.squeeze(0)
 
 
-def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor) -> torch.Tensor:
-    """float32 UE8M0 scales [(G,) MN, K'] -> packed int32 [(G,) MN, ceil(K'/4)] in the MN-major aligned layout."""
-    return get_mn_major_tma_aligned_tensor(_pack_padded(ceil_to_ue8m0(sf)))
+def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor, psum_layout: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 UE8M0 scales [(G,) MN, K'] -> int32 [(G,) MN, ceil(K'/4)], four exponent bytes per
+    int (lowest K first), in the MN-major TMA-aligned layout; padding bytes are 0, as DeepGEMM's.
+
+    The exponent byte is taken from the float's bits (a scale that is not a power of two loses its
+    mantissa, as in DeepGEMM's torch form; its kernel refuses one). ``psum_layout`` (int32 [G]
+    cumulative row ends of the contiguous layout, 2-d ``sf`` only): the rows between a group's end
+    and the next group's aligned start are not read and pack as zeros."""
+    op = "get_mn_major_tma_aligned_packed_ue8m0_tensor"
+    if sf.dtype != torch.float32 or sf.dim() not in (2, 3):
+        raise DTypeError(op, "sf", "float32 scales [(G,) MN, K']", f"{sf.dtype} of {sf.dim()} dimensions", "Pass the float32 UE8M0 scales.")
+    batched = sf if sf.dim() == 3 else sf.unsqueeze(0)
+    groups, mn, columns = batched.shape
+    exponents = (batched.contiguous().view(torch.int32) >> 23).to(torch.uint8)
+    if psum_layout is not None:
+        if sf.dim() != 2 or psum_layout.dtype != torch.int32 or psum_layout.dim() != 1 or psum_layout.numel() == 0:
+            raise ShapeError(op, "psum_layout", "int32 [G] row ends (G >= 1) with 2-d scales", f"{psum_layout.dtype} {list(psum_layout.shape)} with {sf.dim()}-d scales",
+                             "Pass the contiguous layout's cumulative row ends.")
+        from hal.ops.gemm import get_m_alignment_for_contiguous_layout
+
+        align = get_m_alignment_for_contiguous_layout()
+        ends = psum_layout.to(device=sf.device, dtype=torch.int64)
+        starts = torch.zeros_like(ends)
+        starts[1:] = (ends[:-1] + align - 1) // align * align
+        rows = torch.arange(mn, device=sf.device)
+        owner = torch.searchsorted(ends, rows, right=True).clamp(max=ends.numel() - 1)
+        read = (rows < ends[owner]) & (rows >= starts[owner])
+        exponents = exponents * read.view(1, mn, 1).to(torch.uint8)
+    padded_k = _align(columns, 4)
+    padded = torch.zeros(groups, mn, padded_k, dtype=torch.uint8, device=sf.device)
+    padded[:, :, :columns] = exponents
+    packed = padded.view(torch.int32)  # [G, MN, padded_k / 4]
+    aligned = _tma_aligned(mn, 4)
+    storage = torch.zeros(groups, padded_k // 4, aligned, dtype=torch.int32, device=sf.device)
+    storage[:, :, :mn] = packed.transpose(1, 2)
+    out = storage.transpose(1, 2)[:, :mn]
+    return out if sf.dim() == 3 else out.squeeze(0)
+
+
+def _granularity(op: str, recipe: object, is_sfa: bool | None) -> tuple[int, int]:
+    """(rows per scale along MN, columns per scale along K) from DeepGEMM's recipe forms: a
+    3-tuple (A's rows, B's rows, K) needs ``is_sfa``; a pair (MN, K) must come without it."""
+    if isinstance(recipe, (tuple, list)) and len(recipe) == 3 and all(isinstance(v, int) for v in recipe):
+        if is_sfa is None:
+            raise ValueRangeError(op, "is_sfa", "True or False with a 3-element recipe", "None", "Say whether these are A's scales (is_sfa=True) or B's.")
+        return (recipe[0] if is_sfa else recipe[1]), recipe[2]
+    if isinstance(recipe, (tuple, list)) and len(recipe) == 2 and all(isinstance(v, int) for v in recipe):
+        if is_sfa is not None:
+            raise ValueRangeError(op, "is_sfa", "None with a (MN, K) recipe", repr(is_sfa), "Drop is_sfa, or pass the 3-element recipe.")
+        return recipe[0], recipe[1]
+    raise ValueRangeError(op, "recipe", "(gran_a, gran_b, gran_k) or (gran_mn, gran_k)", repr(recipe), "Pass a recipe such as (1, 128, 128).")
 
 
 def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe, num_groups: int | None = None, is_sfa: bool | None = None,
                                       disable_ue8m0_cast: bool = False, psum_layout=None) -> torch.Tensor:
-    """hal's GEMMs take scales in any layout and either form, so this returns the float32 scales
-    (unpacked if packed) in the MN-major aligned layout DeepGEMM's SM90 kernels use."""
+    """DeepGEMM's scale-layout step, in its SM90 form (hal's GEMMs take float32 scales, UE8M0 or
+    not, in any layout): per-row scales (``gran_mn`` 1) come back MN-major and TMA-aligned, block
+    scales (``gran_mn`` 128) as given; packed int32 UE8M0 scales are unpacked first (exact).
+
+    Args:
+        sf: float32 [(G,) ceil(mn / gran_mn), ceil(k / gran_k)], or packed int32 [(G,) mn, ceil(ceil(k / gran_k) / 4)].
+        recipe: ``(gran_a, gran_b, gran_k)`` with ``is_sfa``, or ``(gran_mn, gran_k)`` without it.
+    """
+    op = "transform_sf_into_required_layout"
+    gran_mn, gran_k = _granularity(op, recipe, is_sfa)
+    columns = -(-k // gran_k)
+    lead = () if num_groups is None else (num_groups,)
     if sf.dtype == torch.int32:
-        sf = unpack_ue8m0_from_int(sf)[..., : -(-k // 128)]
-    return get_mn_major_tma_aligned_tensor(sf)
+        want = lead + (mn, -(-columns // 4))
+        if tuple(sf.shape) != want:
+            raise ShapeError(op, "sf", f"packed int32 scales {list(want)}", f"{list(sf.shape)}", "Pass one packed row per MN index.")
+        sf = unpack_ue8m0_from_int(sf)[..., :columns]
+    else:
+        want = lead + (-(-mn // gran_mn), columns)
+        if sf.dtype != torch.float32:
+            raise DTypeError(op, "sf", "float32 or packed int32 scales", f"dtype {sf.dtype}", "Pass the scales the casts produce.")
+        if tuple(sf.shape) != want:
+            raise ShapeError(op, "sf", f"float32 scales {list(want)} (recipe {tuple(recipe)})", f"{list(sf.shape)}",
+                             f"Give one scale per {gran_mn} rows and {gran_k} columns.")
+    return get_mn_major_tma_aligned_tensor(sf) if gran_mn == 1 else sf

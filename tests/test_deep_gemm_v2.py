@@ -218,21 +218,106 @@ def test_bf16_grouped_and_k_grouped(psum):
     assert calc_diff(out[1], c[1] + ka[128:].float().T @ kb[128:].float()) < 1e-5
 
 
+def _packed_by_bytes(sf: torch.Tensor) -> torch.Tensor:
+    """DeepGEMM's packed layout from its definition: exponent bytes, zero padding, MN-major ints."""
+    groups, mn, columns = (sf if sf.dim() == 3 else sf.unsqueeze(0)).shape
+    aligned_mn, padded_k = dg.align(mn, 4), dg.align(columns, 4)
+    out = torch.empty(groups, mn, padded_k // 4, dtype=torch.int32)
+    exponents = ((sf if sf.dim() == 3 else sf.unsqueeze(0)).contiguous().view(torch.int32) >> 23) & 0xFF
+    for g in range(groups):
+        for r in range(mn):
+            for w in range(padded_k // 4):
+                word = 0
+                for byte in range(4):
+                    c = 4 * w + byte
+                    word |= (int(exponents[g, r, c]) if c < columns else 0) << (8 * byte)
+                out[g, r, w] = word - (1 << 32) if word >= 1 << 31 else word
+    return out if sf.dim() == 3 else out.squeeze(0), aligned_mn
+
+
 def test_layout_helpers():
     sf = torch.rand(4097, 7) + 0.5
     aligned = dg.get_mn_major_tma_aligned_tensor(sf)
     assert torch.equal(aligned, sf) and aligned.stride(0) == 1 and aligned.stride(1) == dg.get_tma_aligned_size(4097, 4)
     ue = dg.ceil_to_ue8m0(sf)
     assert ((ue.view(torch.int32) & 0x7FFFFF) == 0).all() and (ue >= sf).all() and (ue < 2 * sf).all()
-    packed = dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(sf)
-    assert packed.dtype == torch.int32 and packed.shape == (4097, 2) and packed.stride(0) == 1
+    packed = dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(ue)
+    assert packed.dtype == torch.int32 and packed.shape == (4097, 2) and packed.stride() == (1, dg.get_tma_aligned_size(4097, 4))
     assert torch.equal(dg.unpack_ue8m0_from_int(packed)[:, :7], ue)
-    assert torch.equal(dg.transform_sf_into_required_layout(packed, 4097, 7 * 128, (1, 1, 128)), ue)
+    assert torch.equal(dg.transform_sf_into_required_layout(packed, 4097, 7 * 128, (1, 1, 128), is_sfa=True), ue)
     dg.set_mk_alignment_for_contiguous_layout(64)
     try:
         assert dg.get_mk_alignment_for_contiguous_layout() == dg.get_m_alignment_for_contiguous_layout() == 64
     finally:
         dg.set_mk_alignment_for_contiguous_layout(128)
+
+
+@pytest.mark.parametrize("groups,mn,columns", [(1, 65, 1), (2, 65, 1), (1, 64, 7), (2, 68, 3), (3, 5, 9)])
+def test_scale_layouts_match_deep_gemm_bytes_and_strides(groups, mn, columns):
+    # DeepGEMM's test compares values, shapes and every stride; the single-column case too.
+    sf = dg.ceil_to_ue8m0(torch.rand(groups, mn, columns) + 0.01)
+    sf = sf.squeeze(0) if groups == 1 else sf
+    aligned_mn = dg.get_tma_aligned_size(mn, 4)
+    moved = dg.get_mn_major_tma_aligned_tensor(sf)
+    assert torch.equal(moved, sf) and moved.stride()[-2:] == (1, aligned_mn)
+    if groups > 1:
+        assert moved.stride(0) == aligned_mn * columns
+    packed = dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(sf)
+    want, _ = _packed_by_bytes(sf)
+    assert torch.equal(packed, want)  # padding bytes are 0
+    assert packed.stride()[-2:] == (1, aligned_mn)
+    if groups > 1:
+        assert packed.stride(0) == aligned_mn * -(-columns // 4)
+
+
+def test_packed_scales_skip_the_psum_layouts_gap_rows():
+    ue = dg.ceil_to_ue8m0(torch.rand(256, 5) + 0.01)
+    ue[100:128] = float("nan")  # rows between group 0's end (100) and group 1's aligned start (128) are never read
+    packed = dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(ue, psum_layout=torch.tensor([100, 200], dtype=torch.int32))
+    assert (packed[100:128] == 0).all() and (packed[200:] == 0).all()
+    assert torch.equal(packed[:100], dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(ue[:100]))
+
+
+def test_transform_sf_follows_the_recipe():
+    k = 512
+    sf = dg.ceil_to_ue8m0(torch.rand(64, k // 32) + 0.01)
+    packed = dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(sf)
+    # gran_k 32: ceil(k / 32) columns come back, not ceil(k / 128)
+    assert torch.equal(dg.transform_sf_into_required_layout(packed, 64, k, (1, 32)), sf)
+    blocks = torch.rand(3, 4) + 0.1
+    assert dg.transform_sf_into_required_layout(blocks, 300, k, (1, 128, 128), is_sfa=False) is blocks  # block scales as given
+    per_row = torch.rand(65, 4)
+    assert dg.transform_sf_into_required_layout(per_row, 65, k, (1, 128)).stride() == (1, 68)
+    with pytest.raises(ValueRangeError, match="is_sfa"):
+        dg.transform_sf_into_required_layout(per_row, 65, k, (1, 128, 128))
+    with pytest.raises(ValueRangeError, match="is_sfa"):
+        dg.transform_sf_into_required_layout(per_row, 65, k, (1, 128), is_sfa=True)
+    with pytest.raises(ShapeError):
+        dg.transform_sf_into_required_layout(torch.rand(3, 4), 256, k, (1, 128, 128), is_sfa=True)
+
+
+def test_deep_gemm_submodules_and_test_helpers():
+    from hal.compat.deep_gemm.testing import assert_bitwise_equal, calc_diff, count_bytes, get_arch_major
+    from hal.compat.deep_gemm.utils import align, per_token_cast_to_fp8
+    from hal.compat.deep_gemm.utils.layout import get_mn_major_tma_aligned_tensor
+    from hal.compat.deep_gemm.utils.math import ceil_div
+
+    assert align(65, 4) == 68 and ceil_div(7, 4) == 2 and dg.__version__
+    assert per_token_cast_to_fp8 is dg.per_token_cast_to_fp8 and get_mn_major_tma_aligned_tensor is dg.get_mn_major_tma_aligned_tensor
+    x = torch.randn(8, 16)
+    assert calc_diff(x, x) == pytest.approx(0.0, abs=1e-12) and calc_diff(x, -x) == pytest.approx(2.0)
+    assert calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert count_bytes(x, (x.half(), None)) == 8 * 16 * 6 and get_arch_major() == 9
+    y = x.clone()
+    y[3, 5] += 1
+    with pytest.raises(AssertionError, match=r"\(3, 5\)"):
+        assert_bitwise_equal(x, y)
+    dg.set_block_size_multiple_of(64)
+    dg.set_block_size_multiple_of((64, 128))
+    with pytest.raises(ValueError):
+        dg.set_block_size_multiple_of((64, 0))
+    with pytest.raises(AttributeError, match="FP4"):
+        dg.per_token_cast_to_fp4
 
 
 def test_contiguous_segments_follow_the_alignment_setting():

@@ -8,6 +8,9 @@
 - v1 names: ``gemm_fp8_fp8_bf16_nt``, ``m_grouped_gemm_fp8_fp8_bf16_nt_{contiguous,masked}``,
   ``wgrad_gemm_fp8_fp8_fp32_nt``, ``k_grouped_wgrad_gemm_fp8_fp8_fp32_nt``.
 
+As in DeepGEMM, the helpers are also importable from ``deep_gemm.utils`` (``.math``, ``.layout``)
+and the test helpers from ``deep_gemm.testing`` (:mod:`hal.compat.deep_gemm.testing`).
+
 Contracts: :mod:`hal.ops.gemm`, :mod:`hal.ops.gemm_v2`, :mod:`hal.ops.gemm_bf16`,
 :mod:`hal.ops.indexer`, :mod:`hal.ops.ue8m0`. Names DeepGEMM exports that hal does not provide
 (and why) are listed in the README's DeepGEMM table and in :data:`NOT_PROVIDED`.
@@ -106,11 +109,12 @@ __all__ = [
     "ceil_to_ue8m0", "pack_ue8m0_to_int", "unpack_ue8m0_from_int", "ceil_div", "align",
     # runtime configuration
     "set_num_sms", "get_num_sms", "set_tc_util", "get_tc_util", "set_pdl", "get_pdl", "set_ignore_compile_dims", "set_block_size_multiple_of",
-    "NOT_PROVIDED",
+    "NOT_PROVIDED", "utils", "testing",
 ]
 
 # DeepGEMM names hal does not provide, and why (the README's table is built from the same facts).
 NOT_PROVIDED: dict[str, str] = {
+    "per_token_cast_to_fp4, transpose_packed_fp4, cast_back_from_fp4": "SM100's FP4 (e2m1) helpers; hal's GEMMs take FP8 operands",
     "cublaslt_gemm_nt / _nn / _tn / _tt": "thin wrappers over NVIDIA's cuBLASLt, a baseline for DeepGEMM's benchmarks; use torch.matmul",
     "einsum, fp8_einsum": "DeepGEMM's einsum kernels (bhr,hdr->bhd and friends) are not in unihal's contracts yet",
     "tf32_hc_prenorm_gemm": "the hyper-connection pre-norm GEMM of a later model, not in unihal's contracts yet",
@@ -122,6 +126,9 @@ NOT_PROVIDED: dict[str, str] = {
     "init_dist, uneven_all_gather": "test utilities of deep_gemm.utils.dist",
     "FP4 operands (fp8_fp4_* with int8 packed e2m1)": "SM100's FP4 recipe; the fp8_fp4 spellings here take FP8 and raise OperatorNotSupportedError for FP4",
 }
+
+# The DeepGEMM release whose Python API this module follows (code that gates on the version reads it).
+__version__ = "2.6.1"
 
 _num_sms: int | None = None
 _tc_util = 100
@@ -193,10 +200,12 @@ def set_ignore_compile_dims(ignore: bool) -> None:
     """A JIT specialisation hint of DeepGEMM's; hal's kernels take every dimension at run time."""
 
 
-def set_block_size_multiple_of(value: int) -> None:
-    """A JIT tile-size hint of DeepGEMM's; hal's backends choose their own tiles."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"set_block_size_multiple_of: expected a positive int, got {value!r}")
+def set_block_size_multiple_of(value: int | tuple[int, int]) -> None:
+    """A JIT tile-size hint of DeepGEMM's (one multiple for M and N, or an (M, N) pair); hal's
+    backends choose their own tiles."""
+    values = value if isinstance(value, tuple) and len(value) == 2 else (value,)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"set_block_size_multiple_of: expected a positive int or a pair of them, got {value!r}")
 
 
 def __getattr__(name: str):
@@ -206,3 +215,6 @@ def __getattr__(name: str):
         if name in listed or (name.startswith("cublaslt_gemm") and names.startswith("cublaslt")):
             raise AttributeError(f"deep_gemm.{name} is not provided by hal.compat.deep_gemm: {why}.")
     raise AttributeError(f"module 'hal.compat.deep_gemm' has no attribute {name!r}")
+
+
+from hal.compat.deep_gemm import testing, utils  # noqa: E402  (DeepGEMM's submodules; they import names defined above)
