@@ -513,9 +513,10 @@ def _make_prefill(rng: random.Random) -> Args:
     g = _gen(rng)
     s_q, s_kv, h_kv, topk = rng.choice([1, 5]), rng.choice([8, 70]), rng.choice([1, 2]), rng.choice([4, 16])
     h_q = h_kv * rng.choice([8, 16])
+    d_qk = rng.choice([576, 576, 512])
     return {
-        "q": torch.randn(s_q, h_q, 576, generator=g).to(torch.bfloat16), "kv": torch.randn(s_kv, h_kv, 576, generator=g).to(torch.bfloat16),
-        "indices": torch.randint(-1, s_kv + 2, (s_q, h_kv, topk), generator=g, dtype=torch.int32), "sm_scale": 576**-0.5,
+        "q": torch.randn(s_q, h_q, d_qk, generator=g).to(torch.bfloat16), "kv": torch.randn(s_kv, h_kv, d_qk, generator=g).to(torch.bfloat16),
+        "indices": torch.randint(-1, s_kv + 2, (s_q, h_kv, topk), generator=g, dtype=torch.int32), "sm_scale": d_qk**-0.5,
         "attn_sink": torch.randn(h_q, generator=g) if rng.random() < 0.5 else None,
         "topk_length": torch.randint(0, topk + 1, (s_q,), generator=g, dtype=torch.int32) if rng.random() < 0.5 else None,
     }
@@ -541,6 +542,8 @@ SPARSE_PREFILL = Operator(
         Mutation("q float32", lambda a, r: _replace(a, q=a["q"].float()), False),
         Mutation("h_q not a multiple of h_kv", lambda a, r: _replace(a, kv=torch.cat([a["kv"]] * 3, 1), indices=torch.cat([a["indices"]] * 3, 1)), False),
         Mutation("indices of another h_kv", lambda a, r: _replace(a, indices=torch.cat([a["indices"], a["indices"]], 1)), False),
+        Mutation("d_qk 8 short", lambda a, r: _replace(a, q=a["q"][..., :-8].contiguous(), kv=a["kv"][..., :-8].contiguous()), False),
+        Mutation("kv narrower than q", lambda a, r: _replace(a, kv=a["kv"][..., :-64].contiguous() if a["kv"].shape[-1] == 576 else torch.cat([a["kv"], a["kv"][..., :64]], -1)), False),
     ),
 )
 

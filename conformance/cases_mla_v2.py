@@ -126,8 +126,9 @@ class SparsePrefillFamily(Family):
 
     def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
         s_q, s_kv, h_q, h_kv, topk = params["s_q"], params["s_kv"], params["h_q"], params["h_kv"], params["topk"]
-        q = torch.randn(s_q, h_q, D_QK, generator=generator).to(torch.bfloat16)
-        kv = torch.randn(s_kv, h_kv, D_QK, generator=generator).to(torch.bfloat16)
+        d_qk = params.get("d_qk", D_QK)
+        q = torch.randn(s_q, h_q, d_qk, generator=generator).to(torch.bfloat16)
+        kv = torch.randn(s_kv, h_kv, d_qk, generator=generator).to(torch.bfloat16)
         indices = torch.randint(-1, s_kv + 3, (s_q, h_kv, topk), generator=generator, dtype=torch.int32)  # some unused
         indices[0] = -1  # a token that sees no key
         named = torch.zeros(s_kv, h_kv, dtype=torch.bool)
@@ -147,13 +148,13 @@ class SparsePrefillFamily(Family):
 
     def run(self, inputs: Tensors) -> Tensors:
         out, max_logits, lse = hal.flash_mla_sparse_fwd(
-            inputs["q"], inputs["kv"], inputs["indices"], D_QK**-0.5, attn_sink=inputs["attn_sink"], topk_length=inputs["topk_length"]
+            inputs["q"], inputs["kv"], inputs["indices"], inputs["q"].shape[-1] ** -0.5, attn_sink=inputs["attn_sink"], topk_length=inputs["topk_length"]
         )
         return {"out": out, "max_logits": max_logits, "lse": lse}
 
     def expect(self, inputs: Tensors) -> Tensors:
         out, max_logits, lse = mla_sparse_prefill_reference(
-            inputs["q"], inputs["kv"], inputs["indices"], D_QK**-0.5, 512, inputs["attn_sink"], inputs["topk_length"]
+            inputs["q"], inputs["kv"], inputs["indices"], inputs["q"].shape[-1] ** -0.5, 512, inputs["attn_sink"], inputs["topk_length"]
         )
         return {"out": out, "max_logits": max_logits, "lse": lse}
 
@@ -197,9 +198,13 @@ def mla_v2_cases() -> list[Case]:
         ({"s_q": 6, "s_kv": 90, "h_q": 16, "h_kv": 1, "topk": 32}, True),
         ({"s_q": 5, "s_kv": 70, "h_q": 32, "h_kv": 2, "topk": 16, "sink": "mixed", "topk_length": True}, True),
         ({"s_q": 256, "s_kv": 4096, "h_q": 128, "h_kv": 1, "topk": 2048, "sink": "mixed"}, False),
+        # d_qk = 512 (FlashMLA's prefill tests run 512 and 576): V is the whole key
+        ({"s_q": 5, "s_kv": 80, "h_q": 16, "h_kv": 1, "topk": 32, "sink": "mixed", "topk_length": True, "d_qk": 512}, True),
+        ({"s_q": 128, "s_kv": 4096, "h_q": 64, "h_kv": 1, "topk": 2048, "d_qk": 512}, False),
     ]
     for i, (p, quick_case) in enumerate(prefill_params):
         name = f"sq{p['s_q']}-skv{p['s_kv']}-h{p['h_q']}x{p['h_kv']}-topk{p['topk']}" + ("-sink" if p.get("sink") else "") + ("-topklen" if p.get("topk_length") else "")
+        name += f"-dqk{p['d_qk']}" if "d_qk" in p else ""
         cases.append(Case(prefill, name, p, quick=quick_case, seed=600 + i))
     return cases
 

@@ -206,14 +206,15 @@ def flash_mla_with_kvcache(
     if isinstance(tile_scheduler_metadata, MLASchedule):
         if num_splits is not None:
             raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")
-        tile_scheduler_metadata.bind({
-            "batch": q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else None,
-            "s_q": q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None,
-            "h_q": q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None,
-            "causal": bool(causal), "is_fp8_kvcache": bool(is_fp8_kvcache),
-            "topk": indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
-            "extra_topk": extra_indices_in_kvcache.shape[-1] if isinstance(extra_indices_in_kvcache, torch.Tensor) else None,
-        })
+        q_shape = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
+        k_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else (None,) * 4
+        tile_scheduler_metadata.bind(MLASchedule.Config(
+            b=q_shape[0], s_q=q_shape[1], h_q=q_shape[2], page_block_size=k_shape[1], h_k=k_shape[2],
+            causal=bool(causal), is_fp8_kvcache=bool(is_fp8_kvcache),
+            topk=indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
+            extra_page_block_size=extra_k_cache.shape[1] if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dim() >= 2 else None,
+            extra_topk=extra_indices_in_kvcache.shape[-1] if isinstance(extra_indices_in_kvcache, torch.Tensor) else None,
+        ))
         if not extended:
             schedule = tile_scheduler_metadata
             if schedule.tile_scheduler_metadata is None:  # the dense schedule, computed on first use

@@ -19,7 +19,7 @@ computed on first use and checked against later calls, as FlashMLA's ``FlashMLAS
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -45,9 +45,11 @@ MLA_DECODE_V2 = declare(
 )
 MLA_SPARSE_PREFILL = declare(
     "mla_sparse_prefill", "hal_mla_sparse_prefill", "mla", "Sparse MLA prefill over top-k indices (flash_mla_sparse_fwd)",
+    version=2,
     features=(
         Feature("sink", "attention sinks (attn_sink)"),
         Feature("topk_length", "per-token cuts of the index lists (topk_length)"),
+        Feature("d_qk_512", "512-wide queries and keys (FlashMLA's d_qk = 512 models: V is the whole key)", since=2),
     ),
 )
 
@@ -55,6 +57,7 @@ _OP = "flash_mla_with_kvcache"
 _PREFILL_OP = "flash_mla_sparse_fwd"
 HEAD_DIM_QK = 576
 HEAD_DIM_V = 512
+PREFILL_HEAD_DIMS = (HEAD_DIM_V, HEAD_DIM_QK)  # FlashMLA's prefill tests run d_qk 512 and 576
 Q_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -62,27 +65,44 @@ Q_DTYPES = (torch.bfloat16, torch.float16)
 class MLASchedule:
     """What ``get_mla_metadata()`` returns (FlashMLA's ``FlashMLASchedMeta``).
 
-    Filled on the first :func:`hal.flash_mla_with_kvcache` call that uses it; later calls must
-    keep the same shapes and mode (a typed error says which differs). Reuse it only while
-    ``cache_seqlens`` / ``topk_length`` values stay the same, as FlashMLA requires.
+    Filled on the first :func:`hal.flash_mla_with_kvcache` call that uses it (``config`` records
+    that call's shapes and mode, as FlashMLA's does); later calls must keep them (a typed error says
+    which differs). Reuse it only while ``cache_seqlens`` / ``topk_length`` values stay the same,
+    as FlashMLA requires.
     """
 
+    @dataclass
+    class Config:
+        """FlashMLA's ``FlashMLASchedMeta.Config``: the first call's shapes and mode."""
+
+        b: int | None
+        s_q: int | None
+        h_q: int | None
+        page_block_size: int | None
+        h_k: int | None
+        causal: bool
+        is_fp8_kvcache: bool
+        topk: int | None
+        extra_page_block_size: int | None
+        extra_topk: int | None
+
     have_initialized: bool = False
-    config: dict[str, Any] | None = None
+    config: Config | None = None
     tile_scheduler_metadata: torch.Tensor | None = None
     num_splits: torch.Tensor | None = None
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def bind(self, config: dict[str, Any]) -> None:
+    def bind(self, config: MLASchedule.Config) -> None:
         """Record the first call's configuration, or check a later call's against it."""
         if not self.have_initialized:
-            self.have_initialized, self.config = True, dict(config)
+            self.have_initialized, self.config = True, config
             return
-        for key, value in config.items():
-            if self.config.get(key) != value:
+        for item in fields(config):
+            first, now = getattr(self.config, item.name), getattr(config, item.name)
+            if first != now:
                 raise ArgumentError(
-                    _OP, "tile_scheduler_metadata", f"a schedule used with {key}={self.config.get(key)!r} (its first call)",
-                    f"a call with {key}={value!r}", "Call get_mla_metadata() again for a batch of another shape or mode.",
+                    _OP, "tile_scheduler_metadata", f"a schedule used with {item.name}={first!r} (its first call)",
+                    f"a call with {item.name}={now!r}", "Call get_mla_metadata() again for a batch of another shape or mode.",
                 )
 
 
@@ -172,8 +192,9 @@ def flash_mla_sparse_fwd(
     """Sparse MLA prefill (FlashMLA's ``flash_mla_sparse_fwd``).
 
     Args:
-        q: bf16 [s_q, h_q, 576].
-        kv: bf16 [s_kv, h_kv, 576]; h_q a multiple of h_kv.
+        q: bf16 [s_q, h_q, d_qk], d_qk 576 (512 NoPE + 64 RoPE, DeepSeek-V3.2) or 512 (V is then
+            the whole key; feature ``d_qk_512``).
+        kv: bf16 [s_kv, h_kv, d_qk]; h_q a multiple of h_kv.
         indices: int32 [s_q, h_kv, topk]: key positions in [0, s_kv); negative or >= s_kv = unused.
         sm_scale: the softmax scale (no default, as the anchor).
         d_v: 512.
@@ -187,9 +208,11 @@ def flash_mla_sparse_fwd(
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
     op = _PREFILL_OP
-    expect_tensor(op, "q", q, dtypes=torch.bfloat16, shape=(None, None, HEAD_DIM_QK), dims=("s_q", "h_q", "d_qk"))
-    s_q, h_q, _ = q.shape
-    expect_tensor(op, "kv", kv, dtypes=torch.bfloat16, shape=(None, None, HEAD_DIM_QK), dims=("s_kv", "h_kv", "d_qk"))
+    expect_tensor(op, "q", q, dtypes=torch.bfloat16, shape=(None, None, None), dims=("s_q", "h_q", "d_qk"))
+    s_q, h_q, d_qk = q.shape
+    if d_qk not in PREFILL_HEAD_DIMS:
+        raise ShapeError(op, "q", "d_qk 576 (512 NoPE + 64 RoPE) or 512", f"d_qk {d_qk}", "Pass MLA's query head: 576 wide for DeepSeek-V3.2.")
+    expect_tensor(op, "kv", kv, dtypes=torch.bfloat16, shape=(None, None, d_qk), dims=("s_kv", "h_kv", "d_qk"))
     h_kv = kv.shape[1]
     if h_kv == 0 or h_q % h_kv:
         raise ShapeError(op, "q", f"h_q a multiple of h_kv={h_kv}", f"h_q={h_q}", "Give every KV head the same number of query heads.")
@@ -204,7 +227,7 @@ def flash_mla_sparse_fwd(
         expect_tensor(op, "topk_length", topk_length, dtypes=torch.int32, shape=(s_q,), dims=("s_q",))
         expect_in_range(op, "topk_length", topk_length, 0, indices.shape[2] + 1, what=f"lengths in [0, topk={indices.shape[2]}]", fix="Cut each token's list at most at its topk.")
     expect_same_device(op, "q", q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
-    features = {name for name, value in (("sink", attn_sink is not None), ("topk_length", topk_length is not None)) if value}
+    features = {name for name, value in (("sink", attn_sink is not None), ("topk_length", topk_length is not None), ("d_qk_512", d_qk == HEAD_DIM_V)) if value}
     return call(
         MLA_SPARSE_PREFILL, "q", q.device, features=features,
         q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink, topk_length=topk_length,

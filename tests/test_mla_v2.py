@@ -135,10 +135,34 @@ def test_the_schedule_object_is_filled_on_first_use_and_checked_after():
     metadata, splits = hal.get_mla_metadata(seqlens, 16, 1)
     v1_out, _ = hal.flash_mla_with_kvcache(q, cache, table, seqlens, 512, metadata, splits)
     assert torch.equal(out, v1_out)
-    with pytest.raises(hal.ArgumentError, match="batch=2"):
+    with pytest.raises(hal.ArgumentError, match="b=2"):
         hal.flash_mla_with_kvcache(q[:1], cache, table[:1], seqlens[:1], 512, schedule, None)
     with pytest.raises(hal.ArgumentError, match="num_splits"):
         hal.flash_mla_with_kvcache(q, cache, table, seqlens, 512, hal.get_mla_metadata()[0], splits)
+    # FlashMLA's Config, with the cache's page size and KV heads checked on reuse too
+    assert schedule.config == hal.MLASchedule.Config(b=2, s_q=1, h_q=16, page_block_size=64, h_k=1, causal=False, is_fp8_kvcache=False,
+                                                     topk=None, extra_page_block_size=None, extra_topk=None)
+    halved = cache.view(cache.shape[0] * 2, 32, 1, D)
+    with pytest.raises(hal.ArgumentError, match="page_block_size=64"):
+        hal.flash_mla_with_kvcache(q, halved, table, seqlens, 512, schedule, None)
+
+
+def test_flash_mla_compat_takes_every_get_mla_metadata_form():
+    from hal.compat import flash_mla
+    from hal.compat.flash_mla.flash_mla_interface import FlashMLASchedMeta
+
+    seqlens = torch.tensor([50, 64], dtype=torch.int32)
+    for args, kwargs in (((), {}), ((seqlens, 16, 1), {}), ((seqlens, 16, 1, 16, True, 64), {}),
+                         ((seqlens,), {"num_q_tokens_per_head_k": 16, "num_heads_k": 1, "num_heads_q": 16, "is_fp8_kvcache": True, "topk": 64})):
+        schedule, splits = flash_mla.get_mla_metadata(*args, **kwargs)
+        assert isinstance(schedule, FlashMLASchedMeta) and splits is None and not schedule.have_initialized
+    cache = _cache(2, 7)
+    q = torch.randn(2, 1, 16, D).to(torch.bfloat16)
+    table = torch.arange(2, dtype=torch.int32).view(2, 1)
+    metadata, splits = flash_mla.get_mla_metadata(seqlens, 16, 1)  # FlashMLA 1.0 code, unchanged
+    out, _ = flash_mla.flash_mla_with_kvcache(q, cache, table, seqlens, 512, metadata, splits)
+    assert torch.equal(out, hal.flash_mla_with_kvcache(q, cache, table, seqlens, 512, *hal.get_mla_metadata(seqlens, 16, 1))[0])
+    assert metadata.config.b == 2 and metadata.config.page_block_size == 64
 
 
 def _with_index(value: int):
@@ -193,3 +217,25 @@ def test_sparse_prefill_matches_flashmlas_reference():
             assert abs(float(lse[t, head]) - float(want_lse)) <= 1e-5 * max(1.0, abs(float(want_lse)))
             assert abs(float(max_logits[t, head]) - float(scores.max())) <= 1e-5 * max(1.0, abs(float(scores.max())))
             assert (out[t, head].double() - want).abs().max() <= 8e-3 + (2.01 / 128) * want.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["reference", "opencl"])
+def test_sparse_prefill_with_512_wide_heads(backend):
+    # FlashMLA's prefill tests run d_qk 512 too: V is then the whole key. Judged against float64.
+    from hal.conformance import oracles
+
+    if not hal.registry.backends()[backend].available:
+        pytest.skip(f"{backend} is unavailable here")
+    g = torch.Generator().manual_seed(11)
+    s_q, s_kv, h_q, topk = 4, 60, 16, 24
+    q = torch.randn(s_q, h_q, 512, generator=g).to(torch.bfloat16)
+    kv = torch.randn(s_kv, 1, 512, generator=g).to(torch.bfloat16)
+    indices = torch.randint(-1, s_kv + 2, (s_q, 1, topk), generator=g, dtype=torch.int32)
+    sink = torch.randn(h_q, generator=g)
+    with hal.use_backend(backend):
+        out, max_logits, lse = flash_mla.flash_mla_sparse_fwd(q, kv, indices, 512**-0.5, attn_sink=sink)
+    want_out, want_max, want_lse = oracles.sparse_prefill_oracle(q, kv, indices, 512**-0.5, sink, None)
+    for name, got, want in (("out", out.float(), want_out.float()), ("max_logits", max_logits, want_max.float()), ("lse", lse, want_lse.float())):
+        assert all(m.passed for m in judge("mla_sparse_prefill", name, got, want)), name
+    with pytest.raises(hal.ShapeError, match="d_qk"):
+        flash_mla.flash_mla_sparse_fwd(q[..., :500], kv[..., :500], indices, 500**-0.5)

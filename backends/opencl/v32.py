@@ -43,7 +43,10 @@ INT_MAX = 2**31 - 1
 SPARSE_SOURCE = NUMERIC_SOURCE + r"""
 /* ROWS heads per work-group, KEYS list entries per step, WG work-items, FP8 1 for the 656-byte
    cache (else ELEMENT 0 bf16 / 1 fp16 keys), OUT_ELEMENT 0 bf16 / 1 fp16 outputs. */
+/* D: the key width (576 = 512 NoPE + 64 RoPE, or 512 where V is the whole key); set per build. */
+#ifndef D
 #define D 576
+#endif
 #define DV 512
 #define D16 (D / 16)
 #define DV16 (DV / 16)
@@ -331,7 +334,7 @@ def _sparse(
     group = h_q // h_kv
     program = build(rt, "mla_sparse", SPARSE_SOURCE, {
         "ROWS": ROWS, "KEYS": KEYS, "WG": WG, "FP8": int(fp8), "ELEMENT": key_element,
-        "OUT_ELEMENT": _ELEMENT[out.dtype], "Q_ELEMENT": _ELEMENT[q.dtype],
+        "OUT_ELEMENT": _ELEMENT[out.dtype], "Q_ELEMENT": _ELEMENT[q.dtype], "D": q.shape[-1],
     })
     idx, stride_it, stride_ig, lens, topk, limit, cache, page, stride_block, stride_slot, stride_head = lists
     i64, i32 = np.int64, np.int32
