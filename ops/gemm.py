@@ -203,7 +203,7 @@ def rows_by_block(m_indices: torch.Tensor) -> torch.Tensor:
     np = optional.numpy_for(m_indices)
     if np is not None:
         return torch.from_numpy(np.repeat(m_indices.numpy()[::align], align))
-    return m_indices[::align].repeat_interleave(align)  # output size known from shapes: no device sync
+    return m_indices[::align, None].expand(-1, align).reshape(-1)  # shapes only: no device sync, capturable
 
 
 def gemm_fp8_fp8_bf16_nt(lhs: Operand, rhs: Operand, out: torch.Tensor) -> None:

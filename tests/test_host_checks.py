@@ -221,3 +221,17 @@ def test_results_do_not_depend_on_the_default_dtype():
                 else:
                     assert torch.equal(got[name].nan_to_num(nan=7.0) if value.is_floating_point() else got[name],
                                        value.nan_to_num(nan=7.0) if value.is_floating_point() else value), (case.id, name)
+
+
+def test_rows_by_block_is_the_same_on_both_paths(without_numpy):
+    # Each row takes its aligned block's first row's group (DeepGEMM computes whole tiles).
+    rng = random.Random(5)
+    align = gemm.get_m_alignment_for_contiguous_layout()
+    for _ in range(20):
+        blocks = rng.randint(1, 5)
+        rows = torch.tensor([rng.choice([-1, 0, 1, 2]) for _ in range(blocks * align * 2)], dtype=torch.int32)[::2]  # strided too
+        want = torch.tensor([int(rows[r // align * align]) for r in range(rows.numel())], dtype=torch.int32)
+        for off in (False, True):
+            without_numpy(off)
+            got = gemm.rows_by_block(rows)
+            assert got.dtype == torch.int32 and torch.equal(got, want)
