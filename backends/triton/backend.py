@@ -49,8 +49,7 @@ class TritonBackend:
     def hal_backend_info(self) -> BackendInfo:
         # ep_combine_reduce at version 1: this backend runs the reference reduction, which would
         # only concatenate segments (a combine then keeps copying its own rows, one pass cheaper).
-        # mla_sparse_prefill at version 1: its kernel is built for 576-wide heads (no d_qk = 512).
-        contracts = current_contracts() | {"ep_combine_reduce": 1, "mla_sparse_prefill": 1}
+        contracts = current_contracts() | {"ep_combine_reduce": 1}
         if self.target.simulated:
             # A simulator is never picked automatically: it is slow and proves numerics, not speed.
             return BackendInfo(

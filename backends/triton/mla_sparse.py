@@ -30,8 +30,10 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_keys(cache_u8, cache_f32, cache_b16, cache_k, position, valid, page, stride_block, stride_slot, d_nope, d_rope, FP8: tl.constexpr):
-    """Keys [BLOCK_N, 512] and [BLOCK_N, 64] (fp32) at flattened positions; invalid rows are 0, never read."""
+def _load_keys(cache_u8, cache_f32, cache_b16, cache_k, position, valid, page, stride_block, stride_slot, d_nope, d_rope, FP8: tl.constexpr,
+               HAS_ROPE: tl.constexpr):
+    """Keys [BLOCK_N, 512] and [BLOCK_N, 64] (fp32) at flattened positions; invalid rows are 0, never
+    read. Without ``HAS_ROPE`` (512-wide keys) the second part is 0 and nothing of it is read."""
     block = (position // page).to(tl.int64)
     slot = (position % page).to(tl.int64)
     base = block * stride_block + slot * stride_slot  # in elements of the cache's own view
@@ -42,7 +44,7 @@ def _load_keys(cache_u8, cache_f32, cache_b16, cache_k, position, valid, page, s
         rope = tl.load(cache_b16 + (base[:, None] + D_NOPE + 16) // 2 + d_rope[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     else:
         nope = tl.load(cache_k + base[:, None] + d_nope[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        rope = tl.load(cache_k + base[:, None] + D_NOPE + d_rope[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        rope = tl.load(cache_k + base[:, None] + D_NOPE + d_rope[None, :], mask=valid[:, None] & HAS_ROPE, other=0.0).to(tl.float32)
     return nope, rope
 
 
@@ -50,7 +52,7 @@ def _load_keys(cache_u8, cache_f32, cache_b16, cache_k, position, valid, page, s
 def _attend_list(
     q_nope, q_rope, m_i, l_i, acc, count,
     idx_ptr, length, topk, limit, cache_u8, cache_f32, cache_b16, cache_k, page, stride_block, stride_slot, scale_log2,
-    FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP8: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr = True,
 ):
     """Fold one index list (``length`` of its ``topk`` entries; positions in [0, limit) count) into the
     running softmax state."""
@@ -61,8 +63,11 @@ def _attend_list(
         in_list = offsets < length
         position = tl.load(idx_ptr + offsets, mask=in_list, other=-1)
         valid = in_list & (position >= 0) & (position < limit)
-        k_nope, k_rope = _load_keys(cache_u8, cache_f32, cache_b16, cache_k, tl.maximum(position, 0), valid, page, stride_block, stride_slot, d_nope, d_rope, FP8)
-        scores = tl.dot(q_nope, tl.trans(k_nope), input_precision="ieee") + tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")
+        k_nope, k_rope = _load_keys(cache_u8, cache_f32, cache_b16, cache_k, tl.maximum(position, 0), valid, page, stride_block, stride_slot, d_nope, d_rope, FP8,
+                                    HAS_ROPE)
+        scores = tl.dot(q_nope, tl.trans(k_nope), input_precision="ieee")
+        if HAS_ROPE:
+            scores += tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")
         scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
         m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, scores, k_nope)
         count += tl.sum(valid.to(tl.int32), axis=0)
@@ -70,12 +75,12 @@ def _attend_list(
 
 
 @triton.jit
-def _start_rows(q_row, head_ok, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A block of query rows (fp32 nope and rope parts) and an empty softmax state."""
+def _start_rows(q_row, head_ok, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr = True):
+    """A block of query rows (fp32 nope and rope parts; rope 0 for 512-wide rows) and an empty softmax state."""
     d_nope = tl.arange(0, D_NOPE)
     d_rope = tl.arange(0, D_ROPE)
     q_nope = tl.load(q_row[:, None] + d_nope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
-    q_rope = tl.load(q_row[:, None] + D_NOPE + d_rope[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+    q_rope = tl.load(q_row[:, None] + D_NOPE + d_rope[None, :], mask=head_ok[:, None] & HAS_ROPE, other=0.0).to(tl.float32)
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, D_NOPE), dtype=tl.float32)
@@ -140,6 +145,7 @@ def _mla_sparse_prefill_kernel(
     s_kv, h_q, group, topk, scale_log2,
     stride_qs, stride_qh, stride_kvs, stride_kvh, stride_is, stride_ih, stride_os, stride_oh, stride_ms, stride_ls,
     HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr, EXACT_BF16: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
 ):
     t = tl.program_id(0)
     g = tl.program_id(1)  # KV head: its query heads g * group .. (g + 1) * group - 1
@@ -148,14 +154,14 @@ def _mla_sparse_prefill_kernel(
     heads = g * group + local
     d_nope = tl.arange(0, D_NOPE)
     q_row = q_ptr + t * stride_qs + heads * stride_qh
-    q_nope, q_rope, m_i, l_i, acc, count = _start_rows(q_row, head_ok, BLOCK_H, BLOCK_N)
+    q_nope, q_rope, m_i, l_i, acc, count = _start_rows(q_row, head_ok, BLOCK_H, BLOCK_N, HAS_ROPE)
     length = topk
     if HAS_LEN:
         length = tl.load(len_ptr + t)
     kv_head = kv_ptr + g * stride_kvh  # keys of this KV head: position p at p * stride_kvs (a "page" of one token)
     m_i, l_i, acc, count = _attend_list(
         q_nope, q_rope, m_i, l_i, acc, count, idx_ptr + t * stride_is + g * stride_ih, length, topk, s_kv,
-        kv_head, kv_head, kv_head, kv_head, 1, stride_kvs, 0, scale_log2, False, BLOCK_N,
+        kv_head, kv_head, kv_head, kv_head, 1, stride_kvs, 0, scale_log2, False, BLOCK_N, HAS_ROPE,
     )
     o, lse = _finish_rows(acc, l_i, m_i, count, sink_ptr, heads, head_ok, HAS_SINK)
     tl.store(out_ptr + t * stride_os + heads[:, None] * stride_oh + d_nope[None, :], round_to(o, out_ptr.dtype.element_ty, EXACT_BF16), mask=head_ok[:, None])
@@ -183,7 +189,7 @@ def mla_sparse_prefill(
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         max_logits.stride(0), lse.stride(0),
         HAS_LEN=topk_length is not None, HAS_SINK=attn_sink is not None, EXACT_BF16=interpreting(),
-        BLOCK_H=block_h, BLOCK_N=16, num_warps=tuning.mla.num_warps, **launch_options(tuning),
+        BLOCK_H=block_h, BLOCK_N=16, HAS_ROPE=q.shape[-1] > D_NOPE, num_warps=tuning.mla.num_warps, **launch_options(tuning),
     )
     return out, max_logits, lse
 
