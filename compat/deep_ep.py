@@ -14,3 +14,6 @@ from hal.ep import Buffer, EventOverlap, topk_idx_t
 from hal.ep.config import Config
 
 __all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
+
+# The DeepEP release whose legacy Buffer API this module follows (code that gates on the version reads it).
+__version__ = "2.1.0"

@@ -79,7 +79,11 @@ FACTS: dict[str, Fact] = {
     "dispatch": Fact("handle", ValueRangeError, "every rank's handle from the same dispatch", lambda v: f"the handle of operation #{v}"),
     "max_tokens": Fact("num_max_dispatch_tokens_per_rank", ValueRangeError, "the same num_max_dispatch_tokens_per_rank on every rank", str),
     "use_fp8": Fact("use_fp8", ValueRangeError, "the same use_fp8 on every rank", lambda v: str(bool(v))),
+    "scales": Fact("x", DTypeError, "the same FP8 scale form on every rank", lambda v: SCALE_FORMS.get(v, str(v))),
 }
+# How FP8 tokens carry their scales (the "scales" fact): none, float32 per 128 channels, or four
+# UE8M0 exponents packed per int32 (DeepEP's kernels take either).
+SCALE_FORMS = {0: "no scales", 1: "float32 scales", 2: "packed int32 UE8M0 scales"}
 # Facts each rank announces without having to share them (read with Agreed.shared).
 SHARED = ("num_worst_tokens",)
 _COLUMNS = HEADER_FIELDS + tuple(FACTS) + SHARED

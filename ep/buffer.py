@@ -32,7 +32,7 @@ from hal.ep.errors import EPError
 from hal.ep.event import EventOverlap, capture
 from hal.ep.handle import LowLatencyHandle
 from hal.ep.transport import Transport, select_transport
-from hal.errors import ArgumentError, OperatorNotSupportedError, ValueRangeError
+from hal.errors import ArgumentError, OperatorNotSupportedError, ShapeError, ValueRangeError
 
 __all__ = ["Buffer"]
 
@@ -105,8 +105,9 @@ class Buffer:
 
     @staticmethod
     def is_sm90_compiled() -> bool:
-        """DeepEP's build flag for its Hopper kernels: hal runs none of them."""
-        return False
+        """DeepEP's build flag for its SM90 features, which its tests read to run the FP8 cases: hal
+        serves FP8 dispatch on every device, so True."""
+        return True
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
@@ -291,7 +292,7 @@ class Buffer:
         cumulative_local_expert_recv_stats: torch.Tensor | None = None, dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
         use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
         return_recv_hook: bool = False,
-    ) -> tuple[Tokens, torch.Tensor, Any, EventOverlap, Callable[[], None]]:
+    ) -> tuple[Tokens, torch.Tensor, Any, EventOverlap, Callable[[], None] | None]:
         """Send every token to each of its experts' fixed slots (decode mode); see :mod:`hal.ep.low_latency`.
 
         Args:
@@ -299,13 +300,15 @@ class Buffer:
             topk_idx: int64 [num_tokens, num_topk], distinct experts per row or -1.
             num_max_dispatch_tokens_per_rank, num_experts: the same on every rank.
             cumulative_local_expert_recv_stats: int32 [num_local_experts], incremented by recv_count.
-            dispatch_wait_recv_cost_stats: int64 [num_ranks, num_ranks] or None: checked and left
+            dispatch_wait_recv_cost_stats: int64 [num_ranks] (or [num_ranks, num_ranks]) or None: checked and left
                 as is (DeepEP's per-source receive-wait clocks; one collective here has no per-source wait).
             use_fp8: cast per token per 128 channels before sending (hidden % 128 == 0).
             round_scale: scales rounded up to powers of two (UE8M0 values in float32).
             use_ue8m0: with round_scale, scales packed four exponents per int32:
                 int32 [num_local_experts, R * max_tokens, hidden / 512], last two dimensions column-major.
-            async_finish, return_recv_hook: accepted for DeepEP compatibility.
+            async_finish: accepted for DeepEP compatibility.
+            return_recv_hook: return a callable that completes the receive (data has arrived when
+                this transport returns, so it does nothing); without it the hook is None, as DeepEP's.
 
         Returns:
             ``recv_x``: bf16 [num_local_experts, R * max_tokens, hidden], or with use_fp8
@@ -321,18 +324,19 @@ class Buffer:
             raise ArgumentError(op, "round_scale", "use_fp8=True (scales exist only for FP8)", "use_fp8=False", "Pass use_fp8=True.")
         _check_cost_stats(op, "dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, self.group_size)
         extra = {k: v for k, v in (("round_scale", round_scale), ("use_ue8m0", use_ue8m0)) if v}
-        return _call(
+        recv_x, recv_count, handle, event, hook = _call(
             self.transport.low_latency_dispatch, "low_latency_dispatch",
             x, topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, num_experts=num_experts,
             cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats, use_fp8=use_fp8, async_finish=async_finish,
             return_recv_hook=return_recv_hook, **extra,
         )
+        return recv_x, recv_count, handle, event, hook if return_recv_hook else None  # DeepEP: None unless asked for
 
     def low_latency_combine(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: Any, use_logfmt: bool = False,
         zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False, out: torch.Tensor | None = None,
         combine_wait_recv_cost_stats: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None]]:
+    ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None] | None]:
         """Return expert outputs and reduce them with the top-k weights.
 
         Args:
@@ -343,24 +347,43 @@ class Buffer:
             use_logfmt: send expert outputs in LogFMT-10 (:mod:`hal.ops.logfmt`): per 128 channels
                 whose magnitudes are all below 1, 10 bits per value instead of 16, decoded within
                 ``LOGFMT_RELATIVE`` (about 2.2 %) of each value by the receiver.
-            zero_copy: x is the tensor from :meth:`get_next_low_latency_combine_buffer` (checked).
+            zero_copy: the expert outputs are read from :meth:`get_next_low_latency_combine_buffer`'s
+                tensor, as DeepEP's kernel reads them; x gives the shape (the buffer itself, or a
+                tensor of its shape).
             out: optional bf16 [num_tokens, hidden] written and returned.
             combine_wait_recv_cost_stats: as dispatch_wait_recv_cost_stats.
 
         Returns:
-            ``(combined_x bf16 [num_tokens, hidden] = sum_k w_k * expert_k(x), event, hook)``.
+            ``(combined_x bf16 [num_tokens, hidden] = sum_k w_k * expert_k(x), event, hook)``; hook None
+            unless ``return_recv_hook``.
         """
         self._alive("low_latency_combine")
         op = "Buffer.low_latency_combine"
-        if zero_copy and not any(x is buffer for buffer in self._combine_buffers.values()):
-            raise ArgumentError(op, "x", "the tensor from get_next_low_latency_combine_buffer(handle) with zero_copy=True",
-                                "another tensor", "Write the expert outputs into that buffer, or pass zero_copy=False.")
+        if zero_copy:
+            x = self._zero_copy_source(op, x, handle)
         _check_cost_stats(op, "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, self.group_size)
         extra = {"use_logfmt": True} if use_logfmt else {}
-        return _call(
+        combined, event, hook = _call(
             self.transport.low_latency_combine, "low_latency_combine",
             x, topk_idx, topk_weights, handle, async_finish=async_finish, return_recv_hook=return_recv_hook, out=out, **extra,
         )
+        return combined, event, hook if return_recv_hook else None
+
+    def _zero_copy_source(self, op: str, x: object, handle: Any) -> torch.Tensor:
+        """With ``zero_copy``, DeepEP's kernel reads the expert outputs from the buffer that
+        :meth:`get_next_low_latency_combine_buffer` returned, and ``x`` only gives the shape: its
+        tests write the buffer and pass another tensor of that shape."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise ArgumentError(op, "handle", "the handle of a low_latency_dispatch", type(handle).__name__, "")
+        shape = (handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        buffer = self._combine_buffers.get(shape)
+        if buffer is None:
+            raise ArgumentError(op, "zero_copy", "a combine buffer from get_next_low_latency_combine_buffer(handle) holding the expert outputs",
+                                "no buffer for this handle's shape", "Write the expert outputs into get_next_low_latency_combine_buffer(handle), or pass zero_copy=False.")
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+            raise ShapeError(op, "x", f"a tensor of the combine buffer's shape {list(shape)}", repr(getattr(x, "shape", type(x).__name__)),
+                             "Pass the buffer itself or a tensor of its shape.")
+        return buffer
 
 
 def _check_config(op: str, config: object) -> None:
@@ -369,8 +392,10 @@ def _check_config(op: str, config: object) -> None:
 
 
 def _check_cost_stats(op: str, name: str, stats: object, ranks: int) -> None:
-    if stats is not None and not (isinstance(stats, torch.Tensor) and stats.dtype == torch.int64 and tuple(stats.shape) == (ranks, ranks)):
-        raise ArgumentError(op, name, f"an int64 tensor [{ranks}, {ranks}] or None", repr(getattr(stats, "shape", stats)), "")
+    # DeepEP's kernel asserts int64 [num_ranks] (one wait clock per source rank); its Python
+    # docstring says [num_ranks, num_ranks]: both are taken.
+    if stats is not None and not (isinstance(stats, torch.Tensor) and stats.dtype == torch.int64 and tuple(stats.shape) in ((ranks,), (ranks, ranks))):
+        raise ArgumentError(op, name, f"an int64 tensor [{ranks}] (or [{ranks}, {ranks}]) or None", repr(getattr(stats, "shape", stats)), "")
 
 
 def _call(method: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:

@@ -25,7 +25,9 @@ def check_device(op: str, name: str, tensor: torch.Tensor, comm: Communicator) -
 
 
 def check_tokens(op: str, x: object, comm: Communicator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x`` is [N, hidden] bf16/fp16/fp32, or the pair (float8_e4m3fn [N, hidden], float32 [N, hidden / 128])."""
+    """``x`` is [N, hidden] bf16/fp16/fp32, or the pair (float8_e4m3fn [N, hidden], scales): float32
+    [N, hidden / 128], or int32 [N, ceil(hidden / 512)] with four UE8M0 exponents per int (DeepEP's
+    kernels take either and hand the scales over as they came)."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise DTypeError(op, "x", "a tensor or a pair (fp8 tensor, float32 scales)", f"a sequence of {len(x)}", "Pass x or (x_fp8, x_scales).")
@@ -33,7 +35,11 @@ def check_tokens(op: str, x: object, comm: Communicator) -> tuple[torch.Tensor, 
         expect_tensor(op, "x[0]", data, dtypes=FP8, shape=(None, None), dims=("num_tokens", "hidden"))
         if data.shape[1] % BLOCK:
             raise ShapeError(op, "x[0]", f"hidden a multiple of {BLOCK}", f"hidden={data.shape[1]}", "FP8 tokens carry one scale per 128 channels.")
-        expect_tensor(op, "x[1]", scales, dtypes=torch.float32, shape=(data.shape[0], data.shape[1] // BLOCK), dims=("num_tokens", "hidden/128"))
+        if isinstance(scales, torch.Tensor) and scales.dtype == torch.int32:
+            expect_tensor(op, "x[1]", scales, shape=(data.shape[0], -(-data.shape[1] // (4 * BLOCK))), dims=("num_tokens", "ceil(hidden/512)"))
+        else:
+            expect_tensor(op, "x[1]", scales, dtypes=(torch.float32, torch.int32), shape=(data.shape[0], data.shape[1] // BLOCK),
+                          dims=("num_tokens", "hidden/128"))
         check_device(op, "x[0]", data, comm)
         check_device(op, "x[1]", scales, comm)
         return data, scales

@@ -1,12 +1,13 @@
 """Communication handles: what a dispatch leaves for the matching combine (and cached dispatch).
 
-Both are named tuples whose leading fields are DeepEP's, so code that indexes DeepEP handles
-keeps working: DeepEP's intranode handle starts with ``rank_prefix_matrix`` (its tests read
-``handle[0]``), and its low-latency handle is ``(src_info, layout_range,
-num_max_dispatch_tokens_per_rank, hidden, num_experts)`` (``deep_ep/buffer.py``; its tests read
-``handle[0][i]`` and ``handle[1][i]`` per local expert). The trailing fields identify the
-dispatch so that a handle passed to the wrong call, or different handles passed on different
-ranks, is rejected on every rank instead of exchanging mismatched payloads.
+Both are tuples led by DeepEP's fields, so code that indexes DeepEP handles keeps working:
+DeepEP's intranode handle starts with ``rank_prefix_matrix`` (its tests read ``handle[0]``; the
+other fields differ, since they are its kernels' channel bookkeeping), and the low-latency handle
+is exactly DeepEP's five ``(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
+num_experts)`` (its tests read ``handle[0][i]`` and ``handle[1][i]`` per local expert; its buffer
+unpacks five). Each handle also identifies its dispatch (``dispatch_id``, ``owner``) so that a
+handle passed to the wrong call, or different handles passed on different ranks, is rejected on
+every rank instead of exchanging mismatched payloads.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ class DispatchHandle(NamedTuple):
         return int(self.recv_src_idx.shape[0])
 
 
-class LowLatencyHandle(NamedTuple):
+class LowLatencyHandle(tuple):
     """Returned by ``Buffer.low_latency_dispatch``; drives ``Buffer.low_latency_combine``.
+
+    A tuple of DeepEP's five fields, ``(src_info, layout_range, num_max_dispatch_tokens_per_rank,
+    hidden, num_experts)``, so code that unpacks DeepEP's handle keeps working; the dispatch's
+    identity (``dispatch_id``, ``owner``) rides along as attributes.
 
     Attributes:
         src_info: int32 [num_local_experts, R * max_tokens]: for each valid slot of ``recv_x``,
@@ -59,13 +64,27 @@ class LowLatencyHandle(NamedTuple):
         dispatch_id, owner: as in :class:`DispatchHandle`.
     """
 
-    src_info: torch.Tensor
-    layout_range: torch.Tensor
-    num_max_dispatch_tokens_per_rank: int
-    hidden: int
-    num_experts: int
     dispatch_id: int
     owner: int
+
+    def __new__(cls, src_info: torch.Tensor, layout_range: torch.Tensor, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                num_experts: int, dispatch_id: int, owner: int) -> LowLatencyHandle:
+        handle = super().__new__(cls, (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts))
+        handle.dispatch_id, handle.owner = dispatch_id, owner
+        return handle
+
+    def __getnewargs__(self) -> tuple:  # pickling rebuilds it with its identity
+        return (*self, self.dispatch_id, self.owner)
+
+    def __repr__(self) -> str:
+        return (f"LowLatencyHandle(num_max_dispatch_tokens_per_rank={self[2]}, hidden={self[3]}, num_experts={self[4]}, "
+                f"dispatch_id={self.dispatch_id}, owner={self.owner})")
+
+    src_info = property(lambda self: self[0])
+    layout_range = property(lambda self: self[1])
+    num_max_dispatch_tokens_per_rank = property(lambda self: self[2])
+    hidden = property(lambda self: self[3])
+    num_experts = property(lambda self: self[4])
 
     def counts(self) -> torch.Tensor:
         """int64 [num_local_experts, R]: tokens each local expert holds from each source rank."""

@@ -20,8 +20,8 @@ Verified against deepseek-ai/DeepEP (``deep_ep/buffer.py``, ``csrc/kernels/inter
   column-major, as DeepEP returns them for TMA.
 - Combine reduces with weights: ``combined[t] = sum_k w[t, k] * y_k[t]`` over the selected k, in
   float32, returned as bf16 ``[num_tokens, hidden]`` (0 for a token with no expert).
-- The hook: DeepEP returns None unless ``return_recv_hook``; this transport always returns a
-  callable that does nothing (data has arrived when the call returns).
+- The hook: this transport returns a callable that does nothing (data has arrived when the call
+  returns); ``hal.ep.Buffer`` hands it out only with ``return_recv_hook``, else None, as DeepEP.
 
 - ``round_scale``: scales rounded up to powers of two before the codes are taken (DeepEP's
   ``fast_pow2(ceil(log2(amax / 448)))``); ``use_ue8m0`` returns them packed, four exponents per
@@ -31,6 +31,8 @@ Verified against deepseek-ai/DeepEP (``deep_ep/buffer.py``, ``csrc/kernels/inter
   by the receiver before the weighted reduction.
 
 Not measured: ``dispatch_wait_recv_cost_stats`` / ``combine_wait_recv_cost_stats`` (checked, left as is).
+With ``zero_copy``, combine reads the expert outputs from the buffer of
+``get_next_low_latency_combine_buffer`` (``x`` gives the shape), as DeepEP's kernel does.
 """
 
 from __future__ import annotations

@@ -53,8 +53,13 @@ class _Send:
 
 def _token_fields(data: torch.Tensor, scales: torch.Tensor | None) -> list[Field]:
     hidden = data.shape[1]
-    scale = [Field("x_scales", torch.float32, (hidden // BLOCK,))] if scales is not None else []
+    scale = [Field("x_scales", scales.dtype, (scales.shape[1],))] if scales is not None else []
     return scale + [Field("src", torch.int32, ()), Field("x", data.dtype, (hidden,))]
+
+
+def _scale_form(scales: torch.Tensor | None) -> int:
+    """The "scales" fact (:data:`hal.ep.agreement.SCALE_FORMS`)."""
+    return 0 if scales is None else 2 if scales.dtype == torch.int32 else 1
 
 
 def _destinations(is_token_in_rank: torch.Tensor) -> torch.Tensor:
@@ -167,7 +172,7 @@ def dispatch(
         fields = _token_fields(data, scales)
         message = {"x": data, "src": torch.arange(num_tokens, dtype=torch.int32, device=data.device)}
         facts = {"hidden": hidden, "dtype": DTYPE_CODES[data.dtype], "with_topk": int(topk_idx is not None), "num_experts": num_experts,
-                 "num_worst_tokens": num_worst_tokens}
+                 "num_worst_tokens": num_worst_tokens, "scales": _scale_form(scales)}
         if scales is not None:
             message["x_scales"] = scales
         if topk_idx is not None:
@@ -231,7 +236,7 @@ def _localise(topk_idx: torch.Tensor, topk_weights: torch.Tensor, first: int, co
 
 def _pad_tokens(tokens: Tokens, rows: int) -> Tokens:
     if isinstance(tokens, tuple):
-        return _pad(tokens[0].view(torch.uint8), rows, 0).view(tokens[0].dtype), _pad(tokens[1], rows, 0.0)
+        return _pad(tokens[0].view(torch.uint8), rows, 0).view(tokens[0].dtype), _pad(tokens[1], rows, 0)
     return _pad(tokens, rows, 0.0)
 
 
@@ -260,7 +265,7 @@ def cached_dispatch(
         if scales is not None:
             message["x_scales"] = scales
         outgoing = comm.prepare_rows(_token_fields(data, scales), message, _destinations(handle.is_token_in_rank), comm.world)
-        facts = {"hidden": data.shape[1], "dtype": DTYPE_CODES[data.dtype], "dispatch": handle.dispatch_id}
+        facts = {"hidden": data.shape[1], "dtype": DTYPE_CODES[data.dtype], "dispatch": handle.dispatch_id, "scales": _scale_form(scales)}
         return facts, _Send(outgoing, [])
 
     send = agree(comm, op, prepare).plan

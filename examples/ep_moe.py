@@ -89,8 +89,7 @@ def moe_normal(buffer: hal.ep.Buffer, x, topk_idx, topk_weights, rhs, num_expert
 
 def moe_low_latency(buffer: hal.ep.Buffer, x, topk_idx, topk_weights, rhs, num_experts: int, max_tokens: int) -> torch.Tensor:
     """Dispatch FP8 tokens into per-expert slots, masked GEMM, combine with weights."""
-    (recv_fp8, recv_scales), recv_count, handle, _, hook = buffer.low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8=True)
-    hook()
+    (recv_fp8, recv_scales), recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8=True)
     out = torch.zeros(recv_fp8.shape[0], recv_fp8.shape[1], rhs[0].shape[1], dtype=torch.bfloat16, device=x.device)
     expected_m = max(int(recv_count.float().mean()), 1)
     hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked((recv_fp8, recv_scales), rhs, out, recv_count, expected_m)

@@ -38,6 +38,11 @@ def script(rank: int, world: int) -> dict:
     recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
         x, None, per_rank, per_rdma, in_rank, per_expert, topk_idx, weights, 1, 0, config, event, True, True
     )
+    # FP8 tokens with packed int32 UE8M0 scales, which DeepEP's dispatch also takes and hands over as they came
+    codes, packed = per_token_cast_to_fp8(x, use_ue8m0=True, use_packed_ue8m0=True)
+    (recv_codes, recv_packed), *_ , fp8_handle, _ = buffer.dispatch(
+        (codes, packed), None, per_rank, per_rdma, in_rank, per_expert, topk_idx, weights)
+    out["packed_dispatch"] = [recv_codes, recv_packed, fp8_handle.recv_src_idx, fp8_handle.rank_prefix_matrix]
     combined, _, _ = buffer.combine(recv_x, handle, None, inp["bias"], deep_ep.Buffer.get_combine_config(world), None, True, True)
     plain, _, _ = buffer.combine(recv_x, handle)
     out["bias"] = [combined, plain]
@@ -55,7 +60,13 @@ def script(rank: int, world: int) -> dict:
     exact, _, _ = buffer.low_latency_combine(y, topk_idx, weights, ll_handle, False, True, False, False, result)
     compressed, _, _ = buffer.low_latency_combine(y, topk_idx, weights, ll_handle, use_logfmt=True)
     out["logfmt"] = [exact, compressed, result.data_ptr() == exact.data_ptr(), y.clone()]
-    out["zero_copy_refused"] = type(_error(lambda: buffer.low_latency_combine(y.clone(), topk_idx, weights, ll_handle, zero_copy=True))).__name__
+    # zero_copy as DeepEP's test uses it: the outputs were written into the buffer; x gives the shape
+    zero_copied, _, hook = buffer.low_latency_combine(torch.zeros_like(y), topk_idx, weights, ll_handle, zero_copy=True)
+    out["zero_copy"] = [zero_copied, hook is None]
+    out["zero_copy_wrong_shape"] = type(_error(lambda: buffer.low_latency_combine(y[:, 1:], topk_idx, weights, ll_handle, zero_copy=True))).__name__
+    out["no_hook"] = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)[4] is None
+    src_info, layout_range, max_tokens, hidden, experts = ll_handle  # DeepEP's five fields
+    out["ll_handle_fields"] = [max_tokens, hidden, experts]
     buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, num_experts)
     out["local_buffer"] = list(buffer.get_local_buffer_tensor(torch.float32, torch.Size([4, 2])).shape)
     buffer.destroy()
@@ -111,7 +122,10 @@ def test_logfmt_combine_within_its_bound_and_zero_copy(world):
     size, results = world
     for rank, out in enumerate(results):
         exact, compressed, wrote_out, y = out["logfmt"]
-        assert wrote_out and out["zero_copy_refused"] == "ArgumentError"
+        assert wrote_out and out["zero_copy_wrong_shape"] == "ShapeError" and out["no_hook"]
+        assert out["ll_handle_fields"][0] == MAX_TOKENS and out["ll_handle_fields"][1] == HIDDEN
+        zero_copied, no_hook = out["zero_copy"]
+        assert torch.equal(zero_copied, exact) and no_hook
         weights = inputs(rank, size)["weights"]
         # Each token sums at most TOPK expert rows, each within the LogFMT bound of its values (|y| <= max |y|).
         bound = logfmt_bound(y.view(-1, HIDDEN)).max() * weights.abs().sum(dim=1, keepdim=True) + 1e-2 * exact.float().abs()
@@ -148,3 +162,17 @@ def test_config_and_size_hints():
 def test_constructor_needs_a_group_not_an_mpi_communicator():
     with pytest.raises(ArgumentError, match="comm"):
         deep_ep.Buffer(None, comm=object())
+
+
+def test_fp8_dispatch_carries_packed_ue8m0_scales(world):
+    size, results = world
+    for rank, out in enumerate(results):
+        recv_codes, recv_packed, src_idx, prefix = out["packed_dispatch"]
+        assert recv_packed.dtype == torch.int32 and recv_packed.shape == (recv_codes.shape[0], HIDDEN // 512)
+        starts = [0] + prefix[:, rank].tolist()
+        for source in range(size):
+            sent_codes, sent_packed = per_token_cast_to_fp8(inputs(source, size)["x"], use_ue8m0=True, use_packed_ue8m0=True)
+            for row in range(starts[source], starts[source + 1]):
+                token = int(src_idx[row])
+                assert torch.equal(recv_packed[row], sent_packed[token])
+                assert torch.equal(recv_codes[row].view(torch.uint8), sent_codes[token].view(torch.uint8))

@@ -133,3 +133,18 @@ def test_a_backend_can_supply_the_transport(group, install_plugins, monkeypatch)
         hal.ep.Buffer(group, transport="reference")
     with pytest.raises(hal.UnknownBackendError, match="no such backend"):
         hal.ep.Buffer(group, transport="nonexistent")
+
+
+def test_event_overlap_takes_deep_eps_hook_and_release_forms():
+    from hal.ep import EventOverlap
+
+    ran = []
+    event = EventOverlap()
+    event.register_hook_after_wait(lambda: ran.append("hook"))
+    with pytest.raises(RuntimeError, match="already registered"):
+        event.register_hook_after_wait(lambda: None)
+    with event(release_handle=True):
+        ran.append("body")
+    assert ran == ["body", "hook"] and event.event is None and event.hook_after_wait is None
+    event.current_stream_wait(release_handle=True)  # no hook left, nothing to wait for
+    assert ran == ["body", "hook"]
