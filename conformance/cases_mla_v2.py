@@ -17,7 +17,15 @@ import torch
 
 import hal
 from hal.conformance.case import Case, Family, Tensors, judge
-from hal.ops.mla_fp8_cache import LATENT, quantize_mla_kv_cache_reference
+from hal.ops.mla_fp8_cache import (
+    LATENT,
+    MODEL1_DATA_BYTES,
+    MODEL1_DIM,
+    MODEL1_NOPE,
+    model1_pages,
+    quantize_mla_kv_cache_reference,
+    quantize_model1_kv_cache,
+)
 from hal.ops.mla_v2_reference import mla_decode_v2_reference, mla_sparse_prefill_reference
 
 __all__ = ["MlaDecodeV2Family", "SparsePrefillFamily", "QuantizeCacheFamily", "mla_v2_cases", "quantize_cache_cases"]
@@ -61,12 +69,26 @@ def _poisoned_cache(blocks: int, fp8: bool, named: torch.Tensor, generator: torc
     return quantised
 
 
+def _poisoned_model1(blocks: int, page: int, named: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """FlashMLA's MODEL1_FP8Sparse cache of ``blocks`` pages of ``page`` tokens, NaN codes at every
+    position no index names (so a kernel that reads one shows it)."""
+    cache = quantize_model1_kv_cache(torch.randn(blocks, page, 1, MODEL1_DIM, generator=generator).to(torch.bfloat16))
+    unused = torch.ones(blocks * page, dtype=torch.bool)
+    unused[named[named >= 0].long()] = False
+    data = model1_pages(cache)[:, : page * MODEL1_DATA_BYTES].reshape(blocks * page, MODEL1_DATA_BYTES)
+    data[unused, :MODEL1_NOPE] = NAN_E4M3  # reshape of the strided page view is a copy: write it back below
+    pages = model1_pages(cache)
+    pages[:, : page * MODEL1_DATA_BYTES] = data.view(blocks, page * MODEL1_DATA_BYTES)
+    return cache
+
+
 class MlaDecodeV2Family(Family):
     op = "mla_decode_v2"
 
     def build(self, params: Mapping[str, Any], generator: torch.Generator) -> Tensors:
         batch, s_q, h_q = params["batch"], params["s_q"], params["h_q"]
-        q = torch.randn(batch, s_q, h_q, D_QK, generator=generator).to(torch.bfloat16)
+        model1 = params.get("model1", False)  # FlashMLA's d_qk 512 with its MODEL1 FP8 cache
+        q = torch.randn(batch, s_q, h_q, MODEL1_DIM if model1 else D_QK, generator=generator).to(torch.bfloat16)
         sink = _sink(params.get("sink", "none"), h_q, generator)
         if params["mode"] == "dense":
             seqlens = list(params["seqlens"])
@@ -84,16 +106,21 @@ class MlaDecodeV2Family(Family):
                     "causal": params.get("causal", False), "fp8": params["fp8"], "indices": None, "attn_sink": sink,
                     "extra_k_cache": None, "extra_indices": None, "topk_length": None, "extra_topk_length": None}
         topk, blocks = params["topk"], params["blocks"]
-        indices = _indices(batch, s_q, topk, blocks * PAGE, generator, duplicates=params.get("duplicates", False))
+        page, extra_page = params.get("page", PAGE), params.get("extra_page", PAGE)
+
+        def poisoned(count: int, size: int, named: torch.Tensor) -> torch.Tensor:
+            return _poisoned_model1(count, size, named, generator) if model1 else _poisoned_cache(count, params["fp8"], named, generator)
+
+        indices = _indices(batch, s_q, topk, blocks * page, generator, duplicates=params.get("duplicates", False))
         topk_length = torch.randint(0, topk + 1, (batch,), generator=generator, dtype=torch.int32) if params.get("topk_length") else None
         extra = extra_indices = extra_length = None
         if params.get("extra_topk"):
-            extra_blocks = 2
-            extra_indices = _indices(batch, s_q, params["extra_topk"], extra_blocks * PAGE, generator)
-            extra = _poisoned_cache(extra_blocks, params["fp8"], extra_indices.flatten().long(), generator)
+            extra_blocks = max(2, -(-params["extra_topk"] // extra_page) + 1)
+            extra_indices = _indices(batch, s_q, params["extra_topk"], extra_blocks * extra_page, generator)
+            extra = poisoned(extra_blocks, extra_page, extra_indices.flatten().long())
             extra_length = torch.randint(0, params["extra_topk"] + 1, (batch,), generator=generator, dtype=torch.int32) if params.get("topk_length") else None
         named = indices if topk_length is None else torch.where(torch.arange(topk)[None, None, :] < topk_length[:, None, None], indices, -1)
-        cache = _poisoned_cache(blocks, params["fp8"], named.flatten().long(), generator)
+        cache = poisoned(blocks, page, named.flatten().long())
         return {"q": q, "k_cache": cache, "block_table": None, "cache_seqlens": None, "causal": False, "fp8": params["fp8"],
                 "indices": indices, "attn_sink": sink, "extra_k_cache": extra, "extra_indices": extra_indices,
                 "topk_length": topk_length, "extra_topk_length": extra_length}
@@ -111,7 +138,7 @@ class MlaDecodeV2Family(Family):
     def expect(self, inputs: Tensors) -> Tensors:
         q = inputs["q"]
         out, lse = mla_decode_v2_reference(
-            q.float(), inputs["k_cache"], inputs["block_table"], inputs["cache_seqlens"], 512, D_QK**-0.5,
+            q.float(), inputs["k_cache"], inputs["block_table"], inputs["cache_seqlens"], 512, q.shape[-1] ** -0.5,
             inputs["causal"] and q.shape[1] > 1, inputs["fp8"], inputs["indices"], inputs["attn_sink"], inputs["extra_k_cache"],
             inputs["extra_indices"], inputs["topk_length"], inputs["extra_topk_length"],
         )
@@ -165,9 +192,10 @@ class SparsePrefillFamily(Family):
 def _v2_name(p: Mapping[str, Any]) -> str:
     parts = [p["mode"], f"b{p['batch']}", f"sq{p['s_q']}", f"h{p['h_q']}"]
     parts += [f"topk{p['topk']}"] if p["mode"] == "sparse" else ["sk" + "_".join(map(str, p["seqlens"]))]
-    parts += ["fp8" if p["fp8"] else "bf16"]
+    parts += ["m1" if p.get("model1") else "fp8" if p["fp8"] else "bf16"]  # m1: the MODEL1 FP8 cache (d_qk 512)
+    parts += [f"p{p['page']}"] if p.get("page") else []
     parts += [f"sink-{p['sink']}"] if p.get("sink", "none") != "none" else []
-    parts += [f"extra{p['extra_topk']}"] if p.get("extra_topk") else []
+    parts += [f"extra{p['extra_topk']}" + (f"p{p['extra_page']}" if p.get("extra_page") else "")] if p.get("extra_topk") else []
     parts += ["topklen"] if p.get("topk_length") else []
     parts += ["causal"] if p.get("causal") else []
     parts += ["dup"] if p.get("duplicates") else []
@@ -184,6 +212,9 @@ def mla_v2_cases() -> list[Case]:
         {"mode": "sparse", "batch": 2, "s_q": 1, "h_q": 16, "topk": 48, "blocks": 2, "fp8": False, "sink": "mixed"},
         {"mode": "dense", "batch": 3, "s_q": 2, "h_q": 16, "seqlens": [130, 1, 0], "fp8": True, "causal": True, "sink": "mixed"},
         {"mode": "sparse", "batch": 2, "s_q": 1, "h_q": 16, "topk": 64, "blocks": 3, "fp8": True, "duplicates": True},
+        # FlashMLA's d_qk 512: the MODEL1 FP8 cache, odd page sizes, an extra cache of 2-token pages
+        {"mode": "sparse", "batch": 2, "s_q": 2, "h_q": 16, "topk": 64, "blocks": 3, "page": 61, "fp8": True, "model1": True, "sink": "mixed",
+         "topk_length": True, "extra_topk": 32, "extra_page": 2},
     ]
     full = [
         {"mode": "sparse", "batch": b, "s_q": s_q, "h_q": h, "topk": 2048, "blocks": 64, "fp8": True, "sink": "mixed", "topk_length": True}
@@ -191,6 +222,9 @@ def mla_v2_cases() -> list[Case]:
     ]
     # A 32k-token cache (512 pages), the sizes DeepSeek-V3.2 serves.
     full += [{"mode": "sparse", "batch": 4, "s_q": 1, "h_q": 128, "topk": 2048, "blocks": 512, "fp8": True, "sink": "mixed", "topk_length": True}]
+    # FlashMLA's MODEL1 production shape: 256-token pages, an extra cache of 64-token pages
+    full += [{"mode": "sparse", "batch": 8, "s_q": 2, "h_q": 64, "topk": 128, "blocks": 64, "page": 256, "fp8": True, "model1": True,
+              "sink": "mixed", "topk_length": True, "extra_topk": 512, "extra_page": 64}]
     cases = [Case(decode, _v2_name(p), p, quick=True, seed=400 + i) for i, p in enumerate(quick)]
     cases += [Case(decode, _v2_name(p), p, quick=False, seed=500 + i) for i, p in enumerate(full)]
     prefill = SparsePrefillFamily()

@@ -80,7 +80,7 @@ from hal.ops.indexer import (
     quantize_indexer_keys,
 )
 from hal.ops.mla import flash_mla_with_kvcache, get_mla_metadata
-from hal.ops.mla_fp8_cache import dequantize_mla_kv_cache, quantize_mla_kv_cache
+from hal.ops.mla_fp8_cache import dequantize_mla_kv_cache, dequantize_model1_kv_cache, quantize_mla_kv_cache, quantize_model1_kv_cache
 from hal.ops.mla_v2 import MLASchedule, flash_mla_sparse_fwd
 from hal import ep  # noqa: E402  (after the operators it is built on)
 
@@ -94,6 +94,8 @@ __all__ = [
     "flash_mla_sparse_fwd",
     "MLASchedule",
     "quantize_mla_kv_cache",
+    "quantize_model1_kv_cache",
+    "dequantize_model1_kv_cache",
     "dequantize_mla_kv_cache",
     "fp8_mqa_logits",
     "fp8_paged_mqa_logits",

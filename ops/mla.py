@@ -30,6 +30,7 @@ from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.operator import declare
 from hal.ops.mla_schedule import BLOCK_SIZE_N, METADATA_WIDTH, schedule_mla_splits
+from hal.ops.mla_fp8_cache import MODEL1_DIM
 from hal.ops.mla_v2 import MLASchedule, decode_v2
 from hal.selection import select
 
@@ -242,9 +243,9 @@ def flash_mla_with_kvcache(
     )
 
 
-def _resolve_scale(softmax_scale: float | None) -> float:
+def _resolve_scale(softmax_scale: float | None, d_qk: int = HEAD_DIM_QK) -> float:
     if softmax_scale is None:
-        return HEAD_DIM_QK**-0.5
+        return d_qk**-0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < math.inf:
         raise ValueRangeError(_OP, "softmax_scale", "a positive finite float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
     return float(softmax_scale)
@@ -254,10 +255,16 @@ def _decode_v2(
     q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
     extra_k_cache, extra_indices, topk_length, extra_topk_length,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`."""
-    _check_query(q)
+    """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`.
+
+    q is 576 wide, or 512 wide with the MODEL1 FP8 cache in the sparse mode (FlashMLA's d_qk 512)."""
+    if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] == MODEL1_DIM and is_fp8_kvcache and indices is not None:
+        expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, MODEL1_DIM), dims=("batch", "s_q", "h_q", "d"))
+        _expect_last_dim_contiguous("q", q)
+    else:
+        _check_query(q)
     expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
-    scale = _resolve_scale(softmax_scale)
+    scale = _resolve_scale(softmax_scale, q.shape[-1])
     causal = bool(causal) and q.shape[1] > 1
 
     def check_dense(cache: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ from hal.operator import declare
 __all__ = [
     "FP8_TOKEN_BYTES", "LATENT", "ROPE", "TILE", "TILES", "QUANTIZE_MLA_KV_CACHE", "quantize_mla_kv_cache", "quantize_mla_kv_cache_reference",
     "dequantize_mla_kv_cache", "check_fp8_kv_cache", "ue8m0_scale",
+    "MODEL1_DIM", "MODEL1_NOPE", "MODEL1_DATA_BYTES", "MODEL1_TOKEN_BYTES", "model1_page_bytes", "model1_pages", "check_model1_kv_cache", "dequantize_model1_kv_cache", "quantize_model1_kv_cache",
 ]
 
 QUANTIZE_MLA_KV_CACHE = declare(
@@ -114,3 +115,92 @@ def dequantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
     rope = raw[..., ROPE_OFFSET:].contiguous().view(torch.bfloat16).float()
     latent = (codes * scales.unsqueeze(-1)).view(blocks, page, LATENT)
     return torch.cat([latent, rope], dim=-1).view(blocks, page, 1, LATENT + ROPE)
+
+
+# --- FlashMLA's MODEL1_FP8Sparse layout (the model after V3.2: 512-wide keys, V the whole key) ---
+#
+# A page of ``page`` tokens is one run of bytes: every token's 448 e4m3 NoPE values then its 64
+# bf16 RoPE values (576 bytes each, tokens adjacent), then every token's 8 scale bytes (7 UE8M0
+# exponents, one per 64 NoPE values, and a pad byte); FlashMLA pads each page to a multiple of 576
+# bytes. The cache tensor is the view float8_e4m3fn [num_blocks, page, 1, 584] of that buffer
+# (strides ``(page_bytes, 584, 584, 1)``): its shape says 584 bytes per token, but a token's
+# bytes are where the layout puts them, not at ``slot * 584``.
+MODEL1_NOPE = 448
+MODEL1_ROPE = 64
+MODEL1_DIM = MODEL1_NOPE + MODEL1_ROPE  # 512 = d_qk = d_v
+MODEL1_TILE = 64
+MODEL1_TILES = MODEL1_NOPE // MODEL1_TILE  # 7
+MODEL1_DATA_BYTES = MODEL1_NOPE + 2 * MODEL1_ROPE  # 576
+MODEL1_SCALE_BYTES = 8
+MODEL1_TOKEN_BYTES = MODEL1_DATA_BYTES + MODEL1_SCALE_BYTES  # 584
+
+
+def model1_page_bytes(page: int) -> int:
+    """Bytes of one page of the MODEL1 layout as FlashMLA allocates it (a multiple of 576)."""
+    return -(-page * MODEL1_TOKEN_BYTES // MODEL1_DATA_BYTES) * MODEL1_DATA_BYTES
+
+
+def check_model1_kv_cache(op: str, name: str, k_cache: object) -> torch.Tensor:
+    """float8_e4m3fn [num_blocks, page_block_size, 1, 584]: the view FlashMLA makes of its MODEL1 pages."""
+    cache = expect_tensor(
+        op, name, k_cache, dtypes=torch.float8_e4m3fn, shape=(None, None, 1, MODEL1_TOKEN_BYTES),
+        dims=("num_blocks", "page_block_size", "h_kv", "bytes per token"),
+    )
+    blocks, page = cache.shape[:2]
+    if cache.numel() == 0:
+        return cache
+    laid_out = cache.stride(3) == 1 and (page == 1 or cache.stride(1) == MODEL1_TOKEN_BYTES) and (blocks == 1 or cache.stride(0) >= page * MODEL1_TOKEN_BYTES)
+    end = cache.storage_offset() + (blocks - 1) * cache.stride(0) + page * MODEL1_TOKEN_BYTES
+    if not laid_out or end > cache.untyped_storage().nbytes():
+        raise LayoutError(
+            op, name, f"pages of {page} x {MODEL1_TOKEN_BYTES} bytes (FlashMLA's MODEL1_FP8Sparse: data of every token, then its scales), "
+            "each page whole in the storage", f"strides {tuple(cache.stride())} over {cache.untyped_storage().nbytes()} bytes",
+            "Build the cache with hal.quantize_model1_kv_cache or FlashMLA's quantize_k_cache(MODEL1_FP8Sparse).",
+        )
+    return cache
+
+
+def model1_pages(cache: torch.Tensor) -> torch.Tensor:
+    """uint8 [num_blocks, page * 584]: each page's bytes, read through the cache's storage."""
+    blocks, page = cache.shape[:2]
+    raw = torch.empty(0, dtype=torch.uint8, device=cache.device).set_(cache.untyped_storage())
+    return raw.as_strided((blocks, page * MODEL1_TOKEN_BYTES), (cache.stride(0), 1), cache.storage_offset())
+
+
+def dequantize_model1_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
+    """The MODEL1 FP8 cache -> float32 [num_blocks, page_block_size, 1, 512] (exact: codes times
+    powers of two; a scale byte of 255 is NaN, as UE8M0 says)."""
+    cache = check_model1_kv_cache("dequantize_model1_kv_cache", "k_cache", k_cache)
+    blocks, page = cache.shape[:2]
+    pages = model1_pages(cache)
+    data = pages[:, : page * MODEL1_DATA_BYTES].reshape(blocks, page, MODEL1_DATA_BYTES)
+    codes = data[..., :MODEL1_NOPE].contiguous().view(torch.float8_e4m3fn).float().view(blocks, page, MODEL1_TILES, MODEL1_TILE)
+    rope = data[..., MODEL1_NOPE:].contiguous().view(torch.bfloat16).float()
+    exponents = pages[:, page * MODEL1_DATA_BYTES :].reshape(blocks, page, MODEL1_SCALE_BYTES)[..., :MODEL1_TILES].float()
+    scales = torch.where(exponents == 255, torch.nan, torch.exp2(exponents - 127))
+    nope = (codes * scales.unsqueeze(-1)).view(blocks, page, MODEL1_NOPE)
+    return torch.cat([nope, rope], dim=-1).view(blocks, page, 1, MODEL1_DIM)
+
+
+def quantize_model1_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
+    """bf16 [num_blocks, page_block_size, 1, 512] -> FlashMLA's MODEL1_FP8Sparse cache (the
+    float8_e4m3fn [num_blocks, page_block_size, 1, 584] view of pages padded to 576 bytes).
+
+    Per token and 64 NoPE values: scale = the smallest power of two >= max(amax / 448, 1e-4),
+    codes = e4m3(x / scale); the 64 RoPE values stay bf16. Torch on the cache's device."""
+    op = "quantize_model1_kv_cache"
+    expect_tensor(op, "k_cache", k_cache, dtypes=torch.bfloat16, shape=(None, None, 1, MODEL1_DIM), dims=("num_blocks", "page_block_size", "h_kv", "d"))
+    blocks, page = k_cache.shape[:2]
+    page_bytes = model1_page_bytes(page)
+    buffer = torch.zeros(blocks, page_bytes, dtype=torch.uint8, device=k_cache.device)
+    values = k_cache.reshape(blocks, page, MODEL1_DIM)
+    nope = values[..., :MODEL1_NOPE].float().view(blocks, page, MODEL1_TILES, MODEL1_TILE)
+    scales = ue8m0_scale(nope.abs().amax(dim=-1))  # [blocks, page, tiles]
+    codes = (nope / scales.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8).view(blocks, page, MODEL1_NOPE)
+    data = buffer[:, : page * MODEL1_DATA_BYTES].view(blocks, page, MODEL1_DATA_BYTES)
+    data[..., :MODEL1_NOPE] = codes
+    data[..., MODEL1_NOPE:] = values[..., MODEL1_NOPE:].contiguous().view(torch.uint8)
+    exponents = torch.where(torch.isnan(scales), 255, (scales.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    buffer[:, page * MODEL1_DATA_BYTES : page * MODEL1_TOKEN_BYTES].view(blocks, page, MODEL1_SCALE_BYTES)[..., :MODEL1_TILES] = exponents
+    view = buffer.view(torch.float8_e4m3fn)[:, : page * MODEL1_TOKEN_BYTES]
+    return view.as_strided((blocks, page, 1, MODEL1_TOKEN_BYTES), (page_bytes, MODEL1_TOKEN_BYTES, MODEL1_TOKEN_BYTES, 1))

@@ -28,12 +28,13 @@ from hal.checks import expect_in_range, expect_same_device, expect_tensor
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
-from hal.ops.mla_fp8_cache import check_fp8_kv_cache
+from hal.ops.mla_fp8_cache import MODEL1_DIM, check_fp8_kv_cache, check_model1_kv_cache
 
 __all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "decode_v2", "flash_mla_sparse_fwd", "dense_window_indices"]
 
 MLA_DECODE_V2 = declare(
     "mla_decode_v2", "hal_mla_decode_v2", "mla", "MLA decode with FP8 KV cache, sparse indices, attention sink (FlashMLA, DeepSeek-V3.2)",
+    version=2,
     features=(
         Feature("dense", "the dense mode (block_table + cache_seqlens) with V3.2 arguments"),
         Feature("sparse", "sparse attention over top-k indices into the flattened cache"),
@@ -41,6 +42,7 @@ MLA_DECODE_V2 = declare(
         Feature("sink", "attention sinks (attn_sink)"),
         Feature("topk_length", "per-batch cuts of the index lists (topk_length)"),
         Feature("extra_cache", "a second cache in the same softmax (extra_k_cache)"),
+        Feature("model1_fp8", "512-wide queries over FlashMLA's MODEL1_FP8Sparse cache (448 e4m3 + 64 bf16 per token, V the whole key)", since=2),
     ),
 )
 MLA_SPARSE_PREFILL = declare(
@@ -107,6 +109,8 @@ class MLASchedule:
 
 
 def _check_cache(name: str, cache: object, q: torch.Tensor, fp8: bool) -> torch.Tensor:
+    if fp8 and q.shape[-1] == MODEL1_DIM:  # validated with the sparse mode by the caller
+        return check_model1_kv_cache(_OP, name, cache)
     if fp8:
         return check_fp8_kv_cache(_OP, name, cache)
     if isinstance(cache, torch.Tensor) and cache.dtype == torch.float8_e4m3fn:
@@ -176,7 +180,7 @@ def decode_v2(
     )
     features = {"sparse" if indices is not None else "dense"}
     features |= {name for name, value in (("fp8_kv", is_fp8_kvcache), ("sink", attn_sink is not None), ("extra_cache", extra_k_cache is not None),
-                 ("topk_length", topk_length is not None or extra_topk_length is not None)) if value}
+                 ("topk_length", topk_length is not None or extra_topk_length is not None), ("model1_fp8", q.shape[-1] == MODEL1_DIM)) if value}
     return call(
         MLA_DECODE_V2, "q", q.device, features=features,
         q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, head_dim_v=head_dim_v, softmax_scale=softmax_scale,

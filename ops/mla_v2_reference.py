@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from hal.ops.mla_fp8_cache import dequantize_mla_kv_cache
+from hal.ops.mla_fp8_cache import MODEL1_DIM, dequantize_mla_kv_cache, dequantize_model1_kv_cache
 from hal.ops.mla_reference import mla_decode_reference
 
 __all__ = ["mla_decode_v2_reference", "mla_sparse_prefill_reference", "attend"]
@@ -34,9 +34,9 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, scale: float, head_dim_v: 
     return (p @ keys[:, :head_dim_v]) / total[:, None], m + torch.log(total), m
 
 
-def _flat_keys(cache: torch.Tensor, fp8: bool) -> torch.Tensor:
+def _flat_keys(cache: torch.Tensor, fp8: bool, model1: bool = False) -> torch.Tensor:
     """[num_blocks, page, 1, d] -> float32 [num_blocks * page, d] (position = block * page + slot)."""
-    keys = dequantize_mla_kv_cache(cache) if fp8 else cache.float()
+    keys = dequantize_model1_kv_cache(cache) if model1 else dequantize_mla_kv_cache(cache) if fp8 else cache.float()
     return keys.reshape(-1, keys.shape[-1])
 
 
@@ -69,9 +69,10 @@ def mla_decode_v2_reference(
         # q in fp32 (same values) keeps out unrounded until the sink is applied, then rounded once.
         out, lse = mla_decode_reference(q.float(), keys, block_table, cache_seqlens, head_dim_v, None, None, softmax_scale, causal)
         return _apply_sink(out, lse.permute(0, 2, 1), attn_sink).to(q.dtype), lse
-    batch, s_q, h_q, _ = q.shape
-    keys = _flat_keys(k_cache, is_fp8_kvcache)
-    extra = _flat_keys(extra_k_cache, is_fp8_kvcache) if extra_k_cache is not None else None
+    batch, s_q, h_q, d_qk = q.shape
+    model1 = is_fp8_kvcache and d_qk == MODEL1_DIM  # FlashMLA's MODEL1_FP8Sparse: 512-wide keys, V the whole key
+    keys = _flat_keys(k_cache, is_fp8_kvcache, model1)
+    extra = _flat_keys(extra_k_cache, is_fp8_kvcache, model1) if extra_k_cache is not None else None
     out = torch.zeros(batch, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, s_q, h_q), math.inf, dtype=torch.float32, device=q.device)
     for b in range(batch):

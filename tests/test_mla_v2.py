@@ -239,3 +239,47 @@ def test_sparse_prefill_with_512_wide_heads(backend):
         assert all(m.passed for m in judge("mla_sparse_prefill", name, got, want)), name
     with pytest.raises(hal.ShapeError, match="d_qk"):
         flash_mla.flash_mla_sparse_fwd(q[..., :500], kv[..., :500], indices, 500**-0.5)
+
+
+def test_model1_cache_layout_and_sparse_decode():
+    # FlashMLA's MODEL1_FP8Sparse (d_qk 512): per page, every token's 448 e4m3 + 64 bf16, then every
+    # token's 7 UE8M0 scale bytes and a pad; pages padded to a multiple of 576 bytes.
+    from hal.ops.mla_fp8_cache import model1_page_bytes, model1_pages
+
+    g = torch.Generator().manual_seed(5)
+    blocks, page = 3, 61
+    keys = (torch.randn(blocks, page, 1, 512, generator=g) * 4).to(torch.bfloat16)
+    cache = hal.quantize_model1_kv_cache(keys)
+    assert cache.shape == (blocks, page, 1, 584) and cache.stride() == (model1_page_bytes(page), 584, 584, 1)
+    assert model1_page_bytes(page) % 576 == 0 and model1_page_bytes(page) >= page * 584
+    raw = model1_pages(cache)
+    token = raw[1, 7 * 576 : 8 * 576]  # block 1, slot 7: its data bytes
+    assert torch.equal(token[448:].view(torch.bfloat16), keys[1, 7, 0, 448:])  # RoPE kept in bf16
+    exponents = raw[1, page * 576 + 7 * 8 : page * 576 + 7 * 8 + 7].to(torch.int32)
+    scales = torch.exp2(exponents.float() - 127)
+    amax = keys[1, 7, 0, :448].float().abs().view(7, 64).amax(dim=1)
+    assert ((scales >= amax / 448) & (scales < 2 * amax / 448 + 1e-30)).all()  # the smallest power of two covering amax / 448
+    want = token[:448].view(torch.float8_e4m3fn).float().view(7, 64) * scales[:, None]
+    assert torch.equal(hal.dequantize_model1_kv_cache(cache)[1, 7, 0, :448], want.view(448))
+    # sparse decode against float64 over the dequantised keys (V is the whole key)
+    flat = hal.dequantize_model1_kv_cache(cache).reshape(-1, 512).double()
+    q = torch.randn(2, 2, 16, 512, generator=g).to(torch.bfloat16)
+    indices = torch.randint(-1, blocks * page, (2, 2, 40), generator=g, dtype=torch.int32)
+    indices[1, 1] = -1  # a row that sees no key: out 0, lse +inf
+    out, lse = flash_mla.flash_mla_with_kvcache(q, cache, None, None, 512, flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True, indices=indices)
+    for b in range(2):
+        for t in range(2):
+            row = indices[b, t][indices[b, t] >= 0].long()
+            if row.numel() == 0:
+                assert (out[b, t] == 0).all() and torch.isinf(lse[b, :, t]).all()
+                continue
+            scores = q[b, t].double() @ flat[row].T * 512**-0.5
+            want_out = torch.softmax(scores, dim=-1) @ flat[row]
+            assert all(m.passed for m in judge("mla_decode_v2", "out", out[b, t].float(), want_out.float()))
+            assert all(m.passed for m in judge("mla_decode_v2", "lse", lse[b, :, t], torch.logsumexp(scores, dim=-1).float()))
+    overlapping = cache.as_strided(cache.shape, (page * 584 - 8, 584, 584, 1))  # pages that overlap: not FlashMLA's layout
+    with pytest.raises(hal.LayoutError):
+        flash_mla.flash_mla_with_kvcache(q, overlapping, None, None, 512, flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True, indices=indices)
+    with pytest.raises(hal.ShapeError):  # 512-wide queries need the MODEL1 cache and sparse indices
+        flash_mla.flash_mla_with_kvcache(q, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 512,
+                                         flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True)

@@ -49,7 +49,8 @@ class TritonBackend:
     def hal_backend_info(self) -> BackendInfo:
         # ep_combine_reduce at version 1: this backend runs the reference reduction, which would
         # only concatenate segments (a combine then keeps copying its own rows, one pass cheaper).
-        contracts = current_contracts() | {"ep_combine_reduce": 1}
+        # mla_decode_v2 at version 1: the sparse kernel reads the 656-byte V3.2 cache, not MODEL1's pages.
+        contracts = current_contracts() | {"ep_combine_reduce": 1, "mla_decode_v2": 1}
         if self.target.simulated:
             # A simulator is never picked automatically: it is slow and proves numerics, not speed.
             return BackendInfo(
