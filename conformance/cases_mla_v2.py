@@ -75,10 +75,8 @@ def _poisoned_model1(blocks: int, page: int, named: torch.Tensor, generator: tor
     cache = quantize_model1_kv_cache(torch.randn(blocks, page, 1, MODEL1_DIM, generator=generator).to(torch.bfloat16))
     unused = torch.ones(blocks * page, dtype=torch.bool)
     unused[named[named >= 0].long()] = False
-    data = model1_pages(cache)[:, : page * MODEL1_DATA_BYTES].reshape(blocks * page, MODEL1_DATA_BYTES)
-    data[unused, :MODEL1_NOPE] = NAN_E4M3  # reshape of the strided page view is a copy: write it back below
-    pages = model1_pages(cache)
-    pages[:, : page * MODEL1_DATA_BYTES] = data.view(blocks, page * MODEL1_DATA_BYTES)
+    data = model1_pages(cache)[:, : page * MODEL1_DATA_BYTES].view(blocks, page, MODEL1_DATA_BYTES)  # a view: writes land in the cache
+    data[unused.view(blocks, page), :MODEL1_NOPE] = NAN_E4M3
     return cache
 
 

@@ -188,7 +188,7 @@ class Buffer:
         self._alive("get_next_low_latency_combine_buffer")
         if not isinstance(handle, LowLatencyHandle):
             raise ArgumentError("Buffer.get_next_low_latency_combine_buffer", "handle", "the handle of a low_latency_dispatch", type(handle).__name__, "")
-        shape = (handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        shape = self._combine_buffer_shape(handle)
         if shape not in self._combine_buffers:
             self._combine_buffers[shape] = torch.zeros(shape, dtype=torch.bfloat16, device=group_device(self.group))
         return self._combine_buffers[shape]
@@ -369,13 +369,17 @@ class Buffer:
         )
         return combined, event, hook if return_recv_hook else None
 
+    def _combine_buffer_shape(self, handle: LowLatencyHandle) -> tuple[int, int, int]:
+        """[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]: recv_x's slots."""
+        return handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden
+
     def _zero_copy_source(self, op: str, x: object, handle: Any) -> torch.Tensor:
         """With ``zero_copy``, DeepEP's kernel reads the expert outputs from the buffer that
         :meth:`get_next_low_latency_combine_buffer` returned, and ``x`` only gives the shape: its
         tests write the buffer and pass another tensor of that shape."""
         if not isinstance(handle, LowLatencyHandle):
             raise ArgumentError(op, "handle", "the handle of a low_latency_dispatch", type(handle).__name__, "")
-        shape = (handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        shape = self._combine_buffer_shape(handle)
         buffer = self._combine_buffers.get(shape)
         if buffer is None:
             raise ArgumentError(op, "zero_copy", "a combine buffer from get_next_low_latency_combine_buffer(handle) holding the expert outputs",

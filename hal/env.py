@@ -15,7 +15,7 @@ import functools
 import os
 from collections.abc import Callable
 
-__all__ = ["get", "raw", "reader"]
+__all__ = ["get", "reader"]
 
 _DATA = getattr(os.environ, "_data", None)
 _FAST = os.name == "posix" and isinstance(_DATA, dict) and all(isinstance(k, bytes) for k in list(_DATA)[:8])
@@ -34,17 +34,10 @@ def get(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
-def raw(name: str) -> bytes | str | None:
-    """The variable's value as stored (bytes on POSIX, else str), or None when unset: a key for
-    caching what a value parses to, without decoding it on every call."""
-    if _FAST:
-        return _DATA.get(_key(name))  # type: ignore[union-attr]
-    return os.environ.get(name)
-
-
 def reader(name: str) -> Callable[[], bytes | str | None]:
-    """A function returning :func:`raw` of ``name``, bound to its pre-encoded key (a call costs
-    one dict lookup): for state compared on every operator call."""
+    """A function returning the variable's value as stored (bytes on POSIX, else str; None when
+    unset), bound to its pre-encoded key (a call costs one dict lookup): a key for state compared,
+    or parsed once per value, on every operator call."""
     if _FAST:
         return functools.partial(_DATA.get, _key(name))  # type: ignore[union-attr]
     return functools.partial(os.environ.get, name)

@@ -125,8 +125,8 @@ def _expect_last_dim_contiguous(name: str, tensor: torch.Tensor) -> None:
         raise LayoutError(_OP, name, "a contiguous last dimension (stride 1)", f"stride {tensor.stride(-1)}", f"Pass '{name}.contiguous()'.")
 
 
-def _check_query(q: object) -> None:
-    expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, HEAD_DIM_QK), dims=("batch", "s_q", "h_q", "d"))
+def _check_query(q: object, width: int = HEAD_DIM_QK) -> None:
+    expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, width), dims=("batch", "s_q", "h_q", "d"))
     _expect_last_dim_contiguous("q", q)
 
 
@@ -258,11 +258,8 @@ def _decode_v2(
     """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`.
 
     q is 576 wide, or 512 wide with the MODEL1 FP8 cache in the sparse mode (FlashMLA's d_qk 512)."""
-    if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] == MODEL1_DIM and is_fp8_kvcache and indices is not None:
-        expect_tensor(_OP, "q", q, dtypes=MLA_DTYPES, shape=(None, None, None, MODEL1_DIM), dims=("batch", "s_q", "h_q", "d"))
-        _expect_last_dim_contiguous("q", q)
-    else:
-        _check_query(q)
+    model1 = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] == MODEL1_DIM and is_fp8_kvcache and indices is not None
+    _check_query(q, MODEL1_DIM if model1 else HEAD_DIM_QK)
     expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
     scale = _resolve_scale(softmax_scale, q.shape[-1])
     causal = bool(causal) and q.shape[1] > 1
