@@ -37,7 +37,7 @@ import hal
 from hal.conformance import oracles
 from hal.conformance.case import judge
 from hal.ops.gemm import rows_by_block
-from hal.ops.mla_fp8_cache import quantize_mla_kv_cache_reference
+from hal.ops.mla_fp8_cache import model1_pages, quantize_mla_kv_cache_reference
 
 __all__ = ["Outcome", "OPERATORS", "run", "summarise", "main"]
 
@@ -509,6 +509,59 @@ SPARSE_DECODE = Operator(
 )
 
 
+def _make_model1(rng: random.Random) -> Args:
+    """Sparse decode with FlashMLA's d_qk 512: q 512 wide over the MODEL1 FP8 cache (odd pages)."""
+    g = _gen(rng)
+    batch, s_q, h_q, topk, blocks, page = rng.choice([1, 2]), rng.choice([1, 2]), rng.choice([16, 32]), rng.choice([8, 64]), rng.choice([1, 3]), rng.choice([2, 61, 64])
+    cache = hal.quantize_model1_kv_cache(torch.randn(blocks, page, 1, 512, generator=g).to(torch.bfloat16))
+    return {
+        "q": torch.randn(batch, s_q, h_q, 512, generator=g).to(torch.bfloat16), "k_cache": cache, "fp8": True,
+        "indices": torch.randint(-1, blocks * page, (batch, s_q, topk), generator=g, dtype=torch.int32),
+        "attn_sink": torch.randn(h_q, generator=g) if rng.random() < 0.5 else None,
+        "topk_length": torch.randint(0, topk + 1, (batch,), generator=g, dtype=torch.int32) if rng.random() < 0.5 else None, "causal": False,
+    }
+
+
+def _judge_model1(args: Args, result: Any) -> str | None:
+    keys = oracles.model1_cache_oracle(args["k_cache"])
+    want_out, want_lse = oracles.sparse_decode_oracle(args["q"], keys, args["indices"], args["topk_length"], args["attn_sink"], 512**-0.5)
+    out, lse = result
+    return _compare("mla_decode_v2", "out", out.float(), want_out.float()) or _compare("mla_decode_v2", "lse", lse, want_lse.float())
+
+
+def _model1_nan_code(a: Args, r: random.Random) -> Args:
+    """An e4m3 NaN written into the first named key's NoPE values."""
+    named = a["indices"][a["indices"] >= 0]
+    if named.numel() == 0:
+        return a
+    cache = hal.quantize_model1_kv_cache(hal.dequantize_model1_kv_cache(a["k_cache"]).to(torch.bfloat16))  # a fresh copy of the same values
+    page = cache.shape[1]
+    block, slot = divmod(int(named[0]), page)
+    model1_pages(cache)[block, slot * 576 + 3] = 0x7F
+    return _replace(a, k_cache=cache)
+
+
+SPARSE_DECODE_MODEL1 = Operator(
+    "mla_decode_v2.model1",
+    _make_model1,
+    _call_sparse,
+    _judge_model1,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("every index -1", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], -1)), True),
+        Mutation("+inf and -inf sinks", lambda a, r: _replace(a, attn_sink=torch.tensor([math.inf, -math.inf] + [0.5] * (a["q"].shape[2] - 2))), True),
+        Mutation("NaN code in a named key", _model1_nan_code, True),
+        Mutation("NaN in q", lambda a, r: _replace(a, q=_poke(a["q"], math.nan, r)), True),
+        Mutation("index past the cache", lambda a, r: _replace(a, indices=a["indices"] + a["k_cache"].shape[0] * a["k_cache"].shape[1] + 1), False),
+        Mutation("q 576 wide over the MODEL1 cache", lambda a, r: _replace(a, q=torch.cat([a["q"], a["q"][..., :64]], -1)), False),
+        Mutation("MODEL1 cache without the fp8 flag", lambda a, r: _replace(a, fp8=False), False),
+        Mutation("tokens 576 bytes apart in the view", lambda a, r: _replace(a, k_cache=a["k_cache"].as_strided(a["k_cache"].shape, (a["k_cache"].stride(0), 576, 576, 1))), False),
+        Mutation("causal with indices", lambda a, r: _replace(a, causal=True, q=a["q"] if a["q"].shape[1] > 1 else torch.cat([a["q"], a["q"]], 1), indices=a["indices"] if a["indices"].shape[1] > 1 else torch.cat([a["indices"], a["indices"]], 1)), False),
+    ),
+    operator="mla_decode_v2",
+)
+
+
 def _make_prefill(rng: random.Random) -> Args:
     g = _gen(rng)
     s_q, s_kv, h_kv, topk = rng.choice([1, 5]), rng.choice([8, 70]), rng.choice([1, 2]), rng.choice([4, 16])
@@ -964,7 +1017,7 @@ REDUCE = Operator(
 
 OPERATORS: dict[str, Operator] = {
     op.name: op for op in (
-        DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, SPARSE_DECODE, SPARSE_PREFILL, QUANTIZE_CACHE, MQA_LOGITS, PAGED_MQA_LOGITS,
+        DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, SPARSE_DECODE, SPARSE_DECODE_MODEL1, SPARSE_PREFILL, QUANTIZE_CACHE, MQA_LOGITS, PAGED_MQA_LOGITS,
         FP8_V2, BF16_GEMM,
         LAYOUT, PACK, UNPACK, REDUCE,
     )

@@ -193,6 +193,21 @@ def fp8_cache_oracle(cache: torch.Tensor) -> torch.Tensor:
     return torch.cat([(latent * scales[:, :, None]).view(-1, 512), rope], dim=1)
 
 
+def model1_cache_oracle(cache: torch.Tensor) -> torch.Tensor:
+    """FlashMLA's MODEL1 FP8 cache (the [blocks, page, 1, 584] view of its pages) as float64
+    [blocks * page, 512], read byte by byte: per page, 576 bytes per token (448 e4m3, 64 bf16),
+    then 8 per token (7 UE8M0 exponents, 255 = NaN)."""
+    blocks, page = cache.shape[:2]
+    storage = torch.empty(0, dtype=torch.uint8).set_(cache.untyped_storage())
+    pages = storage.as_strided((blocks, page * 584), (cache.stride(0), 1), cache.storage_offset())
+    data = pages[:, : page * 576].reshape(-1, 576)
+    codes = data[:, :448].contiguous().view(torch.float8_e4m3fn).double().view(-1, 7, 64)
+    rope = data[:, 448:].contiguous().view(torch.bfloat16).double()
+    exponents = pages[:, page * 576 :].reshape(-1, 8)[:, :7].double()
+    scales = torch.where(exponents == 255, math.nan, 2.0 ** (exponents - 127))
+    return torch.cat([(codes * scales[:, :, None]).view(-1, 448), rope], dim=1)
+
+
 def sparse_decode_oracle(q, keys, indices, topk_length, sink, scale):
     """q [b, s_q, h_q, d], keys float64 [positions, d] -> out [b, s_q, h_q, 512], lse [b, h_q, s_q]."""
     b, s_q, h_q, _ = q.shape
