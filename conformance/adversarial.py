@@ -737,6 +737,15 @@ def _judge_paged(args: Args, result: Any) -> str | None:
     return _compare("paged_mqa_logits", "logits_bf16" if args["dtype"] == torch.bfloat16 else "logits", got, want)
 
 
+def _context_past_width(a: Args, r: random.Random) -> Args:
+    """A context one longer than max_context_len (when every context was empty, one of length 1
+    and a width of 0: a width of max - 1 alone would then be a valid call)."""
+    lens = a["context_lens"].clone()
+    if int(lens.max()) == 0:
+        lens.view(-1)[0] = 1
+    return _replace(a, context_lens=lens, width=int(lens.max()) - 1)
+
+
 PAGED_MQA_LOGITS = Operator(
     "paged_mqa_logits",
     _make_paged,
@@ -747,7 +756,7 @@ PAGED_MQA_LOGITS = Operator(
         Mutation("bf16 logits", lambda a, r: _replace(a, dtype=torch.bfloat16), True),
         Mutation("every context empty", lambda a, r: _replace(a, context_lens=torch.zeros_like(a["context_lens"])), True),
         Mutation("NaN scale in a block", lambda a, r: _replace(a, cache=_nan_scale(a["cache"])), True),
-        Mutation("context past max_context_len", lambda a, r: _replace(a, width=max(int(a["context_lens"].max()) - 1, 0)), False),
+        Mutation("context past max_context_len", _context_past_width, False),
         Mutation("block id past the cache", lambda a, r: _replace(a, table=a["table"] + a["cache"].shape[0]), False),
         Mutation("cache of D + 3 bytes", lambda a, r: _replace(a, cache=a["cache"][..., :-1]), False),
         Mutation("q float32", lambda a, r: _replace(a, q=a["q"].float()), False),
