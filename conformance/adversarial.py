@@ -484,6 +484,13 @@ def _fp8_latent(value: int) -> Callable[[Args, random.Random], Args]:
     return apply
 
 
+# Mutations both sparse decode variants (the V3.2 cache and MODEL1's) make.
+_EVERY_INDEX_UNUSED = Mutation("every index -1", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], -1)), True)
+_INFINITE_SINKS = Mutation("+inf and -inf sinks", lambda a, r: _replace(a, attn_sink=torch.tensor([math.inf, -math.inf] + [0.5] * (a["q"].shape[2] - 2))), True)
+_NAN_IN_Q = Mutation("NaN in q", lambda a, r: _replace(a, q=_poke(a["q"], math.nan, r)), True)
+_CAUSAL_WITH_INDICES = Mutation("causal with indices", lambda a, r: _replace(a, causal=True, q=a["q"] if a["q"].shape[1] > 1 else torch.cat([a["q"], a["q"]], 1), indices=a["indices"] if a["indices"].shape[1] > 1 else torch.cat([a["indices"], a["indices"]], 1)), False)
+
+
 SPARSE_DECODE = Operator(
     "mla_decode_v2",
     _make_sparse,
@@ -491,13 +498,13 @@ SPARSE_DECODE = Operator(
     _judge_sparse,
     (
         Mutation("none", lambda a, r: a, True),
-        Mutation("every index -1", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], -1)), True),
+        _EVERY_INDEX_UNUSED,
         Mutation("bf16 cache", lambda a, r: _replace(a, k_cache=torch.randn(a["k_cache"].shape[0], 64, 1, 576).to(torch.bfloat16), fp8=False), True),
-        Mutation("+inf and -inf sinks", lambda a, r: _replace(a, attn_sink=torch.tensor([math.inf, -math.inf] + [0.5] * (a["q"].shape[2] - 2))), True),
+        _INFINITE_SINKS,
         Mutation("NaN code in a named key", _fp8_latent(0x7F), True),
-        Mutation("NaN in q", lambda a, r: _replace(a, q=_poke(a["q"], math.nan, r)), True),
+        _NAN_IN_Q,
         Mutation("topk_length 0", lambda a, r: _replace(a, topk_length=torch.zeros(a["q"].shape[0], dtype=torch.int32)), True),
-        Mutation("causal with indices", lambda a, r: _replace(a, causal=True, q=a["q"] if a["q"].shape[1] > 1 else torch.cat([a["q"], a["q"]], 1), indices=a["indices"] if a["indices"].shape[1] > 1 else torch.cat([a["indices"], a["indices"]], 1)), False),
+        _CAUSAL_WITH_INDICES,
         Mutation("index past the cache", lambda a, r: _replace(a, indices=a["indices"] + a["k_cache"].shape[0] * 64 + 1), False),
         Mutation("index -2", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], -2)), False),
         Mutation("indices int64", lambda a, r: _replace(a, indices=a["indices"].long()), False),
@@ -548,15 +555,15 @@ SPARSE_DECODE_MODEL1 = Operator(
     _judge_model1,
     (
         Mutation("none", lambda a, r: a, True),
-        Mutation("every index -1", lambda a, r: _replace(a, indices=torch.full_like(a["indices"], -1)), True),
-        Mutation("+inf and -inf sinks", lambda a, r: _replace(a, attn_sink=torch.tensor([math.inf, -math.inf] + [0.5] * (a["q"].shape[2] - 2))), True),
+        _EVERY_INDEX_UNUSED,
+        _INFINITE_SINKS,
         Mutation("NaN code in a named key", _model1_nan_code, True),
-        Mutation("NaN in q", lambda a, r: _replace(a, q=_poke(a["q"], math.nan, r)), True),
+        _NAN_IN_Q,
         Mutation("index past the cache", lambda a, r: _replace(a, indices=a["indices"] + a["k_cache"].shape[0] * a["k_cache"].shape[1] + 1), False),
         Mutation("q 576 wide over the MODEL1 cache", lambda a, r: _replace(a, q=torch.cat([a["q"], a["q"][..., :64]], -1)), False),
         Mutation("MODEL1 cache without the fp8 flag", lambda a, r: _replace(a, fp8=False), False),
         Mutation("tokens 576 bytes apart in the view", lambda a, r: _replace(a, k_cache=a["k_cache"].as_strided(a["k_cache"].shape, (a["k_cache"].stride(0), 576, 576, 1))), False),
-        Mutation("causal with indices", lambda a, r: _replace(a, causal=True, q=a["q"] if a["q"].shape[1] > 1 else torch.cat([a["q"], a["q"]], 1), indices=a["indices"] if a["indices"].shape[1] > 1 else torch.cat([a["indices"], a["indices"]], 1)), False),
+        _CAUSAL_WITH_INDICES,
     ),
     operator="mla_decode_v2",
 )
