@@ -670,6 +670,151 @@ static int gemm_rows_in_lanes(problem *p, int nthreads) {
 }
 
 
+
+/* ---- rows as dot products: M <= DOT_MAX_ROWS ------------------------------------------------
+ * With one row (a decode step of one sequence) the products are few and the time is B's trip
+ * from memory. The tiles above read B as 32 interleaved row streams and transpose it, which the
+ * hardware prefetchers follow poorly (short K: every strip starts cold). Here each thread reads
+ * its own contiguous run of B's rows front to back (4 rows side by side), and
+ * each 64-byte chunk is decoded in place: two table lookups, then an in-lane byte interleave to
+ * bf16 pairs. The interleave leaves the values in the order 0-7, 16-23, 32-39, 48-55 (first
+ * vector) and 8-15, 24-31, 40-47, 56-63 (second); A is decoded by the same code, so lane j of
+ * vdpbf16ps multiplies matching pairs: a dot product in another order, which the contract
+ * allows. Each K block's 16-lane partial sums are reduced to one fp32 sum per (row, column),
+ * then promoted and accumulated exactly as the tiles do. */
+#ifndef DOT_MAX_ROWS
+#define DOT_MAX_ROWS 1 /* measured (interleaved, one process): 1 row reads short-K weights 1.1-2.2x faster than
+                          * the tiles and long-K ones as fast; from 2 rows the tiles are faster (their transpose
+                          * is shared by the rows, where this kernel's per-column reductions are not) */
+#endif
+#ifndef DOT_PREFETCH
+#define DOT_PREFETCH 2048 /* bytes ahead along B's row (past its end: the next row, contiguous B) */
+#endif
+
+typedef struct {
+    const problem *p;
+    const __m512i *apack; /* [M][K/64][2]: each 64-byte chunk of A's rows as decode64 leaves it */
+    long cols_per_item;
+} dot_problem;
+
+static inline __attribute__((always_inline)) void decode64(const decoder *d, __m512i x, __m512i *u0, __m512i *u1) {
+    __m512i lo = _mm512_permutex2var_epi8(d->lo0, x, d->lo1);
+    __m512i hi = _mm512_permutex2var_epi8(d->hi0, x, d->hi1);
+    hi = _mm512_ternarylogic_epi32(hi, x, d->sign, 0xF8); /* hi | (x & 0x80) */
+    *u0 = _mm512_unpacklo_epi8(lo, hi);
+    *u1 = _mm512_unpackhi_epi8(lo, hi);
+}
+
+/* The lane sums of v[0..3] as [sum v0, sum v1, sum v2, sum v3]. */
+static inline __attribute__((always_inline)) __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+    __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1)); /* per 128-bit lane: v0 v1 v0 v1 */
+    __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+    __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1)))); /* v0 v1 v2 v3 */
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* Columns [n, n + NCOL) of out for every row (MRT = M): NCOL x MRT accumulators, at most 16, so
+ * that they, the decoder's constants and the temporaries stay in the 32 registers (A's decoded
+ * pairs are loaded per column: L1 hits). */
+static inline __attribute__((always_inline)) void dot_cols(const int MRT, const int NCOL, const problem *p, const __m512i *apack,
+                                                             const decoder *d, long n) {
+    const long KB = p->KB, chunks = 2 * KB;
+    float C[16];
+    for (int i = 0; i < MRT * NCOL; i++) C[i] = 0.0f;
+    for (long kb = 0; kb < KB; kb++) {
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < MRT * NCOL; i++) acc[i] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+#pragma GCC unroll 4
+            for (int c = 0; c < NCOL; c++) {
+                const uint8_t *src = p->b + (n + c) * p->ldb + kb * BLK + 64 * h;
+                _mm_prefetch((const char *)(src + DOT_PREFETCH), _MM_HINT_T0);
+                __m512i u0, u1;
+                decode64(d, _mm512_loadu_si512(src), &u0, &u1);
+#pragma GCC unroll 8
+                for (int r = 0; r < MRT; r++) {
+                    const __m512i *ar = apack + (r * chunks + 2 * kb + h) * 2;
+                    acc[c * MRT + r] = _mm512_dpbf16_ps(acc[c * MRT + r], (__m512bh)_mm512_load_si512(ar), (__m512bh)u0);
+                    acc[c * MRT + r] = _mm512_dpbf16_ps(acc[c * MRT + r], (__m512bh)_mm512_load_si512(ar + 1), (__m512bh)u1);
+                }
+            }
+        }
+        float sums[16];
+#pragma GCC unroll 4
+        for (int i = 0; i + 4 <= MRT * NCOL; i += 4) _mm_storeu_ps(sums + i, hsum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
+        for (int i = MRT * NCOL / 4 * 4; i < MRT * NCOL; i++) sums[i] = _mm512_reduce_add_ps(acc[i]);
+        for (int c = 0; c < NCOL; c++) {
+            float sb = col_scale(p, n + c, kb);
+            for (int r = 0; r < MRT; r++) {
+                float t = sums[c * MRT + r] * p->as[r * KB + kb];
+                t = t * sb;
+                C[c * MRT + r] += t;
+            }
+        }
+    }
+    for (int c = 0; c < NCOL; c++)
+        for (int r = 0; r < MRT; r++) {
+            float v = C[c * MRT + r];
+            if (p->out_f32) {
+                ((float *)p->out)[r * p->ldo + n + c] = v;
+            } else {
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                ((uint16_t *)p->out)[r * p->ldo + n + c] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+}
+
+/* Columns per call of dot_cols for m rows: 4 up to 4 rows, then 2 (at most 16 accumulators). */
+#define DOT_NCOL(m) ((m) <= 4 ? 4 : 2)
+#define DOT_FN(m)                                                                                                    \
+    static void dot_run_##m(const problem *p, const __m512i *apack, const decoder *d, long n0, long n1) {            \
+        long n = n0;                                                                                                 \
+        for (; n + DOT_NCOL(m) <= n1; n += DOT_NCOL(m)) dot_cols(m, DOT_NCOL(m), p, apack, d, n);                  \
+        for (; n < n1; n++) dot_cols(m, 1, p, apack, d, n);                                                          \
+    }
+DOT_FN(1)
+typedef void (*dot_fn)(const problem *, const __m512i *, const decoder *, long, long);
+static const dot_fn dot_runs[DOT_MAX_ROWS + 1] = {NULL, dot_run_1}; /* widen with DOT_MAX_ROWS (dot_cols takes up to 8 rows) */
+
+static void item_dot(void *ctx, long item, int tid) {
+    (void)tid;
+    const dot_problem *q = ctx;
+    const problem *p = q->p;
+    long n0 = item * q->cols_per_item, n1 = n0 + q->cols_per_item < p->N ? n0 + q->cols_per_item : p->N;
+    decoder d;
+    decoder_init(&d);
+    dot_runs[p->M](p, q->apack, &d, n0, n1);
+}
+
+/* 1 <= M <= DOT_MAX_ROWS (K a multiple of 128): returns 0, or ENOMEM. */
+static int gemm_dot(problem *p, int nthreads) {
+    long chunks = p->K / 64;
+    __m512i *apack = NULL;
+    if (posix_memalign((void **)&apack, 64, (size_t)p->M * (size_t)chunks * 128) != 0) return ENOMEM;
+    decoder d;
+    decoder_init(&d);
+    for (long r = 0; r < p->M; r++)
+        for (long c = 0; c < chunks; c++) {
+            __m512i u0, u1;
+            decode64(&d, _mm512_loadu_si512(p->a + r * p->lda + 64 * c), &u0, &u1);
+            _mm512_store_si512(apack + (r * chunks + c) * 2, u0);
+            _mm512_store_si512(apack + (r * chunks + c) * 2 + 1, u1);
+        }
+    /* Items of consecutive columns, a contiguous run of B each: about 8 per thread (balance on a
+     * shared machine), whole groups of 4 columns. */
+    long per = (p->N + 8L * nthreads - 1) / (8L * nthreads);
+    per = (per + 3) / 4 * 4;
+    dot_problem q = {p, apack, per};
+    parallel_for(item_dot, &q, (p->N + per - 1) / per, nthreads);
+    free(apack);
+    return 0;
+}
+
 #define APACK_ELEM 2 /* bytes per decoded A value */
 
 #else
@@ -747,6 +892,7 @@ int hal_fp8_gemm(const uint8_t *a, long lda, const float *as, const uint8_t *b, 
         return 0;
     }
 #if HAL_FAST
+    if (M <= DOT_MAX_ROWS && K % BLK == 0) return gemm_dot(&p, nthreads);
     if (M >= RL_MIN_ROWS && M <= 16) return gemm_rows_in_lanes(&p, nthreads);
 #endif
     p.ncs = (N + NR - 1) / NR;
