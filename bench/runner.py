@@ -5,7 +5,9 @@ the reason, when the estimate exceeds the memory budget (:mod:`hal.bench.memory`
 requested backend that can take the device's tensors, and each peer's fastest correct
 formulation (:mod:`hal.bench.formulation`). Each contender's output is checked once against the
 reference with the conformance tolerance before it is timed; a wrong result is reported, not
-ranked. The checked contenders are then timed interleaved (:func:`~hal.bench.timing.measure_interleaved`).
+ranked. The checked contenders are then timed interleaved (:func:`~hal.bench.timing.measure_interleaved`),
+with the caches evicted before every timed run (:mod:`hal.bench.cache`: inputs come from memory,
+as a model's weights do; ``hot_cache`` keeps them).
 
 A result's ``fraction_of_bound`` is ``bound_s / median_s``, where ``bound_s`` is the larger of
 bytes / copy bandwidth and FLOPs / the matmul rate of the case's ``compute_dtype`` (bf16 for
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from hal import registry
+from hal.bench.cache import CacheFlush, cache_flush
 from hal.bench.formulation import choose_fastest, peak_scratch
 from hal.bench.machine import load, machine, versions
 from hal.bench.memory import OUTPUT_KEYS, CaseMemory, MemoryBudget, case_memory, human
@@ -131,8 +134,9 @@ def _backend_contenders(case: Case, names: Sequence[str], inputs: Tensors, expec
     return checked, rejected
 
 
-def _time(contenders: list[_Contender], device: str, repeats: int) -> tuple[dict[str, Any], dict[str, str]]:
-    """Warm each contender up (dropping any that raise), then time the rest interleaved."""
+def _time(contenders: list[_Contender], device: str, repeats: int, flush: CacheFlush | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Warm each contender up (dropping any that raise), then time the rest interleaved, ``flush``
+    (the caches evicted) before every timed run."""
     running, failed = [], {}
     for contender in contenders:
         try:
@@ -140,7 +144,7 @@ def _time(contenders: list[_Contender], device: str, repeats: int) -> tuple[dict
             running.append(contender)
         except Exception as exc:
             failed[contender.name] = f"{type(exc).__name__}: {exc}"[:300]
-    timings = measure_interleaved([c.call for c in running], device, warmup=1, repeats=repeats) if running else []
+    timings = measure_interleaved([c.call for c in running], device, warmup=1, repeats=repeats, before=flush) if running else []
     return dict(zip((c.name for c in running), timings)), failed
 
 
@@ -169,8 +173,12 @@ def _peer_contenders(
     return contenders, rejected, records
 
 
-def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: bool = True, repeats: int = 20, budget: MemoryBudget | None = None) -> dict[str, Any]:
-    """Time one case on ``backends`` (all on ``device``) and its peers; see the module docstring."""
+def bench_case(
+    case: Case, backends: Sequence[str], device: str, *, with_peers: bool = True, repeats: int = 20, budget: MemoryBudget | None = None,
+    flush: CacheFlush | None = None,
+) -> dict[str, Any]:
+    """Time one case on ``backends`` (all on ``device``) and its peers; see the module docstring.
+    ``flush`` runs before every timed run (default: :func:`~hal.bench.cache.cache_flush` of ``device``)."""
     inputs = _device_inputs(case, device)
     work = work_of(case.op, inputs)
     unsupported = [name for name in backends if not _implements(name, case.op)]
@@ -195,7 +203,7 @@ def bench_case(case: Case, backends: Sequence[str], device: str, *, with_peers: 
     peers, no_peer, record["peers"] = _peer_contenders(case, specs, inputs, expected, device, room)
     contenders += peers
     rejected.update(no_peer)
-    timings, failed = _time(contenders, device, repeats)
+    timings, failed = _time(contenders, device, repeats, flush if flush is not None else cache_flush(device))
     rejected.update(failed)
     entries = [_entry(_Contender(n, "backend", _idle), work, peaks, note=f"unsupported: {n} does not implement {case.op}") for n in unsupported]
     entries += [_entry(c, work, peaks, timings.get(c.name), rejected.get(c.name, "")) for c in contenders]
@@ -222,10 +230,11 @@ def _add_ratios(entries: list[dict[str, Any]]) -> None:
 
 def bench(
     backends: Sequence[str], cases: Sequence[Case], *, with_peers: bool = True, repeats: int = 20,
-    budget: MemoryBudget | None = None, progress: Callable[[dict[str, Any]], None] | None = None,
+    budget: MemoryBudget | None = None, progress: Callable[[dict[str, Any]], None] | None = None, hot_cache: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``cases``; backends are grouped by the device their tensors live on. ``budget``
-    defaults to :class:`MemoryBudget`'s fraction of available memory."""
+    defaults to :class:`MemoryBudget`'s fraction of available memory. The caches are evicted
+    before every timed run unless ``hot_cache`` (:mod:`hal.bench.cache`)."""
     budget = budget if budget is not None else MemoryBudget()
     by_device: dict[str, list[str]] = {}
     for name in backends:
@@ -233,6 +242,7 @@ def bench(
     load_at_start = load()
     budget_at_start = budget.to_json(next(iter(by_device), "cpu"))
     peaks = {device: measured_peaks(device) for device in by_device}  # before any case: nothing else allocated
+    flushes = {device: cache_flush(device, hot=hot_cache) for device in by_device}
     saved = os.environ.get(ENV_CHECK_VALUES)
     os.environ[ENV_CHECK_VALUES] = "0"  # as deployed: no device syncs for argument value checks
     try:
@@ -241,11 +251,13 @@ def bench(
             for case in cases:
                 if not any(_implements(n, case.op) for n in names):
                     continue
-                record = bench_case(case, names, device, with_peers=with_peers, repeats=repeats, budget=budget)
+                record = bench_case(case, names, device, with_peers=with_peers, repeats=repeats, budget=budget, flush=flushes[device])
                 records.append(record)
                 if progress:
                     progress(record)
     finally:
+        for flush in flushes.values():
+            flush.release()
         if saved is None:
             os.environ.pop(ENV_CHECK_VALUES, None)
         else:
@@ -255,6 +267,7 @@ def bench(
         "load": {"start": load_at_start, "end": load()},
         "memory_budget": budget_at_start,
         "peaks": {device: p.to_json() for device, p in peaks.items()},
+        "caches": {device: f.to_json() for device, f in flushes.items()},
         "bounds": BOUNDS,
         "cases": records,
     }

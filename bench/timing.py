@@ -53,9 +53,13 @@ def _timed_call(fn: Callable[[], Any], device: str) -> float:
 
 
 def measure_interleaved(
-    fns: Sequence[Callable[[], Any]], device: str, *, warmup: int = 2, repeats: int = 20, budget_s: float = 2.0, min_repeats: int = MIN_REPEATS
+    fns: Sequence[Callable[[], Any]], device: str, *, warmup: int = 2, repeats: int = 20, budget_s: float = 2.0, min_repeats: int = MIN_REPEATS,
+    before: Callable[[], Any] | None = None,
 ) -> list[Timing]:
     """Time every callable in ``fns``, one run of each per round.
+
+    ``before`` runs before every timed run, outside the timed interval (``hal bench`` evicts the
+    caches there, :mod:`hal.bench.cache`).
 
     Rounds continue until ``repeats`` rounds are done, or, once ``min(min_repeats, repeats)``
     rounds are done, until the time spent exceeds ``budget_s`` per callable. Returns one
@@ -72,6 +76,8 @@ def measure_interleaved(
     rounds = 0
     while rounds < repeats and (rounds < floor or spent < budget_s * len(fns)):
         for fn, own in zip(fns, samples):
+            if before is not None:
+                before()
             own.append(_timed_call(fn, device))
             spent += own[-1]
         rounds += 1

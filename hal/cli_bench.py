@@ -41,6 +41,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", action="append", default=[], help="backend to time (repeatable; default: every available backend)")
     add_case_filters(parser)
     parser.add_argument("--no-peers", action="store_true", help="time backends only")
+    parser.add_argument(
+        "--hot-cache", action="store_true",
+        help="do not evict the caches before each timed run (inputs that fit the last-level cache are then read from it, not from memory)",
+    )
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per contender (median reported; at least 7 unless fewer are asked for)")
     parser.add_argument("--ep-world-size", type=int, default=4, help="gloo ranks spawned for the multi-process EP cases (ep_dispatch/*, ep_combine/*, ...)")
     parser.add_argument(
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         f"Benchmark ({mode}): {len(cases)} cases" + (f" + {len(ep_cases)} EP cases" if ep_cases else "")
         + f", backends {', '.join(backends)}" + ("" if args.no_peers else " + peers") + f"; memory budget {budget.describe()}"
     )
-    report = bench(backends, cases, with_peers=not args.no_peers, repeats=args.repeats, budget=budget,
+    report = bench(backends, cases, with_peers=not args.no_peers, repeats=args.repeats, budget=budget, hot_cache=args.hot_cache,
                    progress=lambda r: console.print(f"  {r['case']}" + (" [yellow]skipped[/]" if "skipped" in r else ""), style="dim"))
     if ep_cases:
         report["ep"], report["ep_skipped"] = _bench_ep(args, console, ep_cases, budget)
@@ -204,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for device, peaks in report["peaks"].items():
             console.print(escape(_peaks_line(device, peaks)))
+        for device, cache in report.get("caches", {}).items():
+            size = f" ({cache['bytes'] >> 20} MiB written)" if "bytes" in cache else ""
+            console.print(escape(f"Caches on {device}: {cache['policy']}{size}" + (f"; {cache['why']}" if "why" in cache else "")))
         load = report["load"]
         console.print(f"Load average (1 min): {load['start']['1min']:.2f} at start, {load['end']['1min']:.2f} at end, on {report['machine']['cores']} cores")
         if report["cases"]:

@@ -63,3 +63,40 @@ def test_every_catalogued_operator_has_a_work_model():
     for case in select_cases(quick=True):
         work = work_of(case.op, case.family.build(case.params, torch.Generator().manual_seed(case.seed)))
         assert work.bytes > 0 and work.flops >= 0, case.id
+
+
+def test_the_caches_are_evicted_before_every_timed_run_and_only_then():
+    """``before`` (the cache flush) runs once before each timed run of each contender, never during
+    the warm-up, and outside the timed interval."""
+    import time
+
+    from hal.bench.timing import measure_interleaved
+
+    events: list[str] = []
+
+    def slow_flush() -> None:
+        events.append("flush")
+        time.sleep(0.01)
+
+    timings = measure_interleaved([lambda: events.append("a"), lambda: events.append("b")], "cpu", warmup=2, repeats=7, before=slow_flush)
+    assert events[:4] == ["a", "a", "b", "b"]  # warm-up, no flush
+    assert events[4:] == ["flush", "a", "flush", "b"] * 7
+    assert all(t.repeats == 7 and t.median_s < 0.005 for t in timings)  # the flush's 10 ms is not in the time
+
+
+def test_cache_flush_outgrows_the_last_level_cache_and_is_reported(monkeypatch):
+    from hal.bench import cache
+
+    flush = cache.cache_flush("cpu")
+    assert flush.bytes >= max(2 * cache.last_level_cache_bytes(), 64 << 20)
+    flush()
+    assert flush._buffer is not None and flush._buffer.numel() * 4 == flush.bytes
+    flush.release()
+    assert flush.to_json() == {"policy": "flushed before every timed run", "bytes": flush.bytes}
+    assert cache.cache_flush("cpu", hot=True).to_json()["policy"].startswith("hot")
+    assert cache.cache_flush("xpu").to_json()["policy"] == "not flushed"
+    assert [cache._size_bytes(t) for t in ("32768K\n", "1M", "512", "junk")] == [32 << 20, 1 << 20, 512, 0]
+    monkeypatch.setattr(cache, "last_level_cache_bytes", lambda: 1 << 30)
+    assert cache.cache_flush("cpu").bytes == 2 << 30
+    report = bench(["reference"], select_cases(quick=True, ops=["per_token_cast_to_fp8"])[:1], repeats=3, hot_cache=True)
+    assert report["caches"]["cpu"]["policy"].startswith("hot")
