@@ -97,12 +97,12 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
     return torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], expected[~nan])
 
 
-# m: 1 (one row: dot products along K); 1 row strip of 2, 7 rows; 13 = 7 + 6; 15, 16 (rows in lanes, 12-column groups); 17; 33 (three strips: packed per K block);
+# m: 1 (dot products along K), 2 and 7 (lane groups: K <= 1024); 1 row strip of 6 rows (K > 1024); 13 = 7 + 6; 15, 16 (rows in lanes, 12-column groups); 17; 33 (three strips: packed per K block);
 # 255, 257 (many strips in groups: B packed once per strip of columns). n: one partial half, a
 # partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
 @pytest.mark.parametrize(
     "m, n, k",
-    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (13, 33, 256), (15, 200, 256), (16, 130, 384), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
+    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
 )
 @pytest.mark.parametrize("per_token", [False, True])
 def test_dense_matches_the_reference(lib, m, n, k, per_token):
@@ -153,45 +153,60 @@ def test_partial_sums_that_cancel_to_tiny_values_are_not_flushed(lib):
     assert _same(out, expected) and out[0, 0].item() == 2.0**2  # (2^-18 * 2^20) and nothing else
 
 
-def test_one_row_pairs_every_position_of_k(lib):
-    """The one-row kernel decodes A and B into the same permuted lane order: B's row j is 1.0 at K
-    position j only, so out[0, j] must be A's value at j, for every one of 256 positions (the 254
-    non-NaN codes and two zeros, shuffled over two K blocks; a NaN would reach every column)."""
-    gen = torch.Generator().manual_seed(7)
-    codes = torch.randperm(256, generator=gen).to(torch.uint8)
+# The decode-batch kernels: 1 row (dot products), 2-4 rows at any K and up to 8 at K <= 1024 (lane
+# groups of 8, 4 and 2 pairs); 5 rows at K > 1024 take the tiles (K 256 vs 1280 below).
+FEW_ROWS = [(1, 256), (2, 256), (3, 1280), (4, 256), (5, 256), (8, 256), (5, 1280)]
+
+
+@pytest.mark.parametrize("m, k", FEW_ROWS)
+def test_few_rows_pair_every_position_of_k(lib, m, k):
+    """The streaming kernels decode A and B into the same permuted lane order: B's row j is 1.0 at
+    K position j only, so out[r, j] must be A's value at (r, j), for every position of the first 256
+    (every non-NaN code and two zeros, shuffled differently in each row; a NaN would reach every
+    column)."""
+    gen = torch.Generator().manual_seed(7 + m)
+    codes = torch.stack([torch.randperm(256, generator=gen) for _ in range(m)]).to(torch.uint8)
     codes[(codes == 0x7F) | (codes == 0xFF)] = 0
-    a = codes[None, :].clone().view(FP8)
-    b = torch.eye(256).to(FP8)
-    ones_a, ones_b = torch.ones(1, 2), torch.ones(2, 2)
+    a = torch.zeros(m, k, dtype=torch.uint8)
+    a[:, :256] = codes
+    a = a.view(FP8)
+    b = torch.zeros(256, k)
+    b[:, :256] = torch.eye(256)
+    b = b.to(FP8)
+    sa, sb = torch.ones(m, k // 128), torch.ones(2, k // 128)
     for dtype in (torch.float32, torch.bfloat16):
-        out = torch.empty(1, 256, dtype=dtype)
-        gemm_native.gemm_fp8_nt(lib, a, ones_a, b, ones_b, out)
-        assert _same(out.float(), a.float()), "a K position met the wrong one of B"
+        out = torch.empty(m, 256, dtype=dtype)
+        gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+        assert _same(out.float(), a[:, :256].float()), "a K position met the wrong one of B"
 
 
+@pytest.mark.parametrize("m, k", FEW_ROWS)
 @pytest.mark.parametrize("n", [1, 3, 130, 203])
-def test_one_row_nan_and_infinite_scales_and_a_strided_output(lib, n):
-    """M = 1 (the one-row kernel): column tails of 1-3, NaN codes in A and B, infinite and NaN
-    scales of both operands (per-block and per-token B scales), an output row inside a wider one."""
-    gen = torch.Generator().manual_seed(n)
-    k = 384
+def test_few_rows_nan_and_infinite_scales_and_a_strided_output(lib, m, k, n):
+    """Column tails of 1-3, NaN codes in B, infinite and NaN scales of both operands (per-block and
+    per-token B scales), output rows inside wider ones; then a NaN in A's last row."""
+    gen = torch.Generator().manual_seed(n * 10 + m)
     for per_token in (False, True):
-        (a, sa), (b, sb) = _lhs(1, k, gen), _rhs(n, k, gen, per_token)
+        (a, sa), (b, sb) = _lhs(m, k, gen), _rhs(n, k, gen, per_token)
         b.view(torch.uint8)[n // 2, 200] = 0xFF
+        sa[m - 1, 1] = math.inf
+        sa[0, 0] = math.nan if m > 1 else sa[0, 0]
         if n > 2:
             sb[-1, 1] = math.inf
-            sb[0, 2] = math.nan
+            sb[0, 2 % (k // 128)] = math.nan
         expected = _expected(a, sa, b, sb)
-        wide = torch.full((3, n + 7), math.nan)
-        gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, wide[1:2, 3:3 + n])
-        got = wide[1:2, 3:3 + n]
+        wide = torch.full((m + 2, n + 7), math.nan)
+        got = wide[1:1 + m, 3:3 + n]
+        gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, got)
         _assert_conforms(got, expected)
         assert torch.equal(torch.isinf(got), torch.isinf(expected)) and torch.equal(torch.isnan(got), torch.isnan(expected))
-        assert torch.isnan(wide[0]).all() and torch.isnan(wide[2]).all() and torch.isnan(wide[1, :3]).all() and torch.isnan(wide[1, 3 + n:]).all()
-    a.view(torch.uint8)[0, 5] = 0x7F  # NaN in the one row: every column NaN
-    out = torch.empty(1, n, dtype=torch.bfloat16)
+        rest = torch.ones_like(wide, dtype=torch.bool)
+        rest[1:1 + m, 3:3 + n] = False
+        assert torch.isnan(wide[rest]).all()
+    a.view(torch.uint8)[m - 1, 5] = 0x7F  # NaN in the last row: that row is NaN, the others are not
+    out = torch.empty(m, n, dtype=torch.bfloat16)
     gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
-    assert torch.isnan(out.float()).all()
+    assert torch.isnan(out[m - 1].float()).all()
 
 
 @pytest.mark.parametrize("m", [16, 20])
@@ -232,7 +247,7 @@ def test_row_slice_and_strided_outputs_leave_the_rest_untouched(lib, m):
     assert torch.isnan(wide[:, :10]).all() and torch.isnan(wide[:, 80:]).all()
 
 
-@pytest.mark.parametrize("m", [1, 16, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 40])
 def test_threads_do_not_change_the_bits(lib, m):
     gen = torch.Generator().manual_seed(5)
     (a, sa), (b, sb) = _lhs(m, 512, gen), _rhs(300, 512, gen)

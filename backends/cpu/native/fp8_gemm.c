@@ -25,6 +25,9 @@
  *     then promotes them into the mr x 32 fp32 accumulator tile: (p * sa) * sb, then +.
  *   - 15 or 16 rows take another kernel whose lanes are rows (see "rows in lanes"): it decodes B
  *     without the transpose, which at so few rows costs as much as the products.
+ *   - Decode batches stream B instead (each thread a contiguous run of its rows, decoded in place):
+ *     one row takes dot products along K ("rows as dot products"), 2-4 rows (up to 8 at short K)
+ *     share one accumulator per column ("rows in lane groups").
  * Work items are (32-column strip, group of row strips), taken dynamically by OpenMP threads
  * (torch's, see parallel_for), or by a small pthread pool where the compiler has no OpenMP.
  */
@@ -815,6 +818,192 @@ static int gemm_dot(problem *p, int nthreads) {
     return 0;
 }
 
+
+/* ---- rows in lane groups: 2 <= M <= GL_MAX_ROWS -------------------------------------------
+ * A few rows (decode batches of 2 to 8): B is read as the one-row kernel reads it (each thread a
+ * contiguous run of rows, 64-byte chunks decoded in place by decode64, 4 columns side by side), but
+ * one accumulator per column serves every row: its 16 lanes are R row slots x G = 16 / R
+ * consecutive pairs (R = 2, 4 or 8 slots for up to 2, 4 or 8 rows). Each step copies G pairs of
+ * B's decoded chunk into every slot (one vpermd, from registers) and multiplies them
+ * with A's rows, packed so that slot r holds row r's same G pairs. So a 64-byte chunk of B costs
+ * 32 / G products per column, R / M times the products the rows need, with no transpose and no
+ * per-row reduction: at a K block's end the G lanes of each slot are summed (log2 G shuffles),
+ * promoted in the vector as (p * sa) * sb and added to the column's fp32 sums. */
+/* Measured against the tiles (interleaved in one process, weights cycled through memory): 2-4
+ * rows as fast or faster at every DeepSeek-V3 K (1.1x at K = 7168, 1.8-1.9x at K = 512); 5-8 rows
+ * 1.7x at K = 512 but 0.8x from K = 2048, where the tiles' transposed B serves more rows per load. */
+#ifndef GL_MAX_ROWS
+#define GL_MAX_ROWS 8
+#endif
+#ifndef GL_LONG_K_MAX_ROWS
+#define GL_LONG_K_MAX_ROWS 4 /* rows taken at any K; up to GL_MAX_ROWS only when K <= GL_SHORT_K */
+#endif
+#ifndef GL_SHORT_K
+#define GL_SHORT_K 1024
+#endif
+#define GL_COLS 4
+#ifndef GL_SETS
+#define GL_SETS 1 /* accumulators per column (2 measured no faster) */
+#endif
+
+typedef struct {
+    const problem *p;
+    const __m512i *apack; /* [K/64][32/G]: lane r*G + t of step s = row r's pair s*G + t of the chunk (decode64 order), 0 past M */
+    const float *as_lanes; /* [KB][16]: lane r*G = a_scales[r][kb], 0 elsewhere */
+    long cols_per_item;
+} gl_problem;
+
+/* gl_index[i][j]: the dword permutation that puts pairs j*G .. j*G + G - 1 of a decoded vector in
+ * every G-lane group (i = 0, 1, 2 for G = 8, 4, 2). */
+static __m512i gl_index[3][8];
+static pthread_once_t gl_once = PTHREAD_ONCE_INIT;
+
+static void gl_init(void) {
+    const int gs[3] = {8, 4, 2};
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 16 / gs[i]; j++) {
+            int32_t lanes[16];
+            for (int l = 0; l < 16; l++) lanes[l] = j * gs[i] + l % gs[i];
+            gl_index[i][j] = _mm512_loadu_si512(lanes);
+        }
+}
+
+/* Lane r*G of the result: the sum of lanes r*G .. r*G + G - 1 of v. */
+static inline __attribute__((always_inline)) __m512 group_sums(const int G, __m512 v) {
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1)); /* neighbours */
+    if (G >= 4) v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E)); /* 64-bit halves of each 128 */
+    if (G >= 8) v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1)); /* neighbouring 128-bit lanes */
+    return v;
+}
+
+static inline __attribute__((always_inline)) void gl_cols(const int G, const int NCOL, const gl_problem *q, const decoder *d, long n) {
+    const problem *p = q->p;
+    const long KB = p->KB;
+    const int steps = 32 / G;
+    __m512 Cv[GL_COLS];
+#pragma GCC unroll 4
+    for (int c = 0; c < NCOL; c++) Cv[c] = _mm512_setzero_ps();
+    for (long kb = 0; kb < KB; kb++) {
+        __m512 acc[GL_SETS][GL_COLS]; /* GL_SETS chains per column: a product's latency is several cycles */
+#pragma GCC unroll 4
+        for (int c = 0; c < NCOL; c++)
+#pragma GCC unroll 4
+            for (int e = 0; e < GL_SETS; e++) acc[e][c] = _mm512_setzero_ps();
+        for (int h = 0; h < 2; h++) {
+            long ch = 2 * kb + h;
+            __m512i u[GL_COLS][2];
+#pragma GCC unroll 4
+            for (int c = 0; c < NCOL; c++) {
+                const uint8_t *src = p->b + (n + c) * p->ldb + ch * 64;
+                _mm_prefetch((const char *)(src + DOT_PREFETCH), _MM_HINT_T0);
+                decode64(d, _mm512_loadu_si512(src), &u[c][0], &u[c][1]);
+            }
+            const __m512i *ap = q->apack + ch * steps;
+#pragma GCC unroll 16
+            for (int s = 0; s < steps; s++) {
+                __m512bh av = (__m512bh)_mm512_load_si512(ap + s);
+                const __m512i idx = _mm512_load_si512(gl_index[G == 8 ? 0 : (G == 4 ? 1 : 2)] + ((s * G) % 16) / G);
+#pragma GCC unroll 4
+                for (int c = 0; c < NCOL; c++)
+                    acc[s % GL_SETS][c] = _mm512_dpbf16_ps(acc[s % GL_SETS][c], av, (__m512bh)_mm512_permutexvar_epi32(idx, u[c][s * G / 16]));
+            }
+        }
+        __m512 sa = _mm512_load_ps(q->as_lanes + kb * 16);
+#pragma GCC unroll 4
+        for (int c = 0; c < NCOL; c++) {
+            __m512 sum = acc[0][c];
+#pragma GCC unroll 4
+            for (int e = 1; e < GL_SETS; e++) sum = _mm512_add_ps(sum, acc[e][c]);
+            __m512 t = _mm512_mul_ps(group_sums(G, sum), sa);
+            t = _mm512_mul_ps(t, _mm512_set1_ps(col_scale(p, n + c, kb)));
+            Cv[c] = _mm512_add_ps(Cv[c], t);
+        }
+    }
+    for (int c = 0; c < NCOL; c++) {
+        __attribute__((aligned(64))) float v16[16];
+        _mm512_store_ps(v16, Cv[c]);
+        for (long r = 0; r < p->M; r++) {
+            float v = v16[r * G];
+            if (p->out_f32) {
+                ((float *)p->out)[r * p->ldo + n + c] = v;
+            } else {
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                ((uint16_t *)p->out)[r * p->ldo + n + c] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+    }
+}
+
+#define GL_FN(g)                                                                                     \
+    static void gl_run_##g(const gl_problem *q, const decoder *d, long n0, long n1) {               \
+        long n = n0;                                                                                 \
+        for (; n + GL_COLS <= n1; n += GL_COLS) gl_cols(g, GL_COLS, q, d, n);                       \
+        for (; n < n1; n++) gl_cols(g, 1, q, d, n);                                                  \
+    }
+GL_FN(2) GL_FN(4) GL_FN(8)
+
+static int gl_pairs(long M) { return M <= 2 ? 8 : (M <= 4 ? 4 : 2); }
+
+static void item_gl(void *ctx, long item, int tid) {
+    (void)tid;
+    const gl_problem *q = ctx;
+    const problem *p = q->p;
+    long n0 = item * q->cols_per_item, n1 = n0 + q->cols_per_item < p->N ? n0 + q->cols_per_item : p->N;
+    decoder d;
+    decoder_init(&d);
+    int G = gl_pairs(p->M);
+    if (G == 8) gl_run_8(q, &d, n0, n1);
+    else if (G == 4) gl_run_4(q, &d, n0, n1);
+    else gl_run_2(q, &d, n0, n1);
+}
+
+/* 2 <= M <= GL_MAX_ROWS (K a multiple of 128; see the dispatch in hal_fp8_gemm): returns 0, or ENOMEM. */
+static int gemm_lane_groups(problem *p, int nthreads) {
+    pthread_once(&gl_once, gl_init);
+    const long chunks = p->K / 64;
+    const int G = gl_pairs(p->M), steps = 32 / G;
+    __m512i *apack = NULL, *rows = NULL;
+    float *as_lanes = NULL;
+    if (posix_memalign((void **)&apack, 64, (size_t)chunks * steps * 64) != 0) return ENOMEM;
+    if (posix_memalign((void **)&rows, 64, (size_t)p->M * chunks * 128) != 0 ||
+        posix_memalign((void **)&as_lanes, 64, (size_t)p->KB * 64) != 0) {
+        free(apack);
+        free(rows);
+        return ENOMEM;
+    }
+    decoder d;
+    decoder_init(&d);
+    for (long r = 0; r < p->M; r++)
+        for (long c = 0; c < chunks; c++) {
+            __m512i u0, u1;
+            decode64(&d, _mm512_loadu_si512(p->a + r * p->lda + 64 * c), &u0, &u1);
+            _mm512_store_si512(rows + (r * chunks + c) * 2, u0);
+            _mm512_store_si512(rows + (r * chunks + c) * 2 + 1, u1);
+        }
+    const uint32_t *dec = (const uint32_t *)rows; /* [M][chunks][32] pairs */
+    uint32_t *ap = (uint32_t *)apack;
+    for (long c = 0; c < chunks; c++)
+        for (int s = 0; s < steps; s++)
+            for (int lane = 0; lane < 16; lane++) {
+                long r = lane / G;
+                ap[(c * steps + s) * 16 + lane] = r < p->M ? dec[(r * chunks + c) * 32 + s * G + lane % G] : 0;
+            }
+    for (long kb = 0; kb < p->KB; kb++)
+        for (int lane = 0; lane < 16; lane++) {
+            long r = lane / G;
+            as_lanes[kb * 16 + lane] = lane % G == 0 && r < p->M ? p->as[r * p->KB + kb] : 0.0f;
+        }
+    free(rows);
+    long per = (p->N + 8L * nthreads - 1) / (8L * nthreads);
+    per = (per + GL_COLS - 1) / GL_COLS * GL_COLS;
+    gl_problem q = {p, apack, as_lanes, per};
+    parallel_for(item_gl, &q, (p->N + per - 1) / per, nthreads);
+    free(apack);
+    free(as_lanes);
+    return 0;
+}
+
 #define APACK_ELEM 2 /* bytes per decoded A value */
 
 #else
@@ -893,6 +1082,7 @@ int hal_fp8_gemm(const uint8_t *a, long lda, const float *as, const uint8_t *b, 
     }
 #if HAL_FAST
     if (M <= DOT_MAX_ROWS && K % BLK == 0) return gemm_dot(&p, nthreads);
+    if (M <= GL_MAX_ROWS && (M <= GL_LONG_K_MAX_ROWS || K <= GL_SHORT_K) && K % BLK == 0) return gemm_lane_groups(&p, nthreads);
     if (M >= RL_MIN_ROWS && M <= 16) return gemm_rows_in_lanes(&p, nthreads);
 #endif
     p.ncs = (N + NR - 1) / NR;
