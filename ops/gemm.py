@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from hal import optional
-from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
+from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -120,14 +120,39 @@ def _padded_to_blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_operands(
-    op: str, lhs: object, rhs: object, out: object, *, groups: int | None, lhs_groups: bool
+    op: str, lhs: object, rhs: object, out: object, *, groups: int | None, lhs_groups: bool, more: tuple[object, ...] = ()
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Check both operands and the output; ``groups`` is None for the dense GEMM.
 
     ``lhs_groups`` says whether A carries the group dimension (masked layout) or not (contiguous).
+    ``more``: the grouped GEMM's own arguments (``(m_indices,)``, or ``(masked_m, expected_m)``),
+    checked here too. Structural checks run once per argument layout (:func:`hal.checks.signature`).
     Returns the operands as backends receive them: A and B contiguous with K padded with zeros to
     a multiple of 128 (DeepGEMM accepts any K; its last K block is then partial).
     """
+    key = None
+    if type(lhs) is tuple and type(rhs) is tuple and len(lhs) == len(rhs) == 2:
+        key = signature(op, groups, lhs_groups, *lhs, *rhs, out, *more)
+    if key is None or key not in _SIGNATURES:
+        _check_operand_layouts(op, lhs, rhs, out, groups=groups, lhs_groups=lhs_groups)
+        a = lhs[0]
+        if len(more) == 1:  # contiguous: m_indices
+            expect_tensor(op, "m_indices", more[0], dtypes=torch.int32, shape=(a.shape[0],), dims=("M",))
+            expect_same_device(op, "lhs[0]", a, m_indices=more[0])
+        elif len(more) == 2:  # masked: masked_m, expected_m
+            expect_tensor(op, "masked_m", more[0], dtypes=torch.int32, shape=(a.shape[0],), dims=("G",))
+            expect_same_device(op, "lhs[0]", a, masked_m=more[0])
+            expect_int(op, "expected_m", more[1], minimum=1)
+        remember(_SIGNATURES, key)
+    a, sa = lhs
+    b, sb = rhs
+    return _padded_to_blocks(a), sa, _padded_to_blocks(b), sb, out
+
+
+_SIGNATURES: set = set()  # argument layouts that passed _check_operand_layouts
+
+
+def _check_operand_layouts(op: str, lhs: object, rhs: object, out: object, *, groups: int | None, lhs_groups: bool) -> None:
     a, sa = _unpack(op, "lhs", lhs)
     b, sb = _unpack(op, "rhs", rhs)
     g_dims: tuple[int | None, ...] = () if groups is None else (None,)
@@ -151,7 +176,6 @@ def _check_operands(
     expect_tensor(op, "out", out, dtypes=torch.bfloat16, shape=out_shape, dims=a_names + ("M", "N"))
     _check_written(op, "out", out)
     expect_same_device(op, "lhs[0]", a, **{"lhs[1]": sa, "rhs[0]": b, "rhs[1]": sb, "out": out})
-    return _padded_to_blocks(a), sa, _padded_to_blocks(b), sb, out
 
 
 def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str = "lhs[0]", name: str = "m_indices") -> None:
@@ -237,13 +261,12 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Operand, rhs: Operand, out: t
     op = "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous"
     if torch.compiler.is_compiling():
         return torch.ops.hal.m_grouped_gemm_fp8_nt_contiguous(lhs[0], lhs[1], rhs[0], rhs[1], out, m_indices)
-    a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=False)
-    expect_tensor(op, "m_indices", m_indices, dtypes=torch.int32, shape=(a.shape[0],), dims=("M",))
-    expect_same_device(op, "lhs[0]", a, m_indices=m_indices)
-    expect_in_range(
-        op, "m_indices", m_indices, -1, b.shape[0], what=f"group ids (-1 for padding; rhs has G={b.shape[0]} groups)",
-        fix="Each row's expert must index a group of rhs.",
-    )
+    a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=False, more=(m_indices,))
+    if not values_within(m_indices, -1, b.shape[0]):
+        expect_in_range(
+            op, "m_indices", m_indices, -1, b.shape[0], what=f"group ids (-1 for padding; rhs has G={b.shape[0]} groups)",
+            fix="Each row's expert must index a group of rhs.",
+        )
     _check_contiguous_segments(op, m_indices)
     call(M_GROUPED_CONTIGUOUS, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out, m_indices=rows_by_block(m_indices))
 
@@ -263,15 +286,13 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(
     op = "m_grouped_gemm_fp8_fp8_bf16_nt_masked"
     if torch.compiler.is_compiling():
         return torch.ops.hal.m_grouped_gemm_fp8_nt_masked(lhs[0], lhs[1], rhs[0], rhs[1], out, masked_m, expected_m)
-    a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=True)
-    groups, m_max = a.shape[0], a.shape[1]
-    expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(groups,), dims=("G",))
-    expect_same_device(op, "lhs[0]", a, masked_m=masked_m)
-    expect_int(op, "expected_m", expected_m, minimum=1)
-    expect_in_range(
-        op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max}, the rows of each lhs group)",
-        fix="Clamp masked_m to the rows each group holds, or allocate a larger M_max.",
-    )
+    a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=True, more=(masked_m, expected_m))
+    m_max = a.shape[1]
+    if not values_within(masked_m, 0, m_max + 1):
+        expect_in_range(
+            op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max}, the rows of each lhs group)",
+            fix="Clamp masked_m to the rows each group holds, or allocate a larger M_max.",
+        )
     call(
         M_GROUPED_MASKED, "lhs[0]", a.device,
         a=a, a_scales=sa, b=b, b_scales=sb, out=out, masked_m=masked_m, expected_m=expected_m,

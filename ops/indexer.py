@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from hal import optional
-from hal.checks import FP8, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, value_range
+from hal.checks import FP8, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -94,6 +94,36 @@ def _features(logits_dtype: torch.dtype, weights: torch.Tensor, **more: bool) ->
     return {name for name, on in used.items() if on}
 
 
+_MQA_SIGNATURES: set = set()  # argument layouts that passed _check_mqa_layouts
+
+
+def _check_mqa_layouts(
+    op: str, q: torch.Tensor, kv: object, weights: object, cu_seq_len_k_start: object, cu_seq_len_k_end: object, clean_logits: object,
+    max_seqlen_k: object, logits_dtype: object,
+) -> None:
+    """The structural checks of :func:`fp8_fp4_mqa_logits` (run once per argument layout)."""
+    expect_tensor(op, "q", q, dtypes=FP8, shape=(None, None, None), dims=("seq_len", "num_heads", "head_dim"), contiguous=True)
+    seq_len, num_heads, head_dim = q.shape
+    if head_dim not in HEAD_DIMS:
+        raise ShapeError(op, "q", "head_dim 32, 64 or 128", f"head_dim {head_dim}", "Use DeepSeek-V3.2's indexer head_dim (128).")
+    if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+        raise ArgumentError(op, "kv", "a (keys, scales) pair", type(kv).__name__, "Pass kv=(k_fp8 [seq_len_kv, D], sf float32 [seq_len_kv]).")
+    k, sf = kv
+    expect_tensor(op, "kv[0]", k, dtypes=FP8, shape=(None, head_dim), dims=("seq_len_kv", "head_dim"), contiguous=True)
+    seq_len_kv = k.shape[0]
+    expect_tensor(op, "kv[1]", sf, dtypes=torch.float32, shape=(seq_len_kv,), dims=("seq_len_kv",), contiguous=True)
+    expect_tensor(op, "weights", weights, dtypes=(torch.float32, torch.bfloat16), shape=(seq_len, num_heads), dims=("seq_len", "num_heads"))
+    if num_heads and weights.stride(1) != 1:
+        raise ArgumentError(op, "weights", "unit stride along num_heads", f"strides {tuple(weights.stride())}", "Pass weights.contiguous().")
+    _check_logits_dtype(op, logits_dtype, weights)
+    for name, bound in (("cu_seq_len_k_start", cu_seq_len_k_start), ("cu_seq_len_k_end", cu_seq_len_k_end)):
+        expect_tensor(op, name, bound, dtypes=torch.int32, shape=(seq_len,), dims=("seq_len",), contiguous=True)
+    expect_int(op, "max_seqlen_k", max_seqlen_k, minimum=0)
+    if max_seqlen_k and clean_logits:
+        raise ArgumentError(op, "clean_logits", "False with max_seqlen_k > 0 (as DeepGEMM)", "True", "Pass clean_logits=False for the compressed output.")
+    expect_same_device(op, "q", q, k=k, sf=sf, weights=weights, cu_seq_len_k_start=cu_seq_len_k_start, cu_seq_len_k_end=cu_seq_len_k_end)
+
+
 def fp8_fp4_mqa_logits(
     q: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None],
     kv: tuple[torch.Tensor, torch.Tensor],
@@ -126,27 +156,15 @@ def fp8_fp4_mqa_logits(
     q = _unpack_q(op, q)
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mqa_logits(q, kv[0], kv[1], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
-    expect_tensor(op, "q", q, dtypes=FP8, shape=(None, None, None), dims=("seq_len", "num_heads", "head_dim"), contiguous=True)
-    seq_len, num_heads, head_dim = q.shape
-    if head_dim not in HEAD_DIMS:
-        raise ShapeError(op, "q", "head_dim 32, 64 or 128", f"head_dim {head_dim}", "Use DeepSeek-V3.2's indexer head_dim (128).")
-    if not isinstance(kv, (tuple, list)) or len(kv) != 2:
-        raise ArgumentError(op, "kv", "a (keys, scales) pair", type(kv).__name__, "Pass kv=(k_fp8 [seq_len_kv, D], sf float32 [seq_len_kv]).")
+    key = signature(q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype) if type(kv) is tuple else None
+    if key is None or key not in _MQA_SIGNATURES:
+        _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
+        remember(_MQA_SIGNATURES, key)
     k, sf = kv
-    expect_tensor(op, "kv[0]", k, dtypes=FP8, shape=(None, head_dim), dims=("seq_len_kv", "head_dim"), contiguous=True)
     seq_len_kv = k.shape[0]
-    expect_tensor(op, "kv[1]", sf, dtypes=torch.float32, shape=(seq_len_kv,), dims=("seq_len_kv",), contiguous=True)
-    expect_tensor(op, "weights", weights, dtypes=(torch.float32, torch.bfloat16), shape=(seq_len, num_heads), dims=("seq_len", "num_heads"))
-    if num_heads and weights.stride(1) != 1:
-        raise ArgumentError(op, "weights", "unit stride along num_heads", f"strides {tuple(weights.stride())}", "Pass weights.contiguous().")
-    logits_dtype = _check_logits_dtype(op, logits_dtype, weights)
     for name, bound in (("cu_seq_len_k_start", cu_seq_len_k_start), ("cu_seq_len_k_end", cu_seq_len_k_end)):
-        expect_tensor(op, name, bound, dtypes=torch.int32, shape=(seq_len,), dims=("seq_len",), contiguous=True)
-        expect_in_range(op, name, bound, 0, seq_len_kv + 1, what="key positions", fix=f"Keep each row's key range inside [0, seq_len_kv={seq_len_kv}].")
-    max_seqlen_k = expect_int(op, "max_seqlen_k", max_seqlen_k, minimum=0)
-    if max_seqlen_k and clean_logits:
-        raise ArgumentError(op, "clean_logits", "False with max_seqlen_k > 0 (as DeepGEMM)", "True", "Pass clean_logits=False for the compressed output.")
-    expect_same_device(op, "q", q, k=k, sf=sf, weights=weights, cu_seq_len_k_start=cu_seq_len_k_start, cu_seq_len_k_end=cu_seq_len_k_end)
+        if not values_within(bound, 0, seq_len_kv + 1):
+            expect_in_range(op, name, bound, 0, seq_len_kv + 1, what="key positions", fix=f"Keep each row's key range inside [0, seq_len_kv={seq_len_kv}].")
     return call(
         MQA_LOGITS, "q", q.device, features=_features(logits_dtype, weights, compressed=max_seqlen_k > 0),
         q=q, k=k, k_scales=sf, weights=weights, k_start=cu_seq_len_k_start, k_end=cu_seq_len_k_end,
@@ -235,6 +253,46 @@ def _split_paged_cache(op: str, kv_cache: object, head_dim: int) -> tuple[int, i
     return num_blocks, block_kv
 
 
+_PAGED_SIGNATURES: set = set()  # argument layouts that passed _check_paged_layouts
+
+
+def _check_paged_layouts(
+    op: str, q: torch.Tensor, kv_cache: object, weights: object, context_lens: object, block_table: object, schedule_meta: object,
+    max_context_len: object, logits_dtype: object, indices: object,
+) -> None:
+    """The structural checks of :func:`fp8_fp4_paged_mqa_logits` (run once per argument layout)."""
+    expect_tensor(op, "q", q, dtypes=FP8, shape=(None, None, None, None), dims=("batch", "next_n", "num_heads", "head_dim"), contiguous=True)
+    batch, next_n, num_heads, head_dim = q.shape
+    if head_dim not in HEAD_DIMS:
+        raise ShapeError(op, "q", "head_dim 32, 64 or 128", f"head_dim {head_dim}", "Use DeepSeek-V3.2's indexer head_dim (128).")
+    if next_n < 1:
+        raise ShapeError(op, "q", "next_n >= 1", f"next_n {next_n}", "Give every sequence at least one query token.")
+    _split_paged_cache(op, kv_cache, head_dim)
+    expect_tensor(op, "weights", weights, dtypes=(torch.float32, torch.bfloat16), shape=(batch * next_n, num_heads), dims=("batch * next_n", "num_heads"))
+    if num_heads and weights.stride(1) != 1:
+        raise ArgumentError(op, "weights", "unit stride along num_heads", f"strides {tuple(weights.stride())}", "Pass weights.contiguous().")
+    _check_logits_dtype(op, logits_dtype, weights)
+    expect_int(op, "max_context_len", max_context_len, minimum=0)
+    if not isinstance(context_lens, torch.Tensor) or context_lens.dim() not in (1, 2):
+        raise ShapeError(op, "context_lens", f"an int32 tensor [batch={batch}, next_n={next_n}] or [batch={batch}]",
+                         repr(getattr(context_lens, "shape", type(context_lens).__name__)), "Pass one length per row (2-d) or per sequence (1-d).")
+    two_d = context_lens.dim() == 2
+    expect_tensor(op, "context_lens", context_lens, dtypes=torch.int32, shape=(batch, next_n) if two_d else (batch,),
+                  dims=("batch", "next_n") if two_d else ("batch",), contiguous=True)
+    expect_tensor(op, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks"))
+    if block_table.shape[1] and block_table.stride(1) != 1:
+        raise ArgumentError(op, "block_table", "unit stride along max_blocks", f"strides {tuple(block_table.stride())}", "Pass block_table.contiguous().")
+    expect_tensor(op, "schedule_meta", schedule_meta, dtypes=torch.int32, shape=(None, 2), dims=("num_sms + 1", "2"))
+    if schedule_meta.shape[0] < 2:
+        raise ShapeError(op, "schedule_meta", "[num_sms + 1, 2] with num_sms >= 1", f"shape {list(schedule_meta.shape)}", "Pass get_paged_mqa_logits_metadata(...).")
+    if indices is not None:
+        expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(batch,), dims=("batch",), contiguous=True)
+        if next_n != 1:
+            raise ValueRangeError(op, "indices", "None unless next_n == 1 (varlen rows)", f"a tensor with next_n = {next_n}", "Flatten the rows to next_n = 1.")
+    expect_same_device(op, "q", q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table,
+                       schedule_meta=schedule_meta, indices=indices)
+
+
 def fp8_fp4_paged_mqa_logits(
     q: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None],
     kv_cache: torch.Tensor,
@@ -274,48 +332,22 @@ def fp8_fp4_paged_mqa_logits(
         return torch.ops.hal.paged_mqa_logits(
             q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
         )
-    expect_tensor(op, "q", q, dtypes=FP8, shape=(None, None, None, None), dims=("batch", "next_n", "num_heads", "head_dim"), contiguous=True)
-    batch, next_n, num_heads, head_dim = q.shape
-    if head_dim not in HEAD_DIMS:
-        raise ShapeError(op, "q", "head_dim 32, 64 or 128", f"head_dim {head_dim}", "Use DeepSeek-V3.2's indexer head_dim (128).")
-    if next_n < 1:
-        raise ShapeError(op, "q", "next_n >= 1", f"next_n {next_n}", "Give every sequence at least one query token.")
-    num_blocks, block_kv = _split_paged_cache(op, kv_cache, head_dim)
-    expect_tensor(op, "weights", weights, dtypes=(torch.float32, torch.bfloat16), shape=(batch * next_n, num_heads), dims=("batch * next_n", "num_heads"))
-    if num_heads and weights.stride(1) != 1:
-        raise ArgumentError(op, "weights", "unit stride along num_heads", f"strides {tuple(weights.stride())}", "Pass weights.contiguous().")
-    logits_dtype = _check_logits_dtype(op, logits_dtype, weights)
-    max_context_len = expect_int(op, "max_context_len", max_context_len, minimum=0)
-    if not isinstance(context_lens, torch.Tensor) or context_lens.dim() not in (1, 2):
-        raise ShapeError(op, "context_lens", f"an int32 tensor [batch={batch}, next_n={next_n}] or [batch={batch}]",
-                         repr(getattr(context_lens, "shape", type(context_lens).__name__)), "Pass one length per row (2-d) or per sequence (1-d).")
+    key = signature(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
+    if key is None or key not in _PAGED_SIGNATURES:
+        _check_paged_layouts(op, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
+        remember(_PAGED_SIGNATURES, key)
+    num_blocks, block_kv = kv_cache.shape[:2]
     two_d = context_lens.dim() == 2
-    expect_tensor(op, "context_lens", context_lens, dtypes=torch.int32, shape=(batch, next_n) if two_d else (batch,),
-                  dims=("batch", "next_n") if two_d else ("batch",), contiguous=True)
-    expect_tensor(op, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks"))
-    if block_table.shape[1] and block_table.stride(1) != 1:
-        raise ArgumentError(op, "block_table", "unit stride along max_blocks", f"strides {tuple(block_table.stride())}", "Pass block_table.contiguous().")
-    span = value_range(context_lens)  # one reduction for both bounds on the lengths
-    if span is not None and (span[0] < 0 or span[1] > max_context_len):
+    capacity = block_table.shape[1] * block_kv
+    if not values_within(context_lens, 0, min(max_context_len, capacity) + 1):  # one reduction for both bounds
         expect_in_range(op, "context_lens", context_lens, 0, max_context_len + 1, what="context lengths",
                         fix=f"Pass max_context_len >= the longest context ({max_context_len} given).")
-    capacity = block_table.shape[1] * block_kv
-    if span is not None and span[1] > capacity:
         expect_in_range(op, "context_lens", context_lens, 0, capacity + 1,
                         what=f"context lengths (at most block_table's {block_table.shape[1]} pages x block_kv={block_kv})",
                         fix=f"Give block_table enough columns for the longest context ({block_table.shape[1]} given).")
-    expect_rows_in_range(op, "block_table", block_table, lambda: context_lens if not two_d else context_lens.amax(dim=1), 0, num_blocks,
-                         per_entry=block_kv, what="block ids (for the pages a row reads)",
+    expect_rows_in_range(op, "block_table", block_table, context_lens, 0, num_blocks, per_entry=block_kv,
+                         what="block ids (for the pages a row reads)",
                          fix=f"Point every page a row reads at one of the cache's {num_blocks} blocks.")
-    expect_tensor(op, "schedule_meta", schedule_meta, dtypes=torch.int32, shape=(None, 2), dims=("num_sms + 1", "2"))
-    if schedule_meta.shape[0] < 2:
-        raise ShapeError(op, "schedule_meta", "[num_sms + 1, 2] with num_sms >= 1", f"shape {list(schedule_meta.shape)}", "Pass get_paged_mqa_logits_metadata(...).")
-    if indices is not None:
-        expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(batch,), dims=("batch",), contiguous=True)
-        if next_n != 1:
-            raise ValueRangeError(op, "indices", "None unless next_n == 1 (varlen rows)", f"a tensor with next_n = {next_n}", "Flatten the rows to next_n = 1.")
-    expect_same_device(op, "q", q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table,
-                       schedule_meta=schedule_meta, indices=indices)
     return call(
         PAGED_MQA_LOGITS, "q", q.device,
         features=_features(logits_dtype, weights, context_lens_1d=not two_d),

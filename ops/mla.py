@@ -25,7 +25,9 @@ import math
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, value_checks_enabled
+from hal.checks import (
+    expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, value_checks_enabled, values_within,
+)
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.operator import declare
@@ -95,7 +97,26 @@ def validate_mla_decode(
     softmax_scale: float | None,
     causal: bool,
 ) -> tuple[float, bool]:
-    """Check every argument of :func:`flash_mla_with_kvcache`; return the resolved (scale, causal)."""
+    """Check every argument of :func:`flash_mla_with_kvcache`; return the resolved (scale, causal).
+
+    The structural checks run once per argument layout (:func:`hal.checks.signature`); the block
+    table's and lengths' contents on every call (per :func:`hal.checks.value_checks_enabled`)."""
+    key = signature(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale)
+    if key is None or key not in _DECODE_SIGNATURES:
+        _check_decode_layouts(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale)
+        remember(_DECODE_SIGNATURES, key)
+    if value_checks_enabled(cache_seqlens):
+        _check_cache_contents(block_table, cache_seqlens, k_cache.shape[0])
+    return _resolve_scale(softmax_scale), bool(causal) and q.shape[1] > 1
+
+
+_DECODE_SIGNATURES: set = set()  # argument layouts that passed _check_decode_layouts
+
+
+def _check_decode_layouts(
+    q: object, k_cache: object, block_table: object, cache_seqlens: object, head_dim_v: object, tile_scheduler_metadata: object,
+    num_splits: object, softmax_scale: object,
+) -> None:
     if isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.float8_e4m3fn:
         raise DTypeError(
             _OP, "k_cache", "dtype bfloat16 or float16 (dtype of q)", "dtype float8_e4m3fn",
@@ -115,9 +136,8 @@ def validate_mla_decode(
     )
     expect_tensor(_OP, "num_splits", num_splits, dtypes=torch.int32, shape=(batch + 1,), dims=("batch+1",))
     expect_same_device(_OP, "q", q, k_cache=k_cache, tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
-    scale = _resolve_scale(softmax_scale)
-    _check_paging(q, k_cache.shape[0], k_cache.shape[2], block_table, cache_seqlens)
-    return scale, bool(causal) and s_q > 1
+    _resolve_scale(softmax_scale)
+    _check_paging(q, k_cache.shape[2], block_table, cache_seqlens)
 
 
 def _expect_last_dim_contiguous(name: str, tensor: torch.Tensor) -> None:
@@ -130,28 +150,27 @@ def _check_query(q: object, width: int = HEAD_DIM_QK) -> None:
     _expect_last_dim_contiguous("q", q)
 
 
-def _check_paging(q: torch.Tensor, num_blocks: int, h_kv: int, block_table: object, cache_seqlens: object) -> None:
-    """The dense mode's paging: KV heads dividing the query heads, the block table and lengths,
-    their device and (where values may be read) their contents."""
+def _check_paging(q: torch.Tensor, h_kv: int, block_table: object, cache_seqlens: object) -> None:
+    """The dense mode's paging: KV heads dividing the query heads, the block table and lengths and
+    their device (their contents: :func:`_check_cache_contents`)."""
     batch, _, h_q, _ = q.shape
     if h_kv < 1 or h_q % h_kv != 0:
         raise ShapeError(_OP, "k_cache", f"h_kv dividing h_q={h_q}", f"h_kv={h_kv}", "MLA uses one KV head (h_kv=1).")
     expect_tensor(_OP, "block_table", block_table, dtypes=torch.int32, shape=(batch, None), dims=("batch", "max_blocks_per_seq"))
     expect_tensor(_OP, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(batch,), dims=("batch",))
     expect_same_device(_OP, "q", q, block_table=block_table, cache_seqlens=cache_seqlens)
-    if value_checks_enabled(cache_seqlens):
-        _check_cache_contents(block_table, cache_seqlens, num_blocks)
 
 
 def _check_cache_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int) -> None:
     capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
     # Any length from 0 is valid, causal or not: a causal query that sees no key (a sequence shorter
     # than s_q, or the zero-length slots engines pad CUDA-graph batches with) gets out 0, lse +inf.
-    expect_in_range(
-        _OP, "cache_seqlens", cache_seqlens, 0, capacity + 1,
-        what=f"sequence lengths in tokens (at most the block table's capacity {block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})",
-        fix=f"Lengths must be >= 0; a sequence longer than {capacity} tokens needs more block_table columns.",
-    )
+    if not values_within(cache_seqlens, 0, capacity + 1):
+        expect_in_range(
+            _OP, "cache_seqlens", cache_seqlens, 0, capacity + 1,
+            what=f"sequence lengths in tokens (at most the block table's capacity {block_table.shape[1]} pages x {PAGE_BLOCK_SIZE})",
+            fix=f"Lengths must be >= 0; a sequence longer than {capacity} tokens needs more block_table columns.",
+        )
 
     expect_rows_in_range(
         _OP, "block_table", block_table, cache_seqlens, 0, num_blocks, per_entry=PAGE_BLOCK_SIZE,
@@ -267,7 +286,9 @@ def _decode_v2(
     def check_dense(cache: torch.Tensor) -> None:
         if cache.shape[1] != PAGE_BLOCK_SIZE:
             raise ShapeError(_OP, "k_cache", f"page_block_size {PAGE_BLOCK_SIZE} in the dense mode", f"{cache.shape[1]}", "Use 64-token pages.")
-        _check_paging(q, cache.shape[0], cache.shape[2], block_table, cache_seqlens)
+        _check_paging(q, cache.shape[2], block_table, cache_seqlens)
+        if value_checks_enabled(cache_seqlens):
+            _check_cache_contents(block_table, cache_seqlens, cache.shape[0])
 
     return decode_v2(
         q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal, bool(is_fp8_kvcache), indices, attn_sink,

@@ -53,7 +53,9 @@ def test_rows_in_range_reads_only_the_used_prefix_on_both_paths(seed: int, witho
         if rng.random() < 0.5:  # a column-major view: strided tables too
             table = torch.randint(-3, 12, (width, rows), dtype=dtype).t()
         lengths = torch.randint(0, width * per_entry + 1, (rows,), dtype=torch.int32)
-        truth = _rows_truth(table, lengths, low, high, per_entry)
+        if rng.random() < 0.3:  # [rows, k]: a row reads up to the longest of its k lengths
+            lengths = torch.randint(0, width * per_entry + 1, (rows, rng.randint(1, 3)), dtype=torch.int32)
+        truth = _rows_truth(table, lengths.amax(dim=1) if lengths.dim() == 2 else lengths, low, high, per_entry)
         verdicts = []
         for off in (False, True):
             without_numpy(off)
@@ -235,3 +237,90 @@ def test_rows_by_block_is_the_same_on_both_paths(without_numpy):
             without_numpy(off)
             got = gemm.rows_by_block(rows)
             assert got.dtype == torch.int32 and torch.equal(got, want)
+
+
+def test_signature_tells_every_checked_property_apart():
+    from hal.checks import signature
+
+    x = torch.zeros(4, 6)
+    same = signature(x, 3, None, torch.float32)
+    assert same == signature(torch.ones(4, 6), 3, None, torch.float32)  # contents are not in it
+    variants = [
+        (x.to(torch.bfloat16), 3, None, torch.float32),  # dtype
+        (torch.zeros(6, 4), 3, None, torch.float32),  # shape
+        (torch.zeros(6, 4).t(), 3, None, torch.float32),  # strides
+        (torch.zeros(4, 6, requires_grad=True), 3, None, torch.float32),  # requires_grad
+        (torch.zeros(4, 6, device="meta"), 3, None, torch.float32),  # device
+        (x, 3.0, None, torch.float32),  # an int and an equal float
+        (x, 3, False, torch.float32),  # None and False
+        (x, 3, None, torch.bfloat16),
+    ]
+    assert len({signature(*v) for v in variants} | {same}) == len(variants) + 1
+    assert signature(x, True) != signature(x, 1)
+    assert signature([x], 3) is None and signature((x,), 3) is None  # containers: not signable
+    assert signature(torch.nn.Parameter(x)) is None  # a tensor subclass: not signable
+
+
+def test_remembered_layouts_are_bounded():
+    from hal.checks import remember
+
+    seen: set = set()
+    for i in range(10):
+        remember(seen, (i,), limit=4)
+    assert len(seen) <= 4 and (9,) in seen
+    remember(seen, None)
+    assert None not in seen
+
+
+def _fp8_operands(m: int, n: int, k: int):
+    a = torch.randn(m, k).to(torch.float8_e4m3fn)
+    b = torch.randn(n, k).to(torch.float8_e4m3fn)
+    return (a, torch.ones(m, k // 128)), (b, torch.ones(-(-n // 128), k // 128))
+
+
+def test_a_layout_that_passed_does_not_excuse_a_different_one():
+    """Structural checks are skipped only for a signature that passed them: after valid calls, the
+    same shapes with another layout, dtype, grad flag or scalar type still raise."""
+    from hal.errors import ArgumentError, DTypeError, HalError, LayoutError
+
+    lhs, rhs = _fp8_operands(4, 256, 256)
+    out = torch.empty(4, 256, dtype=torch.bfloat16)
+    for _ in range(2):
+        hal.gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    with pytest.raises(LayoutError, match="out"):
+        hal.gemm_fp8_fp8_bf16_nt(lhs, rhs, torch.empty(256, 4, dtype=torch.bfloat16).t())
+    with pytest.raises(ArgumentError, match="requires_grad"):
+        hal.gemm_fp8_fp8_bf16_nt(lhs, rhs, torch.empty(4, 256, dtype=torch.bfloat16, requires_grad=True))
+    with pytest.raises(DTypeError, match="rhs"):
+        hal.gemm_fp8_fp8_bf16_nt(lhs, (rhs[0], rhs[1].double()), out)
+    with pytest.raises(DTypeError, match="out"):
+        hal.gemm_fp8_fp8_bf16_nt(lhs, rhs, out.float())
+
+    masked_lhs = (lhs[0][None].expand(2, -1, -1).contiguous(), lhs[1][None].expand(2, -1, -1).contiguous())
+    grouped_rhs = (rhs[0][None].expand(2, -1, -1).contiguous(), rhs[1][None].expand(2, -1, -1).contiguous())
+    masked_out = torch.empty(2, 4, 256, dtype=torch.bfloat16)
+    masked_m = torch.tensor([4, 1], dtype=torch.int32)
+    hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, masked_out, masked_m, 4)
+    with pytest.raises(HalError, match="expected_m"):
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, masked_out, masked_m, 4.0)
+    with pytest.raises(DTypeError, match="masked_m"):
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, masked_out, masked_m.long(), 4)
+    with pytest.raises(ValueRangeError, match="masked_m"):  # contents: checked on every call
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, masked_out, torch.tensor([5, 1], dtype=torch.int32), 4)
+
+
+@pytest.mark.parametrize("op", ["mla_decode", "paged_mqa_logits", "mqa_logits"])
+def test_index_contents_are_checked_on_every_call_after_the_layout_passed(op: str):
+    """The first quick case of each operator runs (its layout remembered), then again with one index
+    out of range: the value check still raises."""
+    from hal.conformance.catalogue import select_cases
+
+    case = next(c for c in select_cases(quick=True, ops=[op]) if "noncausal" in c.id or op != "mla_decode")
+    inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
+    case.family.run(dict(inputs))
+    broken = dict(inputs)
+    name = {"mla_decode": "cache_seqlens", "paged_mqa_logits": "context_lens", "mqa_logits": "end"}[op]
+    broken[name] = inputs[name].clone()
+    broken[name].view(-1)[0] = -5
+    with pytest.raises(ValueRangeError, match="cu_seq_len_k_end" if name == "end" else name):
+        case.family.run(broken)
