@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, values_within
 from hal.dispatch import call
 from hal.errors import ShapeError
 from hal.operator import declare
@@ -94,9 +94,11 @@ def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "mn") -> None:
     _dense("bf16_gemm_tt", a, b, d, c, True, False)
 
 
-def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_b: bool) -> None:
-    if torch.compiler.is_compiling():  # one opaque node; checks run when the graph runs
-        return torch.ops.hal.m_grouped_gemm_bf16_nt_contiguous(a, b, d, grouped_layout, use_psum_layout, transpose_b)
+_SIGNATURES: set = set()  # argument layouts that passed the grouped GEMMs' structural checks
+
+
+def _check_grouped_layouts(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_b: bool) -> None:
+    """The structural checks of the contiguous grouped GEMMs (run once per argument layout)."""
     expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("M", "K"))
     expect_tensor(op, "b", b, dtypes=BF16, shape=(None, None, None), dims=("G", "K", "N") if transpose_b else ("G", "N", "K"))
     b = b.transpose(1, 2) if transpose_b else b
@@ -107,13 +109,29 @@ def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_
     gemm_v2._output(op, d, None, (m, n), (BF16,))
     if use_psum_layout:
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(groups,), dims=("G",), contiguous=True)
-        expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
-        m_indices = gemm_v2._psum_to_indices(op, grouped_layout, m, gemm_v2.get_mk_alignment_for_contiguous_layout())
     else:
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(m,), dims=("M",), contiguous=True)
-        m_indices = grouped_layout
     expect_same_device(op, "a", a, b=b, d=d, grouped_layout=grouped_layout)
-    expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
+
+
+def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_b: bool) -> None:
+    if torch.compiler.is_compiling():  # one opaque node; checks run when the graph runs
+        return torch.ops.hal.m_grouped_gemm_bf16_nt_contiguous(a, b, d, grouped_layout, use_psum_layout, transpose_b)
+    key = signature(op, a, b, d, grouped_layout, use_psum_layout, transpose_b)
+    if key is None or key not in _SIGNATURES:
+        _check_grouped_layouts(op, a, b, d, grouped_layout, use_psum_layout, transpose_b)
+        remember(_SIGNATURES, key)
+    b = b.transpose(1, 2) if transpose_b else b
+    m = a.shape[0]
+    groups, n = b.shape[0], b.shape[1]
+    if use_psum_layout:
+        if not values_within(grouped_layout, 0, m + 1):
+            expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
+        m_indices = gemm_v2._psum_to_indices(op, grouped_layout, m, gemm_v2.get_mk_alignment_for_contiguous_layout())
+    else:
+        m_indices = grouped_layout
+    if not values_within(m_indices, -1, groups):
+        expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
     v1._check_contiguous_segments(op, m_indices, "a", "grouped_layout")
     if m == 0 or n == 0:
         return
@@ -139,15 +157,19 @@ def m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m, compiled_dims: 
     op = "m_grouped_bf16_gemm_nt_masked"
     if torch.compiler.is_compiling():  # one opaque node; checks run when the graph runs
         return torch.ops.hal.m_grouped_gemm_bf16_nt_masked(a, b, d, masked_m, expected_m)
-    expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None, None), dims=("G", "M_max", "K"))
-    groups, m_max, k = a.shape
-    expect_tensor(op, "b", b, dtypes=BF16, shape=(groups, None, k), dims=("G", "N", "K"))
+    key = signature(op, a, b, d, masked_m, expected_m)
+    if key is None or key not in _SIGNATURES:
+        expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None, None), dims=("G", "M_max", "K"))
+        expect_tensor(op, "b", b, dtypes=BF16, shape=(a.shape[0], None, a.shape[2]), dims=("G", "N", "K"))
+        gemm_v2._output(op, d, None, (a.shape[0], a.shape[1], b.shape[1]), (BF16,))
+        expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(a.shape[0],), dims=("G",))
+        expect_int(op, "expected_m", expected_m, minimum=1)
+        expect_same_device(op, "a", a, b=b, d=d, masked_m=masked_m)
+        remember(_SIGNATURES, key)
+    groups, m_max, _ = a.shape
     n = b.shape[1]
-    gemm_v2._output(op, d, None, (groups, m_max, n), (BF16,))
-    expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(groups,), dims=("G",))
-    expect_int(op, "expected_m", expected_m, minimum=1)
-    expect_in_range(op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max})", fix="Clamp masked_m to M_max.")
-    expect_same_device(op, "a", a, b=b, d=d, masked_m=masked_m)
+    if not values_within(masked_m, 0, m_max + 1):
+        expect_in_range(op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max})", fix="Clamp masked_m to M_max.")
     if groups == 0 or m_max == 0 or n == 0:
         return
     call(M_GROUPED_BF16_MASKED, "a", a.device, a=_padded(a), b=_padded(b), out=d, masked_m=masked_m, expected_m=expected_m)

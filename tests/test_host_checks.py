@@ -20,8 +20,13 @@ from hal.ops import gemm
 
 @pytest.fixture
 def without_numpy(monkeypatch: pytest.MonkeyPatch):
-    def switch(off: bool) -> None:
-        monkeypatch.setattr(optional, "_NUMPY", False if off else None)
+    """``switch(off)``: the NumPy path (off False) or the torch path (off True), small tensors
+    included; ``switch("lists")``: the default, small tensors read as Python lists."""
+    from hal import checks
+
+    def switch(off: bool | str) -> None:
+        monkeypatch.setattr(optional, "_NUMPY", False if off is True else None)
+        monkeypatch.setattr(checks, "SMALL", 64 if off == "lists" else 0)
 
     return switch
 
@@ -57,11 +62,11 @@ def test_rows_in_range_reads_only_the_used_prefix_on_both_paths(seed: int, witho
             lengths = torch.randint(0, width * per_entry + 1, (rows, rng.randint(1, 3)), dtype=torch.int32)
         truth = _rows_truth(table, lengths.amax(dim=1) if lengths.dim() == 2 else lengths, low, high, per_entry)
         verdicts = []
-        for off in (False, True):
+        for off in ("lists", False, True):
             without_numpy(off)
             verdicts.append(_verdict(lambda: expect_rows_in_range(
                 "op", "block_table", table, lengths, low, high, per_entry=per_entry, what="ids", fix="fix")))
-        assert verdicts[0] == verdicts[1]
+        assert verdicts[0] == verdicts[1] == verdicts[2]
         if truth is None:
             assert verdicts[0] is None
         else:  # the first offending used entry, by position, is the one named
@@ -89,7 +94,7 @@ def test_paged_logits_schedule_is_the_same_on_both_paths(seed: int, without_nump
         lens = torch.randint(-2, rng.choice([5, 300, 20000]), (batch, next_n), dtype=torch.int32)
         lens = lens if rng.random() < 0.5 else lens[:, -1].contiguous()
         results = []
-        for off in (False, True):
+        for off in ("lists", False, True):
             without_numpy(off)
             results.append(hal.get_paged_mqa_logits_metadata(lens if lens.dim() == 2 else lens[:, None], 64, sms))
         assert results[0].dtype == results[1].dtype == torch.int32 and torch.equal(results[0], results[1])
@@ -115,7 +120,7 @@ def test_contiguous_segments_check_matches_the_blockwise_definition(seed: int, w
             values += block
         m_indices = torch.tensor(values, dtype=torch.int32)
         truth = _segments_truth(m_indices, align)
-        for off in (False, True):
+        for off in ("lists", False, True):
             without_numpy(off)
             verdict = _verdict(lambda: gemm._check_contiguous_segments("op", m_indices))
             if truth is None:
@@ -129,14 +134,14 @@ def test_rows_in_range_of_narrow_dtypes_agree_on_both_paths(without_numpy):
     for dtype, value, high in ((torch.int8, -100, 200), (torch.int16, -1, 70000), (torch.int32, -1, 2**32)):
         table = torch.tensor([[value]], dtype=dtype)
         verdicts = []
-        for off in (False, True):
+        for off in ("lists", False, True):
             without_numpy(off)
             verdicts.append(_verdict(lambda: expect_rows_in_range("op", "t", table, torch.tensor([1]), 0, high, what="ids", fix="fix")))
-        assert verdicts[0] is not None and verdicts[0] == verdicts[1], (dtype, verdicts)
+        assert verdicts[0] is not None and verdicts[0] == verdicts[1] == verdicts[2], (dtype, verdicts)
     # bounds beyond a narrow dtype's range are vacuous, not wrapped into it
     for dtype, value, low, high, bad in ((torch.uint8, 5, -1, 2**40, False), (torch.uint8, 5, -1, 5, True), (torch.int8, -100, -2**40, 2**40, False)):
         table = torch.tensor([[value, 1]], dtype=dtype)
-        for off in (False, True):
+        for off in ("lists", False, True):
             without_numpy(off)
             verdict = _verdict(lambda: expect_rows_in_range("op", "t", table, torch.tensor([2]), low, high, what="ids", fix="fix"))
             assert (verdict is not None) == bad and (not bad or "at t[0, 0]" in verdict), (dtype, low, high, off, verdict)
@@ -156,10 +161,10 @@ def test_in_range_agrees_on_both_paths(seed: int, without_numpy):
             values[rng.randrange(values.numel())] = rng.choice([info.min, info.max])
         truth = next((i for i, v in enumerate(values.tolist()) if not low <= v < high), None)
         verdicts = []
-        for off in (False, True):
+        for off in ("lists", False, True):
             without_numpy(off)
             verdicts.append(_verdict(lambda: expect_in_range("op", "ids", values, low, high, what="ids", fix="fix")))
-        assert verdicts[0] == verdicts[1], (dtype, low, high, values)
+        assert verdicts[0] == verdicts[1] == verdicts[2], (dtype, low, high, values)
         assert (verdicts[0] is None) == (truth is None), (dtype, low, high, values, verdicts)
         if truth is not None:
             assert f"at ids[{truth}]" in verdicts[0]
@@ -233,7 +238,7 @@ def test_rows_by_block_is_the_same_on_both_paths(without_numpy):
         blocks = rng.randint(1, 5)
         rows = torch.tensor([rng.choice([-1, 0, 1, 2]) for _ in range(blocks * align * 2)], dtype=torch.int32)[::2]  # strided too
         want = torch.tensor([int(rows[r // align * align]) for r in range(rows.numel())], dtype=torch.int32)
-        for off in (False, True):
+        for off in ("lists", False, True):
             without_numpy(off)
             got = gemm.rows_by_block(rows)
             assert got.dtype == torch.int32 and torch.equal(got, want)
