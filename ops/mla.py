@@ -283,14 +283,16 @@ def _decode_v2(
     scale = _resolve_scale(softmax_scale, q.shape[-1])
     causal = bool(causal) and q.shape[1] > 1
 
-    def check_dense(cache: torch.Tensor) -> None:
+    def dense_layout(cache: torch.Tensor) -> None:
         if cache.shape[1] != PAGE_BLOCK_SIZE:
             raise ShapeError(_OP, "k_cache", f"page_block_size {PAGE_BLOCK_SIZE} in the dense mode", f"{cache.shape[1]}", "Use 64-token pages.")
         _check_paging(q, cache.shape[2], block_table, cache_seqlens)
+
+    def dense_contents(cache: torch.Tensor) -> None:
         if value_checks_enabled(cache_seqlens):
             _check_cache_contents(block_table, cache_seqlens, cache.shape[0])
 
     return decode_v2(
         q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal, bool(is_fp8_kvcache), indices, attn_sink,
-        extra_k_cache, extra_indices, topk_length, extra_topk_length, check_dense,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length, dense_layout, dense_contents,
     )

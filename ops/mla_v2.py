@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hal.checks import expect_in_range, expect_same_device, expect_tensor
+from hal.checks import expect_in_range, expect_same_device, expect_tensor, signature, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -118,21 +118,27 @@ def _check_cache(name: str, cache: object, q: torch.Tensor, fp8: bool) -> torch.
     return expect_tensor(_OP, name, cache, dtypes=q.dtype, shape=(None, None, None, HEAD_DIM_QK), dims=("num_blocks", "page_block_size", "h_kv", "d"))
 
 
-def _check_indices(name: str, indices: object, batch: int, s_q: int, cache: torch.Tensor) -> torch.Tensor:
-    expect_tensor(_OP, name, indices, dtypes=torch.int32, shape=(batch, s_q, None), dims=("batch", "s_q", "topk"))
+def _check_indices(name: str, indices: object, batch: int, s_q: int) -> torch.Tensor:
+    return expect_tensor(_OP, name, indices, dtypes=torch.int32, shape=(batch, s_q, None), dims=("batch", "s_q", "topk"))
+
+
+def _check_indices_contents(name: str, indices: torch.Tensor, cache: torch.Tensor) -> None:
     positions = cache.shape[0] * cache.shape[1]
-    expect_in_range(
-        _OP, name, indices, -1, positions, what=f"positions block_id * page_block_size + slot in [0, {positions}) or -1 for unused",
-        fix="Index the flattened cache; mark unused entries -1.",
-    )
-    return indices
+    if not values_within(indices, -1, positions):
+        expect_in_range(
+            _OP, name, indices, -1, positions, what=f"positions block_id * page_block_size + slot in [0, {positions}) or -1 for unused",
+            fix="Index the flattened cache; mark unused entries -1.",
+        )
 
 
-def _check_length(name: str, length: object, batch: int, topk: int) -> None:
-    if length is None:
-        return
-    expect_tensor(_OP, name, length, dtypes=torch.int32, shape=(batch,), dims=("batch",))
-    expect_in_range(_OP, name, length, 0, topk + 1, what=f"lengths in [0, topk={topk}]", fix="Cut each batch's list at most at its topk.")
+def _check_length(name: str, length: object, batch: int) -> None:
+    if length is not None:
+        expect_tensor(_OP, name, length, dtypes=torch.int32, shape=(batch,), dims=("batch",))
+
+
+def _check_length_contents(name: str, length: torch.Tensor | None, topk: int) -> None:
+    if length is not None and not values_within(length, 0, topk + 1):
+        expect_in_range(_OP, name, length, 0, topk + 1, what=f"lengths in [0, topk={topk}]", fix="Cut each batch's list at most at its topk.")
 
 
 def _check_sink(name: str, sink: object, h_q: int) -> None:
@@ -140,16 +146,15 @@ def _check_sink(name: str, sink: object, h_q: int) -> None:
         expect_tensor(_OP, name, sink, dtypes=torch.float32, shape=(h_q,), dims=("h_q",))
 
 
-def decode_v2(
-    q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, head_dim_v: int,
-    softmax_scale: float, causal: bool, is_fp8_kvcache: bool, indices: torch.Tensor | None, attn_sink: torch.Tensor | None,
-    extra_k_cache: torch.Tensor | None, extra_indices: torch.Tensor | None, topk_length: torch.Tensor | None,
-    extra_topk_length: torch.Tensor | None, check_dense: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the V3.2 arguments (q, scale and head_dim_v already checked) and run ``mla_decode_v2``.
+# Argument layouts that passed _check_layouts_v2, with the features they ask of a backend.
+_SIGNATURES: dict[tuple[Any, ...], frozenset[str]] = {}
 
-    ``check_dense(k_cache_shape_source)`` validates block_table / cache_seqlens for the dense mode.
-    """
+
+def _check_layouts_v2(
+    q: torch.Tensor, k_cache: object, block_table: object, cache_seqlens: object, causal: bool, is_fp8_kvcache: bool, indices: object,
+    attn_sink: object, extra_k_cache: object, extra_indices: object, topk_length: object, extra_topk_length: object, dense_layout: Any,
+) -> frozenset[str]:
+    """Everything but the contents; returns the features the call asks of a backend."""
     batch, s_q, h_q, _ = q.shape
     cache = _check_cache("k_cache", k_cache, q, is_fp8_kvcache)
     _check_sink("attn_sink", attn_sink, h_q)
@@ -157,21 +162,21 @@ def decode_v2(
         for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices), ("topk_length", topk_length), ("extra_topk_length", extra_topk_length)):
             if value is not None:
                 raise ArgumentError(_OP, name, "None in the dense mode (indices=None)", "a value", "Pass indices for sparse attention, or drop this argument.")
-        check_dense(cache)
+        dense_layout(cache)
     else:
         if causal:
             raise ValueRangeError(_OP, "causal", "False with sparse indices (the indices choose the keys)", "True", "Pass causal=False.")
         if cache.shape[2] != 1:
             raise ShapeError(_OP, "k_cache", "h_kv = 1 in the sparse mode", f"h_kv = {cache.shape[2]}", "Sparse MLA uses one latent KV head.")
-        _check_indices("indices", indices, batch, s_q, cache)
-        _check_length("topk_length", topk_length, batch, indices.shape[2])
+        _check_indices("indices", indices, batch, s_q)
+        _check_length("topk_length", topk_length, batch)
         if (extra_k_cache is None) != (extra_indices is None):
             missing = "extra_indices_in_kvcache" if extra_indices is None else "extra_k_cache"
             raise ArgumentError(_OP, missing, "given together with its pair", "None", "Pass both extra_k_cache and extra_indices_in_kvcache, or neither.")
         if extra_k_cache is not None:
-            extra = _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache)
-            _check_indices("extra_indices_in_kvcache", extra_indices, batch, s_q, extra)
-            _check_length("extra_topk_length", extra_topk_length, batch, extra_indices.shape[2])
+            _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache)
+            _check_indices("extra_indices_in_kvcache", extra_indices, batch, s_q)
+            _check_length("extra_topk_length", extra_topk_length, batch)
         elif extra_topk_length is not None:
             raise ArgumentError(_OP, "extra_topk_length", "None without an extra cache", "a tensor", "Drop it, or pass extra_k_cache.")
     expect_same_device(
@@ -181,6 +186,41 @@ def decode_v2(
     features = {"sparse" if indices is not None else "dense"}
     features |= {name for name, value in (("fp8_kv", is_fp8_kvcache), ("sink", attn_sink is not None), ("extra_cache", extra_k_cache is not None),
                  ("topk_length", topk_length is not None or extra_topk_length is not None), ("model1_fp8", q.shape[-1] == MODEL1_DIM)) if value}
+    return frozenset(features)
+
+
+def decode_v2(
+    q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, head_dim_v: int,
+    softmax_scale: float, causal: bool, is_fp8_kvcache: bool, indices: torch.Tensor | None, attn_sink: torch.Tensor | None,
+    extra_k_cache: torch.Tensor | None, extra_indices: torch.Tensor | None, topk_length: torch.Tensor | None,
+    extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the V3.2 arguments (q, scale and head_dim_v already checked) and run ``mla_decode_v2``.
+
+    ``dense_layout(cache)`` checks block_table / cache_seqlens for the dense mode, ``dense_contents(cache)``
+    their contents. Layouts are checked once per signature (:func:`hal.checks.signature`), contents
+    on every call.
+    """
+    key = None
+    if not (is_fp8_kvcache and q.shape[-1] == MODEL1_DIM):  # the MODEL1 check reads the storage's extent, which no signature holds
+        key = signature(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
+                        topk_length, extra_topk_length)
+    features = _SIGNATURES.get(key) if key is not None else None
+    if features is None:
+        features = _check_layouts_v2(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+                                     extra_indices, topk_length, extra_topk_length, dense_layout)
+        if key is not None:
+            if len(_SIGNATURES) >= 1024:
+                _SIGNATURES.clear()
+            _SIGNATURES[key] = features
+    if indices is None:
+        dense_contents(k_cache)
+    else:
+        _check_indices_contents("indices", indices, k_cache)
+        _check_length_contents("topk_length", topk_length, indices.shape[2])
+        if extra_k_cache is not None:
+            _check_indices_contents("extra_indices_in_kvcache", extra_indices, extra_k_cache)
+            _check_length_contents("extra_topk_length", extra_topk_length, extra_indices.shape[2])
     return call(
         MLA_DECODE_V2, "q", q.device, features=features,
         q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
