@@ -222,7 +222,12 @@ def values_within(values: torch.Tensor, low: int, high: int, *, synchronised: bo
     if values.dtype == torch.bool:
         return bool(not _outside(values, low, high).any())
     if values.numel() <= SMALL and not values.is_floating_point() and optional.host_readable(values):
-        flat = values.tolist() if values.dim() == 1 else values.reshape(-1).tolist()
+        listed = values.tolist()
+        if values.dim() == 1:
+            return low <= min(listed) and max(listed) < high
+        if values.dim() == 2:
+            return low <= min(map(min, listed)) and max(map(max, listed)) < high
+        flat = values.reshape(-1).tolist()
         return low <= min(flat) and max(flat) < high
     np = optional.numpy_for(values) if not values.is_floating_point() else None
     if np is not None:
@@ -319,7 +324,8 @@ def _rows_outside_small(
     if low <= min(map(min, rows)) and max(map(max, rows)) < high:  # every entry in range, padding included
         return None
     limits = lengths() if callable(lengths) else lengths
-    limits = limits.tolist() if optional.host_readable(limits) else limits.detach().cpu().tolist()
+    # the table was host readable, so no tracer or mode is active: a plain CPU tensor is too
+    limits = limits.tolist() if type(limits) is torch.Tensor and limits.is_cpu else limits.detach().cpu().tolist()
     first, count = None, 0
     for r, row in enumerate(rows):
         limit = limits[r]

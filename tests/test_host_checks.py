@@ -329,3 +329,20 @@ def test_index_contents_are_checked_on_every_call_after_the_layout_passed(op: st
     broken[name].view(-1)[0] = -5
     with pytest.raises(ValueRangeError, match="cu_seq_len_k_end" if name == "end" else name):
         case.family.run(broken)
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (2, 1, 3), (1, 5)])
+def test_in_range_of_2d_and_3d_values_agrees_on_every_path(shape, without_numpy):
+    from hal.checks import values_within
+
+    rng = random.Random(len(shape))
+    for _ in range(60):
+        values = torch.randint(-2, 9, shape, dtype=torch.int32)
+        low, high = rng.choice([0, -1]), rng.randint(4, 9)
+        truth = all(low <= v < high for v in values.flatten().tolist())
+        verdicts = []
+        for off in ("lists", False, True):
+            without_numpy(off)
+            assert values_within(values, low, high) == truth
+            verdicts.append(_verdict(lambda: expect_in_range("op", "ids", values, low, high, what="ids", fix="fix")))
+        assert verdicts[0] == verdicts[1] == verdicts[2] and (verdicts[0] is None) == truth
