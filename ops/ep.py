@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_tensor
+from hal.checks import expect_in_range, expect_int, expect_tensor, values_within
 from hal.dispatch import call
 from hal.errors import ValueRangeError
 from hal.operator import declare
@@ -84,8 +84,9 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
             op, "num_ranks", f"a multiple of {NVL_PEERS_PER_NODE} when above {NVL_PEERS_PER_NODE} (whole nodes)",
             str(num_ranks), "Use whole nodes of 8 ranks.",
         )
-    expect_in_range(
-        op, "topk_idx", topk_idx, -1, num_experts, what=f"expert ids (-1 for none; num_experts={num_experts})",
-        fix="Route only to existing experts, or -1 for an unused slot.",
-    )
+    if not values_within(topk_idx, -1, num_experts):
+        expect_in_range(
+            op, "topk_idx", topk_idx, -1, num_experts, what=f"expert ids (-1 for none; num_experts={num_experts})",
+            fix="Route only to existing experts, or -1 for an unused slot.",
+        )
     return call(EP_DISPATCH_LAYOUT, "topk_idx", topk_idx.device, topk_idx=topk_idx, num_experts=num_experts, num_ranks=num_ranks)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from hal import optional
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import DTypeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -162,10 +162,11 @@ def ep_pack(rows: torch.Tensor, bucket_idx: torch.Tensor, num_buckets: int) -> t
     expect_tensor(op, "bucket_idx", bucket_idx, dtypes=torch.int64, shape=(rows.shape[0], None), dims=("num_rows", "num_slots"))
     expect_int(op, "num_buckets", num_buckets, minimum=1)
     expect_same_device(op, "rows", rows, bucket_idx=bucket_idx)
-    expect_in_range(
-        op, "bucket_idx", bucket_idx, -1, num_buckets, what=f"bucket ids (-1 for none; num_buckets={num_buckets})",
-        fix="Assign each row only to existing buckets, or -1.",
-    )
+    if not values_within(bucket_idx, -1, num_buckets):
+        expect_in_range(
+            op, "bucket_idx", bucket_idx, -1, num_buckets, what=f"bucket ids (-1 for none; num_buckets={num_buckets})",
+            fix="Assign each row only to existing buckets, or -1.",
+        )
     return call(EP_PACK, "rows", rows.device, rows=rows, bucket_idx=bucket_idx, num_buckets=num_buckets)
 
 
@@ -191,10 +192,11 @@ def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int,
     expect_int(op, "num_buckets", num_buckets, minimum=1)
     expect_int(op, "num_slots", num_slots, minimum=0)
     expect_same_device(op, "rows", rows, bucket_of_row=bucket_of_row)
-    expect_in_range(
-        op, "bucket_of_row", bucket_of_row, 0, num_buckets, what=f"bucket ids (num_buckets={num_buckets})",
-        fix="Every row must belong to a bucket.",
-    )
+    if not values_within(bucket_of_row, 0, num_buckets):
+        expect_in_range(
+            op, "bucket_of_row", bucket_of_row, 0, num_buckets, what=f"bucket ids (num_buckets={num_buckets})",
+            fix="Every row must belong to a bucket.",
+        )
     if value_checks_enabled(bucket_of_row) and bucket_of_row.numel():
         np = optional.numpy_for(bucket_of_row)  # ids are in range now: bincount takes them as they are
         counts = np.bincount(bucket_of_row.numpy(), minlength=num_buckets) if np else torch.bincount(bucket_of_row.long(), minlength=num_buckets)
@@ -236,10 +238,11 @@ def ep_combine_reduce(
     if weights is not None:
         expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(total,), dims=("S",))
     expect_same_device(op, "rows", first, src_idx=src_idx, weights=weights)
-    expect_in_range(
-        op, "src_idx", src_idx, 0, num_tokens, what=f"token ids (num_tokens={num_tokens})",
-        fix="Each row must come from an existing token.",
-    )
+    if not values_within(src_idx, 0, num_tokens):
+        expect_in_range(
+            op, "src_idx", src_idx, 0, num_tokens, what=f"token ids (num_tokens={num_tokens})",
+            fix="Each row must come from an existing token.",
+        )
     if len(segments) == 1:
         rows = first
     else:
