@@ -209,6 +209,37 @@ def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str =
         )
 
 
+def contiguous_rows(
+    op: str, m_indices: torch.Tensor, groups: int, argument: str = "lhs[0]", name: str = "m_indices", operand: str = "rhs"
+) -> torch.Tensor:
+    """Check the contiguous layout's row groups and return :func:`rows_by_block`'s mapping.
+
+    ``m_indices`` int32 [M] (structure checked by the caller): M a multiple of the alignment, ids
+    in [-1, G), and each aligned block one group's rows followed only by -1 padding. On CPU
+    tensors one pass: the segment test, then the ids of the blocks' first rows only (valid
+    segments hold nothing else but -1), then the mapping from those first rows; an error is
+    named by the full checks, range first. ``argument``: the operand whose M is checked; ``name``:
+    the argument the row groups came from; ``operand``: the one holding the G groups."""
+    align = get_m_alignment_for_contiguous_layout()
+    np = optional.numpy_for(m_indices) if m_indices.shape[0] % align == 0 and value_checks_enabled(m_indices) else None
+    if np is None or m_indices.shape[0] == 0:
+        if not values_within(m_indices, -1, groups):
+            expect_in_range(op, name, m_indices, -1, groups, what=f"group ids (-1 for padding; {operand} has G={groups} groups)",
+                            fix=f"Each row's group must index a group of {operand}.")
+        _check_contiguous_segments(op, m_indices, argument, name)
+        return rows_by_block(m_indices)
+    rows = m_indices.numpy()
+    firsts = rows[::align]
+    broken = (rows[1:] != rows[:-1]) & (rows[1:] != -1)
+    broken[align - 1 :: align] = False  # pairs straddling two blocks
+    listed = firsts.tolist()
+    if np.count_nonzero(broken) or min(listed) < -1 or max(listed) >= groups:
+        expect_in_range(op, name, m_indices, -1, groups, what=f"group ids (-1 for padding; {operand} has G={groups} groups)",
+                        fix=f"Each row's group must index a group of {operand}.")
+        _check_contiguous_segments(op, m_indices, argument, name)
+    return torch.from_numpy(np.repeat(firsts, align))
+
+
 def rows_by_block(m_indices: torch.Tensor) -> torch.Tensor:
     """The group each row of the contiguous layout is computed with, as DeepGEMM computes it.
 
@@ -262,13 +293,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Operand, rhs: Operand, out: t
     if torch.compiler.is_compiling():
         return torch.ops.hal.m_grouped_gemm_fp8_nt_contiguous(lhs[0], lhs[1], rhs[0], rhs[1], out, m_indices)
     a, sa, b, sb, out = _check_operands(op, lhs, rhs, out, groups=1, lhs_groups=False, more=(m_indices,))
-    if not values_within(m_indices, -1, b.shape[0]):
-        expect_in_range(
-            op, "m_indices", m_indices, -1, b.shape[0], what=f"group ids (-1 for padding; rhs has G={b.shape[0]} groups)",
-            fix="Each row's expert must index a group of rhs.",
-        )
-    _check_contiguous_segments(op, m_indices)
-    call(M_GROUPED_CONTIGUOUS, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out, m_indices=rows_by_block(m_indices))
+    rows = contiguous_rows(op, m_indices, b.shape[0])
+    call(M_GROUPED_CONTIGUOUS, "lhs[0]", a.device, a=a, a_scales=sa, b=b, b_scales=sb, out=out, m_indices=rows)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(

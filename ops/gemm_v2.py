@@ -248,15 +248,18 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(m,), dims=("M",), contiguous=True)
         m_indices = grouped_layout
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "grouped_layout": grouped_layout})
-    if not values_within(m_indices, -1, groups):
-        expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
-    v1._check_contiguous_segments(op, m_indices, "a[0]", "grouped_layout")
+    if use_psum_layout:  # rows derived from the ends: whole aligned blocks already
+        if not values_within(m_indices, -1, groups):
+            expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
+        v1._check_contiguous_segments(op, m_indices, "a[0]", "grouped_layout")
+    else:
+        m_indices = v1.contiguous_rows(op, m_indices, groups, "a[0]", "grouped_layout", "b")
     if m == 0 or n == 0:
         return
     features = {"b_per_token"} if gran == 1 and n > 1 else set()
     call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
          a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
-         m_indices=m_indices if use_psum_layout else v1.rows_by_block(m_indices))
+         m_indices=m_indices)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(
