@@ -53,16 +53,21 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
 def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None, transpose_a: bool, transpose_b: bool) -> None:
     if torch.compiler.is_compiling() and op.startswith("bf16_gemm_"):  # one opaque node; checks run when the graph runs
         return torch.ops.hal.gemm_bf16_nt(a, b, d, c, op.removeprefix("bf16_gemm_"))
-    expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("K", "M") if transpose_a else ("M", "K"))
-    expect_tensor(op, "b", b, dtypes=BF16, shape=(None, None), dims=("K", "N") if transpose_b else ("N", "K"))
+    key = signature(op, a, b, d, c, transpose_a, transpose_b)
+    if key is None or key not in _SIGNATURES:
+        expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("K", "M") if transpose_a else ("M", "K"))
+        expect_tensor(op, "b", b, dtypes=BF16, shape=(None, None), dims=("K", "N") if transpose_b else ("N", "K"))
+        at = a.transpose(0, 1) if transpose_a else a
+        bt = b.transpose(0, 1) if transpose_b else b
+        if bt.shape[1] != at.shape[1]:
+            raise ShapeError(op, "b", f"K = {at.shape[1]} (a's)", f"K = {bt.shape[1]}", "Give a and b the same K.")
+        gemm_v2._output(op, d, c, (at.shape[0], bt.shape[0]), (BF16, torch.float32))
+        expect_same_device(op, "a", a, b=b, d=d, c=c)
+        remember(_SIGNATURES, key)
     a = a.transpose(0, 1) if transpose_a else a
     b = b.transpose(0, 1) if transpose_b else b
     m, k = a.shape
     n = b.shape[0]
-    if b.shape[1] != k:
-        raise ShapeError(op, "b", f"K = {k} (a's)", f"K = {b.shape[1]}", "Give a and b the same K.")
-    gemm_v2._output(op, d, c, (m, n), (BF16, torch.float32))
-    expect_same_device(op, "a", a, b=b, d=d, c=c)
     if m == 0 or n == 0:
         return
     if k == 0:
@@ -94,7 +99,7 @@ def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "mn") -> None:
     _dense("bf16_gemm_tt", a, b, d, c, True, False)
 
 
-_SIGNATURES: set = set()  # argument layouts that passed the grouped GEMMs' structural checks
+_SIGNATURES: set = set()  # argument layouts that passed the structural checks (dense and grouped)
 
 
 def _check_grouped_layouts(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_b: bool) -> None:

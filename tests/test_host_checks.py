@@ -346,3 +346,44 @@ def test_in_range_of_2d_and_3d_values_agrees_on_every_path(shape, without_numpy)
             assert values_within(values, low, high) == truth
             verdicts.append(_verdict(lambda: expect_in_range("op", "ids", values, low, high, what="ids", fix="fix")))
         assert verdicts[0] == verdicts[1] == verdicts[2] and (verdicts[0] is None) == truth
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_contiguous_rows_agree_with_the_separate_checks_and_mapping(seed: int, without_numpy):
+    """contiguous_rows (one NumPy pass on CPU tensors) raises what the range check then the segment
+    check raise, in that order, and otherwise returns rows_by_block's mapping."""
+    from hal.errors import HalError
+
+    rng = random.Random(seed)
+    align = gemm.get_m_alignment_for_contiguous_layout()
+
+    def reference(m_indices: torch.Tensor, groups: int):
+        try:
+            expect_in_range("op", "m_indices", m_indices, -1, groups, what=f"group ids (-1 for padding; rhs has G={groups} groups)",
+                            fix="Each row's group must index a group of rhs.")
+            gemm._check_contiguous_segments("op", m_indices)
+        except HalError as error:
+            return type(error), str(error)
+        return gemm.rows_by_block(m_indices)
+
+    for _ in range(200):
+        groups, values = rng.randint(1, 4), []
+        for _ in range(rng.randint(1, 4)):
+            block = [rng.randint(-1, groups - 1)] * (count := rng.randint(0, align)) + [-1] * (align - count)
+            for _ in range(rng.choice([0, 0, 1, 2])):
+                block[rng.randrange(align)] = rng.randint(-2, groups)  # out of range too
+            values += block
+        if rng.random() < 0.1:
+            values = values[:-1]  # M not a multiple of the alignment
+        m_indices = torch.tensor(values, dtype=torch.int32)
+        for off in ("lists", False, True):
+            without_numpy(off)
+            expected = reference(m_indices, groups)
+            try:
+                got = gemm.contiguous_rows("op", m_indices, groups)
+            except HalError as error:
+                got = (type(error), str(error))
+            if isinstance(expected, torch.Tensor):
+                assert isinstance(got, torch.Tensor) and got.dtype == torch.int32 and torch.equal(got, expected), (off, values)
+            else:
+                assert got == expected, (off, values)
