@@ -372,6 +372,8 @@ def test_contiguous_rows_agree_with_the_separate_checks_and_mapping(seed: int, w
             block = [rng.randint(-1, groups - 1)] * (count := rng.randint(0, align)) + [-1] * (align - count)
             for _ in range(rng.choice([0, 0, 1, 2])):
                 block[rng.randrange(align)] = rng.randint(-2, groups)  # out of range too
+            if rng.random() < 0.15:  # a well-formed segment of an id out of range
+                block = [rng.choice([groups, -2])] * max(count, 1) + [-1] * (align - max(count, 1))
             values += block
         if rng.random() < 0.1:
             values = values[:-1]  # M not a multiple of the alignment
