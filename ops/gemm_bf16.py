@@ -129,18 +129,7 @@ def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_
     b = b.transpose(1, 2) if transpose_b else b
     m = a.shape[0]
     groups, n = b.shape[0], b.shape[1]
-    if use_psum_layout:
-        if not values_within(grouped_layout, 0, m + 1):
-            expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
-        m_indices = gemm_v2._psum_to_indices(op, grouped_layout, m, gemm_v2.get_mk_alignment_for_contiguous_layout())
-    else:
-        m_indices = grouped_layout
-    if use_psum_layout:  # rows derived from the ends: whole aligned blocks already
-        if not values_within(m_indices, -1, groups):
-            expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
-        v1._check_contiguous_segments(op, m_indices, "a", "grouped_layout")
-    else:
-        m_indices = v1.contiguous_rows(op, m_indices, groups, "a", "grouped_layout", "b")
+    m_indices = gemm_v2.grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a")
     if m == 0 or n == 0:
         return
     call(M_GROUPED_BF16_CONTIGUOUS, "a", a.device, a=_padded(a), b=_padded(b), out=d,

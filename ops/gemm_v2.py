@@ -238,28 +238,34 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
     expect_tensor(op, "b[1]", bsf, shape=(groups, None, kb), dims=("G", "rows", "ceil(K/128)"))
     gran = _recipe_rows(op, n, bsf.shape[1], recipe, recipe_b)
     _output(op, d, None, (m, n), (torch.bfloat16,))
-    alignment = get_mk_alignment_for_contiguous_layout()
     if use_psum_layout:
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(groups,), dims=("G",), contiguous=True)
-        if not values_within(grouped_layout, 0, m + 1):
-            expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
-        m_indices = _psum_to_indices(op, grouped_layout, m, alignment)
     else:
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(m,), dims=("M",), contiguous=True)
-        m_indices = grouped_layout
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "grouped_layout": grouped_layout})
-    if use_psum_layout:  # rows derived from the ends: whole aligned blocks already
-        if not values_within(m_indices, -1, groups):
-            expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
-        v1._check_contiguous_segments(op, m_indices, "a[0]", "grouped_layout")
-    else:
-        m_indices = v1.contiguous_rows(op, m_indices, groups, "a[0]", "grouped_layout", "b")
+    m_indices = grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a[0]")
     if m == 0 or n == 0:
         return
     features = {"b_per_token"} if gran == 1 and n > 1 else set()
     call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
          a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
          m_indices=m_indices)
+
+
+def grouped_rows(op: str, grouped_layout: torch.Tensor, m: int, groups: int, use_psum_layout: bool, argument: str) -> torch.Tensor:
+    """The group of each of the M rows, as the contiguous grouped GEMMs' backends receive it, from
+    ``grouped_layout`` (structure already checked): with ``use_psum_layout`` the cumulative row
+    ends [G], checked and expanded to whole aligned blocks; else m_indices [M], checked and mapped
+    by :func:`hal.ops.gemm.contiguous_rows`. ``argument``: the operand whose M is checked."""
+    if not use_psum_layout:
+        return v1.contiguous_rows(op, grouped_layout, groups, argument, "grouped_layout", "b")
+    if not values_within(grouped_layout, 0, m + 1):
+        expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
+    m_indices = _psum_to_indices(op, grouped_layout, m, get_mk_alignment_for_contiguous_layout())
+    if not values_within(m_indices, -1, groups):  # derived rows: whole aligned blocks already, checked as the contract says
+        expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
+    v1._check_contiguous_segments(op, m_indices, argument, "grouped_layout")
+    return m_indices
 
 
 def m_grouped_fp8_gemm_nt_contiguous(

@@ -694,6 +694,9 @@ static int gemm_rows_in_lanes(problem *p, int nthreads) {
 #define DOT_PREFETCH 2048 /* bytes ahead along B's row (past its end: the next row, contiguous B) */
 #endif
 
+/* The end of the run of columns that starts at n0: per columns, or up to N. */
+static long column_run_end(const problem *p, long n0, long per) { return n0 + per < p->N ? n0 + per : p->N; }
+
 typedef struct {
     const problem *p;
     const __m512i *apack; /* [M][K/64][2]: each 64-byte chunk of A's rows as decode64 leaves it */
@@ -787,11 +790,24 @@ static const dot_fn dot_runs[DOT_MAX_ROWS + 1] = {NULL, dot_run_1}; /* widen wit
 static void item_dot(void *ctx, long item, int tid) {
     (void)tid;
     const dot_problem *q = ctx;
-    const problem *p = q->p;
-    long n0 = item * q->cols_per_item, n1 = n0 + q->cols_per_item < p->N ? n0 + q->cols_per_item : p->N;
+    long n0 = item * q->cols_per_item, n1 = column_run_end(q->p, n0, q->cols_per_item);
     decoder d;
     decoder_init(&d);
-    dot_runs[p->M](p, q->apack, &d, n0, n1);
+    dot_runs[q->p->M](q->p, q->apack, &d, n0, n1);
+}
+
+/* A's rows decoded as decode64 leaves each 64-byte chunk: [M][K/64][2] zmm at dst. */
+static void decode_rows(const problem *p, __m512i *dst) {
+    const long chunks = p->K / 64;
+    decoder d;
+    decoder_init(&d);
+    for (long r = 0; r < p->M; r++)
+        for (long c = 0; c < chunks; c++) {
+            __m512i u0, u1;
+            decode64(&d, _mm512_loadu_si512(p->a + r * p->lda + 64 * c), &u0, &u1);
+            _mm512_store_si512(dst + (r * chunks + c) * 2, u0);
+            _mm512_store_si512(dst + (r * chunks + c) * 2 + 1, u1);
+        }
 }
 
 /* 1 <= M <= DOT_MAX_ROWS (K a multiple of 128): returns 0, or ENOMEM. */
@@ -799,15 +815,7 @@ static int gemm_dot(problem *p, int nthreads) {
     long chunks = p->K / 64;
     __m512i *apack = NULL;
     if (posix_memalign((void **)&apack, 64, (size_t)p->M * (size_t)chunks * 128) != 0) return ENOMEM;
-    decoder d;
-    decoder_init(&d);
-    for (long r = 0; r < p->M; r++)
-        for (long c = 0; c < chunks; c++) {
-            __m512i u0, u1;
-            decode64(&d, _mm512_loadu_si512(p->a + r * p->lda + 64 * c), &u0, &u1);
-            _mm512_store_si512(apack + (r * chunks + c) * 2, u0);
-            _mm512_store_si512(apack + (r * chunks + c) * 2 + 1, u1);
-        }
+    decode_rows(p, apack);
     /* Items of consecutive columns, a contiguous run of B each: about 8 per thread (balance on a
      * shared machine), whole groups of 4 columns. */
     long per = (p->N + 8L * nthreads - 1) / (8L * nthreads);
@@ -948,11 +956,10 @@ static int gl_pairs(long M) { return M <= 2 ? 8 : (M <= 4 ? 4 : 2); }
 static void item_gl(void *ctx, long item, int tid) {
     (void)tid;
     const gl_problem *q = ctx;
-    const problem *p = q->p;
-    long n0 = item * q->cols_per_item, n1 = n0 + q->cols_per_item < p->N ? n0 + q->cols_per_item : p->N;
+    long n0 = item * q->cols_per_item, n1 = column_run_end(q->p, n0, q->cols_per_item);
     decoder d;
     decoder_init(&d);
-    int G = gl_pairs(p->M);
+    int G = gl_pairs(q->p->M);
     if (G == 8) gl_run_8(q, &d, n0, n1);
     else if (G == 4) gl_run_4(q, &d, n0, n1);
     else gl_run_2(q, &d, n0, n1);
@@ -972,15 +979,7 @@ static int gemm_lane_groups(problem *p, int nthreads) {
         free(rows);
         return ENOMEM;
     }
-    decoder d;
-    decoder_init(&d);
-    for (long r = 0; r < p->M; r++)
-        for (long c = 0; c < chunks; c++) {
-            __m512i u0, u1;
-            decode64(&d, _mm512_loadu_si512(p->a + r * p->lda + 64 * c), &u0, &u1);
-            _mm512_store_si512(rows + (r * chunks + c) * 2, u0);
-            _mm512_store_si512(rows + (r * chunks + c) * 2 + 1, u1);
-        }
+    decode_rows(p, rows);
     const uint32_t *dec = (const uint32_t *)rows; /* [M][chunks][32] pairs */
     uint32_t *ap = (uint32_t *)apack;
     for (long c = 0; c < chunks; c++)
