@@ -694,6 +694,17 @@ static int gemm_rows_in_lanes(problem *p, int nthreads) {
 #define DOT_PREFETCH 2048 /* bytes ahead along B's row (past its end: the next row, contiguous B) */
 #endif
 
+/* out[r][col] = v: float32, or bfloat16 rounded to nearest even as torch rounds (NaN: 0x7fc0). */
+static inline void put_out(const problem *p, long r, long col, float v) {
+    if (p->out_f32) {
+        ((float *)p->out)[r * p->ldo + col] = v;
+    } else {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        ((uint16_t *)p->out)[r * p->ldo + col] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
 /* The end of the run of columns that starts at n0: per columns, or up to N. */
 static long column_run_end(const problem *p, long n0, long per) { return n0 + per < p->N ? n0 + per : p->N; }
 
@@ -763,16 +774,7 @@ static inline __attribute__((always_inline)) void dot_cols(const int MRT, const 
         }
     }
     for (int c = 0; c < NCOL; c++)
-        for (int r = 0; r < MRT; r++) {
-            float v = C[c * MRT + r];
-            if (p->out_f32) {
-                ((float *)p->out)[r * p->ldo + n + c] = v;
-            } else {
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                ((uint16_t *)p->out)[r * p->ldo + n + c] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-            }
-        }
+        for (int r = 0; r < MRT; r++) put_out(p, r, n + c, C[c * MRT + r]);
 }
 
 /* Columns per call of dot_cols for m rows: 4 up to 4 rows, then 2 (at most 16 accumulators). */
@@ -930,16 +932,7 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
     for (int c = 0; c < NCOL; c++) {
         __attribute__((aligned(64))) float v16[16];
         _mm512_store_ps(v16, Cv[c]);
-        for (long r = 0; r < p->M; r++) {
-            float v = v16[r * G];
-            if (p->out_f32) {
-                ((float *)p->out)[r * p->ldo + n + c] = v;
-            } else {
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                ((uint16_t *)p->out)[r * p->ldo + n + c] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-            }
-        }
+        for (long r = 0; r < p->M; r++) put_out(p, r, n + c, v16[r * G]);
     }
 }
 
