@@ -99,6 +99,8 @@ class MLASchedule:
         if not self.have_initialized:
             self.have_initialized, self.config = True, config
             return
+        if config == self.config:  # the per-call case: one generated comparison, no field loop
+            return
         for item in fields(config):
             first, now = getattr(self.config, item.name), getattr(config, item.name)
             if first != now:
