@@ -431,7 +431,8 @@ def signature(*values: object) -> tuple[Any, ...] | None:
     Operators keep the signatures whose structural checks passed (:func:`remember`) and skip those
     checks on a later call with the same signature: engines call each operator with the same
     layouts step after step. About 0.5 us per tensor, where the checks cost 1-2 us per tensor.
-    Value checks (contents) are never skipped."""
+    Value checks (contents) are never skipped, and a check that reads anything a signature does not
+    hold (a storage's extent or offset, as the MODEL1 cache's does) must not be skipped by one."""
     parts: list[Any] = []
     add = parts.append
     for value in values:
