@@ -45,8 +45,13 @@ def _title(report: dict[str, Any]) -> str:
         copy = peaks["copy_bytes_per_s"]
         rates = ", ".join(f"{name} {r['median'] / 1e9:.0f} [{r['low'] / 1e9:.0f}-{r['high'] / 1e9:.0f}] GFLOP/s" for name, r in peaks["matmul_flops_per_s"].items())
         lines.append(f"{device} peaks (median [min-max]): copy {copy['median'] / 1e9:.1f} [{copy['low'] / 1e9:.1f}-{copy['high'] / 1e9:.1f}] GB/s, matmul {rates}")
+    last = []
     if "load" in report:
-        lines.append(f"load average (1 min): {report['load']['start']['1min']:.2f} at start, {report['load']['end']['1min']:.2f} at end")
+        last.append(f"load average (1 min): {report['load']['start']['1min']:.2f} at start, {report['load']['end']['1min']:.2f} at end")
+    for device, cache in report.get("caches", {}).items():
+        last.append(f"{device} caches: {cache['policy']}" + (f" ({cache['bytes'] >> 20} MiB read)" if "bytes" in cache else ""))
+    if last:
+        lines.append("; ".join(last))
     return "\n".join(lines)
 
 
@@ -68,7 +73,7 @@ def _wrapped(op: str, width: int = 20) -> str:
     return "\n".join(lines + [line])
 
 
-def _draw_row(axes: Any, table: dict[str, dict[str, list[float]]], contenders: list[str], cases: dict[str, int], low: float) -> None:
+def _draw_row(axes: Any, table: dict[str, dict[str, list[float]]], contenders: list[str], cases: dict[str, int], low: float, slots: int) -> None:
     """One row of operator groups: a bar per contender (median), a dot per case, the bound at 100%."""
     from matplotlib.ticker import FuncFormatter  # noqa: PLC0415  (optional dependency)
 
@@ -89,7 +94,7 @@ def _draw_row(axes: Any, table: dict[str, dict[str, list[float]]], contenders: l
     axes.set_ylabel("achieved / bound")
     labels = [f"{_wrapped(op)}\n({cases[op]} case{'s' if cases[op] != 1 else ''})" for op in table]
     axes.set_xticks(range(len(table)), labels, fontsize=9)
-    axes.set_xlim(-0.6, OPS_PER_ROW - 0.4)
+    axes.set_xlim(-0.6, slots - 0.4)
     axes.grid(axis="y", which="major", alpha=0.3)
 
 
@@ -112,9 +117,10 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
     low = 10 ** math.floor(math.log10(min(v for per_op in table.values() for values in per_op.values() for v in values)))
     ops = list(table)
     rows = [ops[i : i + OPS_PER_ROW] for i in range(0, len(ops), OPS_PER_ROW)]
-    figure = Figure(figsize=(16, 1.4 + 4.2 * len(rows)), dpi=100, layout="constrained")
+    slots = OPS_PER_ROW if len(rows) > 1 else len(ops)  # several rows share one slot width; one row is as wide as it needs
+    figure = Figure(figsize=(max(12.0, 16 * slots / OPS_PER_ROW), 1.4 + 4.2 * len(rows)), dpi=100, layout="constrained")
     for row, axes in zip(rows, figure.subplots(len(rows), 1, squeeze=False)[:, 0]):
-        _draw_row(axes, {op: table[op] for op in row}, contenders, cases, low)
+        _draw_row(axes, {op: table[op] for op in row}, contenders, cases, low, slots)
     handles = [Patch(facecolor=PALETTE[i % len(PALETTE)], alpha=0.55 if label.endswith("(peer)") else 0.85, hatch="//" if label.endswith("(peer)") else None,
                      edgecolor=PALETTE[i % len(PALETTE)], label=label) for i, label in enumerate(contenders)]
     figure.legend(handles=handles, loc="outside upper right", ncols=len(contenders), fontsize=10)
