@@ -425,8 +425,7 @@ def signature(*values: object) -> tuple[Any, ...] | None:
     """A hashable key of everything an operator's structural checks read from ``values``: for a
     plain tensor its dtype, shape, strides, device and requires_grad; an int, float, bool, str,
     None or dtype with its type (512.0 and True must not pass as 512 and 1). None when a value is
-    anything else (a tensor subclass, a list, a
-    tuple), so that the checks run.
+    anything else (a tensor subclass, a list, a tuple), so that the checks run.
 
     Operators keep the signatures whose structural checks passed (:func:`remember`) and skip those
     checks on a later call with the same signature: engines call each operator with the same
