@@ -6,21 +6,22 @@ one kernel over and over on the same inputs instead finds them in the last-level
 they fit (a 15 MB FP8 weight on a CPU with a 32 MiB L3; up to 50 MB on an H100's L2), and then
 reports the cache's bandwidth as the kernel's: fractions of the DRAM copy bound above 100%.
 
-So before every timed run (outside the timed interval) the bench writes a buffer larger than the
-last-level cache, as DeepGEMM's benchmarks flush the L2 before each kernel: every case starts
-from memory, as in a model. ``hal bench --hot-cache`` skips it, to time the warm-cache case.
+So every timed run starts with its inputs out of the caches, as in a model:
 
-- CPU: a float32 buffer of twice the largest cache ``/sys/devices/system/cpu`` reports (at least
-  64 MiB when it reports none), read by one torch call (all intra-op threads, so every core's
-  private caches are refilled too); read, not written, so that no dirty line is left to be
-  written back during the timed run.
-- CUDA: a 256 MiB buffer zeroed on the current stream (H100 and H200 have 50 MB of L2).
-- Other devices: no flush; the report says so.
+- CPU: the timed runs rotate through copies of the case's inputs that together fill twice the
+  largest cache ``/sys/devices/system/cpu`` reports (at least 64 MiB; :func:`input_sets`): the
+  k-th run of any contender takes set k mod the number of sets, so a run's inputs were last
+  touched a full rotation ago (every other set read since), and the host path's own data (the
+  interpreter's objects, hal's caches) stays warm, as it does in a model's step. A flush would
+  evict it too: a K=128 FP8 GEMM taking 41 us warm takes about 200 us right after one. Inputs
+  that fill the target alone are one set; when the sets needed do not fit the memory budget, a
+  buffer of the target's size is read before each run instead (outside the timed interval).
+- CUDA: a 256 MiB buffer zeroed on the current stream before each run (H100 and H200 have 50 MB
+  of L2), as DeepGEMM's benchmarks flush the L2; the host is not touched.
+- Other devices: nothing; the report says so.
 
-On CPUs the flush also evicts the host path's own data (the interpreter's objects, hal's caches):
-a K=128 FP8 GEMM taking 41 us warm takes about 200 us right after a flush, so every CPU time
-carries about 0.15 ms a model's step would not pay. Rotating copies of the inputs through more than
-the cache would avoid it.
+``hal bench --hot-cache`` does none of it, to time the warm-cache case. Each case's record says
+what was done (``caches``: the number of input sets, whether a flush ran).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CacheFlush", "cache_flush", "last_level_cache_bytes"]
+__all__ = ["CacheFlush", "cache_flush", "input_sets", "last_level_cache_bytes"]
 
 _CPU_FLOOR = 64 << 20
 _CUDA_BYTES = 256 << 20
@@ -89,6 +90,8 @@ class CacheFlush:
             return {"policy": "hot: inputs may stay cached between runs (--hot-cache)"}
         if self.bytes == 0:
             return {"policy": "not flushed", "why": f"no cache flush is known for {self.device} devices"}
+        if self.device == "cpu":
+            return {"policy": "inputs rotated through copies filling twice the last-level cache (else flushed before every timed run)", "bytes": self.bytes}
         return {"policy": "flushed before every timed run", "bytes": self.bytes}
 
 
@@ -101,3 +104,28 @@ def cache_flush(device: str, *, hot: bool = False) -> CacheFlush:
     if device == "cuda":
         return CacheFlush(device, _CUDA_BYTES)
     return CacheFlush(device, 0)
+
+
+# More copies than this and a tiny case's copies cost more to make than they are worth: a case of a
+# few kilobytes would need thousands to fill a cache, and its time is its launch, not its inputs'
+# trip (in a model, such small operands were just written by the step before, and are cached).
+MAX_INPUT_SETS = 16
+
+
+def input_sets(flush: CacheFlush, input_bytes: int, room_bytes: int | None, extra_per_set: int = 0) -> tuple[int, bool]:
+    """``(sets, flush)``: how many sets of a case's inputs the timed runs rotate through, and whether
+    ``flush`` must run before each. On a CPU: enough sets to fill ``flush.bytes`` (twice the
+    last-level cache), at most :data:`MAX_INPUT_SETS`, no flush; one set and no flush when it fills
+    the target alone; one set and the flush when the sets needed do not fit ``room_bytes`` (each
+    takes ``input_bytes`` plus ``extra_per_set``, the peers' prepared data). Elsewhere one set, and
+    the flush where ``flush`` has one; with ``--hot-cache`` neither."""
+    if flush.hot:
+        return 1, False
+    if flush.device != "cpu" or flush.bytes == 0:
+        return 1, flush.bytes > 0
+    if input_bytes >= flush.bytes:
+        return 1, False
+    sets = min(-(-flush.bytes // max(input_bytes, 1)), MAX_INPUT_SETS)
+    if room_bytes is not None and (sets - 1) * (input_bytes + extra_per_set) > room_bytes:
+        return 1, True
+    return sets, False

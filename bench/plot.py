@@ -49,7 +49,7 @@ def _title(report: dict[str, Any]) -> str:
     if "load" in report:
         last.append(f"load average (1 min): {report['load']['start']['1min']:.2f} at start, {report['load']['end']['1min']:.2f} at end")
     for device, cache in report.get("caches", {}).items():
-        last.append(f"{device} caches: {cache['policy']}" + (f" ({cache['bytes'] >> 20} MiB read)" if "bytes" in cache else ""))
+        last.append(f"{device} caches: {cache['policy']}" + (f" (target {cache['bytes'] >> 20} MiB)" if "bytes" in cache else ""))
     if last:
         lines.append("; ".join(last))
     return "\n".join(lines)

@@ -17,17 +17,18 @@ the start of the run (:mod:`hal.bench.peaks`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hal import registry
-from hal.bench.cache import CacheFlush, cache_flush
+from hal.bench.cache import CacheFlush, cache_flush, input_sets
 from hal.bench.formulation import choose_fastest, peak_scratch
 from hal.bench.machine import load, machine, versions
 from hal.bench.memory import OUTPUT_KEYS, CaseMemory, MemoryBudget, case_memory, human
@@ -58,6 +59,8 @@ class _Contender:
     kind: str  # "backend" or "peer"
     call: Callable[[], Any]
     formulation: str = ""
+    # The same contender's call on another copy of the inputs (input rotation, :func:`_rotated`).
+    on_copy: Callable[[Tensors], Callable[[], Any]] | None = None
 
 
 def _device_inputs(case: Case, device: str) -> Tensors:
@@ -124,13 +127,16 @@ def _backend_contenders(case: Case, names: Sequence[str], inputs: Tensors, expec
         if why:
             rejected[name] = f"wrong result, not timed ({why})"
             continue
-        timed_inputs = _private_outputs(inputs)
+        def on_copy(copy: Tensors, name: str = name) -> Callable[[], Any]:
+            timed_inputs = _private_outputs(copy)
 
-        def call(name: str = name, timed_inputs: Tensors = timed_inputs) -> Any:
-            with use_backend(name):
-                return case.family.run(timed_inputs)
+            def call() -> Any:
+                with use_backend(name):
+                    return case.family.run(timed_inputs)
 
-        checked.append(_Contender(name, "backend", call))
+            return call
+
+        checked.append(_Contender(name, "backend", on_copy(inputs), on_copy=on_copy))
     return checked, rejected
 
 
@@ -169,8 +175,34 @@ def _peer_contenders(
         if choice.prepared is None:
             rejected[spec.name] = "no formulation was correct and within the memory budget: " + "; ".join(f"{t['formulation']}: {t['status']}" for t in choice.tried)
         else:
-            contenders.append(_Contender(spec.name, "peer", choice.prepared.call, choice.name))
+            chosen = next(f for f in spec.formulations if f.name == choice.name)
+            contenders.append(_Contender(spec.name, "peer", choice.prepared.call, choice.name,
+                                         on_copy=lambda copy, chosen=chosen: chosen.prepare(_private_outputs(copy)).call))
     return contenders, rejected, records
+
+
+def _copy_of(inputs: Tensors) -> Tensors:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _rotated(contenders: list[_Contender], inputs: Tensors, sets: int) -> list[_Contender]:
+    """The contenders timed on ``sets`` sets of the inputs (``inputs`` and copies of it): the k-th
+    run of any contender takes set k mod ``sets``, so a set is read again only after every other
+    set has been (the sets together fill twice the last-level cache) and each run finds its inputs
+    evicted, as a model's layers find their weights, while the host path's own data stays warm
+    (a cache flush would evict it too). The copies are made once and shared by the contenders."""
+    if sets <= 1:
+        return contenders
+    copies = [inputs] + [_copy_of(inputs) for _ in range(sets - 1)]
+    runs = itertools.count()
+    rotated = []
+    for contender in contenders:
+        if contender.on_copy is None:
+            rotated.append(contender)
+            continue
+        calls = [contender.call] + [contender.on_copy(copy) for copy in copies[1:]]
+        rotated.append(replace(contender, call=lambda calls=calls: calls[next(runs) % sets]()))
+    return rotated
 
 
 def bench_case(
@@ -203,7 +235,10 @@ def bench_case(
     peers, no_peer, record["peers"] = _peer_contenders(case, specs, inputs, expected, device, room)
     contenders += peers
     rejected.update(no_peer)
-    timings, failed = _time(contenders, device, repeats, flush if flush is not None else cache_flush(device))
+    flush = flush if flush is not None else cache_flush(device)
+    sets, flushed = input_sets(flush, memory.inputs, None if room is None else room - peer_bytes, peer_bytes)
+    record["caches"] = {"input_sets": sets, "flushed": flushed}
+    timings, failed = _time(_rotated(contenders, inputs, sets), device, repeats, flush if flushed else None)
     rejected.update(failed)
     entries = [_entry(_Contender(n, "backend", _idle), work, peaks, note=f"unsupported: {n} does not implement {case.op}") for n in unsupported]
     entries += [_entry(c, work, peaks, timings.get(c.name), rejected.get(c.name, "")) for c in contenders]

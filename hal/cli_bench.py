@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         for device, peaks in report["peaks"].items():
             console.print(escape(_peaks_line(device, peaks)))
         for device, cache in report.get("caches", {}).items():
-            size = f" ({cache['bytes'] >> 20} MiB written)" if "bytes" in cache else ""
+            size = f" (target {cache['bytes'] >> 20} MiB)" if "bytes" in cache else ""
             console.print(escape(f"Caches on {device}: {cache['policy']}{size}" + (f"; {cache['why']}" if "why" in cache else "")))
         load = report["load"]
         console.print(f"Load average (1 min): {load['start']['1min']:.2f} at start, {load['end']['1min']:.2f} at end, on {report['machine']['cores']} cores")

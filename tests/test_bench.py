@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from hal.bench.peaks import measured_peaks
 from hal.bench.runner import bench, save_results
 from hal.bench.work import work_of
@@ -92,7 +94,7 @@ def test_cache_flush_outgrows_the_last_level_cache_and_is_reported(monkeypatch):
     flush()
     assert flush._buffer is not None and flush._buffer.numel() * 4 == flush.bytes
     flush.release()
-    assert flush.to_json() == {"policy": "flushed before every timed run", "bytes": flush.bytes}
+    assert flush.to_json()["bytes"] == flush.bytes and "rotated" in flush.to_json()["policy"]
     assert cache.cache_flush("cpu", hot=True).to_json()["policy"].startswith("hot")
     assert cache.cache_flush("xpu").to_json()["policy"] == "not flushed"
     assert [cache._size_bytes(t) for t in ("32768K\n", "1M", "512", "junk")] == [32 << 20, 1 << 20, 512, 0]
@@ -100,3 +102,57 @@ def test_cache_flush_outgrows_the_last_level_cache_and_is_reported(monkeypatch):
     assert cache.cache_flush("cpu").bytes == 2 << 30
     report = bench(["reference"], select_cases(quick=True, ops=["per_token_cast_to_fp8"])[:1], repeats=3, hot_cache=True)
     assert report["caches"]["cpu"]["policy"].startswith("hot")
+    assert report["cases"][0]["caches"] == {"input_sets": 1, "flushed": False}
+
+
+def test_input_sets_fill_the_target_within_the_budget():
+    from hal.bench.cache import MAX_INPUT_SETS, CacheFlush, input_sets
+
+    cpu = CacheFlush("cpu", 64 << 20)
+    assert input_sets(cpu, 15 << 20, None) == (5, False)  # 5 x 15 MiB >= 64 MiB
+    assert input_sets(cpu, 64 << 20, None) == (1, False)  # one set evicts itself
+    assert input_sets(cpu, 1 << 10, None) == (MAX_INPUT_SETS, False)  # tiny: capped, never flushed
+    assert input_sets(cpu, 15 << 20, 30 << 20) == (1, True)  # 4 more copies do not fit: flush instead
+    assert input_sets(cpu, 15 << 20, 80 << 20, extra_per_set=10 << 20) == (1, True)  # the peers' copies count
+    assert input_sets(CacheFlush("cpu", 0, hot=True), 15 << 20, None) == (1, False)
+    assert input_sets(CacheFlush("cuda", 256 << 20), 15 << 20, None) == (1, True)
+    assert input_sets(CacheFlush("xpu", 0), 15 << 20, None) == (1, False)
+
+
+def test_rotated_contenders_take_their_copies_in_turn():
+    """The k-th run of any contender takes input set k mod sets: a set is read again only after every
+    other set was, whichever contenders ran in between."""
+    from hal.bench.runner import _Contender, _rotated
+
+    seen: list[tuple[str, int]] = []
+    inputs = {"x": torch.zeros(3), "n": 5}
+
+    def contender(name: str) -> _Contender:
+        def on_copy(copy):
+            assert copy["x"] is not inputs["x"] and copy["n"] == 5 and torch.equal(copy["x"], inputs["x"])
+            return lambda: seen.append((name, id(copy["x"])))
+        return _Contender(name, "backend", lambda: seen.append((name, id(inputs["x"]))), on_copy=on_copy)
+
+    rotated = _rotated([contender("a"), contender("b")], inputs, 3)
+    for _ in range(6):
+        for c in rotated:
+            c.call()
+    order = [x for _, x in seen]
+    assert len(set(order)) == 3 and order[0] == id(inputs["x"])
+    assert all(order[k] == order[k % 3] for k in range(len(order)))  # a set comes back every third run
+    assert {x for name, x in seen if name == "a"} == {x for name, x in seen if name == "b"} == set(order)  # every contender cycles
+    single = [contender("a")]
+    assert _rotated(single, inputs, 1) is single
+
+
+def test_bench_rotates_the_inputs_of_a_cpu_case(monkeypatch):
+    """A case whose inputs are smaller than the target is timed on several input sets, no flush; the
+    record says so, and the results are still checked and timed."""
+    from hal.bench import cache
+
+    monkeypatch.setattr(cache, "last_level_cache_bytes", lambda: 1 << 20)  # target: the 64 MiB floor
+    case = select_cases(quick=True, ops=["gemm_fp8_nt"], patterns=["m7-*"])[0]
+    report = bench(["reference"], [case], repeats=3)
+    (record,) = report["cases"]
+    assert record["caches"]["input_sets"] == cache.MAX_INPUT_SETS and not record["caches"]["flushed"]
+    assert {e["name"] for e in record["results"] if "median_s" in e} >= {"reference", "torch"}
