@@ -45,13 +45,10 @@ def _title(report: dict[str, Any]) -> str:
         copy = peaks["copy_bytes_per_s"]
         rates = ", ".join(f"{name} {r['median'] / 1e9:.0f} [{r['low'] / 1e9:.0f}-{r['high'] / 1e9:.0f}] GFLOP/s" for name, r in peaks["matmul_flops_per_s"].items())
         lines.append(f"{device} peaks (median [min-max]): copy {copy['median'] / 1e9:.1f} [{copy['low'] / 1e9:.1f}-{copy['high'] / 1e9:.1f}] GB/s, matmul {rates}")
-    last = []
     if "load" in report:
-        last.append(f"load average (1 min): {report['load']['start']['1min']:.2f} at start, {report['load']['end']['1min']:.2f} at end")
+        lines.append(f"load average (1 min): {report['load']['start']['1min']:.2f} at start, {report['load']['end']['1min']:.2f} at end")
     for device, cache in report.get("caches", {}).items():
-        last.append(f"{device} caches: {cache['policy']}" + (f" (target {cache['bytes'] >> 20} MiB)" if "bytes" in cache else ""))
-    if last:
-        lines.append("; ".join(last))
+        lines.append(f"{device} caches: {cache['policy']}" + (f" (target {cache['bytes'] >> 20} MiB)" if "bytes" in cache else ""))
     return "\n".join(lines)
 
 
