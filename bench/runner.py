@@ -6,8 +6,9 @@ requested backend that can take the device's tensors, and each peer's fastest co
 formulation (:mod:`hal.bench.formulation`). Each contender's output is checked once against the
 reference with the conformance tolerance before it is timed; a wrong result is reported, not
 ranked. The checked contenders are then timed interleaved (:func:`~hal.bench.timing.measure_interleaved`),
-with the caches evicted before every timed run (:mod:`hal.bench.cache`: inputs come from memory,
-as a model's weights do; ``hot_cache`` keeps them).
+each run finding its inputs out of the caches, as a model's layers find their weights (on CPUs
+by rotating through copies of the inputs, else by a flush: :mod:`hal.bench.cache`; ``hot_cache``
+keeps them cached).
 
 A result's ``fraction_of_bound`` is ``bound_s / median_s``, where ``bound_s`` is the larger of
 bytes / copy bandwidth and FLOPs / the matmul rate of the case's ``compute_dtype`` (bf16 for
@@ -193,14 +194,14 @@ def _rotated(contenders: list[_Contender], inputs: Tensors, sets: int) -> list[_
     (a cache flush would evict it too). The copies are made once and shared by the contenders."""
     if sets <= 1:
         return contenders
-    copies = [inputs] + [_copy_of(inputs) for _ in range(sets - 1)]
+    copies = [_copy_of(inputs) for _ in range(sets - 1)]
     runs = itertools.count()
     rotated = []
     for contender in contenders:
         if contender.on_copy is None:
             rotated.append(contender)
             continue
-        calls = [contender.call] + [contender.on_copy(copy) for copy in copies[1:]]
+        calls = [contender.call] + [contender.on_copy(copy) for copy in copies]
         rotated.append(replace(contender, call=lambda calls=calls: calls[next(runs) % sets]()))
     return rotated
 
@@ -210,7 +211,8 @@ def bench_case(
     flush: CacheFlush | None = None,
 ) -> dict[str, Any]:
     """Time one case on ``backends`` (all on ``device``) and its peers; see the module docstring.
-    ``flush`` runs before every timed run (default: :func:`~hal.bench.cache.cache_flush` of ``device``)."""
+    ``flush`` (default: :func:`~hal.bench.cache.cache_flush` of ``device``) says how the inputs are
+    kept out of the caches (:func:`~hal.bench.cache.input_sets`)."""
     inputs = _device_inputs(case, device)
     work = work_of(case.op, inputs)
     unsupported = [name for name in backends if not _implements(name, case.op)]
@@ -268,8 +270,8 @@ def bench(
     budget: MemoryBudget | None = None, progress: Callable[[dict[str, Any]], None] | None = None, hot_cache: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``cases``; backends are grouped by the device their tensors live on. ``budget``
-    defaults to :class:`MemoryBudget`'s fraction of available memory. The caches are evicted
-    before every timed run unless ``hot_cache`` (:mod:`hal.bench.cache`)."""
+    defaults to :class:`MemoryBudget`'s fraction of available memory. Every timed run finds its
+    inputs out of the caches unless ``hot_cache`` (:mod:`hal.bench.cache`)."""
     budget = budget if budget is not None else MemoryBudget()
     by_device: dict[str, list[str]] = {}
     for name in backends:

@@ -444,11 +444,15 @@ def signature(*values: object) -> tuple[Any, ...] | None:
     return tuple(parts)
 
 
-def remember(seen: set[Any], key: tuple[Any, ...] | None, limit: int = 1024) -> None:
-    """Add ``key`` (from :func:`signature`, after the checks passed) to ``seen``; a set that grows
-    past ``limit`` (a workload of ever-changing shapes) starts over."""
+def remember(seen: set[Any] | dict[Any, Any], key: tuple[Any, ...] | None, value: Any = None, limit: int = 1024) -> None:
+    """Add ``key`` (from :func:`signature`, after the checks passed) to ``seen``: a set, or a dict
+    mapping it to ``value`` (what the checks derived); one that grows past ``limit`` (a workload of
+    ever-changing shapes) starts over."""
     if key is None:
         return
     if len(seen) >= limit:
         seen.clear()
-    seen.add(key)
+    if isinstance(seen, dict):
+        seen[key] = value
+    else:
+        seen.add(key)

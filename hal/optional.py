@@ -39,7 +39,7 @@ def host_readable(tensor: torch.Tensor) -> bool:
     them)."""
     if type(tensor) is not torch.Tensor or not tensor.is_cpu:  # is_cpu: 50 ns, device.type: 300 ns
         return False
-    return not (torch.compiler.is_compiling() or _dispatch_stack() or _function_mode())  # Dynamo folds the first
+    return not _tracing()
 
 
 def numpy_for(*tensors: torch.Tensor) -> Any:
@@ -48,9 +48,14 @@ def numpy_for(*tensors: torch.Tensor) -> Any:
     for tensor in tensors:
         if type(tensor) is not torch.Tensor or not tensor.is_cpu:
             return None
-    if torch.compiler.is_compiling() or _dispatch_stack() or _function_mode():
+    if _tracing():
         return None
     return _NUMPY if _NUMPY else numpy()
+
+
+def _tracing() -> bool:
+    """Under torch.compile or a dispatch or function mode: torch operations must be seen."""
+    return torch.compiler.is_compiling() or bool(_dispatch_stack()) or _function_mode()  # Dynamo folds the first
 
 
 _dispatch_stack = torch._C._len_torch_dispatch_stack

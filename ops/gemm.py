@@ -222,22 +222,20 @@ def contiguous_rows(
     the argument the row groups came from; ``operand``: the one holding the G groups."""
     align = get_m_alignment_for_contiguous_layout()
     np = optional.numpy_for(m_indices) if m_indices.shape[0] % align == 0 and value_checks_enabled(m_indices) else None
-    if np is None or m_indices.shape[0] == 0:
-        if not values_within(m_indices, -1, groups):
-            expect_in_range(op, name, m_indices, -1, groups, what=f"group ids (-1 for padding; {operand} has G={groups} groups)",
-                            fix=f"Each row's group must index a group of {operand}.")
-        _check_contiguous_segments(op, m_indices, argument, name)
-        return rows_by_block(m_indices)
-    rows = m_indices.numpy()
-    firsts = rows[::align]
-    broken = (rows[1:] != rows[:-1]) & (rows[1:] != -1)
-    broken[align - 1 :: align] = False  # pairs straddling two blocks
-    listed = firsts.tolist()
-    if np.count_nonzero(broken) or min(listed) < -1 or max(listed) >= groups:
+    if np is not None and m_indices.shape[0]:
+        rows = m_indices.numpy()
+        firsts = rows[::align]
+        broken = (rows[1:] != rows[:-1]) & (rows[1:] != -1)
+        broken[align - 1 :: align] = False  # pairs straddling two blocks
+        listed = firsts.tolist()
+        if not np.count_nonzero(broken) and min(listed) >= -1 and max(listed) < groups:
+            return torch.from_numpy(np.repeat(firsts, align))
+    # the separate checks (the torch path, value checks off, or a layout to name the error of)
+    if not values_within(m_indices, -1, groups):
         expect_in_range(op, name, m_indices, -1, groups, what=f"group ids (-1 for padding; {operand} has G={groups} groups)",
                         fix=f"Each row's group must index a group of {operand}.")
-        _check_contiguous_segments(op, m_indices, argument, name)
-    return torch.from_numpy(np.repeat(firsts, align))
+    _check_contiguous_segments(op, m_indices, argument, name)
+    return rows_by_block(m_indices)
 
 
 def rows_by_block(m_indices: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hal.checks import expect_in_range, expect_same_device, expect_tensor, signature, values_within
+from hal.checks import expect_in_range, expect_same_device, expect_tensor, remember, signature, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -211,10 +211,7 @@ def decode_v2(
     if features is None:
         features = _check_layouts_v2(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
                                      extra_indices, topk_length, extra_topk_length, dense_layout)
-        if key is not None:
-            if len(_SIGNATURES) >= 1024:
-                _SIGNATURES.clear()
-            _SIGNATURES[key] = features
+        remember(_SIGNATURES, key, features)
     if indices is None:
         dense_contents(k_cache)
     else:

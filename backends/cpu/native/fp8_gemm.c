@@ -705,6 +705,13 @@ static inline void put_out(const problem *p, long r, long col, float v) {
     }
 }
 
+/* Columns per work item of the streaming kernels: consecutive columns, a contiguous run of B each,
+ * about 8 items per thread (balance on a shared machine), whole groups of 4 columns. */
+static long column_run(const problem *p, int nthreads) {
+    long per = (p->N + 8L * nthreads - 1) / (8L * nthreads);
+    return (per + 3) / 4 * 4;
+}
+
 /* The end of the run of columns that starts at n0: per columns, or up to N. */
 static long column_run_end(const problem *p, long n0, long per) { return n0 + per < p->N ? n0 + per : p->N; }
 
@@ -818,10 +825,7 @@ static int gemm_dot(problem *p, int nthreads) {
     __m512i *apack = NULL;
     if (posix_memalign((void **)&apack, 64, (size_t)p->M * (size_t)chunks * 128) != 0) return ENOMEM;
     decode_rows(p, apack);
-    /* Items of consecutive columns, a contiguous run of B each: about 8 per thread (balance on a
-     * shared machine), whole groups of 4 columns. */
-    long per = (p->N + 8L * nthreads - 1) / (8L * nthreads);
-    per = (per + 3) / 4 * 4;
+    long per = column_run(p, nthreads);
     dot_problem q = {p, apack, per};
     parallel_for(item_dot, &q, (p->N + per - 1) / per, nthreads);
     free(apack);
@@ -852,6 +856,7 @@ static int gemm_dot(problem *p, int nthreads) {
 #define GL_SHORT_K 1024
 #endif
 #define GL_COLS 4
+_Static_assert(GL_COLS == 4, "column_run hands out whole groups of 4 columns");
 #ifndef GL_SETS
 #define GL_SETS 1 /* accumulators per column (2 measured no faster) */
 #endif
@@ -987,8 +992,7 @@ static int gemm_lane_groups(problem *p, int nthreads) {
             as_lanes[kb * 16 + lane] = lane % G == 0 && r < p->M ? p->as[r * p->KB + kb] : 0.0f;
         }
     free(rows);
-    long per = (p->N + 8L * nthreads - 1) / (8L * nthreads);
-    per = (per + GL_COLS - 1) / GL_COLS * GL_COLS;
+    long per = column_run(p, nthreads);
     gl_problem q = {p, apack, as_lanes, per};
     parallel_for(item_gl, &q, (p->N + per - 1) / per, nthreads);
     free(apack);
