@@ -229,17 +229,26 @@ def get_paged_mqa_logits_metadata(
 
 def _split_segments(np: Any, lens: Any, num_sms: int) -> Any:
     """:func:`get_paged_mqa_logits_metadata`'s split of ``lens`` (a NumPy int array [rows]) over
-    ``num_sms`` workers, as an int32 NumPy array [num_sms + 1, 2]."""
-    ends = np.cumsum((np.maximum(lens, 0).astype(np.int64) + SPLIT_KV - 1) // SPLIT_KV)
-    total = int(ends[-1]) if len(ends) else 0
-    starts = np.arange(num_sms, dtype=np.int64) * total // num_sms
-    row = np.searchsorted(ends, starts, side="right")
-    before = ends[np.maximum(row - 1, 0)] * (row > 0) if len(ends) else np.zeros_like(starts)
-    meta = np.zeros((num_sms + 1, 2), dtype=np.int32)
+    ``num_sms`` workers, as an int32 NumPy array [num_sms + 1, 2]. Each NumPy call on these small
+    arrays costs about a microsecond of dispatch, so the arithmetic is written in as few as it takes."""
+    rows = len(lens)
+    ends = np.zeros(rows + 1, dtype=np.int64)  # ends[r + 1]: exclusive end segment of row r; ends[0] = 0
+    np.cumsum((lens.clip(0).astype(np.int64) + (SPLIT_KV - 1)) // SPLIT_KV, out=ends[1:])
+    workers = _WORKERS.get(num_sms)
+    if workers is None:
+        if len(_WORKERS) > 16:
+            _WORKERS.clear()
+        workers = _WORKERS[num_sms] = np.arange(num_sms, dtype=np.int64)
+    starts = workers * int(ends[-1]) // num_sms  # worker i starts at segment floor(i * total / num_sms)
+    row = ends[1:].searchsorted(starts, "right")
+    meta = np.empty((num_sms + 1, 2), dtype=np.int32)
     meta[:num_sms, 0] = row
-    meta[:num_sms, 1] = starts - before
-    meta[num_sms, 0] = len(lens)
+    meta[:num_sms, 1] = starts - ends[row]
+    meta[num_sms] = (rows, 0)
     return meta
+
+
+_WORKERS: dict[int, Any] = {}  # num_sms -> NumPy arange(num_sms): the same few counts every step
 
 
 def _split_paged_cache(op: str, kv_cache: object, head_dim: int) -> tuple[int, int]:

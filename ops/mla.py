@@ -33,7 +33,7 @@ from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, Value
 from hal.operator import declare
 from hal.ops.mla_schedule import BLOCK_SIZE_N, METADATA_WIDTH, schedule_mla_splits
 from hal.ops.mla_fp8_cache import MODEL1_DIM
-from hal.ops.mla_v2 import MLASchedule, decode_v2
+from hal.ops.mla_v2 import MLASchedule, decode_v2, layout_key, layouts_known
 from hal.selection import select
 
 __all__ = ["MLA_DECODE", "MLASchedule", "HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_BLOCK_SIZE", "get_mla_metadata", "flash_mla_with_kvcache", "validate_mla_decode"]
@@ -228,13 +228,12 @@ def flash_mla_with_kvcache(
             raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")
         q_shape = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
         k_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else (None,) * 4
-        tile_scheduler_metadata.bind(MLASchedule.Config(
-            b=q_shape[0], s_q=q_shape[1], h_q=q_shape[2], page_block_size=k_shape[1], h_k=k_shape[2],
-            causal=bool(causal), is_fp8_kvcache=bool(is_fp8_kvcache),
-            topk=indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
-            extra_page_block_size=extra_k_cache.shape[1] if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dim() >= 2 else None,
-            extra_topk=extra_indices_in_kvcache.shape[-1] if isinstance(extra_indices_in_kvcache, torch.Tensor) else None,
-        ))
+        tile_scheduler_metadata.bind(  # MLASchedule.Config's fields, in order
+            q_shape[0], q_shape[1], q_shape[2], k_shape[1], k_shape[2], bool(causal), bool(is_fp8_kvcache),
+            indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
+            extra_k_cache.shape[1] if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dim() >= 2 else None,
+            extra_indices_in_kvcache.shape[-1] if isinstance(extra_indices_in_kvcache, torch.Tensor) else None,
+        )
         if not extended:
             schedule = tile_scheduler_metadata
             if schedule.tile_scheduler_metadata is None:  # the dense schedule, computed on first use
@@ -277,9 +276,12 @@ def _decode_v2(
     """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`.
 
     q is 576 wide, or 512 wide with the MODEL1 FP8 cache in the sparse mode (FlashMLA's d_qk 512)."""
-    model1 = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] == MODEL1_DIM and is_fp8_kvcache and indices is not None
-    _check_query(q, MODEL1_DIM if model1 else HEAD_DIM_QK)
-    expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
+    key = layout_key(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+                     extra_indices, topk_length, extra_topk_length)
+    if not layouts_known(key):
+        model1 = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] == MODEL1_DIM and is_fp8_kvcache and indices is not None
+        _check_query(q, MODEL1_DIM if model1 else HEAD_DIM_QK)
+        expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
     scale = _resolve_scale(softmax_scale, q.shape[-1])
     causal = bool(causal) and q.shape[1] > 1
 
@@ -294,5 +296,5 @@ def _decode_v2(
 
     return decode_v2(
         q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal, bool(is_fp8_kvcache), indices, attn_sink,
-        extra_k_cache, extra_indices, topk_length, extra_topk_length, dense_layout, dense_contents,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length, dense_layout, dense_contents, key,
     )

@@ -94,13 +94,16 @@ class MLASchedule:
     num_splits: torch.Tensor | None = None
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def bind(self, config: MLASchedule.Config) -> None:
-        """Record the first call's configuration, or check a later call's against it."""
+    def bind(self, *values: Any) -> None:
+        """Record the first call's configuration (``values``: :class:`Config`'s fields in order), or
+        check a later call's against it. Per call this compares one tuple: building a Config costs
+        more than the comparison, so one is built only on the first call or on a mismatch."""
         if not self.have_initialized:
-            self.have_initialized, self.config = True, config
+            self.have_initialized, self.config, self._extra["bound"] = True, MLASchedule.Config(*values), values
             return
-        if config == self.config:  # the per-call case: one generated comparison, no field loop
+        if values == self._extra.get("bound"):
             return
+        config = MLASchedule.Config(*values)
         for item in fields(config):
             first, now = getattr(self.config, item.name), getattr(config, item.name)
             if first != now:
@@ -191,22 +194,37 @@ def _check_layouts_v2(
     return frozenset(features)
 
 
+def layout_key(
+    q: object, k_cache: object, block_table: object, cache_seqlens: object, head_dim_v: object, causal: object, is_fp8_kvcache: object,
+    indices: object, attn_sink: object, extra_k_cache: object, extra_indices: object, topk_length: object, extra_topk_length: object,
+) -> tuple[Any, ...] | None:
+    """The :func:`hal.checks.signature` of a V3.2 call's arguments, or None where the layout checks
+    must run every call: the MODEL1 cache, whose check reads the storage's extent (which no
+    signature holds), and anything a signature cannot describe."""
+    if is_fp8_kvcache and type(q) is torch.Tensor and q.shape[-1] == MODEL1_DIM:
+        return None
+    return signature(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
+                     topk_length, extra_topk_length)
+
+
+def layouts_known(key: tuple[Any, ...] | None) -> bool:
+    """Whether the call with this :func:`layout_key` has a layout that passed every check before
+    (q's and head_dim_v's included)."""
+    return key is not None and key in _SIGNATURES
+
+
 def decode_v2(
     q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, head_dim_v: int,
     softmax_scale: float, causal: bool, is_fp8_kvcache: bool, indices: torch.Tensor | None, attn_sink: torch.Tensor | None,
     extra_k_cache: torch.Tensor | None, extra_indices: torch.Tensor | None, topk_length: torch.Tensor | None,
-    extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any,
+    extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any, key: tuple[Any, ...] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the V3.2 arguments (q, scale and head_dim_v already checked) and run ``mla_decode_v2``.
 
     ``dense_layout(cache)`` checks block_table / cache_seqlens for the dense mode, ``dense_contents(cache)``
-    their contents. Layouts are checked once per signature (:func:`hal.checks.signature`), contents
-    on every call.
+    their contents. Layouts are checked once per signature (``key``, from :func:`layout_key` on the
+    caller's arguments), contents on every call.
     """
-    key = None
-    if not (is_fp8_kvcache and q.shape[-1] == MODEL1_DIM):  # the MODEL1 check reads the storage's extent, which no signature holds
-        key = signature(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
-                        topk_length, extra_topk_length)
     features = _SIGNATURES.get(key) if key is not None else None
     if features is None:
         features = _check_layouts_v2(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,

@@ -180,16 +180,24 @@ def _with_index(value: int):
         (lambda a: {"attn_sink": torch.zeros(16, dtype=torch.float64)}, hal.DTypeError, "attn_sink"),
         (lambda a: {"extra_k_cache": a["cache"]}, hal.ArgumentError, "extra_indices_in_kvcache"),
         (lambda a: {"is_fp8_kvcache": False}, hal.DTypeError, "k_cache"),
+        (lambda a: {"head_dim_v": 256}, hal.ValueRangeError, "head_dim_v"),
+        (lambda a: {"q": a["q"].float()}, hal.DTypeError, "q"),
+        (lambda a: {"q": a["q"][..., :500]}, hal.ShapeError, "q"),
+        (lambda a: {"q": a["q"].transpose(-1, -2).contiguous().transpose(-1, -2)}, hal.LayoutError, "q"),
     ],
-    ids=["causal", "index_past_cache", "index_minus_2", "topk_length_past_topk", "sink_shape", "sink_dtype", "extra_without_indices", "fp8_without_flag"],
+    ids=["causal", "index_past_cache", "index_minus_2", "topk_length_past_topk", "sink_shape", "sink_dtype", "extra_without_indices", "fp8_without_flag",
+         "head_dim_v", "q_dtype", "q_width", "q_strided"],
 )
 def test_v32_arguments_are_checked(change, error, argument):
+    # A valid call first: layouts that passed are remembered, and must not excuse a changed argument.
     fp8 = hal.quantize_mla_kv_cache(_cache(2, 8))
     q = torch.randn(2, 2, 16, D).to(torch.bfloat16)
     args = {"is_fp8_kvcache": True, "indices": torch.randint(0, 128, (2, 2, 40), dtype=torch.int32)}
-    args.update(change({**args, "cache": fp8}))
+    hal.flash_mla_with_kvcache(q, fp8, None, None, 512, hal.get_mla_metadata()[0], None, **args)
+    args.update(change({**args, "cache": fp8, "q": q}))
+    q, head_dim_v = args.pop("q", q), args.pop("head_dim_v", 512)
     with pytest.raises(error) as info:
-        hal.flash_mla_with_kvcache(q, fp8, None, None, 512, hal.get_mla_metadata()[0], None, **args)
+        hal.flash_mla_with_kvcache(q, fp8, None, None, head_dim_v, hal.get_mla_metadata()[0], None, **args)
     assert info.value.argument == argument
 
 
