@@ -212,7 +212,7 @@ def gemm_cases() -> list[Case]:
     # K not a multiple of 128 (DeepGEMM's own test: K = 576), with a row-strided A view.
     cases.append(Case(dense, "m16-n128-k576-partialk", {"m": 16, "n": 128, "k": 576}, quick=True, seed=10))
     for i, (n, k) in enumerate(DEEPSEEK_V3_NK):
-        for j, m in enumerate((1, 64, 128, 4096, 4095)):
+        for j, m in enumerate((1, 64, 128, 4096, 4095, 2, 4, 8, 16)):  # 1-16: decode batches, read-bound (MoE experts on CPUs)
             cases.append(Case(dense, f"m{m}-n{n}-k{k}", {"m": m, "n": n, "k": k}, quick=False, seed=100 + 10 * i + j))
     cases.append(Case(contiguous, "g4-m100-n128-k256", {"groups": 4, "expected_m": 100, "n": 128, "k": 256}, quick=True, seed=20))
     cases.append(
