@@ -688,10 +688,15 @@ static int gemm_rows_in_lanes(problem *p, int nthreads) {
 #ifndef DOT_MAX_ROWS
 #define DOT_MAX_ROWS 1 /* measured (interleaved, one process): 1 row reads short-K weights 1.1-2.2x faster than
                           * the tiles and long-K ones as fast; from 2 rows the tiles are faster (their transpose
-                          * is shared by the rows, where this kernel's per-column reductions are not) */
+                          * is shared by the rows, where this kernel's per-column reductions are not), and
+                          * the lane groups below as fast as this kernel at 2 rows (0.9-1.05x, slot prefetch) */
+#endif
+#ifndef STREAM_HINT
+#define STREAM_HINT _MM_HINT_T1 /* into L2: measured 1.2-1.4x T0 at 1-2 rows, T2 alike, NTA as T0 (likely: T0
+                                  * prefetches 4 streams deep wait for L1's few miss buffers, L2 has more) */
 #endif
 #ifndef DOT_PREFETCH
-#define DOT_PREFETCH 2048 /* bytes ahead in a column slot's stream (slot_ahead); 1024-8192 measured alike */
+#define DOT_PREFETCH 4096 /* bytes ahead in a column slot's stream (slot_ahead); 3072-8192 measured alike */
 #endif
 
 /* out[r][col] = v: float32, or bfloat16 rounded to nearest even as torch rounds (NaN: 0x7fc0). */
@@ -768,7 +773,7 @@ static inline __attribute__((always_inline)) void dot_cols(const int MRT, const 
 #pragma GCC unroll 4
             for (int c = 0; c < NCOL; c++) {
                 const uint8_t *src = p->b + (n + c) * p->ldb + kb * BLK + 64 * h;
-                _mm_prefetch(slot_ahead(p, n + c, NCOL, kb * BLK + 64 * h), _MM_HINT_T0);
+                _mm_prefetch(slot_ahead(p, n + c, NCOL, kb * BLK + 64 * h), STREAM_HINT);
                 __m512i u0, u1;
                 decode64(d, _mm512_loadu_si512(src), &u0, &u1);
 #pragma GCC unroll 8
@@ -922,7 +927,7 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
 #pragma GCC unroll 4
             for (int c = 0; c < NCOL; c++) {
                 const uint8_t *src = p->b + (n + c) * p->ldb + ch * 64;
-                _mm_prefetch(slot_ahead(p, n + c, NCOL, ch * 64), _MM_HINT_T0);
+                _mm_prefetch(slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
                 decode64(d, _mm512_loadu_si512(src), &u[c][0], &u[c][1]);
             }
             const __m512i *ap = q->apack + ch * steps;
