@@ -97,12 +97,12 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
     return torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], expected[~nan])
 
 
-# m: 1 (dot products along K), 2 and 7 (lane groups: K <= 1024); 1 row strip of 6 rows (K > 1024); 13 = 7 + 6; 15, 16 (rows in lanes, 12-column groups); 17; 33 (three strips: packed per K block);
+# m: 1 (dot products along K), 2, 7 and 6 (lane groups, 2-8 rows at any K); 1 row strip of 10 rows; 13 = 7 + 6; 15, 16 (rows in lanes, 12-column groups); 17; 33 (three strips: packed per K block);
 # 255, 257 (many strips in groups: B packed once per strip of columns). n: one partial half, a
 # partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
 @pytest.mark.parametrize(
     "m, n, k",
-    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
+    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
 )
 @pytest.mark.parametrize("per_token", [False, True])
 def test_dense_matches_the_reference(lib, m, n, k, per_token):
@@ -153,9 +153,9 @@ def test_partial_sums_that_cancel_to_tiny_values_are_not_flushed(lib):
     assert _same(out, expected) and out[0, 0].item() == 2.0**2  # (2^-18 * 2^20) and nothing else
 
 
-# The decode-batch kernels: 1 row (dot products), 2-4 rows at any K and up to 8 at K <= 1024 (lane
-# groups of 8, 4 and 2 pairs); 5 rows at K > 1024 take the tiles (K 256 vs 1280 below).
-FEW_ROWS = [(1, 256), (2, 256), (3, 1280), (4, 256), (5, 256), (8, 256), (5, 1280)]
+# The decode-batch kernels: 1 row (dot products), 2-8 rows (2, 4 or 8 row slots of lanes, each
+# column's accumulators rotating A's rows through them; 3, 5 and 7 rows leave a slot empty).
+FEW_ROWS = [(1, 256), (2, 256), (3, 1280), (4, 256), (5, 256), (8, 256), (5, 1280), (7, 1280)]
 
 
 @pytest.mark.parametrize("m, k", FEW_ROWS)

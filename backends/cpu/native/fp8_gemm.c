@@ -852,52 +852,46 @@ static int gemm_dot(problem *p, int nthreads) {
 
 /* ---- rows in lane groups: 2 <= M <= GL_MAX_ROWS -------------------------------------------
  * A few rows (decode batches of 2 to 8): B is read as the one-row kernel reads it (each thread a
- * contiguous run of rows, 64-byte chunks decoded in place by decode64, 4 columns side by side), but
- * one accumulator per column serves every row: its 16 lanes are R row slots x G = 16 / R
- * consecutive pairs (R = 2, 4 or 8 slots for up to 2, 4 or 8 rows). Each step copies G pairs of
- * B's decoded chunk into every slot (one vpermd, from registers) and multiplies them
- * with A's rows, packed so that slot r holds row r's same G pairs. So a 64-byte chunk of B costs
- * 32 / G products per column, R / M times the products the rows need, with no transpose and no
- * per-row reduction: at a K block's end the G lanes of each slot are summed (log2 G shuffles),
- * promoted in the vector as (p * sa) * sb and added to the column's fp32 sums. */
-/* Measured against the tiles (interleaved in one process, weights cycled through memory): 2-4
- * rows as fast or faster at every DeepSeek-V3 K (1.1x at K = 7168, 1.8-1.9x at K = 512); 5-8 rows
- * 1.7x at K = 512 but 0.8x from K = 2048, where the tiles' transposed B serves more rows per load. */
+ * contiguous run of rows, 64-byte chunks decoded in place by decode64, 4 columns side by side, 2
+ * for 5-8 rows), and multiplied as it lies, with no transpose and no permutation. The 16 lanes of
+ * an accumulator are R groups of G = 16 / R lanes (R = 2, 4 or 8 row slots for up to 2, 4 or 8
+ * rows), and each column has R accumulators, one per rotation s: in accumulator s, lane j pairs
+ * B's decoded pair j with the same pair of row (j / G + s) mod R, as A is packed (zeros past M).
+ * So a 64-byte chunk of B costs 2R products per column (R / M times what the rows need). At a K
+ * block's end, accumulator s is rotated by s groups (one vpermps) so that group r holds row r's
+ * products, the R accumulators are added, each group's G lanes are summed (log2 G shuffles), and
+ * row r's block sum is promoted in the vector as (p * sa) * sb and added to its fp32 sum. */
+/* Measured (interleaved in one process, weights cycled through memory): against the tiles, 2-4
+ * rows 1.1x at K = 7168 and 1.8-1.9x at K = 512, 5-8 rows 1.0-1.15x from K = 2048 and 1.7x at
+ * K = 512; against this kernel's earlier form (one accumulator per column, B's pairs copied into
+ * every group by a vpermd per product) 1.0-1.1x with both cores and 1.05-1.1x on one (m=4). */
 #ifndef GL_MAX_ROWS
 #define GL_MAX_ROWS 8
 #endif
-#ifndef GL_LONG_K_MAX_ROWS
-#define GL_LONG_K_MAX_ROWS 4 /* rows taken at any K; up to GL_MAX_ROWS only when K <= GL_SHORT_K */
-#endif
-#ifndef GL_SHORT_K
-#define GL_SHORT_K 1024
-#endif
-#define GL_COLS 4
-_Static_assert(GL_COLS == 4, "column_run hands out whole groups of 4 columns");
-#ifndef GL_SETS
-#define GL_SETS 1 /* accumulators per column (2 measured no faster) */
-#endif
+_Static_assert(GL_MAX_ROWS <= 8, "at most 8 row slots (G >= 2)");
 
 typedef struct {
     const problem *p;
-    const __m512i *apack; /* [K/64][32/G]: lane r*G + t of step s = row r's pair s*G + t of the chunk (decode64 order), 0 past M */
+    const __m512i *apack;  /* [K/64][2][R]: lane j of (chunk, half v, rotation s) = row (j / G + s) mod R's pair 16 v + j of the chunk (decode64 order), 0 past M */
     const float *as_lanes; /* [KB][16]: lane r*G = a_scales[r][kb], 0 elsewhere */
     long cols_per_item;
 } gl_problem;
 
-/* gl_index[i][j]: the dword permutation that puts pairs j*G .. j*G + G - 1 of a decoded vector in
- * every G-lane group (i = 0, 1, 2 for G = 8, 4, 2). */
-static __m512i gl_index[3][8];
+/* gl_rot[i][s]: the dword permutation that moves lane group (g - s) mod R to group g (i = 0, 1, 2
+ * for G = 8, 4, 2; R = 16 / G). */
+static __m512i gl_rot[3][8];
 static pthread_once_t gl_once = PTHREAD_ONCE_INIT;
 
 static void gl_init(void) {
     const int gs[3] = {8, 4, 2};
-    for (int i = 0; i < 3; i++)
-        for (int j = 0; j < 16 / gs[i]; j++) {
+    for (int i = 0; i < 3; i++) {
+        int G = gs[i], R = 16 / G;
+        for (int s = 0; s < R; s++) {
             int32_t lanes[16];
-            for (int l = 0; l < 16; l++) lanes[l] = j * gs[i] + l % gs[i];
-            gl_index[i][j] = _mm512_loadu_si512(lanes);
+            for (int l = 0; l < 16; l++) lanes[l] = ((l / G - s + R) % R) * G + l % G;
+            gl_rot[i][s] = _mm512_loadu_si512(lanes);
         }
+    }
 }
 
 /* Lane r*G of the result: the sum of lanes r*G .. r*G + G - 1 of v. */
@@ -908,44 +902,43 @@ static inline __attribute__((always_inline)) __m512 group_sums(const int G, __m5
     return v;
 }
 
+/* Columns [n, n + NCOL) of out for every row: NCOL x R accumulators (at most 16). */
 static inline __attribute__((always_inline)) void gl_cols(const int G, const int NCOL, const gl_problem *q, const decoder *d, long n) {
     const problem *p = q->p;
     const long KB = p->KB;
-    const int steps = 32 / G;
-    __m512 Cv[GL_COLS];
+    const int R = 16 / G, gi = G == 8 ? 0 : (G == 4 ? 1 : 2);
+    __m512 Cv[4];
 #pragma GCC unroll 4
     for (int c = 0; c < NCOL; c++) Cv[c] = _mm512_setzero_ps();
     for (long kb = 0; kb < KB; kb++) {
-        __m512 acc[GL_SETS][GL_COLS]; /* GL_SETS chains per column: a product's latency is several cycles */
+        __m512 acc[4][8];
 #pragma GCC unroll 4
         for (int c = 0; c < NCOL; c++)
-#pragma GCC unroll 4
-            for (int e = 0; e < GL_SETS; e++) acc[e][c] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+            for (int s = 0; s < R; s++) acc[c][s] = _mm512_setzero_ps();
+#pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
             long ch = 2 * kb + h;
-            __m512i u[GL_COLS][2];
+            const __m512i *ap = q->apack + ch * 2 * R;
 #pragma GCC unroll 4
             for (int c = 0; c < NCOL; c++) {
                 const uint8_t *src = p->b + (n + c) * p->ldb + ch * 64;
                 _mm_prefetch(slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
-                decode64(d, _mm512_loadu_si512(src), &u[c][0], &u[c][1]);
-            }
-            const __m512i *ap = q->apack + ch * steps;
-#pragma GCC unroll 16
-            for (int s = 0; s < steps; s++) {
-                __m512bh av = (__m512bh)_mm512_load_si512(ap + s);
-                const __m512i idx = _mm512_load_si512(gl_index[G == 8 ? 0 : (G == 4 ? 1 : 2)] + ((s * G) % 16) / G);
-#pragma GCC unroll 4
-                for (int c = 0; c < NCOL; c++)
-                    acc[s % GL_SETS][c] = _mm512_dpbf16_ps(acc[s % GL_SETS][c], av, (__m512bh)_mm512_permutexvar_epi32(idx, u[c][s * G / 16]));
+                __m512i u[2];
+                decode64(d, _mm512_loadu_si512(src), &u[0], &u[1]);
+#pragma GCC unroll 2
+                for (int v = 0; v < 2; v++)
+#pragma GCC unroll 8
+                    for (int s = 0; s < R; s++)
+                        acc[c][s] = _mm512_dpbf16_ps(acc[c][s], (__m512bh)_mm512_load_si512(ap + v * R + s), (__m512bh)u[v]);
             }
         }
         __m512 sa = _mm512_load_ps(q->as_lanes + kb * 16);
 #pragma GCC unroll 4
         for (int c = 0; c < NCOL; c++) {
-            __m512 sum = acc[0][c];
-#pragma GCC unroll 4
-            for (int e = 1; e < GL_SETS; e++) sum = _mm512_add_ps(sum, acc[e][c]);
+            __m512 sum = acc[c][0];
+#pragma GCC unroll 8
+            for (int s = 1; s < R; s++) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(gl_rot[gi][s], acc[c][s]));
             __m512 t = _mm512_mul_ps(group_sums(G, sum), sa);
             t = _mm512_mul_ps(t, _mm512_set1_ps(col_scale(p, n + c, kb)));
             Cv[c] = _mm512_add_ps(Cv[c], t);
@@ -958,10 +951,13 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
     }
 }
 
+/* Columns per gl_cols call: 4, or 2 for 8 row slots (16 accumulators either way); column_run hands
+ * out whole groups of 4, which both divide. */
+#define GL_NCOL(g) ((g) == 2 ? 2 : 4)
 #define GL_FN(g)                                                                                     \
     static void gl_run_##g(const gl_problem *q, const decoder *d, long n0, long n1) {               \
         long n = n0;                                                                                 \
-        for (; n + GL_COLS <= n1; n += GL_COLS) gl_cols(g, GL_COLS, q, d, n);                       \
+        for (; n + GL_NCOL(g) <= n1; n += GL_NCOL(g)) gl_cols(g, GL_NCOL(g), q, d, n);              \
         for (; n < n1; n++) gl_cols(g, 1, q, d, n);                                                  \
     }
 GL_FN(2) GL_FN(4) GL_FN(8)
@@ -984,10 +980,10 @@ static void item_gl(void *ctx, long item, int tid) {
 static int gemm_lane_groups(problem *p, int nthreads) {
     pthread_once(&gl_once, gl_init);
     const long chunks = p->K / 64;
-    const int G = gl_pairs(p->M), steps = 32 / G;
+    const int G = gl_pairs(p->M), R = 16 / G;
     __m512i *apack = NULL, *rows = NULL;
     float *as_lanes = NULL;
-    if (posix_memalign((void **)&apack, 64, (size_t)chunks * steps * 64) != 0) return ENOMEM;
+    if (posix_memalign((void **)&apack, 64, (size_t)chunks * 2 * R * 64) != 0) return ENOMEM;
     if (posix_memalign((void **)&rows, 64, (size_t)p->M * chunks * 128) != 0 ||
         posix_memalign((void **)&as_lanes, 64, (size_t)p->KB * 64) != 0) {
         free(apack);
@@ -998,11 +994,12 @@ static int gemm_lane_groups(problem *p, int nthreads) {
     const uint32_t *dec = (const uint32_t *)rows; /* [M][chunks][32] pairs */
     uint32_t *ap = (uint32_t *)apack;
     for (long c = 0; c < chunks; c++)
-        for (int s = 0; s < steps; s++)
-            for (int lane = 0; lane < 16; lane++) {
-                long r = lane / G;
-                ap[(c * steps + s) * 16 + lane] = r < p->M ? dec[(r * chunks + c) * 32 + s * G + lane % G] : 0;
-            }
+        for (int v = 0; v < 2; v++)
+            for (int s = 0; s < R; s++)
+                for (int lane = 0; lane < 16; lane++) {
+                    long r = (lane / G + s) % R;
+                    ap[((c * 2 + v) * R + s) * 16 + lane] = r < p->M ? dec[(r * chunks + c) * 32 + 16 * v + lane] : 0;
+                }
     for (long kb = 0; kb < p->KB; kb++)
         for (int lane = 0; lane < 16; lane++) {
             long r = lane / G;
@@ -1095,7 +1092,7 @@ int hal_fp8_gemm(const uint8_t *a, long lda, const float *as, const uint8_t *b, 
     }
 #if HAL_FAST
     if (M <= DOT_MAX_ROWS && K % BLK == 0) return gemm_dot(&p, nthreads);
-    if (M <= GL_MAX_ROWS && (M <= GL_LONG_K_MAX_ROWS || K <= GL_SHORT_K) && K % BLK == 0) return gemm_lane_groups(&p, nthreads);
+    if (M <= GL_MAX_ROWS && K % BLK == 0) return gemm_lane_groups(&p, nthreads);
     if (M >= RL_MIN_ROWS && M <= 16) return gemm_rows_in_lanes(&p, nthreads);
 #endif
     p.ncs = (N + NR - 1) / NR;
