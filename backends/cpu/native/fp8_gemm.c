@@ -540,157 +540,7 @@ static void item_gemm(void *ctx, long item, int tid) {
     write_rows(p, p->m0 + row0, (int)rows, n0, NR, C);
 }
 
-/* ---- rows in lanes: RL_MIN_ROWS <= M <= 16 ----------------------------------------------------------
- * With few rows the column-lane tiles above spend as much time transposing B as multiplying. Here
- * the lanes of an accumulator are (row, pair parity): 8 rows x 2 consecutive K pairs, two
- * accumulators per column for 16 rows. Each vpbroadcastq puts two bf16 pairs of one column of B
- * (decoded row-major: two table lookups and an interleave per 64 bytes, no transpose) in every
- * lane pair, and serves both accumulators. At the end of each K block the two parities are added,
- * then promoted. Same vdpbf16ps count as column-lane tiles of 16 rows. */
-#define NG 12 /* columns per work item: 24 accumulators */
-#ifndef RL_MIN_ROWS
-#define RL_MIN_ROWS 15 /* measured: below it the column-lane tiles are faster (fewer products) */
-#endif
-
-typedef struct {
-    const problem *p;
-    const uint32_t *apack; /* [K/4][2][16] dwords: pair step s, rows 8h..8h+7, lane 2r + t = pair 2s + t */
-    const float *as32;     /* [KB][2][16]: the scale of row 8h + lane / 2 */
-    long ngroups;
-} rl_problem;
-
-static void item_rl(void *ctx, long item, int tid) {
-    (void)tid;
-    const rl_problem *q = ctx;
-    const problem *p = q->p;
-    long n0 = item * NG;
-    int cols = (int)(p->N - n0 < NG ? p->N - n0 : NG);
-    /* bdec: [NG][64] dwords (one K block of each column, pairs in order), C: [NG][2][16] fp32 */
-    char *mem = scratch(NG * PAIRS * 4 + NG * 2 * 16 * 4);
-    if (!mem) {
-        __atomic_store_n((int *)&p->failed, 1, __ATOMIC_RELAXED);
-        return;
-    }
-    uint32_t *bdec = (uint32_t *)mem;
-    float *C = (float *)(mem + NG * PAIRS * 4);
-    decoder d;
-    decoder_init(&d);
-    uint8_t in0[64], in1[64];
-    for (int i = 0; i < 32; i++) {
-        in0[2 * i] = (uint8_t)i; in0[2 * i + 1] = (uint8_t)(64 + i);
-        in1[2 * i] = (uint8_t)(32 + i); in1[2 * i + 1] = (uint8_t)(96 + i);
-    }
-    const __m512i ilvn0 = _mm512_loadu_si512(in0), ilvn1 = _mm512_loadu_si512(in1);
-    for (int c = cols; c < NG; c++) memset(bdec + c * PAIRS, 0, PAIRS * 4);
-    __m512 acc[NG][2], Cv[NG][2];
-    for (int c = 0; c < NG; c++) Cv[c][0] = Cv[c][1] = _mm512_setzero_ps();
-    const uint8_t *brow = p->b + n0 * p->ldb;
-    for (long kb = 0; kb < p->KB; kb++) {
-        for (int c = 0; c < cols; c++) {
-            const uint8_t *src = brow + c * p->ldb + kb * BLK;
-            _mm_prefetch((const char *)(src + PREFETCH_BYTES), PREFETCH_HINT);
-            _mm_prefetch((const char *)(src + PREFETCH_BYTES + 64), PREFETCH_HINT);
-            for (int h = 0; h < 2; h++) {
-                __m512i x = _mm512_loadu_si512(src + 64 * h);
-                __m512i lo = _mm512_permutex2var_epi8(d.lo0, x, d.lo1);
-                __m512i hi = _mm512_permutex2var_epi8(d.hi0, x, d.hi1);
-                hi = _mm512_ternarylogic_epi32(hi, x, d.sign, 0xF8);
-                _mm512_store_si512(bdec + c * PAIRS + 32 * h, _mm512_permutex2var_epi8(lo, ilvn0, hi));
-                _mm512_store_si512(bdec + c * PAIRS + 32 * h + 16, _mm512_permutex2var_epi8(lo, ilvn1, hi));
-            }
-        }
-#pragma GCC unroll 12
-        for (int c = 0; c < NG; c++) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
-        const uint32_t *ap = q->apack + kb * (PAIRS / 2) * 32;
-        for (int st = 0; st < PAIRS / 2; st++) {
-            __m512bh a0 = (__m512bh)_mm512_load_si512(ap + st * 32), a1 = (__m512bh)_mm512_load_si512(ap + st * 32 + 16);
-#pragma GCC unroll 12
-            for (int c = 0; c < NG; c++) {
-                long long two;
-                memcpy(&two, bdec + c * PAIRS + 2 * st, 8);
-                __m512bh bv = (__m512bh)_mm512_set1_epi64(two);
-                acc[c][0] = _mm512_dpbf16_ps(acc[c][0], a0, bv);
-                acc[c][1] = _mm512_dpbf16_ps(acc[c][1], a1, bv);
-            }
-        }
-        __m512 sa0 = _mm512_load_ps(q->as32 + kb * 32), sa1 = _mm512_load_ps(q->as32 + kb * 32 + 16);
-#pragma GCC unroll 12
-        for (int c = 0; c < NG; c++) {
-            __m512 sb = _mm512_set1_ps(c < cols ? col_scale(p, n0 + c, kb) : 0.0f);
-            __m512 v0 = _mm512_add_ps(acc[c][0], _mm512_permute_ps(acc[c][0], 0xB1)); /* both parities in each lane */
-            __m512 v1 = _mm512_add_ps(acc[c][1], _mm512_permute_ps(acc[c][1], 0xB1));
-            Cv[c][0] = _mm512_add_ps(Cv[c][0], _mm512_mul_ps(_mm512_mul_ps(v0, sa0), sb));
-            Cv[c][1] = _mm512_add_ps(Cv[c][1], _mm512_mul_ps(_mm512_mul_ps(v1, sa1), sb));
-        }
-    }
-    for (int c = 0; c < NG; c++) {
-        _mm512_store_ps(C + c * 32, Cv[c][0]);
-        _mm512_store_ps(C + c * 32 + 16, Cv[c][1]);
-    }
-    for (long r = 0; r < p->M; r++) {
-        const float *src = C + (r / 8) * 16 + 2 * (r % 8); /* + c * 32 */
-        if (p->out_f32) {
-            float *o = (float *)p->out + r * p->ldo + n0;
-            for (int c = 0; c < cols; c++) o[c] = src[c * 32];
-        } else {
-            uint16_t *o = (uint16_t *)p->out + r * p->ldo + n0;
-            for (int c = 0; c < cols; c++) {
-                float v = src[c * 32];
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                o[c] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-            }
-        }
-    }
-}
-
-/* RL_MIN_ROWS <= M <= 16 (K a multiple of 128): returns 0, or ENOMEM. */
-static int gemm_rows_in_lanes(problem *p, int nthreads) {
-    long steps = p->K / 4;
-    uint32_t *apack = NULL;
-    float *as32 = NULL;
-    if (posix_memalign((void **)&apack, 64, (size_t)steps * 128) != 0) return ENOMEM;
-    if (posix_memalign((void **)&as32, 64, (size_t)p->KB * 128) != 0) {
-        free(apack);
-        return ENOMEM;
-    }
-    for (long st = 0; st < steps; st++)
-        for (int lane = 0; lane < 32; lane++) {
-            long r = 8 * (lane / 16) + (lane % 16) / 2, k = 4 * st + 2 * (lane % 2);
-            const uint8_t *row = p->a + r * p->lda;
-            apack[st * 32 + lane] = r < p->M ? (uint32_t)lut_bf16[row[k]] | ((uint32_t)lut_bf16[row[k + 1]] << 16) : 0;
-        }
-    for (long kb = 0; kb < p->KB; kb++)
-        for (int lane = 0; lane < 32; lane++) {
-            long r = 8 * (lane / 16) + (lane % 16) / 2;
-            as32[kb * 32 + lane] = r < p->M ? p->as[r * p->KB + kb] : 0.0f;
-        }
-    rl_problem q = {p, apack, as32, (p->N + NG - 1) / NG};
-    parallel_for(item_rl, &q, q.ngroups, nthreads);
-    free(apack);
-    free(as32);
-    return p->failed ? ENOMEM : 0;
-}
-
-
-
-/* ---- rows as dot products: M <= DOT_MAX_ROWS ------------------------------------------------
- * With one row (a decode step of one sequence) the products are few and the time is B's trip
- * from memory. The tiles above read B as 32 interleaved row streams and transpose it, which the
- * hardware prefetchers follow poorly (short K: every strip starts cold). Here each thread reads
- * its own contiguous run of B's rows front to back (4 rows side by side), and
- * each 64-byte chunk is decoded in place: two table lookups, then an in-lane byte interleave to
- * bf16 pairs. The interleave leaves the values in the order 0-7, 16-23, 32-39, 48-55 (first
- * vector) and 8-15, 24-31, 40-47, 56-63 (second); A is decoded by the same code, so lane j of
- * vdpbf16ps multiplies matching pairs: a dot product in another order, which the contract
- * allows. Each K block's 16-lane partial sums are reduced to one fp32 sum per (row, column),
- * then promoted and accumulated exactly as the tiles do. */
-#ifndef DOT_MAX_ROWS
-#define DOT_MAX_ROWS 1 /* measured (interleaved, one process): 1 row reads short-K weights 1.1-2.2x faster than
-                          * the tiles and long-K ones as fast; from 2 rows the tiles are faster (their transpose
-                          * is shared by the rows, where this kernel's per-column reductions are not), and
-                          * the lane groups below as fast as this kernel at 2 rows (0.9-1.05x, slot prefetch) */
-#endif
+/* ---- what the kernels that stream B (rows in lanes, dot products, lane groups) share ------- */
 #ifndef STREAM_HINT
 #define STREAM_HINT _MM_HINT_T1 /* into L2: measured 1.2-1.4x T0 at 1-2 rows, T2 alike, NTA as T0 (likely: T0
                                   * prefetches 4 streams deep wait for L1's few miss buffers, L2 has more) */
@@ -732,6 +582,159 @@ static inline const char *slot_ahead(const problem *p, long n, int ncol, long at
     return (const char *)(p->b + (n + ncol) * p->ldb + (ahead - p->K));
 }
 
+/* ---- rows in lanes: RL_MIN_ROWS <= M <= 16 ----------------------------------------------------------
+ * With few rows the column-lane tiles above spend as much time transposing B as multiplying. Here
+ * the lanes of an accumulator are (row, pair parity): 8 rows x 2 consecutive K pairs, two
+ * accumulators per column for 16 rows. Each vpbroadcastq puts two bf16 pairs of one column of B
+ * (decoded row-major: two table lookups and an interleave per 64 bytes, no transpose) in every
+ * lane pair, and serves both accumulators. At the end of each K block the two parities are added,
+ * then promoted. Same vdpbf16ps count as column-lane tiles of 16 rows. */
+#define NG 12 /* columns per work item: 24 accumulators */
+#ifndef RL_MIN_ROWS
+#define RL_MIN_ROWS 15 /* measured: below it the column-lane tiles are faster (fewer products) */
+#endif
+
+typedef struct {
+    const problem *p;
+    const uint32_t *apack; /* [K/4][2][16] dwords: pair step s, rows 8h..8h+7, lane 2r + t = pair 2s + t */
+    const float *as32;     /* [KB][2][16]: the scale of row 8h + lane / 2 */
+    long cols_per_item;    /* a multiple of NG */
+    __m512i ilv0, ilv1;    /* byte interleaves of the low and high halves of a decoded chunk */
+} rl_problem;
+
+/* Columns [n0, n0 + cols) of out, cols <= NG; bdec: [NG][64] dwords of scratch whose columns past
+ * cols are zeros. */
+static void rl_group(const rl_problem *q, const decoder *d, uint32_t *bdec, float *C, long n0, int cols) {
+    const problem *p = q->p;
+    __m512 acc[NG][2], Cv[NG][2];
+    for (int c = 0; c < NG; c++) Cv[c][0] = Cv[c][1] = _mm512_setzero_ps();
+    const uint8_t *brow = p->b + n0 * p->ldb;
+    for (long kb = 0; kb < p->KB; kb++) {
+        for (int c = 0; c < cols; c++) {
+            const uint8_t *src = brow + c * p->ldb + kb * BLK;
+            _mm_prefetch(slot_ahead(p, n0 + c, NG, kb * BLK), STREAM_HINT);
+            _mm_prefetch(slot_ahead(p, n0 + c, NG, kb * BLK + 64), STREAM_HINT);
+            for (int h = 0; h < 2; h++) {
+                __m512i x = _mm512_loadu_si512(src + 64 * h);
+                __m512i lo = _mm512_permutex2var_epi8(d->lo0, x, d->lo1);
+                __m512i hi = _mm512_permutex2var_epi8(d->hi0, x, d->hi1);
+                hi = _mm512_ternarylogic_epi32(hi, x, d->sign, 0xF8);
+                _mm512_store_si512(bdec + c * PAIRS + 32 * h, _mm512_permutex2var_epi8(lo, q->ilv0, hi));
+                _mm512_store_si512(bdec + c * PAIRS + 32 * h + 16, _mm512_permutex2var_epi8(lo, q->ilv1, hi));
+            }
+        }
+#pragma GCC unroll 12
+        for (int c = 0; c < NG; c++) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
+        const uint32_t *ap = q->apack + kb * (PAIRS / 2) * 32;
+        for (int st = 0; st < PAIRS / 2; st++) {
+            __m512bh a0 = (__m512bh)_mm512_load_si512(ap + st * 32), a1 = (__m512bh)_mm512_load_si512(ap + st * 32 + 16);
+#pragma GCC unroll 12
+            for (int c = 0; c < NG; c++) {
+                long long two;
+                memcpy(&two, bdec + c * PAIRS + 2 * st, 8);
+                __m512bh bv = (__m512bh)_mm512_set1_epi64(two);
+                acc[c][0] = _mm512_dpbf16_ps(acc[c][0], a0, bv);
+                acc[c][1] = _mm512_dpbf16_ps(acc[c][1], a1, bv);
+            }
+        }
+        __m512 sa0 = _mm512_load_ps(q->as32 + kb * 32), sa1 = _mm512_load_ps(q->as32 + kb * 32 + 16);
+#pragma GCC unroll 12
+        for (int c = 0; c < NG; c++) {
+            __m512 sb = _mm512_set1_ps(c < cols ? col_scale(p, n0 + c, kb) : 0.0f);
+            __m512 v0 = _mm512_add_ps(acc[c][0], _mm512_permute_ps(acc[c][0], 0xB1)); /* both parities in each lane */
+            __m512 v1 = _mm512_add_ps(acc[c][1], _mm512_permute_ps(acc[c][1], 0xB1));
+            Cv[c][0] = _mm512_add_ps(Cv[c][0], _mm512_mul_ps(_mm512_mul_ps(v0, sa0), sb));
+            Cv[c][1] = _mm512_add_ps(Cv[c][1], _mm512_mul_ps(_mm512_mul_ps(v1, sa1), sb));
+        }
+    }
+    for (int c = 0; c < NG; c++) {
+        _mm512_store_ps(C + c * 32, Cv[c][0]);
+        _mm512_store_ps(C + c * 32 + 16, Cv[c][1]);
+    }
+    for (long r = 0; r < p->M; r++) {
+        const float *src = C + (r / 8) * 16 + 2 * (r % 8); /* + c * 32 */
+        for (int c = 0; c < cols; c++) put_out(p, r, n0 + c, src[c * 32]);
+    }
+}
+
+/* A run of cols_per_item columns (whole groups of NG but the last), one group after another: a
+ * column slot's stream goes on in the next group, where slot_ahead prefetches. */
+static void item_rl(void *ctx, long item, int tid) {
+    (void)tid;
+    const rl_problem *q = ctx;
+    const problem *p = q->p;
+    /* bdec: [NG][64] dwords (one K block of each column, pairs in order), C: [NG][2][16] fp32 */
+    char *mem = scratch(NG * PAIRS * 4 + NG * 2 * 16 * 4);
+    if (!mem) {
+        __atomic_store_n((int *)&p->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    uint32_t *bdec = (uint32_t *)mem;
+    float *C = (float *)(mem + NG * PAIRS * 4);
+    decoder d;
+    decoder_init(&d);
+    long n0 = item * q->cols_per_item, n1 = column_run_end(p, n0, q->cols_per_item);
+    for (long n = n0; n < n1; n += NG) {
+        int cols = (int)(n1 - n < NG ? n1 - n : NG);
+        if (cols < NG) memset(bdec + cols * PAIRS, 0, (size_t)(NG - cols) * PAIRS * 4);
+        rl_group(q, &d, bdec, C, n, cols);
+    }
+}
+
+/* RL_MIN_ROWS <= M <= 16 (K a multiple of 128): returns 0, or ENOMEM. */
+static int gemm_rows_in_lanes(problem *p, int nthreads) {
+    long steps = p->K / 4;
+    uint32_t *apack = NULL;
+    float *as32 = NULL;
+    if (posix_memalign((void **)&apack, 64, (size_t)steps * 128) != 0) return ENOMEM;
+    if (posix_memalign((void **)&as32, 64, (size_t)p->KB * 128) != 0) {
+        free(apack);
+        return ENOMEM;
+    }
+    for (long st = 0; st < steps; st++)
+        for (int lane = 0; lane < 32; lane++) {
+            long r = 8 * (lane / 16) + (lane % 16) / 2, k = 4 * st + 2 * (lane % 2);
+            const uint8_t *row = p->a + r * p->lda;
+            apack[st * 32 + lane] = r < p->M ? (uint32_t)lut_bf16[row[k]] | ((uint32_t)lut_bf16[row[k + 1]] << 16) : 0;
+        }
+    for (long kb = 0; kb < p->KB; kb++)
+        for (int lane = 0; lane < 32; lane++) {
+            long r = 8 * (lane / 16) + (lane % 16) / 2;
+            as32[kb * 32 + lane] = r < p->M ? p->as[r * p->KB + kb] : 0.0f;
+        }
+    uint8_t in0[64], in1[64];
+    for (int i = 0; i < 32; i++) {
+        in0[2 * i] = (uint8_t)i; in0[2 * i + 1] = (uint8_t)(64 + i);
+        in1[2 * i] = (uint8_t)(32 + i); in1[2 * i + 1] = (uint8_t)(96 + i);
+    }
+    long per = (p->N + 8L * nthreads - 1) / (8L * nthreads); /* about 8 items per thread, as column_run */
+    per = (per + NG - 1) / NG * NG;
+    rl_problem q = {p, apack, as32, per, _mm512_loadu_si512(in0), _mm512_loadu_si512(in1)};
+    parallel_for(item_rl, &q, (p->N + per - 1) / per, nthreads);
+    free(apack);
+    free(as32);
+    return p->failed ? ENOMEM : 0;
+}
+
+
+
+/* ---- rows as dot products: M <= DOT_MAX_ROWS ------------------------------------------------
+ * With one row (a decode step of one sequence) the products are few and the time is B's trip
+ * from memory. The tiles above read B as 32 interleaved row streams and transpose it, which the
+ * hardware prefetchers follow poorly (short K: every strip starts cold). Here each thread reads
+ * its own contiguous run of B's rows front to back (4 rows side by side), and
+ * each 64-byte chunk is decoded in place: two table lookups, then an in-lane byte interleave to
+ * bf16 pairs. The interleave leaves the values in the order 0-7, 16-23, 32-39, 48-55 (first
+ * vector) and 8-15, 24-31, 40-47, 56-63 (second); A is decoded by the same code, so lane j of
+ * vdpbf16ps multiplies matching pairs: a dot product in another order, which the contract
+ * allows. Each K block's 16-lane partial sums are reduced to one fp32 sum per (row, column),
+ * then promoted and accumulated exactly as the tiles do. */
+#ifndef DOT_MAX_ROWS
+#define DOT_MAX_ROWS 1 /* measured (interleaved, one process): 1 row reads short-K weights 1.1-2.2x faster than
+                          * the tiles and long-K ones as fast; from 2 rows the tiles are faster (their transpose
+                          * is shared by the rows, where this kernel's per-column reductions are not), and
+                          * the lane groups below as fast as this kernel at 2 rows (0.9-1.05x, slot prefetch) */
+#endif
 typedef struct {
     const problem *p;
     const __m512i *apack; /* [M][K/64][2]: each 64-byte chunk of A's rows as decode64 leaves it */
