@@ -54,12 +54,14 @@ def _timed_call(fn: Callable[[], Any], device: str) -> float:
 
 def measure_interleaved(
     fns: Sequence[Callable[[], Any]], device: str, *, warmup: int = 2, repeats: int = 20, budget_s: float = 2.0, min_repeats: int = MIN_REPEATS,
-    before: Callable[[], Any] | None = None,
+    before: Callable[[], Any] | None = None, lead_in: int = 0,
 ) -> list[Timing]:
     """Time every callable in ``fns``, one run of each per round.
 
     ``before`` runs before every timed run, outside the timed interval (``hal bench`` evicts the
-    caches there, :mod:`hal.bench.cache`).
+    caches there, :mod:`hal.bench.cache`). ``lead_in``: untimed runs of the same callable right
+    before each timed one (before ``before``), so that a timed run follows its own kind of work,
+    not another candidate's (see :data:`hal.bench.runner.LEAD_IN`).
 
     Rounds continue until ``repeats`` rounds are done, or, once ``min(min_repeats, repeats)``
     rounds are done, until the time spent exceeds ``budget_s`` per callable. Returns one
@@ -76,6 +78,8 @@ def measure_interleaved(
     rounds = 0
     while rounds < repeats and (rounds < floor or spent < budget_s * len(fns)):
         for fn, own in zip(fns, samples):
+            for _ in range(lead_in):
+                fn()
             if before is not None:
                 before()
             own.append(_timed_call(fn, device))

@@ -211,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
         for device, cache in report.get("caches", {}).items():
             size = f" (target {cache['bytes'] >> 20} MiB)" if "bytes" in cache else ""
             console.print(escape(f"Caches on {device}: {cache['policy']}{size}" + (f"; {cache['why']}" if "why" in cache else "")))
+        if "timing" in report:
+            console.print(escape(f"Timing: {report['timing']}"))
         load = report["load"]
         console.print(f"Load average (1 min): {load['start']['1min']:.2f} at start, {load['end']['1min']:.2f} at end, on {report['machine']['cores']} cores")
         if report["cases"]:

@@ -86,6 +86,54 @@ def test_the_caches_are_evicted_before_every_timed_run_and_only_then():
     assert all(t.repeats == 7 and t.median_s < 0.005 for t in timings)  # the flush's 10 ms is not in the time
 
 
+def test_each_timed_run_follows_an_untimed_run_of_its_own():
+    """With a lead-in, a contender's timed run comes right after its own untimed run (then the
+    flush), never straight after another contender's; only the timed runs are counted."""
+    import time
+
+    from hal.bench.timing import measure_interleaved
+
+    events: list[str] = []
+
+    def slow(name: str, seconds: float):
+        def run() -> None:
+            events.append(name)
+            time.sleep(seconds)
+
+        return run
+
+    timings = measure_interleaved([slow("a", 0.0), slow("b", 0.004)], "cpu", warmup=1, repeats=5, before=lambda: events.append("flush"), lead_in=1)
+    assert events[:2] == ["a", "b"]
+    assert events[2:] == ["a", "flush", "a", "b", "flush", "b"] * 5
+    assert timings[0].repeats == timings[1].repeats == 5 and timings[0].median_s < 0.002 <= timings[1].median_s
+
+
+def test_bench_leads_in_on_its_own_input_set():
+    """hal bench's lead-in takes the next rotated input set, so a timed run's set was last read a
+    whole rotation earlier (its inputs come from memory, not from the lead-in's caching)."""
+    import torch
+
+    from hal.bench import runner
+
+    inputs = {"x": torch.zeros(1)}
+    used: list[tuple[str, int]] = []
+
+    def contender(name: str) -> runner._Contender:
+        def on_copy(copy: dict) -> object:
+            return lambda: used.append((name, id(copy["x"])))
+
+        return runner._Contender(name, "backend", on_copy(inputs), on_copy=on_copy)
+
+    sets = 4
+    rotated = runner._rotated([contender("a"), contender("b")], inputs, sets)
+    runner.measure_interleaved([c.call for c in rotated], "cpu", warmup=0, repeats=3, lead_in=runner.LEAD_IN)
+    order = {x: i for i, x in enumerate(dict.fromkeys(x for _, x in used))}
+    assert runner.LEAD_IN >= 1 and len(order) == sets
+    per_call = runner.LEAD_IN + 1
+    assert [name for name, _ in used] == (["a"] * per_call + ["b"] * per_call) * 3
+    assert [order[x] for _, x in used] == [k % sets for k in range(len(used))]  # the k-th call of any contender takes set k mod sets
+
+
 def test_cache_flush_outgrows_the_last_level_cache_and_is_reported(monkeypatch):
     from hal.bench import cache
 
