@@ -3,7 +3,9 @@
 Fractions of peak are relative to these measurements, not to datasheet numbers, so they mean the
 same on every machine. Each peak is the median of at least 7 runs after a warm-up, the three
 measurements interleaved (one run of each per round, so a burst of load from elsewhere hits all
-three alike), and its spread (lowest and highest rate seen) is reported beside it: a spread of
+three alike; each timed run right after an untimed one of its own, as ``hal bench`` times its
+contenders: on the 2-core VM a bf16 matmul timed straight after the copy read 297 GFLOP/s in one
+run, 411-418 with the lead-in), and its spread (lowest and highest rate seen) is reported beside it: a spread of
 tens of percent says the machine was shared while it was measured.
 
 - copy: ``dst.copy_(src)`` between two preallocated, pre-touched buffers (4x the last-level
@@ -112,7 +114,7 @@ def measured_peaks(device: str, repeats: int = PEAK_REPEATS) -> Peaks:
         operands[str(dtype).removeprefix("torch.")] = (a, b, torch.zeros(side, side, dtype=dtype, device=device))
     calls = [lambda: destination.copy_(source)]
     calls += [lambda a=a, b=b, c=c: torch.matmul(a, b, out=c) for a, b, c in operands.values()]
-    timings = measure_interleaved(calls, device, warmup=2, repeats=repeats, min_repeats=repeats, budget_s=0.0)
+    timings = measure_interleaved(calls, device, warmup=2, repeats=repeats, min_repeats=repeats, budget_s=0.0, lead_in=1)
     copy = Rate.of(2.0 * elements * 4, timings[0], elements * 4)
     matmul = {name: Rate.of(2.0 * side**3, timing, side) for name, timing in zip(operands, timings[1:])}
     return Peaks(copy, matmul)
