@@ -4,8 +4,8 @@ Fractions of peak are relative to these measurements, not to datasheet numbers, 
 same on every machine. Each peak is the median of at least 7 runs after a warm-up, the three
 measurements interleaved (one run of each per round, so a burst of load from elsewhere hits all
 three alike; each timed run right after an untimed one of its own, as ``hal bench`` times its
-contenders: on the 2-core VM a bf16 matmul timed straight after the copy read 297 GFLOP/s in one
-run, 411-418 with the lead-in), and its spread (lowest and highest rate seen) is reported beside it: a spread of
+contenders: in four back-to-back measurements on the 2-core VM, the first, without the lead-in,
+read the bf16 matmul at 297 GFLOP/s and the others 411-418, with or without it), and its spread (lowest and highest rate seen) is reported beside it: a spread of
 tens of percent says the machine was shared while it was measured.
 
 - copy: ``dst.copy_(src)`` between two preallocated, pre-touched buffers (4x the last-level
