@@ -44,7 +44,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from hal.canary import cache_dir, sources_fingerprint
+from hal import env
+from hal.canary import ENV_CACHE_DIR, cache_dir, sources_fingerprint
 
 __all__ = ["ENV_NATIVE", "SOURCES", "FLAGS", "Build", "enabled", "build", "library", "load", "describe", "canary_key", "expected_fast"]
 
@@ -280,8 +281,28 @@ def _load(path: Path) -> ctypes.CDLL | str:
         return _loaded[path]
 
 
+# What library() depends on, read as stored (one dict lookup each): HAL_CPU_NATIVE, the compiler
+# and the cache folder's variables. Resolving them (parsing the switch, building the cache path)
+# cost about 5 us on every kernel call.
+_INPUTS = tuple(env.reader(name) for name in (ENV_NATIVE, "CC", ENV_CACHE_DIR, "XDG_CACHE_HOME", "HOME"))
+_resolved: dict[tuple, ctypes.CDLL | None] = {}
+
+
 def library() -> ctypes.CDLL | None:
-    """The native kernels, built and loaded on first use; None when they are off or unavailable."""
+    """The native kernels, built and loaded on first use; None when they are off or unavailable.
+    Called on every kernel call: the answer is kept per value of the variables it depends on."""
+    key = tuple(read() for read in _INPUTS)
+    found = _resolved.get(key, _resolved)
+    if found is not _resolved:
+        return found  # type: ignore[return-value]
+    lib = _library()
+    if len(_resolved) > 16:
+        _resolved.clear()
+    _resolved[key] = lib
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
     if not enabled():
         return None
     built = _current_build()
