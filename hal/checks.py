@@ -424,8 +424,9 @@ _SIGNABLE = (int, float, bool, str, type(None), torch.dtype)
 def signature(*values: object) -> tuple[Any, ...] | None:
     """A hashable key of everything an operator's structural checks read from ``values``: for a
     plain tensor its dtype, shape, strides, device and requires_grad; an int, float, bool, str,
-    None or dtype with its type (512.0 and True must not pass as 512 and 1). None when a value is
-    anything else (a tensor subclass, a list, a tuple), so that the checks run.
+    None or dtype with its type (512.0 and True must not pass as 512 and 1); a tuple of those
+    scalars element by element (DeepGEMM's recipes). None when a value is anything else (a tensor
+    subclass, a list, a tuple holding a tensor), so that the checks run.
 
     Operators keep the signatures whose structural checks passed (:func:`remember`) and skip those
     checks on a later call with the same signature: engines call each operator with the same
@@ -439,6 +440,8 @@ def signature(*values: object) -> tuple[Any, ...] | None:
             add((value.dtype, value.shape, value.stride(), value.device, value.requires_grad))
         elif type(value) in _SIGNABLE:
             add((type(value), value))  # typed: a float or bool equal to an int must not pass as it
+        elif type(value) is tuple and all(type(item) in _SIGNABLE for item in value):
+            add((tuple, tuple((type(item), item) for item in value)))
         else:
             return None
     return tuple(parts)

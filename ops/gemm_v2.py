@@ -30,10 +30,11 @@ computed with that group for the same reason (:func:`hal.ops.gemm.rows_by_block`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, values_within
+from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
 from hal.ops import gemm as v1
@@ -123,6 +124,44 @@ def _output(op: str, d: object, c: object, shape: tuple[int, ...], dtypes: Seque
 
 def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | None, recipe: object, recipe_a: object, recipe_b: object,
            transpose_a: bool, transpose_b: bool) -> None:
+    key = None
+    if type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2:
+        key = signature(op, *a, *b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
+    plan = _DENSE_PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _dense_plan(op, a, b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
+        remember(_DENSE_PLANS, key, plan)
+    m, n, k, features = plan
+    (av, asf), (bv, bsf) = a, b
+    if transpose_a:
+        av, asf = av.transpose(0, 1), asf.transpose(0, 1)
+    if transpose_b:
+        bv, bsf = bv.transpose(0, 1), bsf.transpose(0, 1)
+    if m == 0 or n == 0:
+        return
+    if k == 0:  # nothing to multiply: d = c, or zeros
+        d.copy_(c) if c is not None else d.zero_()
+        return
+    kb = -(-k // BLOCK)
+    asf = unpack_ue8m0_scales(op, "a[1]", asf, kb)  # values: on every call (float32 scales pass through)
+    bsf = unpack_ue8m0_scales(op, "b[1]", bsf, kb)
+    target = d
+    if "fp32_out" in features:
+        target = d if (d.dtype == torch.float32 and c is None) else torch.empty(m, n, dtype=torch.float32, device=d.device)
+    call(v1.GEMM_FP8_NT, "a[0]", av.device, features=features,
+         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=target)
+    if c is not None:  # one rounding: fp32 product plus c, then d's dtype
+        d.copy_(target + c.float())
+
+
+# Argument layouts of the dense GEMMs that passed _dense_plan's checks, with its plan.
+_DENSE_PLANS: dict[tuple[Any, ...], tuple[int, int, int, frozenset[str]]] = {}
+
+
+def _dense_plan(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | None, recipe: object, recipe_a: object, recipe_b: object,
+                transpose_a: bool, transpose_b: bool) -> tuple[int, int, int, frozenset[str]]:
+    """Every check of a dense GEMM's arguments (all structural: dtypes, shapes, strides, devices,
+    recipes); returns (M, N, K, the features the call asks of a backend)."""
     (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
     expect_tensor(op, "a[0]", av, dtypes=FP8, shape=(None, None), dims=("K", "M") if transpose_a else ("M", "K"))
     expect_tensor(op, "b[0]", bv, dtypes=FP8, shape=(None, None), dims=("K", "N") if transpose_b else ("N", "K"))
@@ -144,20 +183,10 @@ def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | Non
     gran = _recipe_rows(op, n, bsf.shape[0], recipe, recipe_b)
     _output(op, d, c, (m, n), (torch.bfloat16, torch.float32))
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "c": c})
-    if m == 0 or n == 0:
-        return
-    if k == 0:  # nothing to multiply: d = c, or zeros
-        d.copy_(c) if c is not None else d.zero_()
-        return
     features = {"b_per_token"} if gran == 1 and n > 1 else set()
-    target = d
     if c is not None or d.dtype == torch.float32:
         features.add("fp32_out")
-        target = d if (d.dtype == torch.float32 and c is None) else torch.empty(m, n, dtype=torch.float32, device=d.device)
-    call(v1.GEMM_FP8_NT, "a[0]", av.device, features=features,
-         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=target)
-    if c is not None:  # one rounding: fp32 product plus c, then d's dtype
-        d.copy_(target + c.float())
+    return m, n, k, frozenset(features)
 
 
 def _compiled(layout: str, a, b, d, c, recipe) -> bool:

@@ -262,7 +262,9 @@ def test_signature_tells_every_checked_property_apart():
     ]
     assert len({signature(*v) for v in variants} | {same}) == len(variants) + 1
     assert signature(x, True) != signature(x, 1)
-    assert signature([x], 3) is None and signature((x,), 3) is None  # containers: not signable
+    assert signature([x], 3) is None and signature((x,), 3) is None  # containers of tensors, lists: not signable
+    recipes = [(1, 128, 128), (1, 1, 128), (1, 128), (1.0, 128, 128), (True, 128, 128), None]  # tuples of scalars, typed
+    assert len({signature(x, r) for r in recipes}) == len(recipes) and signature(x, [1, 128, 128]) is None
     assert signature(torch.nn.Parameter(x)) is None  # a tensor subclass: not signable
 
 
@@ -312,6 +314,34 @@ def test_a_layout_that_passed_does_not_excuse_a_different_one():
         hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, masked_out, masked_m.long(), 4)
     with pytest.raises(ValueRangeError, match="masked_m"):  # contents: checked on every call
         hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, masked_out, torch.tensor([5, 1], dtype=torch.int32), 4)
+
+
+def test_a_dense_v2_layout_that_passed_does_not_excuse_a_different_one():
+    """DeepGEMM's current fp8_gemm_nt remembers layouts with their recipes: after valid calls, another
+    recipe, output layout or dtype, accumulator dtype or scale layout still raises, and a list recipe
+    (not signable) is checked every call."""
+    from hal.errors import DTypeError, LayoutError, ShapeError
+
+    lhs, rhs = _fp8_operands(4, 256, 256)
+    d = torch.empty(4, 256, dtype=torch.bfloat16)
+    for _ in range(2):
+        hal.fp8_gemm_nt(lhs, rhs, d)
+        hal.fp8_gemm_nt(lhs, rhs, d, recipe=(1, 128, 128))
+    expected = d.clone()
+    hal.fp8_gemm_nt(lhs, rhs, d, recipe=[1, 128, 128])
+    assert torch.equal(d, expected)
+    with pytest.raises(ValueRangeError, match="recipe"):
+        hal.fp8_gemm_nt(lhs, rhs, d, recipe=(1, 64, 128))
+    with pytest.raises(ShapeError, match="b\\[1\\]"):  # per-token recipe, per-block scales
+        hal.fp8_gemm_nt(lhs, rhs, d, recipe=(1, 1, 128))
+    with pytest.raises(LayoutError, match="'d'"):
+        hal.fp8_gemm_nt(lhs, rhs, torch.empty(256, 4, dtype=torch.bfloat16).t())
+    with pytest.raises(DTypeError, match="'d'"):
+        hal.fp8_gemm_nt(lhs, rhs, d.half())
+    with pytest.raises(DTypeError, match="'c'"):
+        hal.fp8_gemm_nt(lhs, rhs, d.float(), c=torch.zeros(4, 256, dtype=torch.bfloat16))
+    with pytest.raises(ShapeError, match="a\\[1\\]"):
+        hal.fp8_gemm_nt((lhs[0], lhs[1][:, :1]), rhs, d)
 
 
 @pytest.mark.parametrize("op", ["mla_decode", "paged_mqa_logits", "mqa_logits"])

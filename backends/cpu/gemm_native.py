@@ -33,6 +33,12 @@ def _portable(lib: ctypes.CDLL) -> bool:
     return known
 
 
+def _float32_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous float32 tensor; itself when it is one (checked first: the conversion
+    calls cost a microsecond each even when they return ``x``)."""
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+
+
 def _blockwise(lib: ctypes.CDLL, a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, out: torch.Tensor) -> None:
     m, k = a.shape
     n = b.shape[0]
@@ -42,8 +48,8 @@ def _blockwise(lib: ctypes.CDLL, a: torch.Tensor, a_scales: torch.Tensor, b: tor
         return gemm_fp8._blockwise(a, a_scales, b, b_scales, out)
     if a.stride(1) != 1 or b.stride(1) != 1 or out.stride(1) != 1 or out.dtype not in (torch.bfloat16, torch.float32) or k % 128:
         raise ValueError(f"native fp8 GEMM: unexpected operands (a strides {a.stride()}, b strides {b.stride()}, out {out.dtype} strides {out.stride()}, K={k})")
-    sa = a_scales.to(torch.float32).contiguous()
-    sb = b_scales.to(torch.float32).contiguous()
+    sa = _float32_contiguous(a_scales)
+    sb = _float32_contiguous(b_scales)
     per_token = sb.shape[0] == n  # [N, K/128] per token, else [ceil(N/128), K/128] (they agree at N = 1)
     rc = lib.hal_fp8_gemm(
         a.data_ptr(), a.stride(0), sa.data_ptr(), b.data_ptr(), b.stride(0), sb.data_ptr(), int(per_token),
