@@ -2,7 +2,8 @@
 
 The sources are ``native/fp8_gemm.c``, ``native/mla_decode.c`` and ``native/ep_reduce.c`` beside this module (plain C11
 with AVX-512 BF16 intrinsics where the compiler targets them, a portable C path elsewhere; their
-headers say how they work), compiled together into one library. It is
+headers say how they work) and ``native/parallel.h``, their work sharing (torch's OpenMP threads,
+else a small pthread pool), compiled together into one library. It is
 compiled once per machine, lazily, the first time a process needs it::
 
     $CC (else cc, gcc, clang) -O3 -march=native -std=c11 -ffp-contract=off -fopenmp -fPIC -shared -pthread
@@ -53,6 +54,8 @@ ENV_NATIVE = "HAL_CPU_NATIVE"
 # One library, one build: the FP8 GEMMs, MLA decode and the combine reduction (each file
 # self-contained, exporting only hal_fp8_*, hal_mla_* and hal_ep_* symbols).
 SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("fp8_gemm.c", "mla_decode.c", "ep_reduce.c"))
+# Headers the sources include: part of the build key (an edit rebuilds), not of the command line.
+HEADERS = tuple(Path(__file__).parent / "native" / name for name in ("parallel.h",))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-pthread")
 # The preprocessor symbols whose presence selects the fast path in fp8_gemm.c (HAL_FAST).
 _FAST_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512VBMI__", "__AVX512BF16__")
@@ -113,7 +116,7 @@ def _cpu_identity() -> tuple[str, frozenset[str]]:
 @functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return digest.hexdigest()
 

@@ -3,8 +3,8 @@
  *
  * Built on the user's machine (cc -O3 -march=native -std=c11 -ffp-contract=off -pthread -shared
  * -fPIC, alone or together with the other native kernels) and called through ctypes by
- * hal.backends.cpu.mla_native. Self-contained: every exported symbol is prefixed hal_mla_, all
- * else is static. The fast path needs AVX-512 F/BW/BF16 (AMD Zen 4 and later, Intel Cooper Lake /
+ * hal.backends.cpu.mla_native. Every exported symbol is prefixed hal_mla_, all else is static
+ * (parallel.h, the work sharing it shares with the other kernels, included). The fast path needs AVX-512 F/BW/BF16 (AMD Zen 4 and later, Intel Cooper Lake /
  * Sapphire Rapids and later); any other target compiles the portable C path.
  *
  * Contract (hal.ops.mla_reference.mla_decode_reference): q [b, s_q, h_q, 576], k_cache
@@ -18,7 +18,8 @@
  * the sequence's end are never read, so the slots and pages it does not own never matter.
  *
  * Work item: (sequence, KV head, block of at most 128 rows, split of the sequence's pages), longest
- * first, on a small persistent pthread pool (the caller is worker 0). Pages are split only when
+ * first, taken dynamically by OpenMP threads (torch's: parallel.h), or by a small pthread pool
+ * where the compiler has no OpenMP. Pages are split only when
  * there are fewer (sequence, head, rows) items than twice the threads; the splits' unnormalised
  * states are then merged like FlashMLA's combine kernel. Per item and per 64-key page:
  *   - QK with the rows in the vector lanes. The item's q is packed once as [pair P][row] dwords
@@ -84,117 +85,10 @@ enum { MLA_OK = 0, MLA_ENOMEM = 1, MLA_EBLOCK = 2, MLA_ESEQLEN = 3, MLA_ESHAPE =
 typedef uint32_t mla_u32a __attribute__((may_alias, aligned(1)));
 
 /* ------------------------------------------------------------------------------------------ */
-/* thread pool: persistent workers, the caller is worker 0                                    */
+/* threads: OpenMP (torch's threads), else a small pthread pool                               */
 
-typedef void (*mla_item_fn)(void *ctx, long item, int tid);
-
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    pthread_mutex_t call_mu; /* one job at a time; a concurrent caller runs inline */
-    int nworkers;
-    unsigned long gen;
-    int active;
-    long next;
-    mla_item_fn fn;
-    void *ctx;
-    long nitems;
-    int nthreads;
-} mla_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0};
-
-static pthread_once_t mla_atfork_once = PTHREAD_ONCE_INIT;
-
-static void mla_pool_after_fork_child(void) {
-    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
-    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
-    mla_pool.mu = m;
-    mla_pool.call_mu = m;
-    mla_pool.cv = c;
-    mla_pool.nworkers = 0;
-    mla_pool.gen = 0;
-    mla_pool.active = 0;
-}
-
-static void mla_atfork_init(void) { pthread_atfork(NULL, NULL, mla_pool_after_fork_child); }
-
-static void mla_run_items(mla_item_fn fn, void *ctx, long nitems, int tid) {
-    long i;
-    while ((i = __atomic_fetch_add(&mla_pool.next, 1, __ATOMIC_RELAXED)) < nitems) fn(ctx, i, tid);
-}
-
-#define MLA_SPIN_NS 50000L
-#define MLA_MAX_THREADS 256
-static unsigned long mla_birth_gen[MLA_MAX_THREADS];
-
-static long mla_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000L + ts.tv_nsec;
-}
-
-static void *mla_worker_main(void *arg) {
-    int tid = (int)(long)arg;
-    unsigned long seen = mla_birth_gen[tid];
-    for (;;) {
-        unsigned long g;
-        long spins = 0, deadline = 0;
-        while ((g = __atomic_load_n(&mla_pool.gen, __ATOMIC_ACQUIRE)) == seen) {
-            MLA_RELAX();
-            if (++spins % 64) continue;
-            long t = mla_now_ns();
-            if (!deadline) deadline = t + MLA_SPIN_NS;
-            if (t < deadline) continue;
-            pthread_mutex_lock(&mla_pool.mu);
-            while (__atomic_load_n(&mla_pool.gen, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&mla_pool.cv, &mla_pool.mu);
-            pthread_mutex_unlock(&mla_pool.mu);
-        }
-        seen = g;
-        if (tid < mla_pool.nthreads) mla_run_items(mla_pool.fn, mla_pool.ctx, mla_pool.nitems, tid);
-        __atomic_fetch_sub(&mla_pool.active, 1, __ATOMIC_RELEASE);
-    }
-    return NULL;
-}
-
-/* Run fn(ctx, item, tid) for item in [0, nitems) on up to nthreads threads, dynamically. */
-static void mla_parallel_for(mla_item_fn fn, void *ctx, long nitems, int nthreads) {
-    if (nthreads > nitems) nthreads = (int)nitems;
-    if (nthreads <= 1 || pthread_mutex_trylock(&mla_pool.call_mu) != 0) {
-        for (long i = 0; i < nitems; i++) fn(ctx, i, 0);
-        return;
-    }
-    pthread_once(&mla_atfork_once, mla_atfork_init);
-    pthread_mutex_lock(&mla_pool.mu);
-    if (nthreads > MLA_MAX_THREADS) nthreads = MLA_MAX_THREADS;
-    while (mla_pool.nworkers < nthreads - 1) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        mla_birth_gen[mla_pool.nworkers + 1] = mla_pool.gen;
-        int ok = pthread_create(&t, &attr, mla_worker_main, (void *)(long)(mla_pool.nworkers + 1)) == 0;
-        pthread_attr_destroy(&attr);
-        if (!ok) break;
-        mla_pool.nworkers++;
-    }
-    if (nthreads > mla_pool.nworkers + 1) nthreads = mla_pool.nworkers + 1;
-    mla_pool.fn = fn;
-    mla_pool.ctx = ctx;
-    mla_pool.nitems = nitems;
-    mla_pool.nthreads = nthreads;
-    __atomic_store_n(&mla_pool.next, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&mla_pool.active, mla_pool.nworkers, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&mla_pool.gen, 1, __ATOMIC_RELEASE);
-    pthread_cond_broadcast(&mla_pool.cv);
-    pthread_mutex_unlock(&mla_pool.mu);
-    mla_run_items(fn, ctx, nitems, 0);
-    for (long spins = 0; __atomic_load_n(&mla_pool.active, __ATOMIC_ACQUIRE) > 0; spins++) {
-        if (spins < 200000)
-            MLA_RELAX();
-        else
-            sched_yield();
-    }
-    pthread_mutex_unlock(&mla_pool.call_mu);
-}
+#define CPU_RELAX() MLA_RELAX()
+#include "parallel.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* problem and per-thread scratch                                                             */
@@ -1012,8 +906,8 @@ int hal_mla_decode(const void *q, int64_t q_sb, int64_t q_st, int64_t q_sh, cons
         }
         p.partial = mla_partial_buf;
     }
-    mla_parallel_for(mla_item, &p, nitems, nthreads);
-    if (nsplit > 1 && !p.error) mla_parallel_for(mla_combine, &p, base, nthreads);
+    parallel_for(mla_item, &p, nitems, nthreads);
+    if (nsplit > 1 && !p.error) parallel_for(mla_combine, &p, base, nthreads);
     free(p.order);
     return p.error;
 }
