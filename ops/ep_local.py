@@ -26,7 +26,9 @@ from collections.abc import Sequence
 import torch
 
 from hal import optional
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled, values_within
+from hal.checks import (
+    expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, value_checks_enabled, values_within,
+)
 from hal.dispatch import call
 from hal.errors import DTypeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -209,6 +211,9 @@ def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int,
     return call(EP_UNPACK, "rows", rows.device, rows=rows, bucket_of_row=bucket_of_row, num_buckets=num_buckets, num_slots=num_slots)
 
 
+_COMBINE_SIGNATURES: set = set()  # argument layouts (segments, indices, weights) that passed ep_combine_reduce's structural checks
+
+
 def ep_combine_reduce(
     rows: torch.Tensor | Sequence[torch.Tensor], src_idx: torch.Tensor, num_tokens: int, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -227,17 +232,24 @@ def ep_combine_reduce(
         [N, width], dtype of rows: accumulated in float32, rounded once; tokens without rows are 0.
     """
     op = EP_COMBINE_REDUCE.name
-    segments = _segments(op, rows)
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
+        segments = _segments(op, rows)
         whole = segments[0] if len(segments) == 1 else torch.cat(segments)
         return torch.ops.hal.ep_combine_reduce(whole, src_idx, num_tokens, weights)
+    given = (rows,) if type(rows) is torch.Tensor else rows if type(rows) is tuple else None
+    key = signature(len(given), *given, src_idx, num_tokens, weights) if given else None
+    if key is not None and key in _COMBINE_SIGNATURES:
+        segments = given
+    else:
+        segments = _segments(op, rows)
+        total = sum(s.shape[0] for s in segments)
+        expect_tensor(op, "src_idx", src_idx, dtypes=torch.int32, shape=(total,), dims=("S",))
+        expect_int(op, "num_tokens", num_tokens, minimum=0)
+        if weights is not None:
+            expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(total,), dims=("S",))
+        expect_same_device(op, "rows", segments[0], src_idx=src_idx, weights=weights)
+        remember(_COMBINE_SIGNATURES, key)
     first = segments[0]
-    total = sum(s.shape[0] for s in segments)
-    expect_tensor(op, "src_idx", src_idx, dtypes=torch.int32, shape=(total,), dims=("S",))
-    expect_int(op, "num_tokens", num_tokens, minimum=0)
-    if weights is not None:
-        expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(total,), dims=("S",))
-    expect_same_device(op, "rows", first, src_idx=src_idx, weights=weights)
     if not values_within(src_idx, 0, num_tokens):
         expect_in_range(
             op, "src_idx", src_idx, 0, num_tokens, what=f"token ids (num_tokens={num_tokens})",

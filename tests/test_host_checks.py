@@ -315,6 +315,22 @@ def test_a_layout_that_passed_does_not_excuse_a_different_one():
     with pytest.raises(ValueRangeError, match="masked_m"):  # contents: checked on every call
         hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, masked_out, torch.tensor([5, 1], dtype=torch.int32), 4)
 
+    # EP combine's reduction, rows in two segments: the segments' count, dtypes and widths are keyed
+    rows = (torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(2, 8, dtype=torch.bfloat16))
+    src_idx, weights = torch.tensor([0, 1, 1, 2, 0], dtype=torch.int32), torch.rand(5)
+    for _ in range(2):
+        hal.ep_combine_reduce(rows, src_idx, 3, weights)
+    with pytest.raises(DTypeError, match="rows\\[1\\]"):
+        hal.ep_combine_reduce((rows[0], rows[1].half()), src_idx, 3, weights)
+    with pytest.raises(HalError, match="rows\\[1\\]"):
+        hal.ep_combine_reduce((rows[0], torch.randn(2, 4, dtype=torch.bfloat16)), src_idx, 3, weights)
+    with pytest.raises(HalError, match="src_idx"):
+        hal.ep_combine_reduce(rows[:1], src_idx, 3, weights)  # one segment: 3 rows against 5 ids
+    with pytest.raises(DTypeError, match="weights"):
+        hal.ep_combine_reduce(rows, src_idx, 3, weights.double())
+    with pytest.raises(ValueRangeError, match="src_idx"):  # contents: checked on every call
+        hal.ep_combine_reduce(rows, torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32), 3, weights)
+
 
 def test_a_dense_v2_layout_that_passed_does_not_excuse_a_different_one():
     """DeepGEMM's current fp8_gemm_nt remembers layouts with their recipes: after valid calls, another
