@@ -150,8 +150,8 @@ def _backend_contenders(case: Case, names: Sequence[str], inputs: Tensors, expec
 # so the timed run still finds its inputs in memory.
 LEAD_IN = 1
 TIMING = (
-    f"each timed run follows {LEAD_IN} untimed run of the same contender (on another input set), "
-    "so that none is timed in the wake of another's; contenders interleaved round by round"
+    f"each timed run follows {LEAD_IN} untimed run of the same contender (on the next input set where "
+    "inputs are rotated), so that none is timed in the wake of another's; contenders interleaved round by round"
 )
 
 

@@ -99,9 +99,11 @@ class MLASchedule:
         check a later call's against it. Per call this compares one tuple: building a Config costs
         more than the comparison, so one is built only on the first call or on a mismatch."""
         if not self.have_initialized:
-            self.have_initialized, self.config, self._extra["bound"] = True, MLASchedule.Config(*values), values
+            self.have_initialized, self.config = True, MLASchedule.Config(*values)
+            self._extra["bound"] = (self.config, values)
             return
-        if values == self._extra.get("bound"):
+        bound = self._extra.get("bound")
+        if bound is not None and bound[0] is self.config and bound[1] == values:  # the config it was made from, unchanged
             return
         config = MLASchedule.Config(*values)
         for item in fields(config):
@@ -201,7 +203,7 @@ def layout_key(
     """The :func:`hal.checks.signature` of a V3.2 call's arguments, or None where the layout checks
     must run every call: the MODEL1 cache, whose check reads the storage's extent (which no
     signature holds), and anything a signature cannot describe."""
-    if is_fp8_kvcache and type(q) is torch.Tensor and q.shape[-1] == MODEL1_DIM:
+    if is_fp8_kvcache and type(q) is torch.Tensor and q.dim() == 4 and q.shape[-1] == MODEL1_DIM:
         return None
     return signature(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
                      topk_length, extra_topk_length)
@@ -217,13 +219,13 @@ def decode_v2(
     q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, head_dim_v: int,
     softmax_scale: float, causal: bool, is_fp8_kvcache: bool, indices: torch.Tensor | None, attn_sink: torch.Tensor | None,
     extra_k_cache: torch.Tensor | None, extra_indices: torch.Tensor | None, topk_length: torch.Tensor | None,
-    extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any, key: tuple[Any, ...] | None,
+    extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any, key: tuple[Any, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the V3.2 arguments (q, scale and head_dim_v already checked) and run ``mla_decode_v2``.
 
     ``dense_layout(cache)`` checks block_table / cache_seqlens for the dense mode, ``dense_contents(cache)``
     their contents. Layouts are checked once per signature (``key``, from :func:`layout_key` on the
-    caller's arguments), contents on every call.
+    caller's arguments; None: check them all), contents on every call.
     """
     features = _SIGNATURES.get(key) if key is not None else None
     if features is None:

@@ -68,6 +68,24 @@ def _hal(*args: str, env: dict[str, str] | None = None, timeout: float = 600) ->
     return subprocess.run([sys.executable, "-m", "hal.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
 
 
+def test_the_native_kernel_sources_and_headers_are_package_data():
+    """A non-editable install must ship every file the cpu backend's build reads (an editable one,
+    as here, would not notice a header left out)."""
+    import fnmatch
+    import tomllib
+
+    from hal.backends.cpu import native
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hal.backends.cpu"]
+    package = Path(native.__file__).parent
+    for path in (*native.SOURCES, *native.HEADERS):
+        relative = path.relative_to(package).as_posix()
+        assert path.exists() and any(fnmatch.fnmatch(relative, glob) for glob in globs), relative
+    shipped = {p.name for glob in globs for p in package.glob(glob)}
+    included = {name for source in native.SOURCES for name in re.findall(r'#include "([^"]+)"', source.read_text())}
+    assert included <= shipped and included <= {h.name for h in native.HEADERS}, included
+
+
 def test_conformance_without_arguments_covers_every_usable_backend_and_names_the_skipped(tmp_path):
     result = _hal("conformance", "--op", "per_token_cast_to_fp8", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stdout + result.stderr

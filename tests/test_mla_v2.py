@@ -184,9 +184,10 @@ def _with_index(value: int):
         (lambda a: {"q": a["q"].float()}, hal.DTypeError, "q"),
         (lambda a: {"q": a["q"][..., :500]}, hal.ShapeError, "q"),
         (lambda a: {"q": a["q"].transpose(-1, -2).contiguous().transpose(-1, -2)}, hal.LayoutError, "q"),
+        (lambda a: {"q": torch.tensor(1.0, dtype=torch.bfloat16)}, hal.ShapeError, "q"),
     ],
     ids=["causal", "index_past_cache", "index_minus_2", "topk_length_past_topk", "sink_shape", "sink_dtype", "extra_without_indices", "fp8_without_flag",
-         "head_dim_v", "q_dtype", "q_width", "q_strided"],
+         "head_dim_v", "q_dtype", "q_width", "q_strided", "q_0d"],
 )
 def test_v32_arguments_are_checked(change, error, argument):
     # A valid call first: layouts that passed are remembered, and must not excuse a changed argument.

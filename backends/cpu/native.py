@@ -117,7 +117,11 @@ def _cpu_identity() -> tuple[str, frozenset[str]]:
 def _source_digest() -> str:
     digest = hashlib.sha256()
     for source in (*SOURCES, *HEADERS):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+        try:
+            content = source.read_bytes()
+        except OSError:  # a broken install: the build then fails and says which file, where raising here would reach selection
+            content = b"missing"
+        digest.update(source.name.encode() + b"\0" + content + b"\0")
     return digest.hexdigest()
 
 

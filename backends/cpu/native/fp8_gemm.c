@@ -149,6 +149,7 @@ typedef struct {
     long ncs;                    /* column strips */
     void *apack;                 /* decoded A of the super-chunk (strip s at strip_r0[s] * K elements) */
     int failed;                  /* a worker could not get scratch memory */
+    long pf_rows, pf_rest;       /* DOT_PREFETCH as whole rows of B (K bytes each) and the rest (slot_ahead) */
 } problem;
 
 static float col_scale(const problem *p, long n, long kb) {
@@ -431,15 +432,22 @@ static long column_run(const problem *p, int nthreads) {
 static long column_run_end(const problem *p, long n0, long per) { return n0 + per < p->N ? n0 + per : p->N; }
 
 /* The address DOT_PREFETCH bytes ahead in the stream of a column slot: a kernel that reads columns
- * [n, n + ncol) side by side reads column n + c at offset `at`, and that slot goes on with column
- * n + c + ncol. Plain `src + DOT_PREFETCH` runs into the next row of B, which with ncol > 1 is a
- * neighbouring slot's row, being read anyway: at K = 2048 three prefetches in four were wasted.
- * Measured (interleaved, one process, weights from memory): 1.1-1.4x at 1-4 rows, K 1536-7168.
- * A prefetch never faults, so an address past B's end is harmless. */
+ * [n, n + ncol) side by side reads column n + c at offset `at`, and that slot goes on with columns
+ * n + c + ncol, n + c + 2 ncol, ... (K bytes each). Plain `src + DOT_PREFETCH` runs into the next
+ * row of B, which with ncol > 1 is a neighbouring slot's row, being read anyway: at K = 2048 three
+ * prefetches in four were wasted. Measured (interleaved, one process, weights from memory):
+ * 1.1-1.4x at 1-4 rows, K 1536-7168. When DOT_PREFETCH spans more than one row (K < 4096), the
+ * address is the slot's own row that many rows on (an earlier form prefetched the rows right after
+ * the next one, in other slots but also ahead: measured alike, 0.9-1.1x). pf_rows and pf_rest
+ * (DOT_PREFETCH / K and % K, set once per call) spare a division per chunk. A prefetch never
+ * faults, so an address past B's end is harmless. */
 static inline const char *slot_ahead(const problem *p, long n, int ncol, long at) {
-    long ahead = at + DOT_PREFETCH;
-    if (ahead < p->K) return (const char *)(p->b + n * p->ldb + ahead);
-    return (const char *)(p->b + (n + ncol) * p->ldb + (ahead - p->K));
+    long rows = p->pf_rows, ahead = at + p->pf_rest;
+    if (ahead >= p->K) {
+        ahead -= p->K;
+        rows++;
+    }
+    return (const char *)(p->b + (n + rows * ncol) * p->ldb + ahead);
 }
 
 /* ---- rows in lanes: RL_MIN_ROWS <= M <= 16 ----------------------------------------------------------
@@ -948,12 +956,14 @@ int hal_fp8_gemm(const uint8_t *a, long lda, const float *as, const uint8_t *b, 
     pthread_once(&lut_once, lut_init);
     if (M <= 0 || N <= 0) return 0;
     if (nthreads < 1) nthreads = 1;
-    problem p = {a, lda, as, b, ldb, bs, b_per_token, out, ldo, out_f32, M, N, K, K / BLK, 0, 0, 0, NULL, 0, NULL, 0, NULL, 0};
+    problem p = {a, lda, as, b, ldb, bs, b_per_token, out, ldo, out_f32, M, N, K, K / BLK, 0, 0, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0};
     if (p.KB == 0) { /* no products: every sum is zero */
         for (long m = 0; m < M; m++) memset((char *)out + m * ldo * (out_f32 ? 4 : 2), 0, (size_t)N * (out_f32 ? 4 : 2));
         return 0;
     }
 #if HAL_FAST
+    p.pf_rows = DOT_PREFETCH / K; /* K >= BLK here */
+    p.pf_rest = DOT_PREFETCH % K;
     if (M <= DOT_MAX_ROWS && K % BLK == 0) return gemm_dot(&p, nthreads);
     if (M <= GL_MAX_ROWS && K % BLK == 0) return gemm_lane_groups(&p, nthreads);
     if (M >= RL_MIN_ROWS && M <= 16) return gemm_rows_in_lanes(&p, nthreads);
