@@ -5,8 +5,9 @@ same on every machine. Each peak is the median of at least 7 runs after a warm-u
 measurements interleaved (one run of each per round, so a burst of load from elsewhere hits all
 three alike; each timed run right after an untimed one of its own, as ``hal bench`` times its
 contenders: in four back-to-back measurements on the 2-core VM, the first, without the lead-in,
-read the bf16 matmul at 297 GFLOP/s and the others 411-418, with or without it), and its spread (lowest and highest rate seen) is reported beside it: a spread of
-tens of percent says the machine was shared while it was measured.
+read the bf16 matmul at 297 GFLOP/s and the others 411-418, with or without it), and its spread
+(lowest and highest rate seen) is reported beside it: a spread of tens of percent says the
+machine was shared while it was measured.
 
 - copy: ``dst.copy_(src)`` between two preallocated, pre-touched buffers (4x the last-level
   cache on CPUs), counted as bytes read + bytes written. Allocating the destination per run

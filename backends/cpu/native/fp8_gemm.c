@@ -422,10 +422,11 @@ static inline void put_out(const problem *p, long r, long col, float v) {
 }
 
 /* Columns per work item of the streaming kernels: consecutive columns, a contiguous run of B each,
- * about 8 items per thread (balance on a shared machine), whole groups of 4 columns. */
-static long column_run(const problem *p, int nthreads) {
+ * about 8 items per thread (balance on a shared machine), whole groups of `group` columns (the
+ * kernel's columns side by side). */
+static long column_run(const problem *p, int nthreads, long group) {
     long per = (p->N + 8L * nthreads - 1) / (8L * nthreads);
-    return (per + 3) / 4 * 4;
+    return (per + group - 1) / group * group;
 }
 
 /* The end of the run of columns that starts at n0: per columns, or up to N. */
@@ -457,7 +458,7 @@ static inline const char *slot_ahead(const problem *p, long n, int ncol, long at
  * (decoded row-major: two table lookups and an interleave per 64 bytes, no transpose) in every
  * lane pair, and serves both accumulators. At the end of each K block the two parities are added,
  * then promoted. Same vdpbf16ps count as column-lane tiles of 16 rows. */
-#define NG 12 /* columns per work item: 24 accumulators */
+#define NG 12 /* columns side by side: 24 accumulators (a work item is a run of such groups) */
 #ifndef RL_MIN_ROWS
 #define RL_MIN_ROWS 15 /* measured: below it the column-lane tiles are faster (fewer products) */
 #endif
@@ -575,8 +576,7 @@ static int gemm_rows_in_lanes(problem *p, int nthreads) {
         in0[2 * i] = (uint8_t)i; in0[2 * i + 1] = (uint8_t)(64 + i);
         in1[2 * i] = (uint8_t)(32 + i); in1[2 * i + 1] = (uint8_t)(96 + i);
     }
-    long per = (p->N + 8L * nthreads - 1) / (8L * nthreads); /* about 8 items per thread, as column_run */
-    per = (per + NG - 1) / NG * NG;
+    long per = column_run(p, nthreads, NG);
     rl_problem q = {p, apack, as32, per, _mm512_loadu_si512(in0), _mm512_loadu_si512(in1)};
     parallel_for(item_rl, &q, (p->N + per - 1) / per, nthreads);
     free(apack);
@@ -713,7 +713,7 @@ static int gemm_dot(problem *p, int nthreads) {
     __m512i *apack = NULL;
     if (posix_memalign((void **)&apack, 64, (size_t)p->M * (size_t)chunks * 128) != 0) return ENOMEM;
     decode_rows(p, apack);
-    long per = column_run(p, nthreads);
+    long per = column_run(p, nthreads, 4);
     dot_problem q = {p, apack, per};
     parallel_for(item_dot, &q, (p->N + per - 1) / per, nthreads);
     free(apack);
@@ -877,7 +877,7 @@ static int gemm_lane_groups(problem *p, int nthreads) {
             as_lanes[kb * 16 + lane] = lane % G == 0 && r < p->M ? p->as[r * p->KB + kb] : 0.0f;
         }
     free(rows);
-    long per = column_run(p, nthreads);
+    long per = column_run(p, nthreads, 4);
     gl_problem q = {p, apack, as_lanes, per};
     parallel_for(item_gl, &q, (p->N + per - 1) / per, nthreads);
     free(apack);
