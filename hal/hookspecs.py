@@ -176,7 +176,7 @@ def hal_gemm_bf16_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> Non
 @hookspec(firstresult=True)
 def hal_m_grouped_gemm_bf16_nt_contiguous(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, m_indices: torch.Tensor) -> None:
     """MoE grouped bf16: a [M, K], b [G, N, K], out bf16 [M, N]; row r uses group m_indices[r]
-    (int32, -1 = padding: not written); segments aligned to the current contiguous alignment."""
+    (int32, -1 = padding: not written; read only); segments aligned to the current contiguous alignment."""
 
 
 @hookspec(firstresult=True)
@@ -282,6 +282,7 @@ def hal_m_grouped_gemm_fp8_nt_contiguous(
             (a backend may skip them). The public call hands over
             :func:`hal.ops.gemm.rows_by_block` of the user's indices: -1 padding rows inside a
             group's aligned block arrive as that group's rows (DeepGEMM computes whole tiles).
+            Read only: the public call may hand the same mapping to later calls.
     """
 
 

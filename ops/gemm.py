@@ -21,6 +21,8 @@ gradients, UE8M0 packed scales) is left by declaring each variant as its own ope
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from hal import optional
@@ -133,7 +135,8 @@ def _check_operands(
     key = None
     if type(lhs) is tuple and type(rhs) is tuple and len(lhs) == len(rhs) == 2:
         key = signature(op, groups, lhs_groups, *lhs, *rhs, out, *more)
-    if key is None or key not in _SIGNATURES:
+    ready = _SIGNATURES.get(key) if key is not None else None
+    if ready is None:
         _check_operand_layouts(op, lhs, rhs, out, groups=groups, lhs_groups=lhs_groups)
         a = lhs[0]
         if len(more) == 1:  # contiguous: m_indices
@@ -143,13 +146,18 @@ def _check_operands(
             expect_tensor(op, "masked_m", more[0], dtypes=torch.int32, shape=(a.shape[0],), dims=("G",))
             expect_same_device(op, "lhs[0]", a, masked_m=more[0])
             expect_int(op, "expected_m", more[1], minimum=1)
-        remember(_SIGNATURES, key)
+        a, b = lhs[0], rhs[0]
+        ready = a.shape[-1] % BLOCK == 0 and a.is_contiguous() and b.is_contiguous()
+        remember(_SIGNATURES, key, ready)
     a, sa = lhs
     b, sb = rhs
+    if ready:  # K whole blocks and both contiguous (the layout says so): handed over as they are
+        return a, sa, b, sb, out
     return _padded_to_blocks(a), sa, _padded_to_blocks(b), sb, out
 
 
-_SIGNATURES: set = set()  # argument layouts that passed _check_operand_layouts
+# argument layouts that passed _check_operand_layouts -> whether A and B go to backends as they are
+_SIGNATURES: dict[tuple[Any, ...], bool] = {}
 
 
 def _check_operand_layouts(op: str, lhs: object, rhs: object, out: object, *, groups: int | None, lhs_groups: bool) -> None:
@@ -229,13 +237,21 @@ def contiguous_rows(
         broken[align - 1 :: align] = False  # pairs straddling two blocks
         listed = firsts.tolist()
         if not np.count_nonzero(broken) and min(listed) >= -1 and max(listed) < groups:
-            return torch.from_numpy(np.repeat(firsts, align))
+            key = (tuple(listed), align)
+            mapping = _MAPPINGS.get(key)
+            if mapping is None:  # built once per layout of blocks (a repeated routing, a padded batch)
+                mapping = torch.from_numpy(np.repeat(firsts, align))
+                remember(_MAPPINGS, key, mapping, limit=256)
+            return mapping
     # the separate checks (the torch path, value checks off, or a layout to name the error of)
     if not values_within(m_indices, -1, groups):
         expect_in_range(op, name, m_indices, -1, groups, what=f"group ids (-1 for padding; {operand} has G={groups} groups)",
                         fix=f"Each row's group must index a group of {operand}.")
     _check_contiguous_segments(op, m_indices, argument, name)
     return rows_by_block(m_indices)
+
+
+_MAPPINGS: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}  # (blocks' first ids, alignment) -> rows_by_block's mapping (read only)
 
 
 def rows_by_block(m_indices: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from hal import optional
-from hal.checks import FP8, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, values_within
+from hal.checks import (
+    FP8, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, small_pages_within, values_within,
+)
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -188,7 +190,9 @@ def get_paged_mqa_logits_metadata(
     Each row's keys are cut into segments of :data:`SPLIT_KV`; entry ``i`` of the result is
     ``(first row, first segment in it)`` of worker ``i``, and entry ``num_sms`` is ``(rows, 0)``.
     Computed on the device with tensor ops (no host sync); plain CPU tensors outside tracing take
-    the same arithmetic in NumPy, which costs a fraction of the torch calls' dispatch. unihal's
+    the same arithmetic in NumPy, which costs a fraction of the torch calls' dispatch, and a batch
+    of up to 256 rows looks its split up by the rows' segment counts (they change once in
+    :data:`SPLIT_KV` tokens, so a decoding step mostly repeats the last step's split). unihal's
     backends compute logits from the inputs alone and accept any schedule of this shape: it is a
     hint, never a contract.
 
@@ -209,8 +213,19 @@ def get_paged_mqa_logits_metadata(
     expect_int(op, "num_sms", num_sms, minimum=1)
     if indices is not None:
         expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(context_lens.shape[0],), dims=("batch",))
+    np = optional.numpy_for(context_lens)
+    if np is not None and context_lens.numel() <= _SMALL_BATCH:
+        # A decoding step's batch: the split depends only on each row's segment count, which
+        # changes once in SPLIT_KV tokens, so the split of the same counts is looked up.
+        listed = context_lens.tolist()
+        counts = tuple([(n + SPLIT_KV - 1) // SPLIT_KV if n > 0 else 0 for n in (listed if context_lens.dim() == 1 else [row[-1] for row in listed])])
+        key = (counts, num_sms)
+        meta = _SPLITS.get(key)
+        if meta is None:
+            meta = _split_segments(np, np.array(counts, dtype=np.int64) * SPLIT_KV, num_sms)
+            remember(_SPLITS, key, meta, limit=256)
+        return torch.from_numpy(meta.copy())  # a copy: the caller owns (and may write) the result
     lens = context_lens if context_lens.dim() == 1 else context_lens[:, -1]
-    np = optional.numpy_for(lens)
     if np is not None:  # plain CPU tensors, not traced: the same arithmetic in NumPy (a dozen torch calls cost ~60 us of dispatch)
         return torch.from_numpy(_split_segments(np, lens.numpy(), num_sms))
     segments = (lens.clamp(min=0).to(torch.int64) + SPLIT_KV - 1) // SPLIT_KV
@@ -249,6 +264,8 @@ def _split_segments(np: Any, lens: Any, num_sms: int) -> Any:
 
 
 _WORKERS: dict[int, Any] = {}  # num_sms -> NumPy arange(num_sms): the same few counts every step
+_SMALL_BATCH = 256  # context_lens entries up to which the split is looked up by segment counts
+_SPLITS: dict[tuple[tuple[int, ...], int], Any] = {}  # (segment counts, num_sms) -> the split (NumPy int32 [num_sms + 1, 2])
 
 
 def _split_paged_cache(op: str, kv_cache: object, head_dim: int) -> tuple[int, int]:
@@ -348,15 +365,17 @@ def fp8_fp4_paged_mqa_logits(
     num_blocks, block_kv = kv_cache.shape[:2]
     two_d = context_lens.dim() == 2
     capacity = block_table.shape[1] * block_kv
-    if not values_within(context_lens, 0, min(max_context_len, capacity) + 1):  # one reduction for both bounds
-        expect_in_range(op, "context_lens", context_lens, 0, max_context_len + 1, what="context lengths",
-                        fix=f"Pass max_context_len >= the longest context ({max_context_len} given).")
-        expect_in_range(op, "context_lens", context_lens, 0, capacity + 1,
-                        what=f"context lengths (at most block_table's {block_table.shape[1]} pages x block_kv={block_kv})",
-                        fix=f"Give block_table enough columns for the longest context ({block_table.shape[1]} given).")
-    expect_rows_in_range(op, "block_table", block_table, context_lens, 0, num_blocks, per_entry=block_kv,
-                         what="block ids (for the pages a row reads)",
-                         fix=f"Point every page a row reads at one of the cache's {num_blocks} blocks.")
+    if not small_pages_within(block_table, context_lens, min(max_context_len, capacity), num_blocks, block_kv):
+        # not a small batch all in range: the general checks, which name what is out of range
+        if not values_within(context_lens, 0, min(max_context_len, capacity) + 1):  # one reduction for both bounds
+            expect_in_range(op, "context_lens", context_lens, 0, max_context_len + 1, what="context lengths",
+                            fix=f"Pass max_context_len >= the longest context ({max_context_len} given).")
+            expect_in_range(op, "context_lens", context_lens, 0, capacity + 1,
+                            what=f"context lengths (at most block_table's {block_table.shape[1]} pages x block_kv={block_kv})",
+                            fix=f"Give block_table enough columns for the longest context ({block_table.shape[1]} given).")
+        expect_rows_in_range(op, "block_table", block_table, context_lens, 0, num_blocks, per_entry=block_kv,
+                             what="block ids (for the pages a row reads)",
+                             fix=f"Point every page a row reads at one of the cache's {num_blocks} blocks.")
     return call(
         PAGED_MQA_LOGITS, "q", q.device,
         features=_features(logits_dtype, weights, context_lens_1d=not two_d),

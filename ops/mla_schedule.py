@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from hal import optional
+
 __all__ = ["BLOCK_SIZE_M", "BLOCK_SIZE_N", "FIXED_OVERHEAD_BLOCKS", "METADATA_WIDTH", "HOPPER_NUM_SMS", "schedule_mla_splits", "unsplit_schedule", "one_part_scheduler", "default_num_sms"]
 
 BLOCK_SIZE_M = 64  # query rows (s_q * h_q / h_kv) per tile
@@ -94,6 +96,12 @@ def unsplit_schedule(cache_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.T
     results as :func:`schedule_mla_splits` (``num_sm_parts`` = 1, ``num_splits = [0, 1, ..., batch]``).
     """
     batch = cache_seqlens.shape[0]
+    np = optional.numpy_for(cache_seqlens)
+    if np is not None:  # a plain CPU tensor: NumPy builds both in a fraction of torch.tensor's dispatch
+        metadata = np.zeros((1, METADATA_WIDTH), dtype=np.int32)
+        metadata[0, 2] = batch - 1
+        metadata[0, 3] = cache_seqlens.numpy()[-1] if batch else 0
+        return torch.from_numpy(metadata), torch.from_numpy(np.arange(batch + 1, dtype=np.int32))
     last = int(cache_seqlens[-1]) if batch else 0
     metadata = torch.tensor([[0, 0, batch - 1, last, 0, 0, 0, 0]], dtype=torch.int32, device=cache_seqlens.device)
     return metadata, torch.arange(batch + 1, dtype=torch.int32, device=cache_seqlens.device)

@@ -13,7 +13,7 @@ import torch
 
 import hal
 from hal import optional
-from hal.checks import expect_in_range, expect_rows_in_range
+from hal.checks import SMALL, expect_in_range, expect_rows_in_range, small_pages_within
 from hal.errors import ValueRangeError
 from hal.ops import gemm
 
@@ -87,17 +87,52 @@ def test_rows_in_range_computes_lazy_lengths_only_when_needed():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_paged_logits_schedule_is_the_same_on_both_paths(seed: int, without_numpy):
+def test_paged_logits_schedule_is_the_same_on_every_path(seed: int, without_numpy, monkeypatch: pytest.MonkeyPatch):
+    """The split looked up by segment counts (small batches), NumPy's and the torch path's agree,
+    for lengths in one segment, across segment boundaries, negative and zero."""
+    from hal.ops import indexer
+
     rng = random.Random(seed)
     for _ in range(200):
-        batch, next_n, sms = rng.randint(0, 30), rng.choice([1, 2, 4]), rng.randint(1, 140)
+        batch, next_n, sms = rng.choice([rng.randint(0, 30), rng.randint(250, 300)]), rng.choice([1, 2, 4]), rng.randint(1, 140)
         lens = torch.randint(-2, rng.choice([5, 300, 20000]), (batch, next_n), dtype=torch.int32)
         lens = lens if rng.random() < 0.5 else lens[:, -1].contiguous()
         results = []
-        for off in ("lists", False, True):
+        for off, small_batch in (("lists", 256), (False, 256), (False, 0), (True, 256)):
             without_numpy(off)
-            results.append(hal.get_paged_mqa_logits_metadata(lens if lens.dim() == 2 else lens[:, None], 64, sms))
-        assert results[0].dtype == results[1].dtype == torch.int32 and torch.equal(results[0], results[1])
+            monkeypatch.setattr(indexer, "_SMALL_BATCH", small_batch)
+            results.append(hal.get_paged_mqa_logits_metadata(lens, 64, sms))
+        for result in results[1:]:
+            assert result.dtype == torch.int32 and torch.equal(results[0], result)
+
+
+def test_a_looked_up_paged_logits_schedule_is_the_callers_own():
+    lens = torch.tensor([[300], [10]], dtype=torch.int32)
+    first = hal.get_paged_mqa_logits_metadata(lens, 64, 4)
+    expected = first.clone()
+    first.fill_(-7)  # the caller writes into its result: the next step's split must not change
+    assert torch.equal(hal.get_paged_mqa_logits_metadata(lens + 1, 64, 4), expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_small_pages_within_is_the_verdict_of_the_general_checks(seed: int):
+    """True exactly when every length is in [0, most] and every page a row reads is in range (the
+    rule of expect_rows_in_range, checked here entry by entry); False past SMALL entries."""
+    rng = random.Random(100 + seed)
+    for _ in range(300):
+        rows, width, per_entry = rng.randint(0, 6), rng.randint(1, 9), rng.choice([1, 16, 64])
+        high, most = rng.randint(1, 9), rng.randint(0, width * per_entry + 2)
+        table = torch.randint(-2, 11, (rows, width), dtype=rng.choice([torch.int32, torch.int64]))
+        if rng.random() < 0.3:
+            table = torch.randint(-2, 11, (width, rows), dtype=table.dtype).t()
+        shape = (rows,) if rng.random() < 0.6 else (rows, rng.randint(1, 3))
+        lengths = torch.randint(-1 if rng.random() < 0.3 else 0, width * per_entry + 3, shape, dtype=torch.int32)
+        limits = lengths.amax(dim=1) if lengths.dim() == 2 and lengths.shape[1] else lengths
+        truth = (not lengths.numel() or (int(lengths.min()) >= 0 and int(lengths.max()) <= most)) and _rows_truth(
+            table, limits.reshape(rows), 0, high, per_entry) is None
+        assert small_pages_within(table, lengths, most, high, per_entry) == truth
+    wide = torch.zeros(2, SMALL // 2 + 1, dtype=torch.int32)
+    assert not small_pages_within(wide, torch.zeros(2, dtype=torch.int32), 0, 1, 64)  # past SMALL: the general checks decide
 
 
 def _segments_truth(m_indices: torch.Tensor, align: int) -> int | None:
