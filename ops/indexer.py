@@ -28,7 +28,7 @@ import torch
 
 from hal import optional
 from hal.checks import (
-    FP8, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, small_pages_within, values_within,
+    FP8, all_within, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, small_pages_within, values_within,
 )
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
@@ -91,12 +91,12 @@ def _check_logits_dtype(op: str, logits_dtype: object, weights: torch.Tensor) ->
     return logits_dtype
 
 
-def _features(logits_dtype: torch.dtype, weights: torch.Tensor, **more: bool) -> set[str]:
+def _features(logits_dtype: torch.dtype, weights: torch.Tensor, **more: bool) -> frozenset[str]:
     used = {"bf16_logits": logits_dtype == torch.bfloat16, "bf16_weights": weights.dtype == torch.bfloat16, **more}
-    return {name for name, on in used.items() if on}
+    return frozenset(name for name, on in used.items() if on)
 
 
-_MQA_SIGNATURES: set = set()  # argument layouts that passed _check_mqa_layouts
+_MQA_SIGNATURES: dict[tuple[Any, ...], frozenset[str]] = {}  # argument layouts that passed _check_mqa_layouts -> the call's features
 
 
 def _check_mqa_layouts(
@@ -159,16 +159,18 @@ def fp8_fp4_mqa_logits(
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mqa_logits(q, kv[0], kv[1], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
     key = signature(q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype) if type(kv) is tuple else None
-    if key is None or key not in _MQA_SIGNATURES:
+    features = _MQA_SIGNATURES.get(key) if key is not None else None
+    if features is None:
         _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
-        remember(_MQA_SIGNATURES, key)
+        features = _features(logits_dtype, weights, compressed=max_seqlen_k > 0)
+        remember(_MQA_SIGNATURES, key, features)
     k, sf = kv
     seq_len_kv = k.shape[0]
-    for name, bound in (("cu_seq_len_k_start", cu_seq_len_k_start), ("cu_seq_len_k_end", cu_seq_len_k_end)):
-        if not values_within(bound, 0, seq_len_kv + 1):
+    if not all_within((cu_seq_len_k_start, cu_seq_len_k_end), 0, seq_len_kv + 1):
+        for name, bound in (("cu_seq_len_k_start", cu_seq_len_k_start), ("cu_seq_len_k_end", cu_seq_len_k_end)):
             expect_in_range(op, name, bound, 0, seq_len_kv + 1, what="key positions", fix=f"Keep each row's key range inside [0, seq_len_kv={seq_len_kv}].")
     return call(
-        MQA_LOGITS, "q", q.device, features=_features(logits_dtype, weights, compressed=max_seqlen_k > 0),
+        MQA_LOGITS, "q", q.device, features=features,
         q=q, k=k, k_scales=sf, weights=weights, k_start=cu_seq_len_k_start, k_end=cu_seq_len_k_end,
         clean_logits=bool(clean_logits), max_seqlen_k=max_seqlen_k, logits_dtype=logits_dtype,
     )
@@ -279,7 +281,7 @@ def _split_paged_cache(op: str, kv_cache: object, head_dim: int) -> tuple[int, i
     return num_blocks, block_kv
 
 
-_PAGED_SIGNATURES: set = set()  # argument layouts that passed _check_paged_layouts
+_PAGED_SIGNATURES: dict[tuple[Any, ...], frozenset[str]] = {}  # argument layouts that passed _check_paged_layouts -> the call's features
 
 
 def _check_paged_layouts(
@@ -359,11 +361,12 @@ def fp8_fp4_paged_mqa_logits(
             q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
         )
     key = signature(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
-    if key is None or key not in _PAGED_SIGNATURES:
+    features = _PAGED_SIGNATURES.get(key) if key is not None else None
+    if features is None:
         _check_paged_layouts(op, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
-        remember(_PAGED_SIGNATURES, key)
+        features = _features(logits_dtype, weights, context_lens_1d=context_lens.dim() == 1)
+        remember(_PAGED_SIGNATURES, key, features)
     num_blocks, block_kv = kv_cache.shape[:2]
-    two_d = context_lens.dim() == 2
     capacity = block_table.shape[1] * block_kv
     if not small_pages_within(block_table, context_lens, min(max_context_len, capacity), num_blocks, block_kv):
         # not a small batch all in range: the general checks, which name what is out of range
@@ -378,7 +381,7 @@ def fp8_fp4_paged_mqa_logits(
                              fix=f"Point every page a row reads at one of the cache's {num_blocks} blocks.")
     return call(
         PAGED_MQA_LOGITS, "q", q.device,
-        features=_features(logits_dtype, weights, context_lens_1d=not two_d),
+        features=features,
         q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table,
         max_context_len=max_context_len, clean_logits=bool(clean_logits), logits_dtype=logits_dtype,
     )

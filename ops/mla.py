@@ -227,17 +227,17 @@ def flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
             extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length,
         )
+    key = layout_key(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+                     extra_indices_in_kvcache, topk_length, extra_topk_length) if extended else None
     if isinstance(tile_scheduler_metadata, MLASchedule):
         if num_splits is not None:
             raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")
-        q_shape = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
-        k_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else (None,) * 4
-        tile_scheduler_metadata.bind(  # MLASchedule.Config's fields, in order
-            q_shape[0], q_shape[1], q_shape[2], k_shape[1], k_shape[2], bool(causal), bool(is_fp8_kvcache),
-            indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
-            extra_k_cache.shape[1] if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dim() >= 2 else None,
-            extra_indices_in_kvcache.shape[-1] if isinstance(extra_indices_in_kvcache, torch.Tensor) else None,
-        )
+        # Every value bind() compares is a function of the layout key (shapes, causal, the FP8 flag),
+        # so a layout this schedule was bound with before needs no second look.
+        if key is None or tile_scheduler_metadata._extra.get("layout") != key:
+            _bind(tile_scheduler_metadata, q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
+            if key is not None:
+                tile_scheduler_metadata._extra["layout"] = key
         if not extended:
             schedule = tile_scheduler_metadata
             if schedule.tile_scheduler_metadata is None:  # the dense schedule, computed on first use
@@ -249,7 +249,7 @@ def flash_mla_with_kvcache(
     if extended:
         return _decode_v2(
             q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
-            extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length,
+            extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length, key,
         )
     if torch.compiler.is_compiling():
         return torch.ops.hal.mla_decode(
@@ -273,16 +273,31 @@ def _resolve_scale(softmax_scale: float | None, d_qk: int = HEAD_DIM_QK) -> floa
     return float(softmax_scale)
 
 
+def _bind(
+    schedule: MLASchedule, q: object, k_cache: object, causal: object, is_fp8_kvcache: object, indices: object, extra_k_cache: object,
+    extra_indices: object,
+) -> None:
+    """:meth:`MLASchedule.bind` with this call's configuration (arguments not yet checked)."""
+    q_shape = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
+    k_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else (None,) * 4
+    schedule.bind(  # MLASchedule.Config's fields, in order
+        q_shape[0], q_shape[1], q_shape[2], k_shape[1], k_shape[2], bool(causal), bool(is_fp8_kvcache),
+        indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
+        extra_k_cache.shape[1] if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dim() >= 2 else None,
+        extra_indices.shape[-1] if isinstance(extra_indices, torch.Tensor) else None,
+    )
+
+
 def _decode_v2(
     q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
-    extra_k_cache, extra_indices, topk_length, extra_topk_length,
+    extra_k_cache, extra_indices, topk_length, extra_topk_length, key,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`.
 
-    q is 576 wide, or 512 wide with the MODEL1 FP8 cache in the sparse mode (FlashMLA's d_qk 512)."""
-    key = layout_key(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
-                     extra_indices, topk_length, extra_topk_length)
-    if not layouts_known(key):
+    q is 576 wide, or 512 wide with the MODEL1 FP8 cache in the sparse mode (FlashMLA's d_qk 512).
+    ``key``: :func:`hal.ops.mla_v2.layout_key` of the arguments."""
+    features = layouts_known(key)
+    if features is None:
         model1 = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] == MODEL1_DIM and is_fp8_kvcache and indices is not None
         _check_query(q, MODEL1_DIM if model1 else HEAD_DIM_QK)
         expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
@@ -300,5 +315,5 @@ def _decode_v2(
 
     return decode_v2(
         q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal, bool(is_fp8_kvcache), indices, attn_sink,
-        extra_k_cache, extra_indices, topk_length, extra_topk_length, dense_layout, dense_contents, key,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length, dense_layout, dense_contents, key, features,
     )

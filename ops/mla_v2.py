@@ -209,10 +209,11 @@ def layout_key(
                      topk_length, extra_topk_length)
 
 
-def layouts_known(key: tuple[Any, ...] | None) -> bool:
-    """Whether the call with this :func:`layout_key` has a layout that passed every check before
-    (q's and head_dim_v's included)."""
-    return key is not None and key in _SIGNATURES
+def layouts_known(key: tuple[Any, ...] | None) -> frozenset[str] | None:
+    """The features of the call with this :func:`layout_key` when its layout passed every check
+    before (q's and head_dim_v's included), else None. Looked up once: hashing a key of thirteen
+    arguments costs most of a microsecond."""
+    return _SIGNATURES.get(key) if key is not None else None
 
 
 def decode_v2(
@@ -220,14 +221,15 @@ def decode_v2(
     softmax_scale: float, causal: bool, is_fp8_kvcache: bool, indices: torch.Tensor | None, attn_sink: torch.Tensor | None,
     extra_k_cache: torch.Tensor | None, extra_indices: torch.Tensor | None, topk_length: torch.Tensor | None,
     extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any, key: tuple[Any, ...] | None = None,
+    features: frozenset[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the V3.2 arguments (q, scale and head_dim_v already checked) and run ``mla_decode_v2``.
 
     ``dense_layout(cache)`` checks block_table / cache_seqlens for the dense mode, ``dense_contents(cache)``
     their contents. Layouts are checked once per signature (``key``, from :func:`layout_key` on the
-    caller's arguments; None: check them all), contents on every call.
+    caller's arguments; None: check them all), contents on every call. ``features``: what
+    :func:`layouts_known` found for ``key`` (None: not known, check the layouts).
     """
-    features = _SIGNATURES.get(key) if key is not None else None
     if features is None:
         features = _check_layouts_v2(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
                                      extra_indices, topk_length, extra_topk_length, dense_layout)
