@@ -20,8 +20,18 @@ __all__ = ["Tolerance", "ElementBound", "TOLERANCES", "tolerance", "cos_diff", "
 
 
 def cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``1 - 2·Σxy / max(Σ(x² + y²), 1e-12)`` in float64 (FlashMLA's cal_diff, DeepGEMM's calc_diff)."""
+    """``1 - 2·Σxy / max(Σ(x² + y²), 1e-12)`` in float64 (FlashMLA's cal_diff, DeepGEMM's calc_diff),
+    of x and y scaled together by a power of two that brings their largest magnitude to [1, 2).
+
+    The metric is scale-free but the anchors' guard is not: outputs whose energy is below 1e-12
+    (every value near 1e-7) would read as almost 1 however right they are. The common power of two
+    changes no ratio (it is exact in float64), so the guard then only ever meets zeros."""
     x, y = x.double(), y.double()
+    if x.numel():
+        largest = float(torch.maximum(x.abs().max(), y.abs().max()))
+        if 0.0 < largest < math.inf:
+            scale = 2.0 ** -math.floor(math.log2(largest))
+            x, y = x * scale, y * scale
     energy = float((x * x + y * y).sum())
     if energy == 0.0:  # both empty or all zeros: identical (the anchors' guard would report 1)
         return 0.0
@@ -52,10 +62,19 @@ ROUNDED_FORMATS = (torch.bfloat16, torch.float16)
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float8_e4m3fn: 3}
 
 
+# The smallest normal exponent of each of those formats (by mantissa bits): below it the spacing
+# stays that of the smallest normals (subnormals).
+MIN_EXPONENT = {7: -126, 10: -14, 23: -126, 3: -6}
+
+
 def ulp(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """One unit in the last place of each |x| for a format with ``bits`` mantissa bits (float64)."""
+    """One unit in the last place of each |x| for a format with ``bits`` mantissa bits (float64),
+    the subnormal spacing below the format's normals (bf16, fp16, fp32, e4m3 by their bits)."""
     magnitude = x.double().abs()
     exponent = torch.floor(torch.log2(magnitude.clamp(min=torch.finfo(torch.float64).tiny)))
+    smallest = MIN_EXPONENT.get(bits)
+    if smallest is not None:
+        exponent = exponent.clamp(min=smallest)
     return torch.exp2(exponent - bits)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from html.parser import HTMLParser
 
 import pytest
+import torch
 
 from hal.cli import main
 from hal.conformance.catalogue import all_cases, select_cases
@@ -54,6 +55,32 @@ def test_nan_never_passes():
 
     x = torch.tensor([1.0, float("nan")])
     assert not tol.passes(cos_diff(x, torch.tensor([1.0, 1.0])))
+
+
+@pytest.mark.parametrize("exponent", [-60, -30, 0, 30, 60])
+def test_cos_diff_and_the_element_bound_judge_any_scale_alike(exponent: int):
+    """A correctly rounded result passes and one wrong element fails whatever the outputs' scale:
+    the anchors' 1e-12 guard must not fail outputs near 1e-8, nor ulp() ask subnormals for more
+    precision than their format has."""
+    from hal.conformance.case import judge
+
+    generator = torch.Generator().manual_seed(5)
+    want = torch.randn(64, 64, generator=generator, dtype=torch.float64) * 2.0**exponent
+    got = want.float().to(torch.bfloat16)
+    assert cos_diff(got, want) == pytest.approx(cos_diff(got.double() * 2.0**-exponent, want * 2.0**-exponent), rel=1e-12, abs=1e-18)
+    assert all(m.passed for m in judge("gemm_fp8_nt", "out", got, want.float()))
+    wrong = got.clone()
+    wrong[7, 9] = -wrong[7, 9] * 4
+    assert not all(m.passed for m in judge("gemm_fp8_nt", "out", wrong, want.float()))
+
+
+def test_ulp_below_the_normals_is_the_subnormal_spacing():
+    from hal.conformance.metrics import ulp
+
+    tiny = torch.tensor([6.6e-42, 1e-40, 2.0**-126, 1.0])
+    assert ulp(tiny, 23).tolist() == [2.0**-149, 2.0**-149, 2.0**-149, 2.0**-23]
+    assert ulp(tiny, 7).tolist() == [2.0**-133, 2.0**-133, 2.0**-133, 2.0**-7]
+    assert ulp(torch.tensor([2.0**-9, 1.0]), 3).tolist() == [2.0**-9, 2.0**-3]  # e4m3's subnormals are 2^-9 apart
 
 
 def test_reference_passes_the_quick_suite():

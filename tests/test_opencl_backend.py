@@ -120,6 +120,31 @@ def test_masked_gemm_leaves_rows_beyond_masked_m_untouched():
     assert (out[0, 17:] == 7).all() and (out[1] == 7).all()
 
 
+@pytest.mark.parametrize("sa_row, sb_row, want", [
+    ((math.inf, 3e38), (1.0, 2.0), math.nan),  # -inf from block 0, (1 * 3e38) * 2 = +inf from block 1: NaN
+    ((1e38, 3e38), (1.0, 1.2), math.inf),  # (1 * 3e38) * 1.2 overflows fp32; an fma would keep 2.6e38
+])
+def test_fp8_gemm_scale_promotion_rounds_each_product_as_the_contract_does(sa_row, sb_row, want):
+    """The promotion is (partial * sa) * sb rounded to fp32, then added: a compiler that fuses it
+    into one fma never overflows where fp32 does (two 128-K blocks, partials -1 and +1)."""
+    a = torch.zeros(1, 256)
+    b = torch.zeros(1, 256)
+    a[0, 0], b[0, 0], a[0, 128], b[0, 128] = -1.0, 1.0, 1.0, 1.0
+    a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    sa, sb = torch.tensor([sa_row]), torch.tensor([sb_row])
+
+    def same(got: torch.Tensor) -> bool:
+        return math.isnan(float(got)) if math.isnan(want) else float(got) == want
+
+    assert same(blockwise_fp8_matmul(a, sa, b, sb))  # the reference says so too
+    out = torch.zeros(1, 1, dtype=torch.bfloat16)
+    gemm_fp8.gemm_fp8_nt(a, sa, b, sb, out)
+    assert same(out)
+    masked = torch.zeros(1, 1, 1, dtype=torch.bfloat16)
+    gemm_fp8.m_grouped_masked(a[None], sa[None], b[None], sb[None], masked, torch.tensor([1], dtype=torch.int32), expected_m=1)
+    assert same(masked)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 384), (130, 256)])
 def test_casts_are_bitwise_the_reference(dtype, shape):

@@ -112,7 +112,12 @@ inline void gemm_tile(__global const uchar* a, __global const float* sa, __globa
 #if BF16
             if (keep[r]) total[i] += part[i];
 #else
-            if (keep[r]) total[i] += part[i] * sa[(long)r * kblocks + kb] * sb_col;
+            if (keep[r]) {
+                /* the contract's promotion: (part * sa) * sb rounded, then added; contracted to an
+                   fma, (part * sa) * sb would not overflow to inf where fp32 does */
+                #pragma OPENCL FP_CONTRACT OFF
+                total[i] += part[i] * sa[(long)r * kblocks + kb] * sb_col;
+            }
 #endif
         }
     }
