@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from hal import optional
+from hal import checks, optional
 from hal.checks import (
     expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, value_checks_enabled, values_within,
 )
@@ -189,28 +190,53 @@ def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int,
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.ep_unpack(rows, bucket_of_row, num_buckets, num_slots)
     op = EP_UNPACK.name
-    expect_tensor(op, "rows", rows, shape=(None, None), dims=("S", "width"))
-    expect_tensor(op, "bucket_of_row", bucket_of_row, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))
-    expect_int(op, "num_buckets", num_buckets, minimum=1)
-    expect_int(op, "num_slots", num_slots, minimum=0)
-    expect_same_device(op, "rows", rows, bucket_of_row=bucket_of_row)
+    key = signature(rows, bucket_of_row, num_buckets, num_slots)
+    if key is None or key not in _UNPACK_SIGNATURES:
+        expect_tensor(op, "rows", rows, shape=(None, None), dims=("S", "width"))
+        expect_tensor(op, "bucket_of_row", bucket_of_row, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))
+        expect_int(op, "num_buckets", num_buckets, minimum=1)
+        expect_int(op, "num_slots", num_slots, minimum=0)
+        expect_same_device(op, "rows", rows, bucket_of_row=bucket_of_row)
+        remember(_UNPACK_SIGNATURES, key)
+    _check_buckets(op, bucket_of_row, num_buckets, num_slots)
+    return call(EP_UNPACK, "rows", rows.device, rows=rows, bucket_of_row=bucket_of_row, num_buckets=num_buckets, num_slots=num_slots)
+
+
+def _check_buckets(op: str, bucket_of_row: torch.Tensor, num_buckets: int, num_slots: int) -> None:
+    """:func:`ep_unpack`'s value checks: ids in [0, num_buckets), at most num_slots rows in each."""
+    if bucket_of_row.shape[0] <= checks.SMALL and optional.host_readable(bucket_of_row) and value_checks_enabled(bucket_of_row):
+        ids = bucket_of_row.tolist()  # a few rows: read once as a list, counted there (a tenth of bincount's dispatch)
+        if not ids or (min(ids) >= 0 and max(ids) < num_buckets):
+            if len(ids) > num_slots:
+                counts = [0] * num_buckets
+                for bucket in ids:
+                    counts[bucket] += 1
+                _expect_slots(op, counts, num_slots)
+            return
     if not values_within(bucket_of_row, 0, num_buckets):
         expect_in_range(
             op, "bucket_of_row", bucket_of_row, 0, num_buckets, what=f"bucket ids (num_buckets={num_buckets})",
             fix="Every row must belong to a bucket.",
         )
-    if value_checks_enabled(bucket_of_row) and bucket_of_row.numel():
+    # No bucket can hold more rows than there are: counting is needed only past num_slots rows.
+    if bucket_of_row.shape[0] > num_slots and value_checks_enabled(bucket_of_row):
         np = optional.numpy_for(bucket_of_row)  # ids are in range now: bincount takes them as they are
         counts = np.bincount(bucket_of_row.numpy(), minlength=num_buckets) if np else torch.bincount(bucket_of_row.long(), minlength=num_buckets)
-        if int(counts.max()) > num_slots:
-            full = int(counts.argmax())
-            raise ValueRangeError(
-                op, "bucket_of_row", f"at most num_slots={num_slots} rows per bucket", f"{int(counts[full])} rows in bucket {full}",
-                "Allocate more slots per bucket (a larger num_max_dispatch_tokens_per_rank).",
-            )
-    return call(EP_UNPACK, "rows", rows.device, rows=rows, bucket_of_row=bucket_of_row, num_buckets=num_buckets, num_slots=num_slots)
+        _expect_slots(op, counts, num_slots)
 
 
+def _expect_slots(op: str, counts: Any, num_slots: int) -> None:
+    """``counts`` (a list, a NumPy array or a tensor [B]): rows per bucket, at most ``num_slots``."""
+    most = max(counts) if type(counts) is list else int(counts.max())
+    if most > num_slots:
+        full = counts.index(most) if type(counts) is list else int(counts.argmax())
+        raise ValueRangeError(
+            op, "bucket_of_row", f"at most num_slots={num_slots} rows per bucket", f"{most} rows in bucket {full}",
+            "Allocate more slots per bucket (a larger num_max_dispatch_tokens_per_rank).",
+        )
+
+
+_UNPACK_SIGNATURES: set = set()  # argument layouts that passed ep_unpack's structural checks
 _COMBINE_SIGNATURES: set = set()  # argument layouts (segments, indices, weights) that passed ep_combine_reduce's structural checks
 
 

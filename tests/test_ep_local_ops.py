@@ -99,6 +99,32 @@ def test_argument_errors(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_unpack_value_checks_name_the_first_fault_on_every_path(seed: int):
+    """Few rows (read as lists) and many (NumPy's bincount) give the same verdicts: an id out of
+    range, else the fullest bucket past num_slots, else the call runs."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(150):
+        s, buckets = rng.choice([rng.randint(0, 20), rng.randint(65, 200)]), rng.randint(1, 6)
+        slots = rng.randint(0, s + 2)
+        ids = torch.randint(-1 if rng.random() < 0.2 else 0, buckets + (1 if rng.random() < 0.2 else 0), (s,), dtype=torch.int32)
+        counts = torch.bincount(ids.clamp(min=0).long(), minlength=buckets + 1)
+        try:
+            hal.ep_unpack(torch.zeros(s, 2), ids, buckets, slots)
+            verdict = None
+        except hal.ValueRangeError as error:
+            verdict = str(error)
+        if s and (int(ids.min()) < 0 or int(ids.max()) >= buckets):
+            assert verdict is not None and "bucket ids" in verdict
+        elif s and int(counts.max()) > slots:
+            full = int(counts.argmax())
+            assert verdict is not None and f"{int(counts[full])} rows in bucket {full}" in verdict
+        else:
+            assert verdict is None
+
+
 @pytest.mark.parametrize("op, wrong", [("ep_pack", "buckets in descending order"), ("ep_unpack", "the last row dropped"), ("ep_combine_reduce", "float16 accumulation")])
 def test_conformance_rejects_a_backend_that_gets_them_wrong(install_plugins, op, wrong):
     install_plugins({"wrong_ep": "wrong_ep"})
