@@ -372,7 +372,7 @@ def small_pages_within(table: torch.Tensor, lengths: torch.Tensor, most: int, hi
     (a row read up to the longest of its k lengths).
 
     Where the two general checks cost 4-6 us on a handful of rows, this costs 1-2."""
-    if table.numel() > SMALL or not optional.host_readable(table) or not optional.host_readable(lengths) or _setting() == "off":
+    if table.numel() > SMALL or _setting() == "off" or not optional.host_readable(table, lengths):
         return False
     limits, rows = lengths.tolist(), table.tolist()
     if limits and type(limits[0]) is list:  # every length in range, then each row's longest
@@ -466,6 +466,7 @@ def expect_rows_in_range(
 # ---- signatures: structural checks run once per argument layout ------------------------------
 
 _SIGNABLE = frozenset((int, float, bool, str, type(None), torch.dtype))
+_NONE_PART = (type(None), None)
 
 
 def signature(*values: object) -> tuple[Any, ...] | None:
@@ -483,6 +484,9 @@ def signature(*values: object) -> tuple[Any, ...] | None:
     parts: list[Any] = []
     add = parts.append
     for value in values:
+        if value is None:  # optional arguments, often several a call: one shared part
+            add(_NONE_PART)
+            continue
         kind = type(value)
         if kind is torch.Tensor:
             add((value.dtype, value.shape, value.stride(), value.device, value.requires_grad))

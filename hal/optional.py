@@ -32,13 +32,14 @@ def numpy() -> Any:
     return _NUMPY or None
 
 
-def host_readable(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor``'s values may be read on the host without torch operations (NumPy, or
-    ``tolist()``): a plain CPU tensor (no subclass such as a FakeTensor), outside torch.compile and
-    outside any dispatch mode (make_fx and other tracers, which must see torch operations to record
-    them)."""
-    if type(tensor) is not torch.Tensor or not tensor.is_cpu:  # is_cpu: 50 ns, device.type: 300 ns
-        return False
+def host_readable(*tensors: torch.Tensor) -> bool:
+    """Whether the values of every one of ``tensors`` may be read on the host without torch
+    operations (NumPy, or ``tolist()``): plain CPU tensors (no subclass such as a FakeTensor),
+    outside torch.compile and outside any dispatch mode (make_fx and other tracers, which must see
+    torch operations to record them)."""
+    for tensor in tensors:
+        if type(tensor) is not torch.Tensor or not tensor.is_cpu:  # is_cpu: 50 ns, device.type: 300 ns
+            return False
     return not _tracing()
 
 
