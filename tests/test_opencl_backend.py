@@ -76,6 +76,29 @@ def test_mla_split_chunks_combine_to_the_reference(seqlens, s_q, causal, pages_p
     assert torch.equal(lse[~finite], want_lse[~finite]) and not torch.isnan(out).any()
 
 
+def test_model1_scale_bytes_decode_as_ue8m0_says():
+    """MODEL1 scale byte 0 is 2^-127 (a subnormal factor), 255 is NaN: rows naming such a token get
+    the reference's values and its NaN, rows that do not are untouched by it."""
+    from hal.ops.mla_fp8_cache import MODEL1_DATA_BYTES, MODEL1_DIM, model1_pages, quantize_model1_kv_cache
+    from hal.ops.mla_v2_reference import mla_decode_v2_reference
+
+    generator = torch.Generator().manual_seed(8)
+    blocks, page = 3, 5
+    cache = quantize_model1_kv_cache(torch.randn(blocks, page, 1, MODEL1_DIM, generator=generator).to(torch.bfloat16))
+    scales = model1_pages(cache)[:, page * MODEL1_DATA_BYTES :].view(blocks, page, 8)  # a view: writes land in the cache
+    scales[0, 1, 2] = 0  # token 1: one tile scaled by 2^-127
+    scales[1, 3, 6] = 255  # token 8: one tile NaN
+    indices = torch.tensor([[[1, -1, -1, -1]], [[8, 0, 2, 14]], [[1, 4, 7, -1]]], dtype=torch.int32)
+    q = torch.randn(3, 1, 16, MODEL1_DIM, generator=generator).to(torch.bfloat16)
+    args = (q, cache, None, None, 512, MODEL1_DIM**-0.5, False, True, indices, None, None, None, None, None)
+    out, lse = hal.get_backend("opencl").impl("hal_mla_decode_v2")(*args)
+    want_out, want_lse = mla_decode_v2_reference(*args)
+    # row 0 names token 1 alone: out is its key, the 2^-127 tile (channels 128..191) exactly
+    assert torch.equal(out[0], want_out[0]) and bool((out[0, ..., 128:192] != 0).any())
+    assert torch.isnan(out[1]).all() and torch.isnan(want_out[1]).all()  # token 8's NaN reaches every head of the row naming it
+    assert cos_diff(out[2].float(), want_out[2].float()) < 1e-5 and cos_diff(lse[2], want_lse[2]) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mla_with_several_kv_heads(dtype):
     generator = torch.Generator().manual_seed(2)

@@ -61,8 +61,7 @@ def _library(name: str, beside: Path) -> str:
 def hal_backend_info() -> BackendInfo:
     return BackendInfo(
         description="any OpenCL 1.2 device through pyopencl (PoCL on CPUs)", priority=50, device_types=("cpu",),
-        # mla_decode_v2 at version 1: its kernel reads the 656-byte V3.2 cache, not MODEL1's pages.
-        contract_versions=current_contracts() | {"mla_decode_v2": 1},
+        contract_versions=current_contracts(),
     )
 
 

@@ -33,6 +33,7 @@ from hal.backends.opencl.buffers import bind
 from hal.backends.opencl.device import runtime
 from hal.backends.opencl.numeric import NUMERIC_SOURCE
 from hal.backends.opencl.program import build
+from hal.ops.mla_fp8_cache import MODEL1_DATA_BYTES, MODEL1_DIM, MODEL1_TOKEN_BYTES, model1_pages
 from hal.ops.mla_v2 import dense_window_indices
 
 __all__ = ["mla_decode_v2", "mla_sparse_prefill", "quantize_mla_kv_cache", "mqa_logits", "paged_mqa_logits"]
@@ -42,7 +43,8 @@ INT_MAX = 2**31 - 1
 
 SPARSE_SOURCE = NUMERIC_SOURCE + r"""
 /* ROWS heads per work-group, KEYS list entries per step, WG work-items, FP8 1 for the 656-byte
-   cache (else ELEMENT 0 bf16 / 1 fp16 keys), OUT_ELEMENT 0 bf16 / 1 fp16 outputs. */
+   cache, 2 for the MODEL1 pages (else ELEMENT 0 bf16 / 1 fp16 keys), OUT_ELEMENT 0 bf16 / 1 fp16
+   outputs. */
 /* D: the key width (576 = 512 NoPE + 64 RoPE, or 512 where V is the whole key); set per build. */
 #ifndef D
 #define D 576
@@ -64,14 +66,27 @@ inline float hsum16(float16 v) {
     return c.x + c.y;
 }
 
-/* 16 channels (c of 36) of the key at byte address `key` */
-inline float16 load_key16(__global const uchar* key, int c) {
-#if FP8
+/* 16 channels (c of D / 16) of the key in `slot` of the page at byte address `block` */
+inline float16 load_key16(__global const uchar* block, int slot, long stride_slot, int page, int c) {
+#if FP8 == 2
+    /* MODEL1: the page holds every token's 576 data bytes (448 e4m3, then 64 bf16), then every
+       token's 8 scale bytes (7 UE8M0 exponents, one per 64 codes: 2^(e - 127), 255 NaN) */
+    __global const uchar* key = block + (long)slot * 576;
+    if (c < 28) {
+        const uint e = block[(long)page * 576 + (long)slot * 8 + c / 4];
+        const float s = e == 255u ? NAN : e == 0u ? as_float(0x00400000u) : as_float(e << 23);   /* 2^-127 is subnormal */
+        return e4m3x16_to_float(vload16(0, key + c * 16)) * s;
+    }
+    return bf16x16_to_float(vload16(0, (__global const ushort*)(key + 448) + (c - 28) * 16));
+#else
+    __global const uchar* key = block + (long)slot * stride_slot;
+#endif
+#if FP8 == 1
     if (c < 32) return e4m3x16_to_float(vload16(0, key + c * 16)) * ((__global const float*)(key + 512))[c / 8];
     return bf16x16_to_float(vload16(0, (__global const ushort*)(key + 528) + (c - 32) * 16));
-#elif ELEMENT == 1
+#elif FP8 == 0 && ELEMENT == 1
     return fp16x16_to_float(vload16(0, (__global const ushort*)key + c * 16));
-#else
+#elif FP8 == 0
     return bf16x16_to_float(vload16(0, (__global const ushort*)key + c * 16));
 #endif
 }
@@ -145,7 +160,7 @@ void mla_sparse(
                 float16 k = 0.0f;
                 if (valid[j]) {
                     const int p = entries[j0 + j];
-                    k = load_key16(base + (long)(p / pg) * sb + (long)(p % pg) * ss, c);
+                    k = load_key16(base + (long)(p / pg) * sb, p % pg, ss, pg, c);
                 }
                 Ks[i] = k;
             }
@@ -326,10 +341,11 @@ LOGIT_KEYS = 64
 
 def _sparse(
     q: torch.Tensor, lists: tuple, extra: tuple | None, sink: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-    lse_layout: tuple[int, int, int, int], max_logits: torch.Tensor | None, *, tokens: int, h_q: int, h_kv: int, fp8: bool,
+    lse_layout: tuple[int, int, int, int], max_logits: torch.Tensor | None, *, tokens: int, h_q: int, h_kv: int, fp8: int,
     key_element: int, scale: float, len_div: int,
 ) -> None:
-    """Launch ``mla_sparse``. ``lists`` = (idx, stride_it, stride_ig, lens, topk, limit, cache, page, stride_block, stride_slot, stride_head)."""
+    """Launch ``mla_sparse``. ``lists`` = (idx, stride_it, stride_ig, lens, topk, limit, cache, page, stride_block, stride_slot, stride_head);
+    ``fp8``: 0 bf16/fp16 keys, 1 the 656-byte cache, 2 the MODEL1 pages."""
     rt = runtime()
     group = h_q // h_kv
     program = build(rt, "mla_sparse", SPARSE_SOURCE, {
@@ -363,12 +379,23 @@ def _fp8_layout(cache: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return raw, cache.shape[1], cache.shape[1] * cache.shape[-1]
 
 
+def _model1_layout(cache: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The MODEL1 pages' bytes in place (one flat span from the first page's start to the last's
+    end: pages may be padded, never copied), page size, and the byte stride of a page."""
+    pages = model1_pages(cache)  # [blocks, page * 584] bytes, rows at the cache's block stride
+    blocks, page = cache.shape[:2]
+    span = (blocks - 1) * pages.stride(0) + page * MODEL1_TOKEN_BYTES if blocks else 0
+    return pages.as_strided((span,), (1,), pages.storage_offset()), page, pages.stride(0)
+
+
 def mla_decode_v2(
     q, k_cache, block_table, cache_seqlens, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
     extra_k_cache, extra_indices, topk_length, extra_topk_length,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The V3.2 decode (validated by ``hal.ops.mla_v2``); the dense mode as each token's causal window."""
-    batch, s_q, h_q, _ = q.shape
+    """The V3.2 decode (validated by ``hal.ops.mla_v2``); the dense mode as each token's causal window;
+    512-wide queries over the MODEL1 pages (V the whole key)."""
+    batch, s_q, h_q, d_qk = q.shape
+    model1 = is_fp8_kvcache and d_qk == MODEL1_DIM
     h_kv = k_cache.shape[2]
     if indices is None:
         indices = dense_window_indices(block_table, cache_seqlens, s_q, k_cache.shape[1], causal and s_q > 1)
@@ -381,6 +408,9 @@ def mla_decode_v2(
     topk = indices.shape[2]
 
     def cache_args(cache):
+        if model1:
+            raw, page, block = _model1_layout(cache)
+            return raw, page, block, MODEL1_DATA_BYTES
         if is_fp8_kvcache:
             raw, page, block = _fp8_layout(cache)
             return raw, page, block, 656
@@ -398,8 +428,8 @@ def mla_decode_v2(
         extra = (extra_indices, extra_indices.shape[2], extra_topk_length, extra_indices.shape[2], x_raw, x_page, x_block, x_slot)
     key_element = 0 if is_fp8_kvcache else _ELEMENT[k_cache.dtype]
     _sparse(
-        q.view(batch * s_q, h_q, 576), lists, extra, attn_sink, out.view(batch * s_q, h_q, 512), lse, (s_q, h_q * s_q, 1, s_q), None,
-        tokens=batch * s_q, h_q=h_q, h_kv=h_kv, fp8=is_fp8_kvcache, key_element=key_element,
+        q.view(batch * s_q, h_q, d_qk), lists, extra, attn_sink, out.view(batch * s_q, h_q, 512), lse, (s_q, h_q * s_q, 1, s_q), None,
+        tokens=batch * s_q, h_q=h_q, h_kv=h_kv, fp8=2 if model1 else int(is_fp8_kvcache), key_element=key_element,
         scale=softmax_scale, len_div=s_q,
     )
     return out, lse
@@ -422,7 +452,7 @@ def mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) ->
              kv.stride(0) * item, 0, kv.stride(1) * item)
     _sparse(
         q.contiguous(), lists, None, attn_sink, out, lse, (1, h_q, 0, 1), max_logits,
-        tokens=s_q, h_q=h_q, h_kv=h_kv, fp8=False, key_element=_ELEMENT[kv.dtype], scale=sm_scale, len_div=1,
+        tokens=s_q, h_q=h_q, h_kv=h_kv, fp8=0, key_element=_ELEMENT[kv.dtype], scale=sm_scale, len_div=1,
     )
     return out, max_logits, lse
 
