@@ -16,6 +16,7 @@ from hal.bench.formulation import Formulation, Prepared
 from hal.bench.memory import nbytes
 from hal.bench.peers_gemm import GEMM_FORMULATIONS
 from hal.bench.peers_mla import MLA_FORMULATIONS
+from hal.bench.peers_mla_v2 import MLA_V2_FORMULATIONS
 from hal.conformance.case import Tensors
 from hal.ops.mla import HEAD_DIM_V
 
@@ -71,12 +72,13 @@ def _outputs_only(inputs: Tensors) -> int:
 
 
 def _torch(op: str) -> PeerSpec:
-    formulations = MLA_FORMULATIONS if op == "mla_decode" else GEMM_FORMULATIONS[op]
+    formulations = MLA_FORMULATIONS if op == "mla_decode" else MLA_V2_FORMULATIONS if op == "mla_decode_v2" else GEMM_FORMULATIONS[op]
     return PeerSpec("torch", formulations, lambda device: True)
 
 
 _PEERS: dict[str, list[PeerSpec]] = {
     "mla_decode": [_torch("mla_decode"), PeerSpec("flash_mla", (Formulation("flash_mla_with_kvcache", _flash_mla, _outputs_only),), _importable_on_cuda("flash_mla"))],
+    "mla_decode_v2": [_torch("mla_decode_v2")],
     "gemm_fp8_nt": [_torch("gemm_fp8_nt"), PeerSpec("deep_gemm", (Formulation("gemm_fp8_fp8_bf16_nt", _deep_gemm, _outputs_only),), _importable_on_cuda("deep_gemm"))],
     **{op: [_torch(op)] for op in GEMM_FORMULATIONS if op != "gemm_fp8_nt"},
 }

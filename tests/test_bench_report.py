@@ -40,6 +40,20 @@ def test_every_fp32_mla_formulation_agrees_with_the_reference(pattern):
             assert why == "", f"{formulation.name}: {why}"
 
 
+def test_the_v32_decode_peer_agrees_with_the_reference_on_every_quick_case():
+    """Sparse and dense modes, the FP8, bf16 and MODEL1 caches (poisoned where nobody looks), sinks,
+    topk_length, the extra cache, duplicates: the torch peer of mla_decode_v2 passes conformance."""
+    from hal.bench.peers_mla_v2 import MLA_V2_FORMULATIONS
+
+    cases = select_cases(quick=True, ops=["mla_decode_v2"])
+    assert any("m1" in case.id for case in cases) and any("dense" in case.id for case in cases)
+    for case in cases:
+        inputs = _device_inputs(case, "cpu")
+        expected = on_cpu(case.family.expect(copied_to(inputs, "cpu")))
+        for formulation in MLA_V2_FORMULATIONS:
+            assert _check(case, formulation.prepare(inputs).outputs(), expected, inputs) == "", (case.id, formulation.name)
+
+
 def test_mla_peer_is_the_fastest_correct_formulation_and_says_which():
     (record,) = bench(["reference"], _cases("mla_decode", "*sk2_130_77-bf16"), repeats=3)["cases"]
     torch_peer = next(e for e in record["results"] if e["name"] == "torch")
