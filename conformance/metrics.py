@@ -30,8 +30,9 @@ def cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     if x.numel():
         largest = float(torch.maximum(x.abs().max(), y.abs().max()))
         if 0.0 < largest < math.inf:
-            scale = 2.0 ** -math.floor(math.log2(largest))
-            x, y = x * scale, y * scale
+            shift = -math.floor(math.log2(largest))
+            half = shift // 2  # two exact steps: 2^1074 (float64 subnormals) overflows as one factor
+            x, y = x * 2.0**half * 2.0 ** (shift - half), y * 2.0**half * 2.0 ** (shift - half)
     energy = float((x * x + y * y).sum())
     if energy == 0.0:  # both empty or all zeros: identical (the anchors' guard would report 1)
         return 0.0

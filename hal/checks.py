@@ -238,8 +238,8 @@ def values_within(values: torch.Tensor, low: int, high: int, *, synchronised: bo
         if np is not None:
             return _within(np, values.numpy(), low, high)
     smallest, largest = torch.aminmax(values)
-    # item(): Python numbers, so a bound is never wrapped into the dtype, and a float's fraction
-    # (or NaN) compares as it is
+    # item(): Python numbers, so a bound is never wrapped into the dtype and a float's fraction
+    # compares as it is; a NaN maximum fails the test, and _outside then names the NaN
     return low <= smallest.item() and largest.item() < high
 
 
@@ -261,8 +261,10 @@ def all_within(tensors: Sequence[torch.Tensor], low: int, high: int) -> bool:
 def _outside(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """The mask of elements outside ``[low, high)``, exact for bounds beyond the dtype's range
     (a bound torch would wrap into a narrow dtype, -1 against uint8 say, is vacuous or total)."""
-    if values.dtype == torch.bool or values.is_floating_point():
+    if values.dtype == torch.bool:
         return (values < low) | (values >= high)
+    if values.is_floating_point():  # NaN lies in no range: ~(low <= v < high) says so, < and >= would not
+        return ~((values >= low) & (values < high))
     info = torch.iinfo(values.dtype)
     if low > info.max or high <= info.min or low >= high:
         return torch.ones_like(values, dtype=torch.bool)
@@ -300,7 +302,7 @@ def expect_in_range(
         index = tuple(int(i) for i in bad.nonzero()[0])
         where = f"[{', '.join(map(str, index))}]"
         raise ValueRangeError(
-            op, name, f"{what} in [{low}, {high})", f"{int(values[index])} at {name}{where} ({int(bad.sum())} out of range)", fix
+            op, name, f"{what} in [{low}, {high})", f"{values[index].item()} at {name}{where} ({int(bad.sum())} out of range)", fix
         )
 
 

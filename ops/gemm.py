@@ -237,6 +237,8 @@ def contiguous_rows(
         broken[align - 1 :: align] = False  # pairs straddling two blocks
         listed = firsts.tolist()
         if not np.count_nonzero(broken) and min(listed) >= -1 and max(listed) < groups:
+            if len(listed) > _MAPPED_BLOCKS:  # prefill-sized: routing changes every call, nothing to keep
+                return torch.from_numpy(np.repeat(firsts, align))
             key = (tuple(listed), align)
             mapping = _MAPPINGS.get(key)
             if mapping is None:  # built once per layout of blocks (a repeated routing, a padded batch)
@@ -251,7 +253,10 @@ def contiguous_rows(
     return rows_by_block(m_indices)
 
 
-_MAPPINGS: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}  # (blocks' first ids, alignment) -> rows_by_block's mapping (read only)
+# (blocks' first ids, alignment) -> rows_by_block's mapping (read only), for layouts of at most
+# _MAPPED_BLOCKS blocks (32 KiB a mapping at 128-row blocks: 8 MiB for the 256 kept at most)
+_MAPPINGS: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
+_MAPPED_BLOCKS = 64
 
 
 def rows_by_block(m_indices: torch.Tensor) -> torch.Tensor:

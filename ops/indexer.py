@@ -192,8 +192,8 @@ def get_paged_mqa_logits_metadata(
     Each row's keys are cut into segments of :data:`SPLIT_KV`; entry ``i`` of the result is
     ``(first row, first segment in it)`` of worker ``i``, and entry ``num_sms`` is ``(rows, 0)``.
     Computed on the device with tensor ops (no host sync); plain CPU tensors outside tracing take
-    the same arithmetic in NumPy, which costs a fraction of the torch calls' dispatch, and a batch
-    of up to 256 rows looks its split up by the rows' segment counts (they change once in
+    the same arithmetic in NumPy, which costs a fraction of the torch calls' dispatch, and
+    ``context_lens`` of up to 256 entries looks its split up by the rows' segment counts (they change once in
     :data:`SPLIT_KV` tokens, so a decoding step mostly repeats the last step's split). unihal's
     backends compute logits from the inputs alone and accept any schedule of this shape: it is a
     hint, never a contract.

@@ -232,8 +232,9 @@ def flash_mla_with_kvcache(
     if isinstance(tile_scheduler_metadata, MLASchedule):
         if num_splits is not None:
             raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")
-        # Every value bind() compares is a function of the layout key (shapes, causal, the FP8 flag),
-        # so a layout this schedule was bound with before needs no second look.
+        # Every value bind() compares is a function of the layout key (shapes; causal and the FP8
+        # flag as Python scalars, and layout_key gives no key for any other kind), so a layout this
+        # schedule was bound with before needs no second look.
         if key is None or tile_scheduler_metadata._extra.get("layout") != key:
             _bind(tile_scheduler_metadata, q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
             if key is not None:

@@ -196,14 +196,20 @@ def _check_layouts_v2(
     return frozenset(features)
 
 
+_FLAGS = (bool, int)
+
+
 def layout_key(
     q: object, k_cache: object, block_table: object, cache_seqlens: object, head_dim_v: object, causal: object, is_fp8_kvcache: object,
     indices: object, attn_sink: object, extra_k_cache: object, extra_indices: object, topk_length: object, extra_topk_length: object,
 ) -> tuple[Any, ...] | None:
     """The :func:`hal.checks.signature` of a V3.2 call's arguments, or None where the layout checks
     must run every call: the MODEL1 cache, whose check reads the storage's extent (which no
-    signature holds), and anything a signature cannot describe."""
+    signature holds), ``causal`` or ``is_fp8_kvcache`` given as anything but a bool or int (a
+    signature keys a tensor by its layout, not its value), and anything a signature cannot describe."""
     if is_fp8_kvcache and type(q) is torch.Tensor and q.dim() == 4 and q.shape[-1] == MODEL1_DIM:
+        return None
+    if type(causal) not in _FLAGS or type(is_fp8_kvcache) not in _FLAGS:  # a tensor flag: its value is no part of a signature
         return None
     return signature(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
                      topk_length, extra_topk_length)

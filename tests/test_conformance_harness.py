@@ -74,6 +74,11 @@ def test_cos_diff_and_the_element_bound_judge_any_scale_alike(exponent: int):
     assert not all(m.passed for m in judge("gemm_fp8_nt", "out", wrong, want.float()))
 
 
+def test_cos_diff_of_float64_subnormals_is_defined():
+    tiny = torch.tensor([5e-324, 1e-310], dtype=torch.float64)
+    assert cos_diff(tiny, tiny) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_ulp_below_the_normals_is_the_subnormal_spacing():
     from hal.conformance.metrics import ulp
 

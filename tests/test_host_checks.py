@@ -6,6 +6,7 @@ compared here, on random inputs, with the torch path it replaces (NumPy switched
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -133,6 +134,25 @@ def test_small_pages_within_is_the_verdict_of_the_general_checks(seed: int):
         assert small_pages_within(table, lengths, most, high, per_entry) == truth
     wide = torch.zeros(2, SMALL // 2 + 1, dtype=torch.int32)
     assert not small_pages_within(wide, torch.zeros(2, dtype=torch.int32), 0, 1, 64)  # past SMALL: the general checks decide
+
+
+def test_only_small_contiguous_layouts_keep_their_mapping():
+    """The mapping is kept per layout of blocks for decode-sized M; a prefill-sized M (routing new
+    every call) is mapped afresh and not kept, so the table never holds M-row tensors."""
+    align = gemm.get_m_alignment_for_contiguous_layout()
+    gemm._MAPPINGS.clear()
+    small = torch.arange(4, dtype=torch.int32).repeat_interleave(align)
+    first = gemm.contiguous_rows("op", small, 4)
+    assert gemm.contiguous_rows("op", small.clone(), 4) is first and len(gemm._MAPPINGS) == 1
+    large = torch.arange(gemm._MAPPED_BLOCKS + 1, dtype=torch.int32).repeat_interleave(align)
+    mapped = gemm.contiguous_rows("op", large, gemm._MAPPED_BLOCKS + 1)
+    assert torch.equal(mapped, large) and len(gemm._MAPPINGS) == 1
+
+
+def test_a_nan_is_in_no_range():
+    values = torch.tensor([1.0, math.nan, 2.0])
+    with pytest.raises(ValueRangeError, match=r"nan at x\[1\]"):
+        expect_in_range("op", "x", values, 0, 10, what="values", fix="fix")
 
 
 def _segments_truth(m_indices: torch.Tensor, align: int) -> int | None:

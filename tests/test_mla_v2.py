@@ -147,6 +147,26 @@ def test_the_schedule_object_is_filled_on_first_use_and_checked_after():
         hal.flash_mla_with_kvcache(q, halved, table, seqlens, 512, schedule, None)
 
 
+def test_a_tensor_flag_gets_no_layout_key_and_is_checked_every_call():
+    """causal given as a 0-d tensor: a signature keys a tensor by its layout, not its value, so a
+    repeated layout must not let tensor(True) past the sparse mode's check or a bound schedule."""
+    cache = hal.quantize_mla_kv_cache(_cache(2, 7))
+    q = torch.randn(2, 1, 16, D).to(torch.bfloat16)
+    indices = torch.tensor([[[0, 5, -1, 70]], [[3, -1, -1, -1]]], dtype=torch.int32)
+    schedule, _ = hal.get_mla_metadata()
+    for _ in range(2):  # the second call repeats the first's layout
+        hal.flash_mla_with_kvcache(q, cache, None, None, 512, schedule, None, causal=torch.tensor(False), is_fp8_kvcache=True, indices=indices)
+    with pytest.raises(hal.ArgumentError, match="causal"):  # the schedule was bound with causal=False
+        hal.flash_mla_with_kvcache(q, cache, None, None, 512, schedule, None, causal=torch.tensor(True), is_fp8_kvcache=True, indices=indices)
+    two = torch.randn(2, 2, 16, D).to(torch.bfloat16)  # causal means something from s_q = 2
+    pairs = indices.expand(2, 2, 4).contiguous()
+    for causal in (False, torch.tensor(False)):
+        hal.flash_mla_with_kvcache(two, cache, None, None, 512, hal.get_mla_metadata()[0], None, causal=causal, is_fp8_kvcache=True, indices=pairs)
+    with pytest.raises(hal.ValueRangeError, match="causal"):  # sparse indices choose the keys
+        hal.flash_mla_with_kvcache(two, cache, None, None, 512, hal.get_mla_metadata()[0], None, causal=torch.tensor(True),
+                                   is_fp8_kvcache=True, indices=pairs)
+
+
 def test_flash_mla_compat_takes_every_get_mla_metadata_form():
     from hal.compat import flash_mla
     from hal.compat.flash_mla.flash_mla_interface import FlashMLASchedMeta
