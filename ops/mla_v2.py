@@ -181,7 +181,9 @@ def _check_layouts_v2(
             missing = "extra_indices_in_kvcache" if extra_indices is None else "extra_k_cache"
             raise ArgumentError(_OP, missing, "given together with its pair", "None", "Pass both extra_k_cache and extra_indices_in_kvcache, or neither.")
         if extra_k_cache is not None:
-            _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache)
+            extra = _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache)
+            if extra.shape[2] != 1:
+                raise ShapeError(_OP, "extra_k_cache", "h_kv = 1 in the sparse mode", f"h_kv = {extra.shape[2]}", "Sparse MLA uses one latent KV head.")
             _check_indices("extra_indices_in_kvcache", extra_indices, batch, s_q)
             _check_length("extra_topk_length", extra_topk_length, batch)
         elif extra_topk_length is not None:

@@ -147,6 +147,17 @@ def test_the_schedule_object_is_filled_on_first_use_and_checked_after():
         hal.flash_mla_with_kvcache(q, halved, table, seqlens, 512, schedule, None)
 
 
+@pytest.mark.parametrize("which", ["k_cache", "extra_k_cache"])
+def test_sparse_caches_hold_one_kv_head(which):
+    q = torch.randn(1, 1, 16, D).to(torch.bfloat16)
+    one, two = torch.randn(2, 64, 1, D).to(torch.bfloat16), torch.randn(1, 4, 2, D).to(torch.bfloat16)
+    indices = torch.tensor([[[0, 1, -1, -1]]], dtype=torch.int32)
+    cache, extra = (two, one) if which == "k_cache" else (one, two)
+    with pytest.raises(hal.ShapeError, match=f"'{which}' expected h_kv = 1"):
+        hal.flash_mla_with_kvcache(q, cache, None, None, 512, hal.get_mla_metadata()[0], None, indices=indices,
+                                   extra_k_cache=extra, extra_indices_in_kvcache=indices)
+
+
 def test_a_tensor_flag_gets_no_layout_key_and_is_checked_every_call():
     """causal given as a 0-d tensor: a signature keys a tensor by its layout, not its value, so a
     repeated layout must not let tensor(True) past the sparse mode's check or a bound schedule."""
