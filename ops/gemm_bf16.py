@@ -51,8 +51,8 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None, transpose_a: bool, transpose_b: bool) -> None:
-    if torch.compiler.is_compiling() and op.startswith("bf16_gemm_"):  # one opaque node; checks run when the graph runs
-        return torch.ops.hal.gemm_bf16_nt(a, b, d, c, op.removeprefix("bf16_gemm_"))
+    if torch.compiler.is_compiling():  # one opaque node (each k-grouped group's too); checks run when the graph runs
+        return torch.ops.hal.gemm_bf16_nt(a, b, d, c, gemm_v2.LAYOUTS[(transpose_a, transpose_b)])
     key = signature(op, a, b, d, c, transpose_a, transpose_b)
     if key is None or key not in _SIGNATURES:
         expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("K", "M") if transpose_a else ("M", "K"))

@@ -68,7 +68,11 @@ def get_theoretical_mk_alignment_for_contiguous_layout(expected_m: int | None = 
 
 def unpack_ue8m0_scales(op: str, name: str, sf: torch.Tensor, columns: int) -> torch.Tensor:
     """int32 scales holding four UE8M0 exponents each (lowest byte first) -> float32 powers of two,
-    the first ``columns`` along the last dimension. float32 scales pass through."""
+    the first ``columns`` along the last dimension. float32 scales pass through.
+
+    A byte is read as a float32's exponent bits (DeepGEMM's ``<< 23``), so 0 is 0.0 and 255 is
+    +inf, where the MODEL1 cache's scale bytes read 0 as 2^-127 and 255 as NaN (OCP E8M0). The
+    casts never write either byte: their exponents lie in [1, 254]."""
     if sf.dtype == torch.float32:
         return sf
     if sf.dtype != torch.int32:
@@ -122,8 +126,21 @@ def _output(op: str, d: object, c: object, shape: tuple[int, ...], dtypes: Seque
         expect_tensor(op, "c", c, dtypes=d.dtype, shape=shape, dims=tuple("GMN"[3 - len(shape):]))
 
 
+def _listed(recipe: object) -> list[int] | None:
+    """A recipe as a custom op's ``int[]?`` argument (a tuple or list of ints, or None)."""
+    return None if recipe is None else [int(x) for x in recipe]
+
+
+# (transpose_a, transpose_b) -> DeepGEMM's layout name
+LAYOUTS = {(False, False): "nt", (False, True): "nn", (True, True): "tn", (True, False): "tt"}
+
+
 def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | None, recipe: object, recipe_a: object, recipe_b: object,
            transpose_a: bool, transpose_b: bool) -> None:
+    if torch.compiler.is_compiling():  # one opaque node, given every argument: its run checks them all, as a call does
+        (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
+        torch.ops.hal.fp8_gemm(av, asf, bv, bsf, d, c, _listed(recipe), _listed(recipe_a), _listed(recipe_b), LAYOUTS[(transpose_a, transpose_b)])
+        return
     key = None
     if type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2:
         key = signature(op, *a, *b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
@@ -189,36 +206,24 @@ def _dense_plan(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor 
     return m, n, k, frozenset(features)
 
 
-def _compiled(layout: str, a, b, d, c, recipe) -> bool:
-    """Under torch.compile, one opaque ``torch.ops.hal.fp8_gemm`` node (checks run when the graph runs)."""
-    if not torch.compiler.is_compiling():
-        return False
-    torch.ops.hal.fp8_gemm(a[0], a[1], b[0], b[1], d, c, recipe is not None and tuple(recipe)[1] == 1, layout)
-    return True
-
-
 def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk", disable_ue8m0_cast: bool = False) -> None:
     """``d = a @ b.T (+ c)``: a = (fp8 [M, K], sfa), b = (fp8 [N, K], sfb), d bf16/float32 [M, N] (module docstring)."""
-    if not _compiled("nt", a, b, d, c, recipe):
-        _dense("fp8_gemm_nt", a, b, d, c, recipe, recipe_a, recipe_b, False, False)
+    _dense("fp8_gemm_nt", a, b, d, c, recipe, recipe_a, recipe_b, False, False)
 
 
 def fp8_gemm_nn(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk", disable_ue8m0_cast: bool = False) -> None:
     """``d = a @ b (+ c)``: b = (fp8 [K, N], sfb [ceil(K/128), ceil(N/128) or N])."""
-    if not _compiled("nn", a, b, d, c, recipe):
-        _dense("fp8_gemm_nn", a, b, d, c, recipe, recipe_a, recipe_b, False, True)
+    _dense("fp8_gemm_nn", a, b, d, c, recipe, recipe_a, recipe_b, False, True)
 
 
 def fp8_gemm_tn(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "mn", disable_ue8m0_cast: bool = False) -> None:
     """``d = a.T @ b (+ c)`` in DeepGEMM's naming: a = (fp8 [K, M], sfa [ceil(K/128), M]), b = (fp8 [K, N], sfb transposed)."""
-    if not _compiled("tn", a, b, d, c, recipe):
-        _dense("fp8_gemm_tn", a, b, d, c, recipe, recipe_a, recipe_b, True, True)
+    _dense("fp8_gemm_tn", a, b, d, c, recipe, recipe_a, recipe_b, True, True)
 
 
 def fp8_gemm_tt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "mn", disable_ue8m0_cast: bool = False) -> None:
     """``d = a.T @ b.T (+ c)``: a = (fp8 [K, M], sfa [ceil(K/128), M]), b = (fp8 [N, K], sfb)."""
-    if not _compiled("tt", a, b, d, c, recipe):
-        _dense("fp8_gemm_tt", a, b, d, c, recipe, recipe_a, recipe_b, True, False)
+    _dense("fp8_gemm_tt", a, b, d, c, recipe, recipe_a, recipe_b, True, False)
 
 
 def wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out: torch.Tensor) -> None:
@@ -253,6 +258,26 @@ def _psum_to_indices(op: str, ends: torch.Tensor, m: int, alignment: int) -> tor
 
 def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: torch.Tensor, recipe: object, recipe_a: object,
              recipe_b: object, use_psum_layout: bool, transpose_b: bool) -> None:
+    if torch.compiler.is_compiling():  # one opaque node, given every argument: its run checks them all, as a call does
+        (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
+        torch.ops.hal.m_grouped_fp8_gemm_contiguous(av, asf, bv, bsf, d, grouped_layout, _listed(recipe), _listed(recipe_a), _listed(recipe_b),
+                                                    use_psum_layout, transpose_b)
+        return
+    av, asf, bv, bsf, gran = _grouped_plan(op, a, b, d, grouped_layout, recipe, recipe_b, use_psum_layout, transpose_b)
+    m, groups, n = av.shape[0], bv.shape[0], bv.shape[1]
+    m_indices = grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a[0]")
+    if m == 0 or n == 0:
+        return
+    features = {"b_per_token"} if gran == 1 and n > 1 else set()
+    call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
+         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
+         m_indices=m_indices)
+
+
+def _grouped_plan(op: str, a: object, b: object, d: object, grouped_layout: object, recipe: object, recipe_b: object,
+                  use_psum_layout: bool, transpose_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The structural checks of a contiguous grouped FP8 GEMM; returns (A, its float32 scales, B as
+    [G, N, K], its float32 scales, the RHS scale granularity: 1 per token, or 128)."""
     av, asf = _pair(op, "a", a)
     expect_tensor(op, "a[0]", av, dtypes=FP8, shape=(None, None), dims=("M", "K"))
     bv, bsf = _grouped_rhs(op, b, transpose_b)
@@ -272,13 +297,7 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
     else:
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(m,), dims=("M",), contiguous=True)
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "grouped_layout": grouped_layout})
-    m_indices = grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a[0]")
-    if m == 0 or n == 0:
-        return
-    features = {"b_per_token"} if gran == 1 and n > 1 else set()
-    call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
-         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
-         m_indices=m_indices)
+    return av, asf, bv, bsf, gran
 
 
 def grouped_rows(op: str, grouped_layout: torch.Tensor, m: int, groups: int, use_psum_layout: bool, argument: str) -> torch.Tensor:

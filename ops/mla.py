@@ -210,7 +210,7 @@ def flash_mla_with_kvcache(
         head_dim_v: 512.
         tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata`: its tensors (v1), or
             an :class:`MLASchedule` and ``num_splits=None`` (current form).
-        softmax_scale: default ``576 ** -0.5``.
+        softmax_scale: default ``d_qk ** -0.5`` (``q.shape[-1]``: 576, or 512 with the MODEL1 cache).
         causal: causal mask among the s_q query tokens (dense mode only).
         is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
             extra_topk_length: FlashMLA's DeepSeek-V3.2 arguments, see :mod:`hal.ops.mla_v2`.

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hal.checks import expect_in_range, expect_same_device, expect_tensor, remember, signature, values_within
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.operator import Feature, declare
@@ -292,8 +292,7 @@ def flash_mla_sparse_fwd(
     expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(s_q, h_kv, None), dims=("s_q", "h_kv", "topk"))
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not (0 < float(sm_scale) < float("inf")):
         raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
-    if d_v != HEAD_DIM_V:
-        raise ValueRangeError(op, "d_v", f"{HEAD_DIM_V}", repr(d_v), "FlashMLA's prefill has d_v = 512.")
+    expect_int(op, "d_v", d_v, allowed=(HEAD_DIM_V,))  # an int: 512.0 would reach the kernels as a float size
     if attn_sink is not None:
         expect_tensor(op, "attn_sink", attn_sink, dtypes=torch.float32, shape=(h_q,), dims=("h_q",))
     if topk_length is not None:

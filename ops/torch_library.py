@@ -235,12 +235,29 @@ def _(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_contex
 
 
 @torch.library.custom_op("hal::fp8_gemm", mutates_args=("d",))
-def fp8_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, d: Tensor, c: Tensor | None, per_token_b: bool, layout: str) -> None:
-    getattr(gemm_v2, f"fp8_gemm_{layout}")((a, sa), (b, sb), d, c=c, recipe=(1, 1, 128) if per_token_b else None)
+def fp8_gemm(
+    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, d: Tensor, c: Tensor | None, recipe: list[int] | None, recipe_a: list[int] | None,
+    recipe_b: list[int] | None, layout: str,
+) -> None:
+    getattr(gemm_v2, f"fp8_gemm_{layout}")((a, sa), (b, sb), d, c=c, recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b)
 
 
 @fp8_gemm.register_fake
-def _(a, sa, b, sb, d, c, per_token_b, layout) -> None:
+def _(a, sa, b, sb, d, c, recipe, recipe_a, recipe_b, layout) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::m_grouped_fp8_gemm_contiguous", mutates_args=("d",))
+def m_grouped_fp8_gemm_contiguous(
+    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, d: Tensor, grouped_layout: Tensor, recipe: list[int] | None, recipe_a: list[int] | None,
+    recipe_b: list[int] | None, use_psum_layout: bool, transpose_b: bool,
+) -> None:
+    fn = gemm_v2.m_grouped_fp8_gemm_nn_contiguous if transpose_b else gemm_v2.m_grouped_fp8_gemm_nt_contiguous
+    fn((a, sa), (b, sb), d, grouped_layout, recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b, use_psum_layout=use_psum_layout)
+
+
+@m_grouped_fp8_gemm_contiguous.register_fake
+def _(a, sa, b, sb, d, grouped_layout, recipe, recipe_a, recipe_b, use_psum_layout, transpose_b) -> None:
     return None
 
 

@@ -147,6 +147,14 @@ def test_the_schedule_object_is_filled_on_first_use_and_checked_after():
         hal.flash_mla_with_kvcache(q, halved, table, seqlens, 512, schedule, None)
 
 
+@pytest.mark.parametrize("d_v, error", [(512.0, hal.DTypeError), (256, hal.ValueRangeError), (True, hal.DTypeError)])
+def test_sparse_prefill_takes_d_v_as_the_int_512(d_v, error):
+    q, kv = torch.randn(2, 16, D).to(torch.bfloat16), torch.randn(5, 1, D).to(torch.bfloat16)
+    indices = torch.tensor([[[0, 3]], [[1, -1]]], dtype=torch.int32)
+    with pytest.raises(error, match="'d_v'"):
+        hal.flash_mla_sparse_fwd(q, kv, indices, D**-0.5, d_v=d_v)
+
+
 @pytest.mark.parametrize("which", ["k_cache", "extra_k_cache"])
 def test_sparse_caches_hold_one_kv_head(which):
     q = torch.randn(1, 1, 16, D).to(torch.bfloat16)

@@ -146,3 +146,56 @@ def test_deep_gemm_current_names_compile_fullgraph():
         a, w, torch.empty(16, 128), torch.ones(16, 128), xb, yb, torch.empty(8, 64, dtype=torch.bfloat16)
     )
     assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+
+
+def moe_weight_and_grouped_gemms(a, grouped, m_indices, ends, x, y, c, ka, kb):
+    """DeepGEMM's current grouped names: m-grouped FP8 over m_indices and over psum ends (nt and
+    nn), the k-grouped FP8 and BF16 weight gradients (host group sizes)."""
+    by_rows = torch.zeros(256, 128, dtype=torch.bfloat16)
+    hal.m_grouped_fp8_gemm_nt_contiguous(a, grouped, by_rows, m_indices)
+    by_ends = torch.zeros(256, 128, dtype=torch.bfloat16)
+    hal.m_grouped_fp8_gemm_nt_contiguous(a, grouped, by_ends, ends, use_psum_layout=True)
+    transposed = (grouped[0].transpose(1, 2).contiguous(), grouped[1].transpose(1, 2).contiguous())
+    by_rows_nn = torch.zeros(256, 128, dtype=torch.bfloat16)
+    hal.m_grouped_fp8_gemm_nn_contiguous(a, transposed, by_rows_nn, m_indices)
+    grads_bf16 = torch.zeros(2, 16, 8)
+    hal.k_grouped_bf16_gemm_tn_contiguous(x, y, grads_bf16, [128, 256], torch.tensor([128, 256], dtype=torch.int32), c=c)
+    grads_fp8 = torch.zeros(2, 16, 8)
+    hal.k_grouped_fp8_gemm_tn_contiguous(ka, kb, grads_fp8, [128, 256], torch.tensor([128, 256], dtype=torch.int32), c=c)
+    return by_rows, by_ends, by_rows_nn, grads_bf16, grads_fp8
+
+
+def test_grouped_current_names_compile_fullgraph_and_match_eager():
+    g = torch.Generator().manual_seed(4)
+    a = hal.per_token_cast_to_fp8(torch.randn(256, 256, generator=g))
+    experts = [hal.per_block_cast_to_fp8(torch.randn(128, 256, generator=g)) for _ in range(2)]
+    grouped = (torch.stack([e[0] for e in experts]), torch.stack([e[1] for e in experts]))
+    m_indices = torch.tensor([0] * 100 + [-1] * 28 + [1] * 128, dtype=torch.int32)
+    ends = torch.tensor([100, 250], dtype=torch.int32)
+    x, y, c = torch.randn(384, 16, generator=g).bfloat16(), torch.randn(384, 8, generator=g).bfloat16(), torch.randn(2, 16, 8, generator=g)
+    ka = (torch.randn(384, 16, generator=g).to(torch.float8_e4m3fn), torch.rand(3, 16, generator=g) + 0.5)
+    kb = (torch.randn(384, 8, generator=g).to(torch.float8_e4m3fn), torch.rand(3, 8, generator=g) + 0.5)
+    args = (a, grouped, m_indices, ends, x, y, c, ka, kb)
+    eager = moe_weight_and_grouped_gemms(*args)
+    torch._dynamo.reset()
+    compiled = torch.compile(moe_weight_and_grouped_gemms, backend="aot_eager", fullgraph=True)(*args)
+    assert all(torch.equal(e, got) for e, got in zip(eager, compiled))
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"recipe": (1, 64, 128)}, hal.ValueRangeError),
+    ({"recipe_b": (64, 128)}, hal.ValueRangeError),
+    ({"recipe_a": (128, 128)}, hal.ValueRangeError),
+])
+def test_recipes_are_checked_inside_compiled_graphs(kwargs, error):
+    g = torch.Generator().manual_seed(5)
+    a = hal.per_token_cast_to_fp8(torch.randn(16, 256, generator=g))
+    w = hal.per_block_cast_to_fp8(torch.randn(128, 256, generator=g))
+
+    def gemm(d):
+        hal.fp8_gemm_nt(a, w, d, **kwargs)
+        return d
+
+    torch._dynamo.reset()
+    with pytest.raises(error, match="recipe"):
+        torch.compile(gemm, backend="aot_eager", fullgraph=True)(torch.empty(16, 128, dtype=torch.bfloat16))
