@@ -199,3 +199,25 @@ def test_recipes_are_checked_inside_compiled_graphs(kwargs, error):
     torch._dynamo.reset()
     with pytest.raises(error, match="recipe"):
         torch.compile(gemm, backend="aot_eager", fullgraph=True)(torch.empty(16, 128, dtype=torch.bfloat16))
+
+
+def test_weight_gradient_gemms_accumulating_in_place_compile_fullgraph():
+    """c given as d itself (DeepGEMM's in-place accumulation): the compiled graph matches eager."""
+    from hal.compat import deep_gemm
+
+    g = torch.Generator().manual_seed(6)
+    lhs = (torch.randn(16, 256, generator=g).to(torch.float8_e4m3fn), torch.rand(16, 2, generator=g) + 0.5)
+    rhs = (torch.randn(8, 256, generator=g).to(torch.float8_e4m3fn), torch.rand(8, 2, generator=g) + 0.5)
+    ka = (torch.randn(384, 16, generator=g).to(torch.float8_e4m3fn), torch.rand(3, 16, generator=g) + 0.5)
+    kb = (torch.randn(384, 8, generator=g).to(torch.float8_e4m3fn), torch.rand(3, 8, generator=g) + 0.5)
+
+    def accumulate(out, grads):
+        deep_gemm.wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out)
+        deep_gemm.k_grouped_fp8_gemm_tn_contiguous(ka, kb, grads, [128, 256], torch.tensor([128, 256], dtype=torch.int32), c=grads)
+        return out, grads
+
+    start = (torch.randn(16, 8, generator=g), torch.randn(2, 16, 8, generator=g))
+    eager = accumulate(*(t.clone() for t in start))
+    torch._dynamo.reset()
+    compiled = torch.compile(accumulate, backend="aot_eager", fullgraph=True)(*(t.clone() for t in start))
+    assert all(torch.equal(e, c) for e, c in zip(eager, compiled))
