@@ -177,6 +177,8 @@ def k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks_cpu, grouped_layout, c=None, c
     [sum_k, N] hold each group's K rows in turn (see :func:`hal.ops.gemm_v2.k_grouped_segments`);
     d float32 [G, M, N]; ``c`` (float32, may be d) is required, as DeepGEMM requires it."""
     op = "k_grouped_bf16_gemm_tn_contiguous"
+    if use_psum_layout and torch.compiler.is_compiling():  # the ends are read on the host: one node reads them when the graph runs
+        return torch.ops.hal.k_grouped_bf16_gemm_tn_psum(a, b, d, c, grouped_layout)
     expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("sum_k", "M"))
     expect_tensor(op, "b", b, dtypes=BF16, shape=(a.shape[0], None), dims=("sum_k", "N"))
     segments = gemm_v2.k_grouped_segments(op, ks_cpu, grouped_layout, a.shape[0], use_psum_layout)

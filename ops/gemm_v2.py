@@ -421,6 +421,9 @@ def k_grouped_fp8_gemm_tn_contiguous(a, b, d, ks_cpu, grouped_layout, c=None, re
     [sum_k, M], sfa [sum_g ceil(k_g/128), M]) and b = (fp8 [sum_k, N], sfb likewise) hold each
     group's K rows (scales per 128 K-rows of each column, per group); d float32 [G, M, N]; c required."""
     op = "k_grouped_fp8_gemm_tn_contiguous"
+    if use_psum_layout and torch.compiler.is_compiling():  # the ends are read on the host: one node reads them when the graph runs
+        (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
+        return torch.ops.hal.k_grouped_fp8_gemm_tn_psum(av, asf, bv, bsf, d, c, grouped_layout, _listed(recipe))
     if tuple(recipe) != (1, 1, 128):
         raise ValueRangeError(op, "recipe", "(1, 1, 128)", repr(recipe), "hal scales per 128 channels of K.")
     (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)

@@ -261,6 +261,28 @@ def _(a, sa, b, sb, d, grouped_layout, recipe, recipe_a, recipe_b, use_psum_layo
     return None
 
 
+# The k-grouped GEMMs with the psum layout read their group ends on the host: one opaque node each,
+# which reads them when the graph runs (with host group sizes every group's GEMM is a node of its own).
+@torch.library.custom_op("hal::k_grouped_bf16_gemm_tn_psum", mutates_args=("d",))
+def k_grouped_bf16_gemm_tn_psum(a: Tensor, b: Tensor, d: Tensor, c: Tensor | None, ends: Tensor) -> None:
+    gemm_bf16.k_grouped_bf16_gemm_tn_contiguous(a, b, d, None, ends, c=c, use_psum_layout=True)
+
+
+@k_grouped_bf16_gemm_tn_psum.register_fake
+def _(a, b, d, c, ends) -> None:
+    return None
+
+
+@torch.library.custom_op("hal::k_grouped_fp8_gemm_tn_psum", mutates_args=("d",))
+def k_grouped_fp8_gemm_tn_psum(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, d: Tensor, c: Tensor | None, ends: Tensor, recipe: list[int]) -> None:
+    gemm_v2.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, None, ends, c=c, recipe=recipe, use_psum_layout=True)
+
+
+@k_grouped_fp8_gemm_tn_psum.register_fake
+def _(a, sa, b, sb, d, c, ends, recipe) -> None:
+    return None
+
+
 @torch.library.custom_op("hal::gemm_bf16_nt", mutates_args=("d",))
 def gemm_bf16_nt(a: Tensor, b: Tensor, d: Tensor, c: Tensor | None, layout: str) -> None:
     getattr(gemm_bf16, f"bf16_gemm_{layout}")(a, b, d, c=c)

@@ -221,3 +221,23 @@ def test_weight_gradient_gemms_accumulating_in_place_compile_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(accumulate, backend="aot_eager", fullgraph=True)(*(t.clone() for t in start))
     assert all(torch.equal(e, c) for e, c in zip(eager, compiled))
+
+
+def test_k_grouped_gemms_with_the_psum_layout_compile_fullgraph():
+    """Group ends on the device, read on the host when the graph runs (one opaque node each)."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(384, 16, generator=g).bfloat16(), torch.randn(384, 8, generator=g).bfloat16()
+    ka = (torch.randn(384, 16, generator=g).to(torch.float8_e4m3fn), torch.rand(3, 16, generator=g) + 0.5)
+    kb = (torch.randn(384, 8, generator=g).to(torch.float8_e4m3fn), torch.rand(3, 8, generator=g) + 0.5)
+    ends = torch.tensor([128, 384], dtype=torch.int32)
+
+    def grads(bf16, fp8):
+        hal.k_grouped_bf16_gemm_tn_contiguous(x, y, bf16, None, ends, c=bf16, use_psum_layout=True)
+        hal.k_grouped_fp8_gemm_tn_contiguous(ka, kb, fp8, None, ends, c=fp8, use_psum_layout=True)
+        return bf16, fp8
+
+    start = (torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g))
+    eager = grads(*(t.clone() for t in start))
+    torch._dynamo.reset()
+    compiled = torch.compile(grads, backend="aot_eager", fullgraph=True)(*(t.clone() for t in start))
+    assert all(torch.equal(e, c) for e, c in zip(eager, compiled))
