@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, values_within
+from hal import optional
+from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
 from hal.ops import gemm as v1
@@ -401,6 +402,12 @@ def k_grouped_segments(op: str, ks_cpu: object, grouped_layout: torch.Tensor, to
         raise ValueRangeError(op, "ks_cpu", f"multiples of the alignment {align}", f"{bad[0]}", "Pad each group's K (set_mk_alignment_for_contiguous_layout).")
     if sum(ks_cpu) != total_k:
         raise ShapeError(op, "a[0]", f"sum(ks_cpu) = {sum(ks_cpu)} rows of K", f"{total_k}", "Concatenate every group's K rows.")
+    if value_checks_enabled(grouped_layout) and optional.host_readable(grouped_layout):  # the device copy must say the same (read where free)
+        on_device = grouped_layout.tolist()
+        if on_device != list(ks_cpu):
+            g = next(i for i, (x, y) in enumerate(zip(on_device, ks_cpu)) if x != y)
+            raise ValueRangeError(op, "grouped_layout", f"each group's K as ks_cpu gives it ({ks_cpu[g]} for group {g})", f"{on_device[g]}",
+                                  "Fill grouped_layout with the same group sizes as ks_cpu.")
     starts = [sum(ks_cpu[:g]) for g in range(len(ks_cpu))]
     return [(s, s + k) for s, k in zip(starts, ks_cpu)]
 

@@ -178,6 +178,15 @@ def test_k_grouped_fp8_tn_and_nt():
     assert calc_diff(d, ref) < 0.001
 
 
+def test_k_grouped_layout_on_the_device_must_match_ks_cpu():
+    ks = [128, 256]
+    a, b = torch.randn(384, 16, dtype=torch.bfloat16), torch.randn(384, 8, dtype=torch.bfloat16)
+    d = torch.zeros(2, 16, 8)
+    with pytest.raises(hal.ValueRangeError, match=r"grouped_layout.*256 for group 1.*got 128"):
+        dg.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, torch.tensor([128, 128], dtype=torch.int32), d)
+    dg.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, torch.tensor(ks, dtype=torch.int32), d)
+
+
 @pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
 def test_bf16_gemm(layout):
     torch.manual_seed(6)
