@@ -19,6 +19,7 @@ computed on first use and checked against later calls, as FlashMLA's ``FlashMLAS
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -290,7 +291,7 @@ def flash_mla_sparse_fwd(
     if h_kv == 0 or h_q % h_kv:
         raise ShapeError(op, "q", f"h_q a multiple of h_kv={h_kv}", f"h_q={h_q}", "Give every KV head the same number of query heads.")
     expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(s_q, h_kv, None), dims=("s_q", "h_kv", "topk"))
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not (0 < float(sm_scale) < float("inf")):
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not (0 < float(sm_scale) < float("inf")):  # NumPy floats too
         raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
     expect_int(op, "d_v", d_v, allowed=(HEAD_DIM_V,))  # an int: 512.0 would reach the kernels as a float size
     if attn_sink is not None:

@@ -147,6 +147,23 @@ def test_the_schedule_object_is_filled_on_first_use_and_checked_after():
         hal.flash_mla_with_kvcache(q, halved, table, seqlens, 512, schedule, None)
 
 
+def test_scales_may_be_numpy_floats_as_flashmla_takes_them():
+    np = pytest.importorskip("numpy")
+    q, kv = torch.randn(2, 16, D).to(torch.bfloat16), torch.randn(5, 1, D).to(torch.bfloat16)
+    indices = torch.tensor([[[0, 3]], [[1, -1]]], dtype=torch.int32)
+    want = hal.flash_mla_sparse_fwd(q, kv, indices, D**-0.5)
+    got = hal.flash_mla_sparse_fwd(q, kv, indices, np.float32(D**-0.5))
+    assert torch.allclose(got[0].float(), want[0].float(), atol=1e-2)
+    cache = torch.randn(2, 64, 1, D).to(torch.bfloat16)
+    dq = torch.randn(1, 1, 16, D).to(torch.bfloat16)
+    table, lens = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([100], dtype=torch.int32)
+    out, _ = hal.flash_mla_with_kvcache(dq, cache, table, lens, 512, *hal.get_mla_metadata(lens, 16, 1), softmax_scale=np.float32(0.05))
+    ref, _ = hal.flash_mla_with_kvcache(dq, cache, table, lens, 512, *hal.get_mla_metadata(lens, 16, 1), softmax_scale=float(np.float32(0.05)))
+    assert torch.equal(out, ref)
+    with pytest.raises(hal.ValueRangeError, match="softmax_scale"):
+        hal.flash_mla_with_kvcache(dq, cache, table, lens, 512, *hal.get_mla_metadata(lens, 16, 1), softmax_scale=np.float32("nan"))
+
+
 @pytest.mark.parametrize("d_v, error", [(512.0, hal.DTypeError), (256, hal.ValueRangeError), (True, hal.DTypeError)])
 def test_sparse_prefill_takes_d_v_as_the_int_512(d_v, error):
     q, kv = torch.randn(2, 16, D).to(torch.bfloat16), torch.randn(5, 1, D).to(torch.bfloat16)
