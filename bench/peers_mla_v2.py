@@ -14,14 +14,14 @@ V3.2 FP8 cache or MODEL1's pages, optional sinks, ``topk_length`` and an extra c
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hal.bench.formulation import Formulation, Prepared
 from hal.bench.peers_mla import _softmax_pv
 from hal.conformance.case import Tensors
-from hal.ops.mla_fp8_cache import MODEL1_DATA_BYTES, MODEL1_DIM, MODEL1_NOPE, MODEL1_TILE, MODEL1_TILES, model1_pages
+from hal.ops.mla_fp8_cache import (
+    FP8_TOKEN_BYTES, MODEL1_DATA_BYTES, MODEL1_DIM, MODEL1_SCALE_BYTES, MODEL1_TILES, decode_mla_records, decode_model1_tokens, model1_pages,
+)
 from hal.ops.mla_v2 import dense_window_indices
 
 __all__ = ["MLA_V2_FORMULATIONS"]
@@ -34,19 +34,12 @@ def _keys(cache: torch.Tensor, positions: torch.Tensor, fp8: bool, model1: bool)
     blocks, page = cache.shape[:2]
     if model1:
         pages = model1_pages(cache)
-        block, slot = positions // page, positions % page
-        data = pages[block[..., None], slot[..., None] * MODEL1_DATA_BYTES + torch.arange(MODEL1_DATA_BYTES)]
-        exponents = pages[block[..., None], page * MODEL1_DATA_BYTES + slot[..., None] * 8 + torch.arange(MODEL1_TILES)].float()
-        scales = torch.where(exponents == 255, torch.nan, torch.exp2(exponents - 127))
-        codes = data[..., :MODEL1_NOPE].contiguous().view(torch.float8_e4m3fn).float()
-        nope = (codes.unflatten(-1, (MODEL1_TILES, MODEL1_TILE)) * scales[..., None]).flatten(-2)
-        return torch.cat([nope, data[..., MODEL1_NOPE:].contiguous().view(torch.bfloat16).float()], dim=-1)
+        block, slot = positions[..., None] // page, positions[..., None] % page
+        data = pages[block, slot * MODEL1_DATA_BYTES + torch.arange(MODEL1_DATA_BYTES)]
+        exponents = pages[block, page * MODEL1_DATA_BYTES + slot * MODEL1_SCALE_BYTES + torch.arange(MODEL1_TILES)]
+        return decode_model1_tokens(data, exponents)
     if fp8:
-        records = cache.view(torch.uint8).reshape(blocks * page, 656)[positions]
-        codes = records[..., :512].contiguous().view(torch.float8_e4m3fn).float().unflatten(-1, (4, 128))
-        scales = records[..., 512:528].contiguous().view(torch.float32)
-        rope = records[..., 528:].contiguous().view(torch.bfloat16).float()
-        return torch.cat([(codes * scales[..., None]).flatten(-2), rope], dim=-1)
+        return decode_mla_records(cache.view(torch.uint8).reshape(blocks * page, FP8_TOKEN_BYTES)[positions])
     return cache.reshape(blocks * page, cache.shape[-1])[positions].float()
 
 

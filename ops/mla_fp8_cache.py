@@ -31,8 +31,8 @@ from hal.operator import declare
 
 __all__ = [
     "FP8_TOKEN_BYTES", "LATENT", "ROPE", "TILE", "TILES", "QUANTIZE_MLA_KV_CACHE", "quantize_mla_kv_cache", "quantize_mla_kv_cache_reference",
-    "dequantize_mla_kv_cache", "check_fp8_kv_cache", "ue8m0_scale",
-    "MODEL1_DIM", "MODEL1_NOPE", "MODEL1_DATA_BYTES", "MODEL1_TOKEN_BYTES", "model1_page_bytes", "model1_pages", "check_model1_kv_cache", "dequantize_model1_kv_cache", "quantize_model1_kv_cache",
+    "dequantize_mla_kv_cache", "decode_mla_records", "check_fp8_kv_cache", "ue8m0_scale",
+    "MODEL1_DIM", "MODEL1_NOPE", "MODEL1_DATA_BYTES", "MODEL1_TOKEN_BYTES", "model1_page_bytes", "model1_pages", "check_model1_kv_cache", "dequantize_model1_kv_cache", "decode_model1_tokens", "quantize_model1_kv_cache",
 ]
 
 QUANTIZE_MLA_KV_CACHE = declare(
@@ -109,12 +109,16 @@ def dequantize_mla_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
     """The FP8 cache [.., 1, 656] -> float32 [num_blocks, page_block_size, 1, 576] (exact)."""
     cache = check_fp8_kv_cache("dequantize_mla_kv_cache", "k_cache", k_cache)
     blocks, page = cache.shape[:2]
-    raw = cache.reshape(blocks, page, FP8_TOKEN_BYTES).view(torch.uint8)
-    codes = raw[..., :LATENT].contiguous().view(torch.float8_e4m3fn).float().view(blocks, page, TILES, TILE)
-    scales = raw[..., SCALE_OFFSET:ROPE_OFFSET].contiguous().view(torch.float32)  # [blocks, page, TILES]
+    return decode_mla_records(cache.reshape(blocks, page, FP8_TOKEN_BYTES).view(torch.uint8)).view(blocks, page, 1, LATENT + ROPE)
+
+
+def decode_mla_records(raw: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 656] records of the FP8 cache (any leading shape: a cache's pages, or the
+    tokens a call gathered) -> float32 [..., 576], exactly."""
+    codes = raw[..., :LATENT].contiguous().view(torch.float8_e4m3fn).float().unflatten(-1, (TILES, TILE))
+    scales = raw[..., SCALE_OFFSET:ROPE_OFFSET].contiguous().view(torch.float32)  # [..., TILES]
     rope = raw[..., ROPE_OFFSET:].contiguous().view(torch.bfloat16).float()
-    latent = (codes * scales.unsqueeze(-1)).view(blocks, page, LATENT)
-    return torch.cat([latent, rope], dim=-1).view(blocks, page, 1, LATENT + ROPE)
+    return torch.cat([(codes * scales.unsqueeze(-1)).flatten(-2), rope], dim=-1)
 
 
 # --- FlashMLA's MODEL1_FP8Sparse layout (the model after V3.2: 512-wide keys, V the whole key) ---
@@ -174,12 +178,19 @@ def dequantize_model1_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
     blocks, page = cache.shape[:2]
     pages = model1_pages(cache)
     data = pages[:, : page * MODEL1_DATA_BYTES].reshape(blocks, page, MODEL1_DATA_BYTES)
-    codes = data[..., :MODEL1_NOPE].contiguous().view(torch.float8_e4m3fn).float().view(blocks, page, MODEL1_TILES, MODEL1_TILE)
+    exponents = pages[:, page * MODEL1_DATA_BYTES :].reshape(blocks, page, MODEL1_SCALE_BYTES)[..., :MODEL1_TILES]
+    return decode_model1_tokens(data, exponents).view(blocks, page, 1, MODEL1_DIM)
+
+
+def decode_model1_tokens(data: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """MODEL1 tokens -> float32 [..., 512], exactly: ``data`` uint8 [..., 576] (448 e4m3 codes, then
+    64 bf16 values), ``exponents`` uint8 [..., 7] (UE8M0: 2^(e - 127), 255 NaN), any leading shape
+    (a cache's pages, or the tokens a call gathered)."""
+    codes = data[..., :MODEL1_NOPE].contiguous().view(torch.float8_e4m3fn).float().unflatten(-1, (MODEL1_TILES, MODEL1_TILE))
     rope = data[..., MODEL1_NOPE:].contiguous().view(torch.bfloat16).float()
-    exponents = pages[:, page * MODEL1_DATA_BYTES :].reshape(blocks, page, MODEL1_SCALE_BYTES)[..., :MODEL1_TILES].float()
+    exponents = exponents.float()
     scales = torch.where(exponents == 255, torch.nan, torch.exp2(exponents - 127))
-    nope = (codes * scales.unsqueeze(-1)).view(blocks, page, MODEL1_NOPE)
-    return torch.cat([nope, rope], dim=-1).view(blocks, page, 1, MODEL1_DIM)
+    return torch.cat([(codes * scales.unsqueeze(-1)).flatten(-2), rope], dim=-1)
 
 
 def quantize_model1_kv_cache(k_cache: torch.Tensor) -> torch.Tensor:
