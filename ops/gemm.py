@@ -237,13 +237,13 @@ def contiguous_rows(
         broken[align - 1 :: align] = False  # pairs straddling two blocks
         listed = firsts.tolist()
         if not np.count_nonzero(broken) and min(listed) >= -1 and max(listed) < groups:
-            if len(listed) > _MAPPED_BLOCKS:  # prefill-sized: routing changes every call, nothing to keep
-                return torch.from_numpy(np.repeat(firsts, align))
-            key = (tuple(listed), align)
-            mapping = _MAPPINGS.get(key)
-            if mapping is None:  # built once per layout of blocks (a repeated routing, a padded batch)
+            # kept per layout of blocks (a repeated routing, a padded batch); not for prefill-sized M,
+            # whose routing is new every call
+            key = (tuple(listed), align) if len(listed) <= _MAPPED_BLOCKS else None
+            mapping = _MAPPINGS.get(key) if key is not None else None
+            if mapping is None:
                 mapping = torch.from_numpy(np.repeat(firsts, align))
-                remember(_MAPPINGS, key, mapping, limit=256)
+                remember(_MAPPINGS, key, mapping, limit=256)  # no key: not kept
             return mapping
     # the separate checks (the torch path, value checks off, or a layout to name the error of)
     if not values_within(m_indices, -1, groups):

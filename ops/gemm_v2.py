@@ -264,21 +264,6 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
         torch.ops.hal.m_grouped_fp8_gemm_contiguous(av, asf, bv, bsf, d, grouped_layout, _listed(recipe), _listed(recipe_a), _listed(recipe_b),
                                                     use_psum_layout, transpose_b)
         return
-    av, asf, bv, bsf, gran = _grouped_plan(op, a, b, d, grouped_layout, recipe, recipe_b, use_psum_layout, transpose_b)
-    m, groups, n = av.shape[0], bv.shape[0], bv.shape[1]
-    m_indices = grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a[0]")
-    if m == 0 or n == 0:
-        return
-    features = {"b_per_token"} if gran == 1 and n > 1 else set()
-    call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
-         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
-         m_indices=m_indices)
-
-
-def _grouped_plan(op: str, a: object, b: object, d: object, grouped_layout: object, recipe: object, recipe_b: object,
-                  use_psum_layout: bool, transpose_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The structural checks of a contiguous grouped FP8 GEMM; returns (A, its float32 scales, B as
-    [G, N, K], its float32 scales, the RHS scale granularity: 1 per token, or 128)."""
     av, asf = _pair(op, "a", a)
     expect_tensor(op, "a[0]", av, dtypes=FP8, shape=(None, None), dims=("M", "K"))
     bv, bsf = _grouped_rhs(op, b, transpose_b)
@@ -298,7 +283,13 @@ def _grouped_plan(op: str, a: object, b: object, d: object, grouped_layout: obje
     else:
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(m,), dims=("M",), contiguous=True)
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "grouped_layout": grouped_layout})
-    return av, asf, bv, bsf, gran
+    m_indices = grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a[0]")
+    if m == 0 or n == 0:
+        return
+    features = {"b_per_token"} if gran == 1 and n > 1 else set()
+    call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
+         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
+         m_indices=m_indices)
 
 
 def grouped_rows(op: str, grouped_layout: torch.Tensor, m: int, groups: int, use_psum_layout: bool, argument: str) -> torch.Tensor:
