@@ -233,13 +233,7 @@ def flash_mla_with_kvcache(
     if isinstance(tile_scheduler_metadata, MLASchedule):
         if num_splits is not None:
             raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")
-        # Every value bind() compares is a function of the layout key (shapes; causal and the FP8
-        # flag as Python scalars, and layout_key gives no key for any other kind), so a layout this
-        # schedule was bound with before needs no second look.
-        if key is None or tile_scheduler_metadata._extra.get("layout") != key:
-            _bind(tile_scheduler_metadata, q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
-            if key is not None:
-                tile_scheduler_metadata._extra["layout"] = key
+        _bind(tile_scheduler_metadata, key, q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
         if not extended:
             schedule = tile_scheduler_metadata
             if schedule.tile_scheduler_metadata is None:  # the dense schedule, computed on first use
@@ -277,10 +271,16 @@ def _resolve_scale(softmax_scale: float | None, d_qk: int = HEAD_DIM_QK) -> floa
 
 
 def _bind(
-    schedule: MLASchedule, q: object, k_cache: object, causal: object, is_fp8_kvcache: object, indices: object, extra_k_cache: object,
-    extra_indices: object,
+    schedule: MLASchedule, key: tuple | None, q: object, k_cache: object, causal: object, is_fp8_kvcache: object, indices: object,
+    extra_k_cache: object, extra_indices: object,
 ) -> None:
-    """:meth:`MLASchedule.bind` with this call's configuration (arguments not yet checked)."""
+    """:meth:`MLASchedule.bind` with this call's configuration (arguments not yet checked).
+
+    ``key``: the V3.2 call's :func:`hal.ops.mla_v2.layout_key` (None for the dense form). Every
+    value bind() compares is a function of it (shapes; causal and the FP8 flag as Python scalars,
+    layout_key giving no key for any other kind), so a layout bound before needs no second look."""
+    if key is not None and schedule._extra.get("layout") == key:
+        return
     q_shape = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
     k_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else (None,) * 4
     schedule.bind(  # MLASchedule.Config's fields, in order
@@ -289,6 +289,8 @@ def _bind(
         extra_k_cache.shape[1] if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dim() >= 2 else None,
         extra_indices.shape[-1] if isinstance(extra_indices, torch.Tensor) else None,
     )
+    if key is not None:
+        schedule._extra["layout"] = key
 
 
 def _decode_v2(
