@@ -342,8 +342,7 @@ def _rows(group: int, d: int, local_mem_size: int) -> int:
     """Heads per work-group for ``group`` query heads per KV head: all of them up to ROWS, in steps of
     16, so each gathered key is decoded once for as many heads as possible (top-2048 on a 2-core
     CPU, alternated runs: 64 rows took 0.78-0.87x the time of 16 at h_q = 64 and 128), a small group
-    computes no empty rows,
-    and the tiles fit the device's local memory (16 at least, as before)."""
+    computes no empty rows, and the tiles fit the device's local memory (16 at least, as before)."""
     rows = min(ROWS, -(-group // 16) * 16)
     while rows > 16 and _local_bytes(rows, d) > local_mem_size:
         rows -= 16
