@@ -50,15 +50,6 @@
 #define HAL_FAST 0
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define CPU_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
 #define BLK 128       /* K block of the scales */
 #define NR 32         /* columns per strip */
 #define MR 12         /* most rows per register tile */

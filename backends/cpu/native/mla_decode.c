@@ -62,15 +62,6 @@
 #define MLA_FAST 0
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define MLA_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define MLA_RELAX() __asm__ __volatile__("yield")
-#else
-#define MLA_RELAX() ((void)0)
-#endif
-
 #define MLA_D 576      /* q/k channels */
 #define MLA_DV 512     /* v channels */
 #define MLA_PAIRS 288  /* channel pairs of q/k */
@@ -87,7 +78,6 @@ typedef uint32_t mla_u32a __attribute__((may_alias, aligned(1)));
 /* ------------------------------------------------------------------------------------------ */
 /* threads: OpenMP (torch's threads), else a small pthread pool                               */
 
-#define CPU_RELAX() MLA_RELAX()
 #include "parallel.h"
 
 /* ------------------------------------------------------------------------------------------ */

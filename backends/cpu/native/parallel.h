@@ -1,11 +1,21 @@
 /* Work sharing for unihal's native CPU kernels: parallel_for(fn, ctx, nitems, nthreads).
  *
  * Included by each kernel file (static functions: each translation unit has its own copy, and
- * without OpenMP its own pool). Needs <pthread.h>, <sched.h>, <time.h> and CPU_RELAX() (a spin-wait
- * hint) from the includer, and _POSIX_C_SOURCE >= 200809L for clock_gettime.
+ * without OpenMP its own pool). Needs <pthread.h>, <sched.h> and <time.h> from the includer, and
+ * _POSIX_C_SOURCE >= 200809L for clock_gettime.
  */
 #ifndef HAL_NATIVE_PARALLEL_H
 #define HAL_NATIVE_PARALLEL_H
+
+/* a spin-wait hint */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 
 typedef void (*item_fn)(void *ctx, long item, int tid);
 
