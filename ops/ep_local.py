@@ -28,10 +28,11 @@ import torch
 
 from hal import checks, optional
 from hal.checks import (
-    expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, value_checks_enabled, values_within,
+    expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled, values_within,
 )
 from hal.dispatch import call
 from hal.errors import DTypeError, ValueRangeError
+from hal.layouts import Layouts
 from hal.operator import Feature, declare
 from hal.selection import select
 
@@ -190,14 +191,15 @@ def ep_unpack(rows: torch.Tensor, bucket_of_row: torch.Tensor, num_buckets: int,
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.ep_unpack(rows, bucket_of_row, num_buckets, num_slots)
     op = EP_UNPACK.name
-    key = signature(rows, bucket_of_row, num_buckets, num_slots)
-    if key is None or key not in _UNPACK_SIGNATURES:
+    values = (rows, bucket_of_row, num_buckets, num_slots)
+    key, known = _UNPACK_LAYOUTS.lookup(values)
+    if known is None:
         expect_tensor(op, "rows", rows, shape=(None, None), dims=("S", "width"))
         expect_tensor(op, "bucket_of_row", bucket_of_row, dtypes=torch.int32, shape=(rows.shape[0],), dims=("S",))
         expect_int(op, "num_buckets", num_buckets, minimum=1)
         expect_int(op, "num_slots", num_slots, minimum=0)
         expect_same_device(op, "rows", rows, bucket_of_row=bucket_of_row)
-        remember(_UNPACK_SIGNATURES, key)
+        _UNPACK_LAYOUTS.remember(values, key)
     _check_buckets(op, bucket_of_row, num_buckets, num_slots)
     return call(EP_UNPACK, "rows", rows.device, rows=rows, bucket_of_row=bucket_of_row, num_buckets=num_buckets, num_slots=num_slots)
 
@@ -236,8 +238,8 @@ def _expect_slots(op: str, counts: Any, num_slots: int) -> None:
         )
 
 
-_UNPACK_SIGNATURES: set = set()  # argument layouts that passed ep_unpack's structural checks
-_COMBINE_SIGNATURES: set = set()  # argument layouts (segments, indices, weights) that passed ep_combine_reduce's structural checks
+_UNPACK_LAYOUTS = Layouts()  # argument layouts that passed ep_unpack's structural checks
+_COMBINE_LAYOUTS = Layouts()  # argument layouts (segments, indices, weights) that passed ep_combine_reduce's structural checks
 
 
 def ep_combine_reduce(
@@ -263,8 +265,9 @@ def ep_combine_reduce(
         whole = segments[0] if len(segments) == 1 else torch.cat(segments)
         return torch.ops.hal.ep_combine_reduce(whole, src_idx, num_tokens, weights)
     given = (rows,) if type(rows) is torch.Tensor else rows if type(rows) is tuple else None
-    key = signature(len(given), *given, src_idx, num_tokens, weights) if given else None
-    if key is not None and key in _COMBINE_SIGNATURES:
+    values = (len(given), *given, src_idx, num_tokens, weights) if given else None
+    key, known = _COMBINE_LAYOUTS.lookup(values) if values is not None else (None, None)
+    if known is not None:
         segments = given
     else:
         segments = _segments(op, rows)
@@ -274,7 +277,8 @@ def ep_combine_reduce(
         if weights is not None:
             expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(total,), dims=("S",))
         expect_same_device(op, "rows", segments[0], src_idx=src_idx, weights=weights)
-        remember(_COMBINE_SIGNATURES, key)
+        if values is not None:
+            _COMBINE_LAYOUTS.remember(values, key)
     first = segments[0]
     if not values_within(src_idx, 0, num_tokens):
         expect_in_range(

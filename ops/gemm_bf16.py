@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, values_within
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, values_within
 from hal.dispatch import call
 from hal.errors import ShapeError
+from hal.layouts import Layouts
 from hal.operator import declare
 from hal.ops import gemm as v1
 from hal.ops import gemm_v2
+from hal.ops.fp8_quant import BLOCK
 
 __all__ = [
     "GEMM_BF16_NT", "M_GROUPED_BF16_CONTIGUOUS", "M_GROUPED_BF16_MASKED",
@@ -50,11 +52,18 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
     return v1._padded_to_blocks(gemm_v2._k_major(x))
 
 
+def _as_they_are(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether A and B (K-major views) go to a backend as they are: contiguous, K whole blocks. A
+    function of the layout, so it is remembered with it (two copies' checks cost 3 us a call)."""
+    return a.shape[-1] % BLOCK == 0 and a.is_contiguous() and b.is_contiguous()
+
+
 def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None, transpose_a: bool, transpose_b: bool) -> None:
     if torch.compiler.is_compiling():  # one opaque node (each k-grouped group's too); checks run when the graph runs
         return torch.ops.hal.gemm_bf16_nt(a, b, d, c, gemm_v2.LAYOUTS[(transpose_a, transpose_b)])
-    key = signature(op, a, b, d, c, transpose_a, transpose_b)
-    if key is None or key not in _SIGNATURES:
+    values = (op, a, b, d, c, transpose_a, transpose_b)
+    key, known = _LAYOUTS.lookup(values)
+    if known is None:
         expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None), dims=("K", "M") if transpose_a else ("M", "K"))
         expect_tensor(op, "b", b, dtypes=BF16, shape=(None, None), dims=("K", "N") if transpose_b else ("N", "K"))
         at = a.transpose(0, 1) if transpose_a else a
@@ -63,7 +72,8 @@ def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.
             raise ShapeError(op, "b", f"K = {at.shape[1]} (a's)", f"K = {bt.shape[1]}", "Give a and b the same K.")
         gemm_v2._output(op, d, c, (at.shape[0], bt.shape[0]), (BF16, torch.float32))
         expect_same_device(op, "a", a, b=b, d=d, c=c)
-        remember(_SIGNATURES, key)
+        known = _as_they_are(at, bt)
+        _LAYOUTS.remember(values, key, known)
     a = a.transpose(0, 1) if transpose_a else a
     b = b.transpose(0, 1) if transpose_b else b
     m, k = a.shape
@@ -74,7 +84,9 @@ def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.
         d.copy_(c) if c is not None else d.zero_()
         return
     target = d if c is None else torch.empty(m, n, dtype=torch.float32, device=d.device)
-    call(GEMM_BF16_NT, "a", a.device, a=_padded(a), b=_padded(b), out=target)
+    if not known:
+        a, b = _padded(a), _padded(b)
+    call(GEMM_BF16_NT, "a", a.device, a=a, b=b, out=target)
     if c is not None:
         d.copy_(target + c.float())
 
@@ -99,7 +111,7 @@ def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "mn") -> None:
     _dense("bf16_gemm_tt", a, b, d, c, True, False)
 
 
-_SIGNATURES: set = set()  # argument layouts that passed the structural checks (dense and grouped)
+_LAYOUTS = Layouts()  # argument layouts that passed the structural checks (dense and grouped)
 
 
 def _check_grouped_layouts(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_b: bool) -> None:
@@ -122,18 +134,21 @@ def _check_grouped_layouts(op: str, a, b, d, grouped_layout, use_psum_layout: bo
 def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_b: bool) -> None:
     if torch.compiler.is_compiling():  # one opaque node; checks run when the graph runs
         return torch.ops.hal.m_grouped_gemm_bf16_nt_contiguous(a, b, d, grouped_layout, use_psum_layout, transpose_b)
-    key = signature(op, a, b, d, grouped_layout, use_psum_layout, transpose_b)
-    if key is None or key not in _SIGNATURES:
+    values = (op, a, b, d, grouped_layout, use_psum_layout, transpose_b)
+    key, known = _LAYOUTS.lookup(values)
+    if known is None:
         _check_grouped_layouts(op, a, b, d, grouped_layout, use_psum_layout, transpose_b)
-        remember(_SIGNATURES, key)
+        known = _as_they_are(a, b.transpose(1, 2) if transpose_b else b)
+        _LAYOUTS.remember(values, key, known)
     b = b.transpose(1, 2) if transpose_b else b
     m = a.shape[0]
     groups, n = b.shape[0], b.shape[1]
     m_indices = gemm_v2.grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a")
     if m == 0 or n == 0:
         return
-    call(M_GROUPED_BF16_CONTIGUOUS, "a", a.device, a=_padded(a), b=_padded(b), out=d,
-         m_indices=m_indices)
+    if not known:
+        a, b = _padded(a), _padded(b)
+    call(M_GROUPED_BF16_CONTIGUOUS, "a", a.device, a=a, b=b, out=d, m_indices=m_indices)
 
 
 def m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, compiled_dims: str = "nk", use_psum_layout: bool = False,
@@ -154,22 +169,26 @@ def m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m, compiled_dims: 
     op = "m_grouped_bf16_gemm_nt_masked"
     if torch.compiler.is_compiling():  # one opaque node; checks run when the graph runs
         return torch.ops.hal.m_grouped_gemm_bf16_nt_masked(a, b, d, masked_m, expected_m)
-    key = signature(op, a, b, d, masked_m, expected_m)
-    if key is None or key not in _SIGNATURES:
+    values = (op, a, b, d, masked_m, expected_m)
+    key, known = _LAYOUTS.lookup(values)
+    if known is None:
         expect_tensor(op, "a", a, dtypes=BF16, shape=(None, None, None), dims=("G", "M_max", "K"))
         expect_tensor(op, "b", b, dtypes=BF16, shape=(a.shape[0], None, a.shape[2]), dims=("G", "N", "K"))
         gemm_v2._output(op, d, None, (a.shape[0], a.shape[1], b.shape[1]), (BF16,))
         expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(a.shape[0],), dims=("G",))
         expect_int(op, "expected_m", expected_m, minimum=1)
         expect_same_device(op, "a", a, b=b, d=d, masked_m=masked_m)
-        remember(_SIGNATURES, key)
+        known = _as_they_are(a, b)
+        _LAYOUTS.remember(values, key, known)
     groups, m_max, _ = a.shape
     n = b.shape[1]
     if not values_within(masked_m, 0, m_max + 1):
         expect_in_range(op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max})", fix="Clamp masked_m to M_max.")
     if groups == 0 or m_max == 0 or n == 0:
         return
-    call(M_GROUPED_BF16_MASKED, "a", a.device, a=_padded(a), b=_padded(b), out=d, masked_m=masked_m, expected_m=expected_m)
+    if not known:
+        a, b = _padded(a), _padded(b)
+    call(M_GROUPED_BF16_MASKED, "a", a.device, a=a, b=b, out=d, masked_m=masked_m, expected_m=expected_m)
 
 
 def k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks_cpu, grouped_layout, c=None, compiled_dims: str = "mn", use_psum_layout: bool = False) -> None:

@@ -30,14 +30,13 @@ computed with that group for the same reason (:func:`hal.ops.gemm.rows_by_block`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
 import torch
 
 from hal import optional
-from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, value_checks_enabled, values_within
+from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
+from hal.layouts import Layouts
 from hal.ops import gemm as v1
 from hal.ops.fp8_quant import BLOCK
 
@@ -142,13 +141,14 @@ def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | Non
         (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
         torch.ops.hal.fp8_gemm(av, asf, bv, bsf, d, c, _listed(recipe), _listed(recipe_a), _listed(recipe_b), LAYOUTS[(transpose_a, transpose_b)])
         return
-    key = None
+    key = plan = values = None
     if type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2:
-        key = signature(op, *a, *b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
-    plan = _DENSE_PLANS.get(key) if key is not None else None
+        values = (op, *a, *b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
+        key, plan = _DENSE_PLANS.lookup(values)
     if plan is None:
         plan = _dense_plan(op, a, b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
-        remember(_DENSE_PLANS, key, plan)
+        if values is not None:
+            _DENSE_PLANS.remember(values, key, plan)
     m, n, k, features = plan
     (av, asf), (bv, bsf) = a, b
     if transpose_a:
@@ -173,7 +173,7 @@ def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | Non
 
 
 # Argument layouts of the dense GEMMs that passed _dense_plan's checks, with its plan.
-_DENSE_PLANS: dict[tuple[Any, ...], tuple[int, int, int, frozenset[str]]] = {}
+_DENSE_PLANS = Layouts()  # argument layouts that passed _dense_plan -> its plan (m, n, k, features)
 
 
 def _dense_plan(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | None, recipe: object, recipe_a: object, recipe_b: object,

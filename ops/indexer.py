@@ -28,10 +28,11 @@ import torch
 
 from hal import optional
 from hal.checks import (
-    FP8, all_within, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, small_pages_within, values_within,
+    FP8, all_within, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, small_pages_within, values_within,
 )
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
+from hal.layouts import Layouts
 from hal.operator import Feature, declare
 
 __all__ = [
@@ -96,7 +97,7 @@ def _features(logits_dtype: torch.dtype, weights: torch.Tensor, **more: bool) ->
     return frozenset(name for name, on in used.items() if on)
 
 
-_MQA_SIGNATURES: dict[tuple[Any, ...], frozenset[str]] = {}  # argument layouts that passed _check_mqa_layouts -> the call's features
+_MQA_LAYOUTS = Layouts()  # argument layouts that passed _check_mqa_layouts -> the call's features
 
 
 def _check_mqa_layouts(
@@ -158,12 +159,13 @@ def fp8_fp4_mqa_logits(
     q = _unpack_q(op, q)
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mqa_logits(q, kv[0], kv[1], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
-    key = signature(q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype) if type(kv) is tuple else None
-    features = _MQA_SIGNATURES.get(key) if key is not None else None
+    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype) if type(kv) is tuple else None
+    key, features = _MQA_LAYOUTS.lookup(values) if values is not None else (None, None)
     if features is None:
         _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
         features = _features(logits_dtype, weights, compressed=max_seqlen_k > 0)
-        remember(_MQA_SIGNATURES, key, features)
+        if values is not None:
+            _MQA_LAYOUTS.remember(values, key, features)
     k, sf = kv
     seq_len_kv = k.shape[0]
     if not all_within((cu_seq_len_k_start, cu_seq_len_k_end), 0, seq_len_kv + 1):
@@ -281,7 +283,7 @@ def _split_paged_cache(op: str, kv_cache: object, head_dim: int) -> tuple[int, i
     return num_blocks, block_kv
 
 
-_PAGED_SIGNATURES: dict[tuple[Any, ...], frozenset[str]] = {}  # argument layouts that passed _check_paged_layouts -> the call's features
+_PAGED_LAYOUTS = Layouts()  # argument layouts that passed _check_paged_layouts -> the call's features
 
 
 def _check_paged_layouts(
@@ -360,12 +362,12 @@ def fp8_fp4_paged_mqa_logits(
         return torch.ops.hal.paged_mqa_logits(
             q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
         )
-    key = signature(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
-    features = _PAGED_SIGNATURES.get(key) if key is not None else None
+    values = (q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
+    key, features = _PAGED_LAYOUTS.lookup(values)
     if features is None:
         _check_paged_layouts(op, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
         features = _features(logits_dtype, weights, context_lens_1d=context_lens.dim() == 1)
-        remember(_PAGED_SIGNATURES, key, features)
+        _PAGED_LAYOUTS.remember(values, key, features)
     num_blocks, block_kv = kv_cache.shape[:2]
     capacity = block_table.shape[1] * block_kv
     if not small_pages_within(block_table, context_lens, min(max_context_len, capacity), num_blocks, block_kv):

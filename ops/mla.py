@@ -27,15 +27,16 @@ import numbers
 import torch
 
 from hal.checks import (
-    expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, signature, small_pages_within,
+    expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, small_pages_within,
     value_checks_enabled, values_within,
 )
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
+from hal.layouts import Layouts
 from hal.operator import declare
 from hal.ops.mla_schedule import BLOCK_SIZE_N, METADATA_WIDTH, schedule_mla_splits
 from hal.ops.mla_fp8_cache import MODEL1_DIM
-from hal.ops.mla_v2 import MLASchedule, decode_v2, layout_key, layouts_known
+from hal.ops.mla_v2 import NO_LAYOUT, Layout, MLASchedule, decode_v2, layout_of
 from hal.selection import select
 
 __all__ = ["MLA_DECODE", "MLASchedule", "HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_BLOCK_SIZE", "get_mla_metadata", "flash_mla_with_kvcache", "validate_mla_decode"]
@@ -101,18 +102,19 @@ def validate_mla_decode(
 ) -> tuple[float, bool]:
     """Check every argument of :func:`flash_mla_with_kvcache`; return the resolved (scale, causal).
 
-    The structural checks run once per argument layout (:func:`hal.checks.signature`); the block
+    The structural checks run once per argument layout (:class:`hal.layouts.Layouts`); the block
     table's and lengths' contents on every call (per :func:`hal.checks.value_checks_enabled`)."""
-    key = signature(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale)
-    if key is None or key not in _DECODE_SIGNATURES:
+    values = (q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale)
+    key, known = _DECODE_LAYOUTS.lookup(values)
+    if known is None:
         _check_decode_layouts(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale)
-        remember(_DECODE_SIGNATURES, key)
+        _DECODE_LAYOUTS.remember(values, key)
     if value_checks_enabled(cache_seqlens):
         _check_cache_contents(block_table, cache_seqlens, k_cache.shape[0])
     return _resolve_scale(softmax_scale), bool(causal) and q.shape[1] > 1
 
 
-_DECODE_SIGNATURES: set = set()  # argument layouts that passed _check_decode_layouts
+_DECODE_LAYOUTS = Layouts()  # argument layouts that passed _check_decode_layouts
 
 
 def _check_decode_layouts(
@@ -228,12 +230,12 @@ def flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
             extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length,
         )
-    key = layout_key(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
-                     extra_indices_in_kvcache, topk_length, extra_topk_length) if extended else None
+    layout = layout_of(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+                       extra_indices_in_kvcache, topk_length, extra_topk_length) if extended else NO_LAYOUT
     if isinstance(tile_scheduler_metadata, MLASchedule):
         if num_splits is not None:
             raise ArgumentError(_OP, "num_splits", "None with a schedule from get_mla_metadata()", "a value", "Pass num_splits=None.")
-        _bind(tile_scheduler_metadata, key, q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
+        _bind(tile_scheduler_metadata, layout.key, q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
         if not extended:
             schedule = tile_scheduler_metadata
             if schedule.tile_scheduler_metadata is None:  # the dense schedule, computed on first use
@@ -245,7 +247,7 @@ def flash_mla_with_kvcache(
     if extended:
         return _decode_v2(
             q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
-            extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length, key,
+            extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length, layout,
         )
     if torch.compiler.is_compiling():
         return torch.ops.hal.mla_decode(
@@ -276,9 +278,9 @@ def _bind(
 ) -> None:
     """:meth:`MLASchedule.bind` with this call's configuration (arguments not yet checked).
 
-    ``key``: the V3.2 call's :func:`hal.ops.mla_v2.layout_key` (None for the dense form). Every
+    ``key``: the V3.2 call's layout key (:func:`hal.ops.mla_v2.layout_of`; None for the dense form). Every
     value bind() compares is a function of it (shapes; causal and the FP8 flag as Python scalars,
-    layout_key giving no key for any other kind), so a layout bound before needs no second look."""
+    layout_of giving no key for any other kind), so a layout bound before needs no second look."""
     if key is not None and schedule._extra.get("layout") == key:
         return
     q_shape = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
@@ -295,14 +297,13 @@ def _bind(
 
 def _decode_v2(
     q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
-    extra_k_cache, extra_indices, topk_length, extra_topk_length, key,
+    extra_k_cache, extra_indices, topk_length, extra_topk_length, layout: Layout,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The V3.2 arguments: common checks here, the rest in :func:`hal.ops.mla_v2.decode_v2`.
 
     q is 576 wide, or 512 wide with the MODEL1 FP8 cache in the sparse mode (FlashMLA's d_qk 512).
-    ``key``: :func:`hal.ops.mla_v2.layout_key` of the arguments."""
-    features = layouts_known(key)
-    if features is None:
+    ``layout``: :func:`hal.ops.mla_v2.layout_of` of the arguments."""
+    if layout.features is None:
         model1 = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] == MODEL1_DIM and is_fp8_kvcache and indices is not None
         _check_query(q, MODEL1_DIM if model1 else HEAD_DIM_QK)
         expect_int(_OP, "head_dim_v", head_dim_v, allowed=(HEAD_DIM_V,))
@@ -320,5 +321,5 @@ def _decode_v2(
 
     return decode_v2(
         q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal, bool(is_fp8_kvcache), indices, attn_sink,
-        extra_k_cache, extra_indices, topk_length, extra_topk_length, dense_layout, dense_contents, key, features,
+        extra_k_cache, extra_indices, topk_length, extra_topk_length, dense_layout, dense_contents, layout,
     )

@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, remember, signature, values_within
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
+from hal.layouts import Layouts
 from hal.operator import Feature, declare
 from hal.ops.mla_fp8_cache import MODEL1_DIM, check_fp8_kv_cache, check_model1_kv_cache
 
-__all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "decode_v2", "flash_mla_sparse_fwd", "dense_window_indices"]
+__all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "Layout", "NO_LAYOUT", "layout_of", "decode_v2", "flash_mla_sparse_fwd", "dense_window_indices"]
 
 MLA_DECODE_V2 = declare(
     "mla_decode_v2", "hal_mla_decode_v2", "mla", "MLA decode with FP8 KV cache, sparse indices, attention sink (FlashMLA, DeepSeek-V3.2)",
@@ -155,7 +156,7 @@ def _check_sink(name: str, sink: object, h_q: int) -> None:
 
 
 # Argument layouts that passed _check_layouts_v2, with the features they ask of a backend.
-_SIGNATURES: dict[tuple[Any, ...], frozenset[str]] = {}
+_LAYOUTS = Layouts()
 
 
 def _check_layouts_v2(
@@ -202,47 +203,54 @@ def _check_layouts_v2(
 _FLAGS = (bool, int)
 
 
-def layout_key(
+class Layout(NamedTuple):
+    """A V3.2 call's arguments as :class:`hal.layouts.Layouts` knows them (see :func:`layout_of`)."""
+
+    values: tuple[Any, ...] | None  # the arguments a layout is told by; None: checked every call
+    key: tuple[Any, ...] | None  # their :func:`hal.checks.signature`
+    features: frozenset[str] | None  # what the layout asks of a backend, when it passed every check before
+
+
+NO_LAYOUT = Layout(None, None, None)
+
+
+def layout_of(
     q: object, k_cache: object, block_table: object, cache_seqlens: object, head_dim_v: object, causal: object, is_fp8_kvcache: object,
     indices: object, attn_sink: object, extra_k_cache: object, extra_indices: object, topk_length: object, extra_topk_length: object,
-) -> tuple[Any, ...] | None:
-    """The :func:`hal.checks.signature` of a V3.2 call's arguments, or None where the layout checks
-    must run every call: the MODEL1 cache, whose check reads the storage's extent (which no
-    signature holds), ``causal`` or ``is_fp8_kvcache`` given as anything but a bool or int (a
-    signature keys a tensor by its layout, not its value), and anything a signature cannot describe."""
+) -> Layout:
+    """A V3.2 call's layout, looked up once: its signature, and its features when it passed every
+    check before (q's and head_dim_v's included). No key where the layout checks must run every
+    call: the MODEL1 cache, whose check reads the storage's extent (which no signature holds),
+    ``causal`` or ``is_fp8_kvcache`` given as anything but a bool or int (a signature keys a tensor
+    by its layout, not its value), and anything a signature cannot describe."""
     if is_fp8_kvcache and type(q) is torch.Tensor and q.dim() == 4 and q.shape[-1] == MODEL1_DIM:
-        return None
+        return NO_LAYOUT
     if type(causal) not in _FLAGS or type(is_fp8_kvcache) not in _FLAGS:  # a tensor flag: its value is no part of a signature
-        return None
-    return signature(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
-                     topk_length, extra_topk_length)
-
-
-def layouts_known(key: tuple[Any, ...] | None) -> frozenset[str] | None:
-    """The features of the call with this :func:`layout_key` when its layout passed every check
-    before (q's and head_dim_v's included), else None. Looked up once: hashing a key of thirteen
-    arguments costs most of a microsecond."""
-    return _SIGNATURES.get(key) if key is not None else None
+        return NO_LAYOUT
+    values = (q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
+              topk_length, extra_topk_length)
+    key, features = _LAYOUTS.lookup(values)
+    return Layout(values, key, features) if key is not None else NO_LAYOUT
 
 
 def decode_v2(
     q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None, cache_seqlens: torch.Tensor | None, head_dim_v: int,
     softmax_scale: float, causal: bool, is_fp8_kvcache: bool, indices: torch.Tensor | None, attn_sink: torch.Tensor | None,
     extra_k_cache: torch.Tensor | None, extra_indices: torch.Tensor | None, topk_length: torch.Tensor | None,
-    extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any, key: tuple[Any, ...] | None = None,
-    features: frozenset[str] | None = None,
+    extra_topk_length: torch.Tensor | None, dense_layout: Any, dense_contents: Any, layout: Layout = NO_LAYOUT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the V3.2 arguments (q, scale and head_dim_v already checked) and run ``mla_decode_v2``.
 
     ``dense_layout(cache)`` checks block_table / cache_seqlens for the dense mode, ``dense_contents(cache)``
-    their contents. Layouts are checked once per signature (``key``, from :func:`layout_key` on the
-    caller's arguments; None: check them all), contents on every call. ``features``: what
-    :func:`layouts_known` found for ``key`` (None: not known, check the layouts).
+    their contents. Layouts are checked once per signature (``layout``, from :func:`layout_of` on
+    the caller's arguments: its features, when known, skip the layout checks), contents on every call.
     """
+    features = layout.features
     if features is None:
         features = _check_layouts_v2(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
                                      extra_indices, topk_length, extra_topk_length, dense_layout)
-        remember(_SIGNATURES, key, features)
+        if layout.values is not None:
+            _LAYOUTS.remember(layout.values, layout.key, features)
     if indices is None:
         dense_contents(k_cache)
     else:
@@ -282,6 +290,26 @@ def flash_mla_sparse_fwd(
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
     op = _PREFILL_OP
+    values = (q, kv, indices, d_v, attn_sink, topk_length)
+    key, features = _PREFILL_LAYOUTS.lookup(values)
+    if features is None:
+        features = _check_prefill_layouts(q, kv, indices, d_v, attn_sink, topk_length)
+        _PREFILL_LAYOUTS.remember(values, key, features)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not (0 < float(sm_scale) < float("inf")):  # NumPy floats too
+        raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
+    if topk_length is not None and not values_within(topk_length, 0, indices.shape[2] + 1):
+        expect_in_range(op, "topk_length", topk_length, 0, indices.shape[2] + 1, what=f"lengths in [0, topk={indices.shape[2]}]",
+                        fix="Cut each token's list at most at its topk.")
+    return call(
+        MLA_SPARSE_PREFILL, "q", q.device, features=features,
+        q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink, topk_length=topk_length,
+    )
+
+
+def _check_prefill_layouts(q: object, kv: object, indices: object, d_v: object, attn_sink: object, topk_length: object) -> frozenset[str]:
+    """flash_mla_sparse_fwd's structural checks (once per argument layout); returns the features
+    the call asks of a backend."""
+    op = _PREFILL_OP
     expect_tensor(op, "q", q, dtypes=torch.bfloat16, shape=(None, None, None), dims=("s_q", "h_q", "d_qk"))
     s_q, h_q, d_qk = q.shape
     if d_qk not in PREFILL_HEAD_DIMS:
@@ -291,21 +319,16 @@ def flash_mla_sparse_fwd(
     if h_kv == 0 or h_q % h_kv:
         raise ShapeError(op, "q", f"h_q a multiple of h_kv={h_kv}", f"h_q={h_q}", "Give every KV head the same number of query heads.")
     expect_tensor(op, "indices", indices, dtypes=torch.int32, shape=(s_q, h_kv, None), dims=("s_q", "h_kv", "topk"))
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not (0 < float(sm_scale) < float("inf")):  # NumPy floats too
-        raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
     expect_int(op, "d_v", d_v, allowed=(HEAD_DIM_V,))  # an int: 512.0 would reach the kernels as a float size
     if attn_sink is not None:
         expect_tensor(op, "attn_sink", attn_sink, dtypes=torch.float32, shape=(h_q,), dims=("h_q",))
     if topk_length is not None:
         expect_tensor(op, "topk_length", topk_length, dtypes=torch.int32, shape=(s_q,), dims=("s_q",))
-        if not values_within(topk_length, 0, indices.shape[2] + 1):
-            expect_in_range(op, "topk_length", topk_length, 0, indices.shape[2] + 1, what=f"lengths in [0, topk={indices.shape[2]}]", fix="Cut each token's list at most at its topk.")
     expect_same_device(op, "q", q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
-    features = {name for name, value in (("sink", attn_sink is not None), ("topk_length", topk_length is not None), ("d_qk_512", d_qk == HEAD_DIM_V)) if value}
-    return call(
-        MLA_SPARSE_PREFILL, "q", q.device, features=features,
-        q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink, topk_length=topk_length,
-    )
+    return frozenset(name for name, value in (("sink", attn_sink is not None), ("topk_length", topk_length is not None), ("d_qk_512", d_qk == HEAD_DIM_V)) if value)
+
+
+_PREFILL_LAYOUTS = Layouts()  # argument layouts that passed _check_prefill_layouts -> the call's features
 
 
 def dense_window_indices(block_table: torch.Tensor, cache_seqlens: torch.Tensor, s_q: int, page: int, causal: bool) -> torch.Tensor:

@@ -168,7 +168,7 @@ def test_contiguous_segments_check_matches_the_blockwise_definition(seed: int, w
     align = gemm.get_m_alignment_for_contiguous_layout()
     for _ in range(300):
         groups, values = rng.randint(1, 4), []
-        for _ in range(rng.randint(1, 4)):
+        for _ in range(rng.choice([1, 2, 3, 4, 48])):  # 48 blocks: more id changes than are checked one by one
             block = [rng.randint(-1, groups - 1)] * (count := rng.randint(0, align)) + [-1] * (align - count)
             for _ in range(rng.choice([0, 0, 1, 2])):
                 block[rng.randrange(align)] = rng.randint(-1, groups - 1)
@@ -334,6 +334,71 @@ def test_remembered_layouts_are_bounded():
     assert None not in seen
 
 
+def test_layouts_find_exactly_the_remembered_signatures():
+    """A remembered layout is found again (by the guard path or the signature path) and nothing
+    else is: every property a signature tells apart, a tensor in another position, a subclass,
+    more layouts than one pattern's guards keep, and a memo that starts over at its limit."""
+    from hal.checks import signature
+    from hal.layouts import Layouts
+
+    layouts = Layouts()
+    x = torch.zeros(4, 6)
+    values = ("op", x, 3, None, torch.float32, (1, 128, 128))
+    assert layouts.lookup(values) == (signature(*values), None)
+    layouts.remember(values, signature(*values), "checked")
+    for _ in range(2):  # the second lookup takes the guard the first one left
+        key, value = layouts.lookup(("op", torch.ones(4, 6), 3, None, torch.float32, (1, 128, 128)))  # contents are not in it
+        assert value == "checked" and key == signature(*values)
+    variants = [
+        ("op", x.to(torch.bfloat16), 3, None, torch.float32, (1, 128, 128)),  # dtype
+        ("op", torch.zeros(6, 4), 3, None, torch.float32, (1, 128, 128)),  # shape
+        ("op", torch.zeros(6, 4).t(), 3, None, torch.float32, (1, 128, 128)),  # strides
+        ("op", torch.zeros(4, 6, requires_grad=True), 3, None, torch.float32, (1, 128, 128)),  # requires_grad
+        ("op", torch.zeros(4, 6, device="meta"), 3, None, torch.float32, (1, 128, 128)),  # device
+        ("op", x, 3.0, None, torch.float32, (1, 128, 128)),  # an int and an equal float
+        ("op", x, True, None, torch.float32, (1, 128, 128)),  # an int and an equal bool
+        ("op", x, 3, False, torch.float32, (1, 128, 128)),  # None and False
+        ("op", x, 3, None, torch.bfloat16, (1, 128, 128)),
+        ("op", x, 3, None, torch.float32, (True, 128, 128)),  # a recipe's items are typed
+        ("op", x, 3, x, torch.float32, (1, 128, 128)),  # a tensor where None was
+        ("op", None, 3, x, torch.float32, (1, 128, 128)),  # the tensor in another position
+        ("op2", x, 3, None, torch.float32, (1, 128, 128)),
+        ("op", torch.nn.Parameter(x), 3, None, torch.float32, (1, 128, 128)),  # a subclass
+    ]
+    for variant in variants:
+        assert layouts.lookup(variant)[1] is None, variant
+    shapes = [torch.zeros(4, n) for n in range(1, 20)]  # more layouts of one pattern than it keeps guards for
+    for t in shapes:
+        v = ("op", t, 3, None, torch.float32, (1, 128, 128))
+        layouts.remember(v, signature(*v), t.shape[1])
+    for _ in range(2):
+        for t in shapes:
+            assert layouts.lookup(("op", torch.ones_like(t), 3, None, torch.float32, (1, 128, 128)))[1] == t.shape[1]
+    small = Layouts(limit=4)
+    for t in shapes:
+        small.remember((t,), signature(t))
+    assert len(small) <= 4 and small.lookup((shapes[-1],))[1] is True and small.lookup((shapes[0],))[1] is None
+    assert layouts.lookup(([x], 3)) == (None, None)  # a list: no signature, checked every call
+
+
+def test_layouts_find_a_remembered_layout_without_building_its_signature(monkeypatch: pytest.MonkeyPatch):
+    """The point of Layouts: a repeated layout is found by torch's tensor guard, the 3-4 us
+    signature is not built. (Without the guard, which is private to torch, lookups still work,
+    through signatures: this test then says the fast path is gone.)"""
+    from hal import layouts as module
+    from hal.checks import signature
+
+    layouts = module.Layouts()
+    values = ("op", torch.zeros(4, 6), 3, None, torch.zeros(2, dtype=torch.int32))
+    layouts.remember(values, signature(*values), "checked")
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the signature was built")
+
+    monkeypatch.setattr(module, "signature", refuse)
+    assert layouts.lookup(("op", torch.ones(4, 6), 3, None, torch.ones(2, dtype=torch.int32)))[1] == "checked"
+
+
 def _fp8_operands(m: int, n: int, k: int):
     a = torch.randn(m, k).to(torch.float8_e4m3fn)
     b = torch.randn(n, k).to(torch.float8_e4m3fn)
@@ -451,8 +516,9 @@ def test_in_range_of_2d_and_3d_values_agrees_on_every_path(shape, without_numpy)
 
 @pytest.mark.parametrize("seed", range(3))
 def test_contiguous_rows_agree_with_the_separate_checks_and_mapping(seed: int, without_numpy):
-    """contiguous_rows (one NumPy pass on CPU tensors) raises what the range check then the segment
-    check raise, in that order, and otherwise returns rows_by_block's mapping."""
+    """contiguous_rows (NumPy on CPU tensors: the changes of id one by one, or vectorised when there
+    are many) raises what the range check then the segment check raise, in that order, and
+    otherwise returns rows_by_block's mapping."""
     from hal.errors import HalError
 
     rng = random.Random(seed)
@@ -469,13 +535,14 @@ def test_contiguous_rows_agree_with_the_separate_checks_and_mapping(seed: int, w
 
     for _ in range(200):
         groups, values = rng.randint(1, 4), []
-        for _ in range(rng.randint(1, 4)):
-            block = [rng.randint(-1, groups - 1)] * (count := rng.randint(0, align)) + [-1] * (align - count)
-            for _ in range(rng.choice([0, 0, 1, 2])):
-                block[rng.randrange(align)] = rng.randint(-2, groups)  # out of range too
-            if rng.random() < 0.15:  # a well-formed segment of an id out of range
-                block = [rng.choice([groups, -2])] * max(count, 1) + [-1] * (align - max(count, 1))
-            values += block
+        blocks = rng.choice([1, 2, 3, 4, 48])  # 48 blocks: more id changes than are checked one by one
+        for _ in range(blocks):
+            values += [rng.randint(-1, groups - 1)] * (count := rng.randint(0, align)) + [-1] * (align - count)
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            values[rng.randrange(len(values))] = rng.randint(-2, groups)  # out of range too
+        if rng.random() < 0.15:  # a well-formed segment of an id out of range
+            start, count = rng.randrange(blocks) * align, rng.randint(1, align)
+            values[start : start + align] = [rng.choice([groups, -2])] * count + [-1] * (align - count)
         if rng.random() < 0.1:
             values = values[:-1]  # M not a multiple of the alignment
         m_indices = torch.tensor(values, dtype=torch.int32)

@@ -1,0 +1,119 @@
+"""Argument layouts whose structural checks passed, found again in about a microsecond.
+
+Engines call each operator with the same few layouts step after step, so an operator checks a
+layout (dtypes, shapes, strides, devices) once and remembers the verdict, keyed by
+:func:`hal.checks.signature`. Building that key reads five attributes of every tensor and hashes
+them: 3-4 us for a call of six tensors, which is most of a call's host overhead. :class:`Layouts`
+keeps the same memo and finds a remembered layout faster: the call's scalars (the operator's name,
+flags, ints: hashed as they are) pick a short list of remembered layouts, and each is compared
+with the call's tensors by torch's compiled tensor guard (``torch._C._dynamo.guards.TensorGuards``,
+what ``torch.compile`` runs before every compiled call: exact type, dispatch keys, dtype, device,
+requires_grad, sizes and strides, about 0.1 us a tensor). A guard that passes means the tensors
+have the signature it was built from; anything it cannot vouch for (torch without it, a subclass,
+a new layout) takes the signature path, so the guard only ever makes a lookup faster, never
+different.
+
+Values are remembered, never tensors: a guard holds sizes and strides, not references.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hal.checks import _SIGNABLE, signature
+
+__all__ = ["Layouts"]
+
+try:  # private to torch (stable since 2.0); without it every lookup takes the signature path
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except Exception:  # noqa: BLE001 - any failure to import means: not available
+    _TensorGuards = None
+
+_Tensor = torch.Tensor
+_TENSOR = (_Tensor, None)  # a tensor's place in a call's pattern
+_NONE = (type(None), None)
+_PER_PATTERN = 8  # guards tried per pattern of scalars (a failing guard costs 0.1-0.5 us)
+
+
+def _pattern(values: tuple[Any, ...]) -> tuple[tuple[Any, ...] | None, list[torch.Tensor]]:
+    """The call's scalars in place (typed: 512.0 and True must not pass as 512 and 1) with a mark
+    for each plain tensor, and the tensors in order; (None, []) when a value is neither."""
+    parts = []
+    tensors = []
+    for value in values:
+        if value is None:  # optional arguments, often several a call
+            parts.append(_NONE)
+            continue
+        kind = type(value)
+        if kind is _Tensor:
+            tensors.append(value)
+            parts.append(_TENSOR)
+        elif kind in _SIGNABLE:
+            parts.append((kind, value))
+        elif kind is tuple and all(type(item) in _SIGNABLE for item in value):  # DeepGEMM's recipes
+            parts.append((tuple, tuple((type(item), item) for item in value)))
+        else:  # a subclass, a list, a tuple holding a tensor: the signature path
+            return None, tensors
+    return tuple(parts), tensors
+
+
+class Layouts:
+    """What an operator's structural checks derived, per argument layout.
+
+    ``lookup(values)`` gives ``(key, value)``: the values' :func:`hal.checks.signature` (None when
+    it cannot describe them: check every call) and what :meth:`remember` stored under it (None
+    when the layout was not checked before). After the checks pass, ``remember(values, key,
+    value)`` (``value`` must not be None). ``limit`` layouts at most: a workload of ever-changing
+    shapes starts over.
+    """
+
+    __slots__ = ("_known", "_guarded", "_limit")
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._known: dict[tuple[Any, ...], Any] = {}
+        self._guarded: dict[tuple[Any, ...], list[tuple[Any, tuple[Any, ...], Any]]] = {}
+        self._limit = limit
+
+    def lookup(self, values: tuple[Any, ...]) -> tuple[tuple[Any, ...] | None, Any]:
+        pattern, tensors = _pattern(values)
+        if pattern is not None:
+            for guard, key, value in self._guarded.get(pattern, ()):
+                if guard.check(*tensors):
+                    return key, value
+        key = signature(*values)
+        if key is None:
+            return None, None
+        value = self._known.get(key)
+        if value is not None and pattern is not None:  # known, but not guarded (pushed out of its list)
+            self._guard(pattern, tensors, key, value)
+        return key, value
+
+    def remember(self, values: tuple[Any, ...], key: tuple[Any, ...] | None, value: Any = True) -> None:
+        if key is None or value is None:
+            return
+        if len(self._known) >= self._limit:
+            self._known.clear()
+            self._guarded.clear()
+        self._known[key] = value
+        pattern, tensors = _pattern(values)
+        if pattern is not None:
+            self._guard(pattern, tensors, key, value)
+
+    def clear(self) -> None:
+        self._known.clear()
+        self._guarded.clear()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def _guard(self, pattern: tuple[Any, ...], tensors: list[torch.Tensor], key: tuple[Any, ...], value: Any) -> None:
+        if _TensorGuards is None:
+            return
+        try:
+            guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        except Exception:  # noqa: BLE001 - a torch that builds guards differently: the signature path serves
+            return
+        # newest first; a new list replaces the old, so a lookup in another thread never sees one changing
+        self._guarded[pattern] = [(guard, key, value), *self._guarded.get(pattern, ())[: _PER_PATTERN - 1]]
