@@ -63,10 +63,11 @@ class Layouts:
     """What an operator's structural checks derived, per argument layout.
 
     ``lookup(values)`` gives ``(key, value)``: the values' :func:`hal.checks.signature` (None when
-    it cannot describe them: check every call) and what :meth:`remember` stored under it (None
-    when the layout was not checked before). After the checks pass, ``remember(values, key,
-    value)`` (``value`` must not be None). ``limit`` layouts at most: a workload of ever-changing
-    shapes starts over.
+    it cannot describe them, or ``values`` is None: check every call) and what :meth:`remember`
+    stored under it (None when the layout was not checked before). After the checks pass,
+    ``remember(values, key, value)`` with the key lookup gave (``value`` must not be None; a None
+    key remembers nothing). ``limit`` layouts at most: a workload of ever-changing shapes starts
+    over.
     """
 
     __slots__ = ("_known", "_guarded", "_limit")
@@ -76,7 +77,9 @@ class Layouts:
         self._guarded: dict[tuple[Any, ...], list[tuple[Any, tuple[Any, ...], Any]]] = {}
         self._limit = limit
 
-    def lookup(self, values: tuple[Any, ...]) -> tuple[tuple[Any, ...] | None, Any]:
+    def lookup(self, values: tuple[Any, ...] | None) -> tuple[tuple[Any, ...] | None, Any]:
+        if values is None:  # arguments the caller could not even lay out (a non-tuple operand)
+            return None, None
         pattern, tensors = _pattern(values)
         if pattern is not None:
             for guard, key, value in self._guarded.get(pattern, ()):
@@ -90,12 +93,11 @@ class Layouts:
             self._guard(pattern, tensors, key, value)
         return key, value
 
-    def remember(self, values: tuple[Any, ...], key: tuple[Any, ...] | None, value: Any = True) -> None:
+    def remember(self, values: tuple[Any, ...] | None, key: tuple[Any, ...] | None, value: Any = True) -> None:
         if key is None or value is None:
             return
         if len(self._known) >= self._limit:
-            self._known.clear()
-            self._guarded.clear()
+            self.clear()
         self._known[key] = value
         pattern, tensors = _pattern(values)
         if pattern is not None:

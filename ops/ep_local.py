@@ -266,7 +266,7 @@ def ep_combine_reduce(
         return torch.ops.hal.ep_combine_reduce(whole, src_idx, num_tokens, weights)
     given = (rows,) if type(rows) is torch.Tensor else rows if type(rows) is tuple else None
     values = (len(given), *given, src_idx, num_tokens, weights) if given else None
-    key, known = _COMBINE_LAYOUTS.lookup(values) if values is not None else (None, None)
+    key, known = _COMBINE_LAYOUTS.lookup(values)
     if known is not None:
         segments = given
     else:
@@ -277,8 +277,7 @@ def ep_combine_reduce(
         if weights is not None:
             expect_tensor(op, "weights", weights, dtypes=torch.float32, shape=(total,), dims=("S",))
         expect_same_device(op, "rows", segments[0], src_idx=src_idx, weights=weights)
-        if values is not None:
-            _COMBINE_LAYOUTS.remember(values, key)
+        _COMBINE_LAYOUTS.remember(values, key)
     first = segments[0]
     if not values_within(src_idx, 0, num_tokens):
         expect_in_range(

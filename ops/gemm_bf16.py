@@ -23,7 +23,6 @@ from hal.layouts import Layouts
 from hal.operator import declare
 from hal.ops import gemm as v1
 from hal.ops import gemm_v2
-from hal.ops.fp8_quant import BLOCK
 
 __all__ = [
     "GEMM_BF16_NT", "M_GROUPED_BF16_CONTIGUOUS", "M_GROUPED_BF16_MASKED",
@@ -52,12 +51,6 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
     return v1._padded_to_blocks(gemm_v2._k_major(x))
 
 
-def _as_they_are(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether A and B (K-major views) go to a backend as they are: contiguous, K whole blocks. A
-    function of the layout, so it is remembered with it (two copies' checks cost 3 us a call)."""
-    return a.shape[-1] % BLOCK == 0 and a.is_contiguous() and b.is_contiguous()
-
-
 def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None, transpose_a: bool, transpose_b: bool) -> None:
     if torch.compiler.is_compiling():  # one opaque node (each k-grouped group's too); checks run when the graph runs
         return torch.ops.hal.gemm_bf16_nt(a, b, d, c, gemm_v2.LAYOUTS[(transpose_a, transpose_b)])
@@ -72,7 +65,7 @@ def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.
             raise ShapeError(op, "b", f"K = {at.shape[1]} (a's)", f"K = {bt.shape[1]}", "Give a and b the same K.")
         gemm_v2._output(op, d, c, (at.shape[0], bt.shape[0]), (BF16, torch.float32))
         expect_same_device(op, "a", a, b=b, d=d, c=c)
-        known = _as_they_are(at, bt)
+        known = v1.as_they_are(at, bt)
         _LAYOUTS.remember(values, key, known)
     a = a.transpose(0, 1) if transpose_a else a
     b = b.transpose(0, 1) if transpose_b else b
@@ -138,7 +131,7 @@ def _grouped(op: str, a, b, d, grouped_layout, use_psum_layout: bool, transpose_
     key, known = _LAYOUTS.lookup(values)
     if known is None:
         _check_grouped_layouts(op, a, b, d, grouped_layout, use_psum_layout, transpose_b)
-        known = _as_they_are(a, b.transpose(1, 2) if transpose_b else b)
+        known = v1.as_they_are(a, b.transpose(1, 2) if transpose_b else b)
         _LAYOUTS.remember(values, key, known)
     b = b.transpose(1, 2) if transpose_b else b
     m = a.shape[0]
@@ -178,7 +171,7 @@ def m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m, compiled_dims: 
         expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(a.shape[0],), dims=("G",))
         expect_int(op, "expected_m", expected_m, minimum=1)
         expect_same_device(op, "a", a, b=b, d=d, masked_m=masked_m)
-        known = _as_they_are(a, b)
+        known = v1.as_they_are(a, b)
         _LAYOUTS.remember(values, key, known)
     groups, m_max, _ = a.shape
     n = b.shape[1]

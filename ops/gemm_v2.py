@@ -141,14 +141,12 @@ def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | Non
         (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
         torch.ops.hal.fp8_gemm(av, asf, bv, bsf, d, c, _listed(recipe), _listed(recipe_a), _listed(recipe_b), LAYOUTS[(transpose_a, transpose_b)])
         return
-    key = plan = values = None
-    if type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2:
-        values = (op, *a, *b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
-        key, plan = _DENSE_PLANS.lookup(values)
+    pairs = type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
+    values = (op, *a, *b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b) if pairs else None
+    key, plan = _DENSE_PLANS.lookup(values)
     if plan is None:
         plan = _dense_plan(op, a, b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
-        if values is not None:
-            _DENSE_PLANS.remember(values, key, plan)
+        _DENSE_PLANS.remember(values, key, plan)
     m, n, k, features = plan
     (av, asf), (bv, bsf) = a, b
     if transpose_a:

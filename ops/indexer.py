@@ -160,12 +160,11 @@ def fp8_fp4_mqa_logits(
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mqa_logits(q, kv[0], kv[1], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
     values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype) if type(kv) is tuple else None
-    key, features = _MQA_LAYOUTS.lookup(values) if values is not None else (None, None)
+    key, features = _MQA_LAYOUTS.lookup(values)
     if features is None:
         _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
         features = _features(logits_dtype, weights, compressed=max_seqlen_k > 0)
-        if values is not None:
-            _MQA_LAYOUTS.remember(values, key, features)
+        _MQA_LAYOUTS.remember(values, key, features)
     k, sf = kv
     seq_len_kv = k.shape[0]
     if not all_within((cu_seq_len_k_start, cu_seq_len_k_end), 0, seq_len_kv + 1):

@@ -249,8 +249,7 @@ def decode_v2(
     if features is None:
         features = _check_layouts_v2(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
                                      extra_indices, topk_length, extra_topk_length, dense_layout)
-        if layout.values is not None:
-            _LAYOUTS.remember(layout.values, layout.key, features)
+        _LAYOUTS.remember(layout.values, layout.key, features)
     if indices is None:
         dense_contents(k_cache)
     else:
