@@ -10,7 +10,11 @@ arguments and results). Then, interleaved in one run, three things are timed:
 - ``direct_us``: the same implementations called directly;
 - ``overhead_us``: the public calls with every implementation replaced by its recorded result
   (selection still runs; the replacement is put in place once per batch of calls): the host
-  path alone.
+  path alone;
+- ``stepping_us``, for operators with an int argument that an engine changes every step
+  (``max_context_len``, ``expected_m``, ``max_seqlen_k``): the same host path with that argument
+  one larger on every call, as in a decoding loop, so that a layout memo keyed by the value
+  (checks again every step) shows; None for the other operators.
 
 The third is what is reported as overhead. ``public - direct`` (``difference_us`` in the JSON)
 should say the same but carries the noise of both kernels' timings, which for kernels of hundreds
@@ -27,7 +31,7 @@ attention call, so an operator's row times its call with the schedule its case m
 and each schedule function gets a row of its own whose whole time counts as host overhead
 (its "direct" column is empty).
 
-    python -m hal.bench.overhead [--op NAME ...] [--json]
+    python -m hal.bench.overhead [--op NAME ...] [--case ID ...] [--json]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import argparse
 import contextlib
 import fnmatch
 import importlib
+import inspect
 import itertools
 import json
 import statistics
@@ -53,6 +58,10 @@ __all__ = ["measure", "main"]
 
 # Schedule functions a case calls before its operator (a public call each, made once per step).
 _SCHEDULES = ("get_mla_metadata", "get_paged_mqa_logits_metadata")
+
+# Int arguments an engine may change every step without changing a tensor's layout (the longest
+# context, the expected rows per group, the compressed logits' width): ``stepping_us`` grows them.
+_PER_STEP = ("max_context_len", "expected_m", "max_seqlen_k")
 
 # Marks in case ids of inputs the public path copies, pads or unpacks (UE8M0 scales) before the
 # backend sees them.
@@ -156,6 +165,35 @@ def _public_calls(made: list[PublicCall], case: Case) -> Iterator[None]:
                 setattr(namespace, name, function)
 
 
+def _stepping(operator_calls: list[PublicCall]) -> Callable[[], Any] | None:
+    """The public calls with each positive per-step int argument (``_PER_STEP``) one larger on
+    every call; None when no call has one."""
+    plans = []
+    found = False
+    for _, function, args, kwargs in operator_calls:
+        bound = inspect.signature(function).bind(*args, **kwargs)
+        # 0 is a mode, not a size (max_seqlen_k = 0: the full logits), and stays as it is
+        names = [name for name in _PER_STEP if type(bound.arguments.get(name)) is int and bound.arguments[name] > 0]
+        found = found or bool(names)
+        plans.append((function, bound, names))
+    if not found:
+        return None
+    step = itertools.count(1)
+
+    def calls() -> None:
+        n = next(step)
+        for function, bound, names in plans:
+            if names:
+                arguments = dict(bound.arguments)
+                for name in names:
+                    arguments[name] = bound.arguments[name] + n
+                function(**arguments)
+            else:
+                function(*bound.args, **bound.kwargs)
+
+    return calls
+
+
 def _median_us(fn: Callable[[], Any], batch: int) -> Callable[[], float]:
     def once() -> float:
         start = time.perf_counter()
@@ -166,23 +204,24 @@ def _median_us(fn: Callable[[], Any], batch: int) -> Callable[[], float]:
     return once
 
 
-def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.05) -> list[dict[str, Any]]:
+def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.05, cases: list[str] | None = None) -> list[dict[str, Any]]:
     """One record per operator: ``public_us``, ``direct_us``, ``overhead_us`` (medians of
-    ``repeats`` interleaved batches), the case, and the backend(s) reached."""
+    ``repeats`` interleaved batches), the case, and the backend(s) reached. ``cases``: id patterns;
+    the smallest matching case of each operator is timed (default: its smallest usual case)."""
     by_op: dict[str, list[Case]] = {}
     for case in select_cases(quick=True):
-        if not ops or any(fnmatch.fnmatch(case.op, p) for p in ops):
+        if (not ops or any(fnmatch.fnmatch(case.op, p) for p in ops)) and (not cases or any(fnmatch.fnmatch(case.id, p) for p in cases)):
             by_op.setdefault(case.op, []).append(case)
     records = []
     schedule_rows: dict[str, dict[str, Any]] = {}
-    for op, cases in sorted(by_op.items()):
+    for op, of_op in sorted(by_op.items()):
         if op.startswith("ep_") and op not in ("ep_dispatch_layout", "ep_pack", "ep_unpack", "ep_combine_reduce"):
             continue
         # Cases that build their schedule outside the public API (``schedule_sms``: another GPU's
         # schedule, given to every backend) are not what a user's call does; cases built to make the
         # public path convert an input (a partial K block padded, a strided or transposed operand
         # copied) time that copy, which is work, not overhead.
-        usual = [c for c in cases if c.params.get("schedule_sms") is None and not any(t in c.id for t in _CONVERTING)] or cases
+        usual = of_op if cases else [c for c in of_op if c.params.get("schedule_sms") is None and not any(t in c.id for t in _CONVERTING)] or of_op
         case = min(usual, key=_size)
         inputs = copied_to(case.family.build(case.params, torch.Generator().manual_seed(case.seed)), "cpu")
         calls: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
@@ -209,14 +248,14 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
                 timer()
                 us = statistics.median(timer() for _ in range(repeats))
                 schedule_rows[name] = {"op": name, "case": case.id, "public": [name], "backends": [], "hal_calls": 0, "public_us": us, "direct_us": None,
-                                       "overhead_us": us, "batch": 200, "repeats": repeats}
+                                       "overhead_us": us, "stepping_us": None, "batch": 200, "repeats": repeats}
 
         def direct() -> Any:
             for _, implementation, arguments in calls:
                 implementation(**arguments)
 
-        def host(batch: int) -> Callable[[], float]:  # the public calls with each kernel replaced by its recorded result
-            timer = _median_us(public, batch)
+        def host(batch: int, calls: Callable[[], Any] = public) -> Callable[[], float]:  # the public calls with each kernel replaced by its recorded result
+            timer = _median_us(calls, batch)
 
             def once() -> float:
                 with _recording(calls, results, replay=True):
@@ -228,6 +267,9 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
         public()
         batch = max(1, min(2000, int(budget_s / max(time.perf_counter() - start, 1e-7))))
         timers = {"public": _median_us(public, batch), "direct": _median_us(direct, batch), "host": host(500)}
+        stepping = _stepping(operator_calls)
+        if stepping is not None:
+            timers["stepping"] = host(500, stepping)
         for timer in timers.values():  # warm-up
             timer()
         samples: dict[str, list[float]] = {name: [] for name in timers}
@@ -238,7 +280,7 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
         records.append({
             "op": op, "case": case.id, "public": [name for name, *_ in operator_calls], "backends": sorted({name for name, _, _ in calls}),
             "hal_calls": len(calls), "public_us": median["public"], "direct_us": median["direct"],
-            "overhead_us": median["host"], "difference_us": median["public"] - median["direct"],
+            "overhead_us": median["host"], "stepping_us": median.get("stepping"), "difference_us": median["public"] - median["direct"],
             "batch": batch, "repeats": repeats,
         })
     return records + [schedule_rows[name] for name in sorted(schedule_rows)]
@@ -247,22 +289,24 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hal.bench.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", action="append", default=[], help="operator name or pattern (repeatable; default: all)")
+    parser.add_argument("--case", action="append", default=[], help="case id pattern (repeatable): time these cases, not each operator's smallest usual one")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny inputs: threads only add noise to host timings
-    records = measure(args.op or None, args.repeats)
+    records = measure(args.op or None, args.repeats, cases=args.case or None)
     if args.json:
         json.dump(records, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(f"{'operator':34s} {'backend':12s} {'public us':>10s} {'direct us':>10s} {'overhead us':>12s}  (host path alone)")
+    print(f"{'operator':34s} {'backend':12s} {'public us':>10s} {'direct us':>10s} {'overhead us':>12s} {'stepping us':>12s}  (host path alone)")
     for r in records:
         if "skipped" in r:
             print(f"{r['op']:34s} skipped: {r['skipped']}")
             continue
         direct = "-" if r["direct_us"] is None else f"{r['direct_us']:.1f}"
-        print(f"{r['op']:34s} {','.join(r['backends']) or '(host)':12s} {r['public_us']:10.1f} {direct:>10s} {r['overhead_us']:12.1f}")
+        stepping = "-" if r.get("stepping_us") is None else f"{r['stepping_us']:.1f}"
+        print(f"{r['op']:34s} {','.join(r['backends']) or '(host)':12s} {r['public_us']:10.1f} {direct:>10s} {r['overhead_us']:12.1f} {stepping:>12s}")
     return 0
 
 

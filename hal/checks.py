@@ -205,9 +205,16 @@ def _within(np: Any, values: Any, low: int, high: int) -> bool:
     return bool(np.minimum.reduce(values, axis=None) >= low and np.maximum.reduce(values, axis=None) < high)
 
 
-# Up to this many elements, value checks read CPU tensors as Python lists: tolist() and min/max cost
-# about 0.2 + 0.02 us per element, where NumPy's conversion and reduction cost 2 us at any size.
+# Up to this many elements, value checks that work on Python lists (a row's pages, a bucket's count)
+# read CPU tensors as lists: tolist() costs about 0.4 + 0.03 us per element, where NumPy's conversion
+# and reduction cost 2-3 us at any size.
 SMALL = 64
+# A bare range test (min and max, nothing else) reads a list only up to these sizes: past them one
+# torch.aminmax (1.8-1.9 us at any small size) is faster. Measured, int32, 1-d: 16 elements 1.0 us
+# as a list, 24 1.3, 32 1.6, 64 2.6; 2-d lists cost 0.5 us more (a list per row); 3-d ones more
+# still (a 1 x 2 x 32 table 3.6 us, against 1.9), so they always take aminmax.
+_LISTED_1D = 24
+_LISTED_2D = 16
 # Up to this many elements a CPU reduction runs on torch's calling thread (its grain size is 32768):
 # aminmax then costs 1.5-2 us where NumPy's conversion and two reductions cost 3. Past it, torch
 # wakes its pool, which on busy cores can wait milliseconds for a time slice; NumPy stays on one.
@@ -225,14 +232,14 @@ def values_within(values: torch.Tensor, low: int, high: int, *, synchronised: bo
         return True
     if values.dtype == torch.bool:
         return bool(not _outside(values, low, high).any())
-    if values.numel() <= SMALL and not values.is_floating_point() and optional.host_readable(values):
+    dims = values.dim()
+    if dims <= 2 and values.numel() <= (_LISTED_1D if dims == 1 else _LISTED_2D) and not values.is_floating_point() and optional.host_readable(values):
         listed = values.tolist()
-        if values.dim() == 1:
+        if dims == 1:
             return low <= min(listed) and max(listed) < high
-        if values.dim() == 2:
+        if dims == 2:
             return low <= min(map(min, listed)) and max(map(max, listed)) < high
-        flat = values.reshape(-1).tolist()
-        return low <= min(flat) and max(flat) < high
+        return low <= listed < high  # a 0-d tensor: one number
     if values.numel() > ONE_THREAD:
         np = optional.numpy_for(values) if not values.is_floating_point() else None
         if np is not None:
@@ -467,7 +474,14 @@ def expect_rows_in_range(
 
 # ---- signatures: structural checks run once per argument layout ------------------------------
 
-_SIGNABLE = frozenset((int, float, bool, str, type(None), torch.dtype))
+class IntBucket(int):
+    """How many of its checks' bounds a per-step int reaches (:func:`hal.layouts.int_bucket`): a
+    type of its own, so that no argument a caller passes can pass as one in a key."""
+
+    __slots__ = ()
+
+
+_SIGNABLE = frozenset((int, float, bool, str, type(None), torch.dtype, IntBucket))
 _NONE_PART = (type(None), None)
 
 

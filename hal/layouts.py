@@ -14,6 +14,10 @@ a new layout) takes the signature path, so the guard only ever makes a lookup fa
 different.
 
 Values are remembered, never tensors: a guard holds sizes and strides, not references.
+
+An int that an engine changes every step (the longest context, the expected rows per group) would
+make every step a new layout, checked again. Callers key such an int by :func:`int_bucket`: which
+of the bounds its checks compare it with it reaches, not its value.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from typing import Any
 
 import torch
 
-from hal.checks import _SIGNABLE, signature
+from hal.checks import _SIGNABLE, IntBucket, signature
 
-__all__ = ["Layouts"]
+__all__ = ["Layouts", "int_bucket"]
 
 try:  # private to torch (stable since 2.0); without it every lookup takes the signature path
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
@@ -35,6 +39,23 @@ _Tensor = torch.Tensor
 _TENSOR = (_Tensor, None)  # a tensor's place in a call's pattern
 _NONE = (type(None), None)
 _PER_PATTERN = 8  # guards tried per pattern of scalars (a failing guard costs 0.1-0.5 us)
+
+
+_BUCKETS = tuple(IntBucket(n) for n in range(8))
+
+
+def int_bucket(value: object, *bounds: int) -> object:
+    """``value``'s part in a layout key when it is a per-step int: how many of ``bounds`` (ascending)
+    it reaches (``value >= bound``), so that 4097 and 4098 share a layout. The caller lists every
+    bound at which its structural checks, or what it derives from them, change (``expected_m``:
+    ``(1,)``; ``max_seqlen_k``, 0 meaning off: ``(0, 1)``; at most 7 bounds). Anything but an int (a bool, a float,
+    None, a tensor) is returned as it is, keyed as such, so the checks see it and name it."""
+    if type(value) is not int:
+        return value
+    reached = 0
+    for bound in bounds:
+        reached += value >= bound
+    return _BUCKETS[reached]  # a scalar of its own type: keyed as cheaply as an int
 
 
 def _pattern(values: tuple[Any, ...]) -> tuple[tuple[Any, ...] | None, list[torch.Tensor]]:

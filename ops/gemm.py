@@ -29,7 +29,7 @@ from hal import optional
 from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
-from hal.layouts import Layouts
+from hal.layouts import Layouts, int_bucket
 from hal.operator import Feature, declare
 from hal.ops.fp8_quant import BLOCK
 
@@ -141,7 +141,9 @@ def _check_operands(
     a multiple of 128 (DeepGEMM accepts any K; its last K block is then partial).
     """
     pairs = type(lhs) is tuple and type(rhs) is tuple and len(lhs) == len(rhs) == 2
-    values = (op, groups, lhs_groups, *lhs, *rhs, out, *more) if pairs else None
+    # expected_m (masked) is a hint that may change every step: keyed by whether it is an int >= 1
+    keyed = (more[0], int_bucket(more[1], 1)) if len(more) == 2 else more
+    values = (op, groups, lhs_groups, *lhs, *rhs, out, *keyed) if pairs else None
     key, ready = _LAYOUTS.lookup(values)
     if ready is None:
         _check_operand_layouts(op, lhs, rhs, out, groups=groups, lhs_groups=lhs_groups)

@@ -32,7 +32,7 @@ from hal.checks import (
 )
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
-from hal.layouts import Layouts
+from hal.layouts import Layouts, int_bucket
 from hal.operator import Feature, declare
 
 __all__ = [
@@ -159,7 +159,8 @@ def fp8_fp4_mqa_logits(
     q = _unpack_q(op, q)
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mqa_logits(q, kv[0], kv[1], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
-    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype) if type(kv) is tuple else None
+    # max_seqlen_k, the longest row's keys, changes with the batch: keyed by off / on, not by value
+    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, int_bucket(max_seqlen_k, 0, 1), logits_dtype) if type(kv) is tuple else None
     key, features = _MQA_LAYOUTS.lookup(values)
     if features is None:
         _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
@@ -361,7 +362,8 @@ def fp8_fp4_paged_mqa_logits(
         return torch.ops.hal.paged_mqa_logits(
             q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
         )
-    values = (q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)
+    # max_context_len may grow every step: its layout check is "an int >= 0"; its value is checked below
+    values = (q, kv_cache, weights, context_lens, block_table, schedule_meta, int_bucket(max_context_len, 0), logits_dtype, indices)
     key, features = _PAGED_LAYOUTS.lookup(values)
     if features is None:
         _check_paged_layouts(op, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)

@@ -30,7 +30,7 @@ from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.layouts import Layouts
 from hal.operator import Feature, declare
-from hal.ops.mla_fp8_cache import MODEL1_DIM, check_fp8_kv_cache, check_model1_kv_cache
+from hal.ops.mla_fp8_cache import MODEL1_DIM, MODEL1_TOKEN_BYTES, check_fp8_kv_cache, check_model1_kv_cache
 
 __all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "Layout", "NO_LAYOUT", "layout_of", "decode_v2", "flash_mla_sparse_fwd", "dense_window_indices"]
 
@@ -214,21 +214,33 @@ class Layout(NamedTuple):
 NO_LAYOUT = Layout(None, None, None)
 
 
+def _pages_fit(cache: object) -> object:
+    """What a MODEL1 cache's layout check reads beyond its signature: whether its last page ends
+    within its storage (the storage's offset and size; the rest of the check reads the shape and
+    strides, which the signature holds). None for anything but a plain 4-d tensor, which the checks
+    then name."""
+    if type(cache) is not torch.Tensor or cache.dim() != 4:
+        return None
+    blocks, page = cache.shape[:2]
+    return cache.storage_offset() + (blocks - 1) * cache.stride(0) + page * MODEL1_TOKEN_BYTES <= cache.untyped_storage().nbytes()
+
+
 def layout_of(
     q: object, k_cache: object, block_table: object, cache_seqlens: object, head_dim_v: object, causal: object, is_fp8_kvcache: object,
     indices: object, attn_sink: object, extra_k_cache: object, extra_indices: object, topk_length: object, extra_topk_length: object,
 ) -> Layout:
     """A V3.2 call's layout, looked up once: its signature, and its features when it passed every
     check before (q's and head_dim_v's included). No key where the layout checks must run every
-    call: the MODEL1 cache, whose check reads the storage's extent (which no signature holds),
-    ``causal`` or ``is_fp8_kvcache`` given as anything but a bool or int (a signature keys a tensor
-    by its layout, not its value), and anything a signature cannot describe."""
-    if is_fp8_kvcache and type(q) is torch.Tensor and q.dim() == 4 and q.shape[-1] == MODEL1_DIM:
-        return NO_LAYOUT
+    call: ``causal`` or ``is_fp8_kvcache`` given as anything but a bool or int (a signature keys a
+    tensor by its layout, not its value), and anything a signature cannot describe. The MODEL1
+    cache's check also reads where its pages lie in their storage, which no signature holds: its
+    layout is told by whether the caches' pages fit their storages too."""
     if type(causal) not in _FLAGS or type(is_fp8_kvcache) not in _FLAGS:  # a tensor flag: its value is no part of a signature
         return NO_LAYOUT
     values = (q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
               topk_length, extra_topk_length)
+    if is_fp8_kvcache and type(q) is torch.Tensor and q.dim() == 4 and q.shape[-1] == MODEL1_DIM:
+        values += (_pages_fit(k_cache), _pages_fit(extra_k_cache))
     key, features = _LAYOUTS.lookup(values)
     return Layout(values, key, features) if key is not None else NO_LAYOUT
 

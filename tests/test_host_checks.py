@@ -28,6 +28,8 @@ def without_numpy(monkeypatch: pytest.MonkeyPatch):
     def switch(off: bool | str) -> None:
         monkeypatch.setattr(optional, "_NUMPY", False if off is True else None)
         monkeypatch.setattr(checks, "SMALL", 64 if off == "lists" else 0)
+        monkeypatch.setattr(checks, "_LISTED_1D", 24 if off == "lists" else 0)
+        monkeypatch.setattr(checks, "_LISTED_2D", 16 if off == "lists" else 0)
 
     return switch
 
@@ -497,7 +499,7 @@ def test_index_contents_are_checked_on_every_call_after_the_layout_passed(op: st
         case.family.run(broken)
 
 
-@pytest.mark.parametrize("shape", [(3, 2), (2, 1, 3), (1, 5)])
+@pytest.mark.parametrize("shape", [(3, 2), (2, 1, 3), (1, 5), (), (7,), (30,), (4, 5), (2, 2, 32)])
 def test_in_range_of_2d_and_3d_values_agrees_on_every_path(shape, without_numpy):
     from hal.checks import values_within
 
@@ -557,3 +559,101 @@ def test_contiguous_rows_agree_with_the_separate_checks_and_mapping(seed: int, w
                 assert isinstance(got, torch.Tensor) and got.dtype == torch.int32 and torch.equal(got, expected), (off, values)
             else:
                 assert got == expected, (off, values)
+
+
+def test_per_step_ints_keep_their_layout_and_are_still_checked(monkeypatch: pytest.MonkeyPatch):
+    """An int an engine changes every step (the paged logits' max_context_len, the masked GEMMs'
+    expected_m, the compressed logits' max_seqlen_k) does not make a new layout: the structural
+    checks run once over many values. A value the checks refuse still raises after the layout was
+    remembered, as does another type (a float, a bool) and the compressed mode's other bound."""
+    from hal.conformance.catalogue import select_cases
+    from hal.errors import HalError
+    from hal.ops import gemm_bf16, indexer
+
+    case = select_cases(quick=True, ops=["paged_mqa_logits"])[0]
+    inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
+    runs = []
+    real = indexer._check_paged_layouts
+    monkeypatch.setattr(indexer, "_check_paged_layouts", lambda *a: runs.append(1) or real(*a))
+    q, kv, weights, lens, table = (inputs[k] for k in ("q", "kv_cache", "weights", "context_lens", "block_table"))
+    meta = hal.get_paged_mqa_logits_metadata(lens, kv.shape[1], 4)
+    call = hal.fp8_fp4_paged_mqa_logits
+    longest = int(lens.max())
+    first = call(q, kv, weights, lens, table, meta, longest, False)
+    indexer._PAGED_LAYOUTS.clear()
+    runs.clear()
+    for step in range(6):
+        out = call(q, kv, weights, lens, table, meta, longest + step, False)
+        assert out.shape[-1] == longest + step
+        torch.testing.assert_close(out[..., :longest], first, equal_nan=True)
+    assert len(runs) == 1
+    for bad in (-1, float(longest), True):
+        with pytest.raises(HalError, match="max_context_len|context_lens"):
+            call(q, kv, weights, lens, table, meta, bad, False)
+
+    # the masked GEMMs' expected_m (FP8 and BF16)
+    lhs, rhs = _fp8_operands(4, 256, 256)
+    masked_lhs = (lhs[0][None].expand(2, -1, -1).contiguous(), lhs[1][None].expand(2, -1, -1).contiguous())
+    grouped_rhs = (rhs[0][None].expand(2, -1, -1).contiguous(), rhs[1][None].expand(2, -1, -1).contiguous())
+    out = torch.empty(2, 4, 256, dtype=torch.bfloat16)
+    masked_m = torch.tensor([4, 1], dtype=torch.int32)
+    gemm._LAYOUTS.clear()
+    for expected_m in range(1, 6):
+        hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, out, masked_m, expected_m)
+    assert len(gemm._LAYOUTS) == 1
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(HalError, match="expected_m"):
+            hal.m_grouped_gemm_fp8_fp8_bf16_nt_masked(masked_lhs, grouped_rhs, out, masked_m, bad)
+    a = torch.randn(2, 4, 64, dtype=torch.bfloat16)
+    b = torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    d = torch.empty(2, 4, 32, dtype=torch.bfloat16)
+    gemm_bf16._LAYOUTS.clear()
+    for expected_m in range(1, 6):
+        hal.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+    assert len(gemm_bf16._LAYOUTS) == 1
+    for bad in (0, 2.0, True):
+        with pytest.raises(HalError, match="expected_m"):
+            hal.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, bad)
+
+
+def test_compressed_logits_width_keeps_its_layout_and_its_checks(monkeypatch: pytest.MonkeyPatch):
+    """mqa_logits' max_seqlen_k: 0 (full) and > 0 (compressed) are different layouts (the latter
+    refuses clean_logits), one layout for every positive width, a negative one refused."""
+    from hal.errors import ArgumentError, HalError
+    from hal.ops import indexer
+
+    seq_len, seq_len_kv, heads, dim = 3, 40, 4, 32
+    q = torch.randn(seq_len, heads, dim).to(torch.float8_e4m3fn)
+    kv = (torch.randn(seq_len_kv, dim).to(torch.float8_e4m3fn), torch.rand(seq_len_kv) + 0.5)
+    weights = torch.randn(seq_len, heads)
+    start = torch.tensor([0, 5, 10], dtype=torch.int32)
+    end = torch.tensor([20, 30, 40], dtype=torch.int32)
+    runs = []
+    real = indexer._check_mqa_layouts
+    monkeypatch.setattr(indexer, "_check_mqa_layouts", lambda *a: runs.append(1) or real(*a))
+    indexer._MQA_LAYOUTS.clear()
+    full = hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=False)
+    for width in (30, 31, 35, 40):
+        out = hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=False, max_seqlen_k=width)
+        assert out.shape == (seq_len, width)
+        for i in range(seq_len):
+            n = min(width, int(end[i] - start[i]))
+            torch.testing.assert_close(out[i, :n], full[i, int(start[i]) : int(start[i]) + n])
+    assert len(runs) == 2  # full, then compressed
+    with pytest.raises(ArgumentError, match="clean_logits"):
+        hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=True, max_seqlen_k=33)
+    with pytest.raises(HalError, match="max_seqlen_k"):
+        hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=False, max_seqlen_k=-2)
+
+
+def test_int_bucket_tells_the_bounds_apart():
+    from hal.layouts import int_bucket
+
+    assert int_bucket(5, 1) == int_bucket(10**9, 1) != int_bucket(0, 1) == int_bucket(-7, 1)
+    assert len({int_bucket(v, 0, 1) for v in (-1, 0, 1, 2)}) == 3
+    for other in (True, 1.0, None, "1"):
+        assert int_bucket(other, 1) is other
+    # a bucket is keyed apart from the int of the same value a caller might pass
+    from hal.checks import signature
+
+    assert signature(int_bucket(5, 1)) != signature(1) and signature(int_bucket(0, 1)) != signature(0)

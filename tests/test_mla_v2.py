@@ -345,6 +345,14 @@ def test_model1_cache_layout_and_sparse_decode():
     overlapping = cache.as_strided(cache.shape, (page * 584 - 8, 584, 584, 1))  # pages that overlap: not FlashMLA's layout
     with pytest.raises(hal.LayoutError):
         flash_mla.flash_mla_with_kvcache(q, overlapping, None, None, 512, flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True, indices=indices)
+    # The layout is remembered (its pages fit their storage; the call above). The same shape and
+    # strides over a storage that ends before the last page does (made by shrinking the storage
+    # under a view: torch refuses to make such a view) still raise.
+    storage = torch.UntypedStorage(cache.untyped_storage().nbytes())
+    short = torch.empty(0, dtype=torch.float8_e4m3fn).set_(storage, cache.storage_offset(), cache.shape, cache.stride())
+    storage.resize_(storage.nbytes() - 576)
+    with pytest.raises(hal.LayoutError):
+        flash_mla.flash_mla_with_kvcache(q, short, None, None, 512, flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True, indices=indices)
     with pytest.raises(hal.ShapeError):  # 512-wide queries need the MODEL1 cache and sparse indices
         flash_mla.flash_mla_with_kvcache(q, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 512,
                                          flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True)

@@ -73,3 +73,28 @@ def test_schedules_get_rows_of_their_own_and_operators_are_timed_without_them():
     assert records["mla_decode"]["public"] == ["flash_mla_with_kvcache"]  # the schedule was made before, once
     assert records["get_mla_metadata"]["direct_us"] is None and records["get_mla_metadata"]["public_us"] > 0
     assert records["ep_pack"]["public"] == ["ep_pack"]  # a function the case imported by name is found too
+
+
+def test_stepping_grows_per_step_ints_and_cases_can_be_chosen():
+    """``stepping_us`` times the host path with each per-step int one larger every call (only for
+    operators that take one); ``cases`` picks the timed case by id."""
+    from hal.bench.overhead import _stepping, measure
+
+    records = {r["op"]: r for r in measure(["paged_mqa_logits", "ep_pack"], repeats=3, budget_s=0.005)}
+    assert math.isfinite(records["paged_mqa_logits"]["stepping_us"]) and records["ep_pack"]["stepping_us"] is None
+    seen = []
+
+    def paged(q, max_context_len, clean_logits=False):
+        seen.append(max_context_len)
+
+    calls = _stepping([("paged", paged, ("q", 40), {"clean_logits": True})])
+    for _ in range(3):
+        calls()
+    assert seen == [41, 42, 43]
+    assert _stepping([("logits", lambda q, max_seqlen_k=0: None, ("q",), {"max_seqlen_k": 0})]) is None  # 0 is a mode: not stepped
+
+    from hal.conformance.catalogue import select_cases
+
+    wanted = [c.id for c in select_cases(quick=True, ops=["mla_decode_v2"])][-1]
+    (record,) = [r for r in measure(["mla_decode_v2"], repeats=3, budget_s=0.005, cases=[wanted]) if r["op"] == "mla_decode_v2"]
+    assert record["case"] == wanted
