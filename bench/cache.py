@@ -12,7 +12,10 @@ So every timed run starts with its inputs out of the caches, as in a model:
   largest cache ``/sys/devices/system/cpu`` reports (at least 64 MiB; :func:`input_sets`): the
   k-th run of any contender takes set k mod the number of sets, so a run's inputs were last
   touched a full rotation ago (every other set read since), and the host path's own data (the
-  interpreter's objects, hal's caches) stays warm, as it does in a model's step. A flush would
+  interpreter's objects, hal's caches) stays warm, as it does in a model's step. Where several
+  contenders take turns, a buffer of the same size is read before each one's untimed lead-in
+  run, so that the lines the previous contender left (dirty ones too, whose write-back would be
+  charged to the next timed run) are gone before it starts. A flush would
   evict it too: a K=128 FP8 GEMM taking 41 us warm takes about 200 us right after one. Inputs
   that fill the target alone are one set; when the sets needed do not fit the memory budget, a
   buffer of the target's size is read before each run instead (outside the timed interval).
@@ -91,7 +94,8 @@ class CacheFlush:
         if self.bytes == 0:
             return {"policy": "not flushed", "why": f"no cache flush is known for {self.device} devices"}
         if self.device == "cpu":
-            return {"policy": "inputs rotated through copies filling twice the last-level cache (else flushed before every timed run)", "bytes": self.bytes}
+            return {"policy": "inputs rotated through copies filling twice the last-level cache, and a read of as many bytes before each "
+                              "contender's lead-in run (else flushed before every timed run)", "bytes": self.bytes}
         return {"policy": "flushed before every timed run", "bytes": self.bytes}
 
 

@@ -149,15 +149,25 @@ def _backend_contenders(case: Case, names: Sequence[str], inputs: Tensors, expec
 # round against drift in the machine's load; with rotated inputs the lead-in takes its own set,
 # so the timed run still finds its inputs in memory.
 LEAD_IN = 1
+# Where inputs are rotated (CPUs), a read of twice the last-level cache comes before each lead-in:
+# one lead-in alone left the previous contender's lines in the caches, dirty ones among them (a peer
+# that writes dequantised weights), and their write-back was charged to the next timed run. Measured
+# on the 2-core VM, m=4 n=32768 K=512 FP8 GEMM against torch's peer, medians of 2 runs: one lead-in
+# 1.27-1.32 ms, three lead-ins 0.98-1.03, the read then one lead-in 0.91-0.95, the kernel timed
+# with no peer at all 0.84-0.93.
 TIMING = (
     f"each timed run follows {LEAD_IN} untimed run of the same contender (on the next input set where "
-    "inputs are rotated), so that none is timed in the wake of another's; contenders interleaved round by round"
+    "inputs are rotated, after a read of twice the last-level cache), so that none is timed in the wake "
+    "of another's; contenders interleaved round by round"
 )
 
 
-def _time(contenders: list[_Contender], device: str, repeats: int, flush: CacheFlush | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def _time(
+    contenders: list[_Contender], device: str, repeats: int, flush: CacheFlush | None = None, settle: CacheFlush | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Warm each contender up (dropping any that raise), then time the rest interleaved, ``flush``
-    (the caches evicted) before every timed run, each after :data:`LEAD_IN` untimed runs of its own."""
+    (the caches evicted) before every timed run, each after :data:`LEAD_IN` untimed runs of its own,
+    ``settle`` (the previous contender's lines evicted) before those."""
     running, failed = [], {}
     for contender in contenders:
         try:
@@ -165,7 +175,8 @@ def _time(contenders: list[_Contender], device: str, repeats: int, flush: CacheF
             running.append(contender)
         except Exception as exc:
             failed[contender.name] = f"{type(exc).__name__}: {exc}"[:300]
-    timings = measure_interleaved([c.call for c in running], device, warmup=1, repeats=repeats, before=flush, lead_in=LEAD_IN) if running else []
+    timings = measure_interleaved([c.call for c in running], device, warmup=1, repeats=repeats, before=flush, lead_in=LEAD_IN,
+                                  settle=settle) if running else []
     return dict(zip((c.name for c in running), timings)), failed
 
 
@@ -253,8 +264,9 @@ def bench_case(
     rejected.update(no_peer)
     flush = flush if flush is not None else cache_flush(device)
     sets, flushed = input_sets(flush, memory.inputs, None if room is None else room - peer_bytes, peer_bytes)
-    record["caches"] = {"input_sets": sets, "flushed": flushed}
-    timings, failed = _time(_rotated(contenders, inputs, sets), device, repeats, flush if flushed else None)
+    settle = flush if sets > 1 and len(contenders) > 1 else None  # rotated inputs: clear the caches of the contender before
+    record["caches"] = {"input_sets": sets, "flushed": flushed, "settled": settle is not None}
+    timings, failed = _time(_rotated(contenders, inputs, sets), device, repeats, flush if flushed else None, settle)
     rejected.update(failed)
     entries = [_entry(_Contender(n, "backend", _idle), work, peaks, note=f"unsupported: {n} does not implement {case.op}") for n in unsupported]
     entries += [_entry(c, work, peaks, timings.get(c.name), rejected.get(c.name, "")) for c in contenders]

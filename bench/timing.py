@@ -54,14 +54,16 @@ def _timed_call(fn: Callable[[], Any], device: str) -> float:
 
 def measure_interleaved(
     fns: Sequence[Callable[[], Any]], device: str, *, warmup: int = 2, repeats: int = 20, budget_s: float = 2.0, min_repeats: int = MIN_REPEATS,
-    before: Callable[[], Any] | None = None, lead_in: int = 0,
+    before: Callable[[], Any] | None = None, lead_in: int = 0, settle: Callable[[], Any] | None = None,
 ) -> list[Timing]:
     """Time every callable in ``fns``, one run of each per round.
 
     ``before`` runs before every timed run, outside the timed interval (``hal bench`` evicts the
     caches there, :mod:`hal.bench.cache`). ``lead_in``: untimed runs of the same callable right
     before each timed one (before ``before``), so that a timed run follows its own kind of work,
-    not another candidate's (see :data:`hal.bench.runner.LEAD_IN`).
+    not another candidate's (see :data:`hal.bench.runner.LEAD_IN`). ``settle`` runs before each
+    candidate's lead-in, untimed: ``hal bench`` reads a buffer of twice the last-level cache there,
+    so that what the previous candidate left in the caches is gone before this one starts.
 
     Rounds continue until ``repeats`` rounds are done, or, once ``min(min_repeats, repeats)``
     rounds are done, until the time spent exceeds ``budget_s`` per callable. Returns one
@@ -78,6 +80,8 @@ def measure_interleaved(
     rounds = 0
     while rounds < repeats and (rounds < floor or spent < budget_s * len(fns)):
         for fn, own in zip(fns, samples):
+            if settle is not None:
+                settle()
             for _ in range(lead_in):
                 fn()
             if before is not None:

@@ -107,6 +107,11 @@ def test_each_timed_run_follows_an_untimed_run_of_its_own():
     assert events[2:] == ["a", "flush", "a", "b", "flush", "b"] * 5
     assert timings[0].repeats == timings[1].repeats == 5 and timings[0].median_s < 0.002 <= timings[1].median_s
 
+    # settle: before each contender's lead-in (untimed), after the other contender's timed run
+    events.clear()
+    measure_interleaved([slow("a", 0.0), slow("b", 0.0)], "cpu", warmup=0, repeats=3, lead_in=1, settle=lambda: events.append("settle"))
+    assert events == ["settle", "a", "a", "settle", "b", "b"] * 3
+
 
 def test_bench_leads_in_on_its_own_input_set():
     """hal bench's lead-in takes the next rotated input set, so a timed run's set was last read a
@@ -150,7 +155,7 @@ def test_cache_flush_outgrows_the_last_level_cache_and_is_reported(monkeypatch):
     assert cache.cache_flush("cpu").bytes == 2 << 30
     report = bench(["reference"], select_cases(quick=True, ops=["per_token_cast_to_fp8"])[:1], repeats=3, hot_cache=True)
     assert report["caches"]["cpu"]["policy"].startswith("hot")
-    assert report["cases"][0]["caches"] == {"input_sets": 1, "flushed": False}
+    assert report["cases"][0]["caches"] == {"input_sets": 1, "flushed": False, "settled": False}
 
 
 def test_input_sets_fill_the_target_within_the_budget():
@@ -203,4 +208,5 @@ def test_bench_rotates_the_inputs_of_a_cpu_case(monkeypatch):
     report = bench(["reference"], [case], repeats=3)
     (record,) = report["cases"]
     assert record["caches"]["input_sets"] == cache.MAX_INPUT_SETS and not record["caches"]["flushed"]
+    assert record["caches"]["settled"]  # contenders take turns: each starts after a read of the target's bytes
     assert {e["name"] for e in record["results"] if "median_s" in e} >= {"reference", "torch"}
