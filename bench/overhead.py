@@ -254,8 +254,8 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
             for _, implementation, arguments in calls:
                 implementation(**arguments)
 
-        def host(batch: int, calls: Callable[[], Any] = public) -> Callable[[], float]:  # the public calls with each kernel replaced by its recorded result
-            timer = _median_us(calls, batch)
+        def host(batch: int, run: Callable[[], Any] = public) -> Callable[[], float]:  # the public calls with each kernel replaced by its recorded result
+            timer = _median_us(run, batch)
 
             def once() -> float:
                 with _recording(calls, results, replay=True):

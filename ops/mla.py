@@ -266,6 +266,8 @@ def flash_mla_with_kvcache(
 def _resolve_scale(softmax_scale: float | None, d_qk: int = HEAD_DIM_QK) -> float:
     if softmax_scale is None:
         return d_qk**-0.5
+    if type(softmax_scale) is float and 0 < softmax_scale < math.inf:  # the usual case, without the ABC check (0.6 us)
+        return softmax_scale
     # any real number (a NumPy float32 included, as FlashMLA's binding takes it), never a bool
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not 0 < softmax_scale < math.inf:
         raise ValueRangeError(_OP, "softmax_scale", "a positive finite float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")

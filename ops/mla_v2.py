@@ -19,6 +19,7 @@ computed on first use and checked against later calls, as FlashMLA's ``FlashMLAS
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -306,7 +307,9 @@ def flash_mla_sparse_fwd(
     if features is None:
         features = _check_prefill_layouts(q, kv, indices, d_v, attn_sink, topk_length)
         _PREFILL_LAYOUTS.remember(values, key, features)
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not (0 < float(sm_scale) < float("inf")):  # NumPy floats too
+    if type(sm_scale) is float and 0 < sm_scale < math.inf:  # the usual case, without the ABC check (0.5 us)
+        pass
+    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not (0 < float(sm_scale) < float("inf")):  # NumPy floats too
         raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
     if topk_length is not None and not values_within(topk_length, 0, indices.shape[2] + 1):
         expect_in_range(op, "topk_length", topk_length, 0, indices.shape[2] + 1, what=f"lengths in [0, topk={indices.shape[2]}]",
