@@ -157,17 +157,18 @@ LEAD_IN = 1
 # with no peer at all 0.84-0.93.
 TIMING = (
     f"each timed run follows {LEAD_IN} untimed run of the same contender (on the next input set where "
-    "inputs are rotated, after a read of twice the last-level cache), so that none is timed in the wake "
-    "of another's; contenders interleaved round by round"
+    "inputs are rotated, and there, when contenders take turns, after a read of twice the last-level cache), "
+    "so that none is timed in the wake of another's; contenders interleaved round by round"
 )
 
 
 def _time(
     contenders: list[_Contender], device: str, repeats: int, flush: CacheFlush | None = None, settle: CacheFlush | None = None
-) -> tuple[dict[str, Any], dict[str, str]]:
+) -> tuple[dict[str, Any], dict[str, str], bool]:
     """Warm each contender up (dropping any that raise), then time the rest interleaved, ``flush``
     (the caches evicted) before every timed run, each after :data:`LEAD_IN` untimed runs of its own,
-    ``settle`` (the previous contender's lines evicted) before those."""
+    ``settle`` (the previous contender's lines evicted) before those when two or more are left.
+    Returns the timings, why contenders failed, and whether ``settle`` ran."""
     running, failed = [], {}
     for contender in contenders:
         try:
@@ -175,9 +176,10 @@ def _time(
             running.append(contender)
         except Exception as exc:
             failed[contender.name] = f"{type(exc).__name__}: {exc}"[:300]
+    settle = settle if len(running) > 1 else None  # one contender follows only itself
     timings = measure_interleaved([c.call for c in running], device, warmup=1, repeats=repeats, before=flush, lead_in=LEAD_IN,
                                   settle=settle) if running else []
-    return dict(zip((c.name for c in running), timings)), failed
+    return dict(zip((c.name for c in running), timings)), failed, settle is not None
 
 
 def _over_budget(memory: CaseMemory, allowed: int | None, budget: MemoryBudget | None) -> str:
@@ -263,10 +265,12 @@ def bench_case(
     contenders += peers
     rejected.update(no_peer)
     flush = flush if flush is not None else cache_flush(device)
-    sets, flushed = input_sets(flush, memory.inputs, None if room is None else room - peer_bytes, peer_bytes)
-    settle = flush if sets > 1 and len(contenders) > 1 else None  # rotated inputs: clear the caches of the contender before
-    record["caches"] = {"input_sets": sets, "flushed": flushed, "settled": settle is not None}
-    timings, failed = _time(_rotated(contenders, inputs, sets), device, repeats, flush if flushed else None, settle)
+    # contenders taking turns over rotated inputs read flush's buffer before each lead-in: it takes room too
+    settling = len(contenders) > 1 and flush.device == "cpu" and not flush.hot
+    sets, flushed = input_sets(flush, memory.inputs, None if room is None else room - peer_bytes - (flush.bytes if settling else 0), peer_bytes)
+    timings, failed, settled = _time(_rotated(contenders, inputs, sets), device, repeats, flush if flushed else None,
+                                     flush if settling and sets > 1 else None)
+    record["caches"] = {"input_sets": sets, "flushed": flushed, "settled": settled}
     rejected.update(failed)
     entries = [_entry(_Contender(n, "backend", _idle), work, peaks, note=f"unsupported: {n} does not implement {case.op}") for n in unsupported]
     entries += [_entry(c, work, peaks, timings.get(c.name), rejected.get(c.name, "")) for c in contenders]

@@ -76,6 +76,8 @@ def expect_tensor(
     """
     if not isinstance(value, torch.Tensor):
         raise DTypeError(op, name, "a torch.Tensor", type(value).__name__, f"Pass '{name}' as a tensor.")
+    if value.layout is not torch.strided:  # sparse, or any other layout with no strides: nothing here reads those
+        raise LayoutError(op, name, "a dense (strided) tensor", f"a {str(value.layout).removeprefix('torch.')} tensor", f"Pass '{name}.to_dense()'.")
     # Success costs a few attribute reads and comparisons (this runs several times per operator
     # call); the messages are built only on failure.
     if dtypes is not None:
@@ -505,6 +507,8 @@ def signature(*values: object) -> tuple[Any, ...] | None:
             continue
         kind = type(value)
         if kind is torch.Tensor:
+            if value.layout is not torch.strided:  # no strides to key (a sparse tensor): the checks run, and name it
+                return None
             add((value.dtype, value.shape, value.stride(), value.device, value.requires_grad))
         elif kind in _SIGNABLE:
             add((kind, value))  # typed: a float or bool equal to an int must not pass as it

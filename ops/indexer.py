@@ -160,7 +160,9 @@ def fp8_fp4_mqa_logits(
     if torch.compiler.is_compiling():  # one opaque node for Dynamo; checks run when the graph runs
         return torch.ops.hal.mqa_logits(q, kv[0], kv[1], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
     # max_seqlen_k, the longest row's keys, changes with the batch: keyed by off / on, not by value
-    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, int_bucket(max_seqlen_k, 0, 1), logits_dtype) if type(kv) is tuple else None
+    # (clean_logits as a bool or int only: a tensor flag would be keyed by its layout, not its value)
+    keyed = type(kv) is tuple and type(clean_logits) in (bool, int)
+    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, int_bucket(max_seqlen_k, 0, 1), logits_dtype) if keyed else None
     key, features = _MQA_LAYOUTS.lookup(values)
     if features is None:
         _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)

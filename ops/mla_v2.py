@@ -218,9 +218,9 @@ NO_LAYOUT = Layout(None, None, None)
 def _pages_fit(cache: object) -> object:
     """What a MODEL1 cache's layout check reads beyond its signature: whether its last page ends
     within its storage (the storage's offset and size; the rest of the check reads the shape and
-    strides, which the signature holds). None for anything but a plain 4-d tensor, which the checks
-    then name."""
-    if type(cache) is not torch.Tensor or cache.dim() != 4:
+    strides, which the signature holds). None for anything but a plain strided 4-d tensor, which
+    the checks then name."""
+    if type(cache) is not torch.Tensor or cache.layout is not torch.strided or cache.dim() != 4:  # a sparse tensor has no storage to ask
         return None
     blocks, page = cache.shape[:2]
     return cache.storage_offset() + (blocks - 1) * cache.stride(0) + page * MODEL1_TOKEN_BYTES <= cache.untyped_storage().nbytes()

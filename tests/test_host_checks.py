@@ -590,6 +590,11 @@ def test_per_step_ints_keep_their_layout_and_are_still_checked(monkeypatch: pyte
     for bad in (-1, float(longest), True):
         with pytest.raises(HalError, match="max_context_len|context_lens"):
             call(q, kv, weights, lens, table, meta, bad, False)
+    with monkeypatch.context() as values_off:  # without value checks the layout's bucket alone refuses -1
+        values_off.setenv("HAL_CHECK_VALUES", "0")
+        call(q, kv, weights, lens, table, meta, longest + 9, False)
+        with pytest.raises(HalError, match="max_context_len"):
+            call(q, kv, weights, lens, table, meta, -1, False)
 
     # the masked GEMMs' expected_m (FP8 and BF16)
     lhs, rhs = _fp8_operands(4, 256, 256)
@@ -644,6 +649,10 @@ def test_compressed_logits_width_keeps_its_layout_and_its_checks(monkeypatch: py
         hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=True, max_seqlen_k=33)
     with pytest.raises(HalError, match="max_seqlen_k"):
         hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=False, max_seqlen_k=-2)
+    # a tensor flag is no part of a key: its value is checked on every call
+    hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=torch.tensor(False), max_seqlen_k=31)
+    with pytest.raises(ArgumentError, match="clean_logits"):
+        hal.fp8_mqa_logits(q, kv, weights, start, end, clean_logits=torch.tensor(True), max_seqlen_k=32)
 
 
 def test_int_bucket_tells_the_bounds_apart():
@@ -657,3 +666,38 @@ def test_int_bucket_tells_the_bounds_apart():
     from hal.checks import signature
 
     assert signature(int_bucket(5, 1)) != signature(1) and signature(int_bucket(0, 1)) != signature(0)
+
+
+def test_a_sparse_tensor_anywhere_raises_a_typed_error():
+    """Every operator's first quick case, with each tensor argument in turn replaced by a sparse
+    tensor of its dtype and shape: a typed HalError (a LayoutError naming it), never a raw error
+    from a stride, data pointer or reduction that a sparse tensor does not have."""
+    import warnings
+
+    from hal.conformance.catalogue import select_cases
+    from hal.errors import HalError
+
+    seen: set[str] = set()
+    raw = []
+    tried = 0
+    for case in select_cases(quick=True):
+        if case.op in seen or (case.op.startswith("ep_") and case.op not in ("ep_pack", "ep_unpack", "ep_combine_reduce", "ep_dispatch_layout")):
+            continue
+        seen.add(case.op)
+        inputs = case.family.build(case.params, torch.Generator().manual_seed(case.seed))
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            broken = dict(inputs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns that sparse invariant checks are off
+                broken[name] = torch.sparse_coo_tensor(torch.zeros(value.dim(), 0, dtype=torch.long), torch.empty(0, dtype=value.dtype), value.shape)
+            tried += 1
+            try:
+                case.family.run(broken)
+                raw.append(f"{case.id} {name}: no error")
+            except HalError:
+                pass
+            except Exception as error:  # noqa: BLE001 - what the test looks for
+                raw.append(f"{case.id} {name}: {type(error).__name__}: {error}"[:200])
+    assert tried > 40 and not raw, "\n".join(raw)

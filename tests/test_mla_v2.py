@@ -353,6 +353,8 @@ def test_model1_cache_layout_and_sparse_decode():
     storage.resize_(storage.nbytes() - 576)
     with pytest.raises(hal.LayoutError):
         flash_mla.flash_mla_with_kvcache(q, short, None, None, 512, flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True, indices=indices)
+    with pytest.raises(hal.HalError):  # a sparse tensor has no storage to measure: a typed error, as before it was remembered
+        flash_mla.flash_mla_with_kvcache(q, torch.sparse_coo_tensor(torch.zeros(4, 0, dtype=torch.long), torch.empty(0, dtype=cache.dtype), cache.shape), None, None, 512, flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True, indices=indices)
     with pytest.raises(hal.ShapeError):  # 512-wide queries need the MODEL1 cache and sparse indices
         flash_mla.flash_mla_with_kvcache(q, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 512,
                                          flash_mla.get_mla_metadata()[0], None, is_fp8_kvcache=True)
