@@ -76,8 +76,9 @@ def expect_tensor(
     """
     if not isinstance(value, torch.Tensor):
         raise DTypeError(op, name, "a torch.Tensor", type(value).__name__, f"Pass '{name}' as a tensor.")
-    if value.layout is not torch.strided:  # sparse, or any other layout with no strides: nothing here reads those
-        raise LayoutError(op, name, "a dense (strided) tensor", f"a {str(value.layout).removeprefix('torch.')} tensor", f"Pass '{name}.to_dense()'.")
+    if value.layout is not torch.strided or value.is_nested:  # sparse, nested: no strides, and nothing here reads those
+        kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise LayoutError(op, name, "a dense (strided) tensor", f"a {kind} tensor", f"Pass '{name}' as one dense tensor ({name}.to_dense() for a sparse one).")
     # Success costs a few attribute reads and comparisons (this runs several times per operator
     # call); the messages are built only on failure.
     if dtypes is not None:
@@ -135,14 +136,21 @@ def expect_same_device(op: str, reference_name: str, reference: torch.Tensor, **
             )
 
 
+# Every size, count and length an operator takes as an int is below this: the anchors' kernels
+# index with 32-bit ints, and a larger value would reach torch's allocator or a C long as an overflow.
+INT_LIMIT = 2**31
+
+
 def expect_int(op: str, name: str, value: object, *, minimum: int | None = None, allowed: Sequence[int] | None = None) -> int:
-    """Check a Python integer argument (bool rejected) and return it."""
+    """Check a Python integer argument (bool rejected; below :data:`INT_LIMIT`) and return it."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise DTypeError(op, name, "an int", type(value).__name__, f"Pass '{name}' as a Python int.")
     if allowed is not None and value not in allowed:
         raise ValueRangeError(op, name, "one of " + ", ".join(map(str, allowed)), str(value), f"Use a supported '{name}'.")
     if minimum is not None and value < minimum:
         raise ValueRangeError(op, name, f"an int >= {minimum}", str(value), f"Use '{name}' >= {minimum}.")
+    if value >= INT_LIMIT:
+        raise ValueRangeError(op, name, f"an int < 2**31 = {INT_LIMIT}", str(value), f"Sizes and counts are 32-bit ints in the kernels: use a smaller '{name}'.")
     return value
 
 
@@ -507,7 +515,7 @@ def signature(*values: object) -> tuple[Any, ...] | None:
             continue
         kind = type(value)
         if kind is torch.Tensor:
-            if value.layout is not torch.strided:  # no strides to key (a sparse tensor): the checks run, and name it
+            if value.layout is not torch.strided or value.is_nested:  # no strides to key (sparse, nested): the checks run, and name it
                 return None
             add((value.dtype, value.shape, value.stride(), value.device, value.requires_grad))
         elif kind in _SIGNABLE:

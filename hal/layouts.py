@@ -69,6 +69,8 @@ def _pattern(values: tuple[Any, ...]) -> tuple[tuple[Any, ...] | None, list[torc
             continue
         kind = type(value)
         if kind is _Tensor:
+            if value.is_nested:  # a guard's check would read its strides, which abort the process: the checks name it
+                return None, tensors
             tensors.append(value)
             parts.append(_TENSOR)
         elif kind in _SIGNABLE:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from hal import optional
-from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, value_checks_enabled, values_within
+from hal.checks import FP8, INT_LIMIT, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.layouts import Layouts, int_bucket
@@ -142,7 +142,7 @@ def _check_operands(
     """
     pairs = type(lhs) is tuple and type(rhs) is tuple and len(lhs) == len(rhs) == 2
     # expected_m (masked) is a hint that may change every step: keyed by whether it is an int >= 1
-    keyed = (more[0], int_bucket(more[1], 1)) if len(more) == 2 else more
+    keyed = (more[0], int_bucket(more[1], 1, INT_LIMIT)) if len(more) == 2 else more
     values = (op, groups, lhs_groups, *lhs, *rhs, out, *keyed) if pairs else None
     key, ready = _LAYOUTS.lookup(values)
     if ready is None:

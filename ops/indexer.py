@@ -28,7 +28,8 @@ import torch
 
 from hal import optional
 from hal.checks import (
-    FP8, all_within, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, small_pages_within, values_within,
+    FP8, INT_LIMIT, all_within, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, small_pages_within,
+    values_within,
 )
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
@@ -162,7 +163,7 @@ def fp8_fp4_mqa_logits(
     # max_seqlen_k, the longest row's keys, changes with the batch: keyed by off / on, not by value
     # (clean_logits as a bool or int only: a tensor flag would be keyed by its layout, not its value)
     keyed = type(kv) is tuple and type(clean_logits) in (bool, int)
-    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, int_bucket(max_seqlen_k, 0, 1), logits_dtype) if keyed else None
+    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, int_bucket(max_seqlen_k, 0, 1, INT_LIMIT), logits_dtype) if keyed else None
     key, features = _MQA_LAYOUTS.lookup(values)
     if features is None:
         _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
@@ -215,6 +216,8 @@ def get_paged_mqa_logits_metadata(
     if not isinstance(context_lens, torch.Tensor) or context_lens.dim() not in (1, 2):
         raise ShapeError(op, "context_lens", "an int32 tensor [batch, next_n] or [batch]", repr(getattr(context_lens, "shape", type(context_lens).__name__)), "Pass the context lengths.")
     expect_tensor(op, "context_lens", context_lens, dtypes=torch.int32)
+    if context_lens.dim() == 2 and context_lens.shape[1] < 1:
+        raise ShapeError(op, "context_lens", "next_n >= 1 (a length per query token)", f"shape {list(context_lens.shape)}", "Give every sequence at least one query token.")
     expect_int(op, "block_kv", block_kv, minimum=1)
     expect_int(op, "num_sms", num_sms, minimum=1)
     if indices is not None:
@@ -365,7 +368,7 @@ def fp8_fp4_paged_mqa_logits(
             q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
         )
     # max_context_len may grow every step: its layout check is "an int >= 0"; its value is checked below
-    values = (q, kv_cache, weights, context_lens, block_table, schedule_meta, int_bucket(max_context_len, 0), logits_dtype, indices)
+    values = (q, kv_cache, weights, context_lens, block_table, schedule_meta, int_bucket(max_context_len, 0, INT_LIMIT), logits_dtype, indices)
     key, features = _PAGED_LAYOUTS.lookup(values)
     if features is None:
         _check_paged_layouts(op, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)

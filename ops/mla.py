@@ -285,13 +285,14 @@ def _bind(
     layout_of giving no key for any other kind), so a layout bound before needs no second look."""
     if key is not None and schedule._extra.get("layout") == key:
         return
-    q_shape = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
-    k_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else (None,) * 4
+    def sizes(value: object, fewest: int, most: int = 8) -> tuple | None:  # None where no shape can be read (nested, 0-d): the checks name it
+        return value.shape if isinstance(value, torch.Tensor) and not value.is_nested and fewest <= value.dim() <= most else None
+
+    q_shape, k_shape = sizes(q, 4, 4) or (None,) * 4, sizes(k_cache, 4, 4) or (None,) * 4
+    topk, extra_page, extra_topk = sizes(indices, 1), sizes(extra_k_cache, 2), sizes(extra_indices, 1)
     schedule.bind(  # MLASchedule.Config's fields, in order
         q_shape[0], q_shape[1], q_shape[2], k_shape[1], k_shape[2], bool(causal), bool(is_fp8_kvcache),
-        indices.shape[-1] if isinstance(indices, torch.Tensor) else None,
-        extra_k_cache.shape[1] if isinstance(extra_k_cache, torch.Tensor) and extra_k_cache.dim() >= 2 else None,
-        extra_indices.shape[-1] if isinstance(extra_indices, torch.Tensor) else None,
+        topk[-1] if topk is not None else None, extra_page[1] if extra_page is not None else None, extra_topk[-1] if extra_topk is not None else None,
     )
     if key is not None:
         schedule._extra["layout"] = key
