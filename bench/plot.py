@@ -11,6 +11,7 @@ when a plot is written.
 from __future__ import annotations
 
 import math
+import textwrap
 import statistics
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ def _title(report: dict[str, Any]) -> str:
         lines.append(f"load average (1 min): {report['load']['start']['1min']:.2f} at start, {report['load']['end']['1min']:.2f} at end")
     for device, cache in report.get("caches", {}).items():
         lines.append(f"{device} caches: {cache['policy']}" + (f" (target {cache['bytes'] >> 20} MiB)" if "bytes" in cache else ""))
-    return "\n".join(lines)
+    # long lines (the cache policy) wrapped, so that none runs off the figure's edge
+    return "\n".join(textwrap.fill(line, TITLE_WIDTH, subsequent_indent="    ") for line in lines)
+
+
+TITLE_WIDTH = 125  # characters per title line: what a 12-inch figure holds at 10 points, beside the legend
 
 
 # Operators per row: more and the labels of a 2-core machine's 20-operator quick run collide.
