@@ -181,9 +181,11 @@ def _dense_plan(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor 
     (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
     expect_tensor(op, "a[0]", av, dtypes=FP8, shape=(None, None), dims=("K", "M") if transpose_a else ("M", "K"))
     expect_tensor(op, "b[0]", bv, dtypes=FP8, shape=(None, None), dims=("K", "N") if transpose_b else ("N", "K"))
-    if transpose_a:
+    if transpose_a:  # the scales are transposed with their values: 2-d first
+        expect_tensor(op, "a[1]", asf, shape=(None, None), dims=("ceil(K/128)", "M"))
         av, asf = av.transpose(0, 1), asf.transpose(0, 1)
     if transpose_b:
+        expect_tensor(op, "b[1]", bsf, shape=(None, None), dims=("ceil(K/128)", "rows"))
         bv, bsf = bv.transpose(0, 1), bsf.transpose(0, 1)
     m, k = av.shape
     n = bv.shape[0]

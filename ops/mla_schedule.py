@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from hal import optional
+from hal.checks import expect_int, expect_tensor
 
 __all__ = ["BLOCK_SIZE_M", "BLOCK_SIZE_N", "FIXED_OVERHEAD_BLOCKS", "METADATA_WIDTH", "HOPPER_NUM_SMS", "schedule_mla_splits", "unsplit_schedule", "one_part_scheduler", "default_num_sms"]
 
@@ -49,6 +50,12 @@ def schedule_mla_splits(
         num_heads_k: ``h_kv``.
         num_sms: SMs to schedule for; default :func:`default_num_sms` of the seqlens' device.
     """
+    op = "schedule_mla_splits"  # a public helper too (another GPU's schedule): its own checks, once per step
+    expect_tensor(op, "cache_seqlens", cache_seqlens, dtypes=torch.int32, shape=(None,), dims=("batch",))
+    expect_int(op, "num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
+    expect_int(op, "num_heads_k", num_heads_k, minimum=1)
+    if num_sms is not None:
+        expect_int(op, "num_sms", num_sms, minimum=1)
     device = cache_seqlens.device
     sms = default_num_sms(device) if num_sms is None else num_sms
     num_sm_parts = max(sms // num_heads_k // _cdiv(num_q_tokens_per_head_k, BLOCK_SIZE_M), 1)
