@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from hal.checks import expect_tensor
 from hal.errors import DTypeError, ShapeError, ValueRangeError
 
 __all__ = [
@@ -29,6 +30,22 @@ __all__ = [
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tensor(op: str, name: str, value: object, dtypes: object = _FLOATS, dims: tuple[str, ...] | None = None) -> torch.Tensor:
+    """A dense tensor of ``dtypes`` (and of ``len(dims)`` dimensions when given), or a typed error
+    naming it: these helpers are torch code, which would otherwise fail deep inside on a sparse,
+    nested, 0-d or non-tensor argument."""
+    return expect_tensor(op, name, value, dtypes=dtypes, shape=None if dims is None else (None,) * len(dims), dims=dims)
+
+
+def _scales_tensor(op: str, name: str, value: object, dtypes: object) -> torch.Tensor:
+    """Scales [(G,) MN, K']: 2-d or 3-d, of ``dtypes``."""
+    value = _tensor(op, name, value, dtypes)
+    if value.dim() not in (2, 3):
+        raise ShapeError(op, name, "scales [MN, K'] or [G, MN, K']", f"a {value.dim()}-d tensor", f"Pass '{name}' as 2-d or 3-d scales.")
+    return value
 AMAX_FLOOR = 1e-4
 
 
@@ -38,6 +55,7 @@ def _align(x: int, y: int) -> int:
 
 def ceil_to_ue8m0(x: torch.Tensor) -> torch.Tensor:
     """float scales -> the smallest power of two >= |x| (float32), exponents clamped to [1, 254]."""
+    x = _tensor("ceil_to_ue8m0", "x", x)
     bits = x.abs().float().contiguous().view(torch.int32)
     exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
     return (exponent.clamp(1, 254) << 23).view(torch.float32)
@@ -46,12 +64,15 @@ def ceil_to_ue8m0(x: torch.Tensor) -> torch.Tensor:
 def pack_ue8m0_to_int(x: torch.Tensor) -> torch.Tensor:
     """float32 powers of two [..., 4k] -> int32 [..., k], four exponent bytes per int (lowest first)."""
     op = "pack_ue8m0_to_int"
-    if x.dtype != torch.float32:
+    if isinstance(x, torch.Tensor) and x.dtype != torch.float32:
         raise DTypeError(op, "x", "float32 UE8M0 scales", f"dtype {x.dtype}", "Round them with ceil_to_ue8m0 first.")
+    x = _tensor(op, "x", x, torch.float32)
+    if x.dim() == 0:
+        raise ShapeError(op, "x", "scales [..., 4k]", "a 0-d tensor", "Pass the scales with their last dimension.")
     if x.shape[-1] % 4:
         raise ShapeError(op, "x", "a last dimension that is a multiple of 4", f"{x.shape[-1]}", "Pad the scales with 1.0 to a multiple of 4.")
     bits = x.contiguous().view(torch.int32)
-    if bool(((bits < 0) | ((bits & 0x7FFFFF) != 0)).any()):
+    if not x.is_meta and bool(((bits < 0) | ((bits & 0x7FFFFF) != 0)).any()):  # a meta tensor has no values to check
         raise ValueRangeError(op, "x", "non-negative powers of two (UE8M0 values)", "a value with a sign or a mantissa", "Round with ceil_to_ue8m0.")
     return (bits >> 23).to(torch.uint8).view(torch.int32)
 
@@ -64,6 +85,9 @@ def _pack_padded(sf: torch.Tensor) -> torch.Tensor:
 
 def unpack_ue8m0_from_int(packed: torch.Tensor) -> torch.Tensor:
     """int32 [..., k] -> float32 [..., 4k]: the inverse of :func:`pack_ue8m0_to_int` (exact)."""
+    packed = _tensor("unpack_ue8m0_from_int", "packed", packed, torch.int32)
+    if packed.dim() == 0:
+        raise ShapeError("unpack_ue8m0_from_int", "packed", "packed scales [..., k]", "a 0-d tensor", "Pass the packed scales with their last dimension.")
     # Row-major copy (contiguous() keeps odd strides of size-1 dimensions; byte views need unit ones).
     dense = packed.clone(memory_format=torch.contiguous_format)
     return (dense.view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
@@ -76,9 +100,9 @@ def _scales(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:
 
 def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, use_packed_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], scales [M, ceil(K / gran_k)]); packed int32 [M, ceil(ceil(K/gran_k)/4)] with use_packed_ue8m0."""
-    if x.dim() != 2:
+    if isinstance(x, torch.Tensor) and x.dim() != 2:
         raise ShapeError("per_token_cast_to_fp8", "x", "a 2-d tensor [M, K]", f"{x.dim()}-d", "Flatten the tokens.")
-    m, k = x.shape
+    m, k = _tensor("per_token_cast_to_fp8", "x", x, dims=("M", "K")).shape
     padded = torch.zeros(m, _align(k, gran_k), dtype=torch.float32, device=x.device)
     padded[:, :k] = x.float()
     view = padded.view(m, -1, gran_k)
@@ -89,7 +113,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
 
 def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, N] (M a multiple of gran_k) -> (e4m3 [M, N], scales [M / gran_k, N]): one scale per gran_k rows of a column."""
-    m, n = x.shape
+    m, n = _tensor("per_channel_cast_to_fp8", "x", x, dims=("M", "N")).shape
     if m % gran_k:
         raise ShapeError("per_channel_cast_to_fp8", "x", f"rows a multiple of {gran_k}", f"{m}", "Pad the rows.")
     view = x.float().view(-1, gran_k, n)
@@ -99,7 +123,7 @@ def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128)
 
 def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, N] -> (e4m3 [M, N], scales [ceil(M / gran_k), ceil(N / gran_k)]), one per gran_k x gran_k block."""
-    m, n = x.shape
+    m, n = _tensor("per_block_cast_to_fp8", "x", x, dims=("M", "N")).shape
     padded = torch.zeros(_align(m, gran_k), _align(n, gran_k), dtype=torch.float32, device=x.device)
     padded[:m, :n] = x.float()
     view = padded.view(-1, gran_k, padded.shape[1] // gran_k, gran_k)
@@ -110,6 +134,11 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128) -
 
 def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims: tuple[int, ...], use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per index of ``dims`` (amax over the other dimensions): the indexer's per-key cast is ``dims=(0,)``."""
+    op = "per_custom_dims_cast_to_fp8"
+    x = _tensor(op, "x", x)
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int and -x.dim() <= d < x.dim() for d in dims):
+        raise ValueRangeError(op, "dims", f"a tuple of dimensions of x (x is {x.dim()}-d)", repr(dims), "Name the dimensions that keep a scale each.")
+    dims = tuple(d % x.dim() for d in dims)
     others = tuple(i for i in range(x.dim()) if i not in set(dims))
     sf = _scales(x.abs().float().amax(dim=others, keepdim=True), use_ue8m0)
     return (x.float() * (1.0 / sf)).to(FP8), sf.squeeze()
@@ -124,6 +153,7 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
     """Scales [(G,) MN, K'] in DeepGEMM's MN-major layout: the same values with strides
     ``(aligned * K', 1, aligned)`` (``(1, aligned)`` in 2-d), ``aligned`` = MN rounded up to 16
     bytes; returned as given when already so."""
+    sf = _scales_tensor("get_mn_major_tma_aligned_tensor", "sf", sf, (torch.float32, torch.int32, torch.bfloat16, torch.float16))
     batched = sf if sf.dim() == 3 else sf.unsqueeze(0)
     groups, mn, columns = batched.shape
     aligned = _tma_aligned(mn, sf.element_size())
@@ -144,6 +174,7 @@ def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor, psum_layout: 
     cumulative row ends of the contiguous layout, 2-d ``sf`` only): the rows between a group's end
     and the next group's aligned start are not read and pack as zeros."""
     op = "get_mn_major_tma_aligned_packed_ue8m0_tensor"
+    sf = _tensor(op, "sf", sf, torch.float32)
     if sf.dtype != torch.float32 or sf.dim() not in (2, 3):
         raise DTypeError(op, "sf", "float32 scales [(G,) MN, K']", f"{sf.dtype} of {sf.dim()} dimensions", "Pass the float32 UE8M0 scales.")
     batched = sf if sf.dim() == 3 else sf.unsqueeze(0)

@@ -718,3 +718,30 @@ def test_odd_arguments_anywhere_raise_typed_errors():
                     if any(part in path for path in frames for part in ("/ops/", "/hal/", "/backends/", "/ep/")) and "/conformance/" not in frames[-1]:
                         raw.append(f"{case.id} {name} <- {kind}: {type(error).__name__}: {error}"[:200])
     assert tried > 500 and not raw, "\n".join(raw)
+
+
+@pytest.mark.parametrize("helper", [
+    "get_mn_major_tma_aligned_tensor", "get_col_major_tma_aligned_tensor", "get_mn_major_tma_aligned_packed_ue8m0_tensor", "per_token_cast_to_fp8",
+    "per_block_cast_to_fp8", "per_channel_cast_to_fp8", "ceil_to_ue8m0", "pack_ue8m0_to_int", "unpack_ue8m0_from_int",
+])
+def test_deep_gemm_helpers_refuse_odd_tensors_with_typed_errors(helper: str):
+    """DeepGEMM's torch helpers (hal.compat.deep_gemm) are torch code: given a sparse, nested or
+    0-d tensor, an int or None they raise a typed HalError naming the argument, not an error from
+    deep inside torch."""
+    import inspect
+
+    import hal.compat.deep_gemm as deep_gemm
+    from hal.errors import HalError
+
+    function = getattr(deep_gemm, helper)
+    needs_flag = sum(p.default is inspect.Parameter.empty for p in inspect.signature(function).parameters.values()) > 1
+    odd = dict(_odd_arguments(torch.randn(64, 256)))
+    odd.update({"an int": 5, "None": None})
+    if helper == "ceil_to_ue8m0":  # elementwise: a 0-d tensor is a scale like any other
+        del odd["0-d"]
+    for kind, value in odd.items():
+        with pytest.raises(HalError):
+            function(value, False) if needs_flag else function(value)
+    assert deep_gemm.per_custom_dims_cast_to_fp8(torch.randn(4, 8), (0,), False)[1].shape == (4,)
+    with pytest.raises(HalError, match="dims"):
+        deep_gemm.per_custom_dims_cast_to_fp8(torch.randn(4, 8), (2,), False)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from hal.checks import expect_tensor
+from hal.errors import ShapeError
 from hal.ops.gemm import (
     gemm_fp8_fp8_bf16_nt,
     get_m_alignment_for_contiguous_layout,
@@ -153,8 +155,10 @@ def get_tma_aligned_size(x: int, element_size: int) -> int:
 
 def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
     """DeepGEMM v1's name of :func:`get_mn_major_tma_aligned_tensor` ([M, K] or [G, M, K], MN-major, M padded)."""
+    op = "get_col_major_tma_aligned_tensor"
+    x = expect_tensor(op, "x", x)
     if x.dim() not in (2, 3):
-        raise ValueError(f"get_col_major_tma_aligned_tensor: expected a 2-d or 3-d tensor, got {x.dim()}-d")
+        raise ShapeError(op, "x", "[M, K] or [G, M, K] scales", f"a {x.dim()}-d tensor", "Pass 2-d or 3-d scales.")  # a ValueError too
     return get_mn_major_tma_aligned_tensor(x)
 
 
