@@ -13,6 +13,8 @@ being captured.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -134,6 +136,15 @@ def expect_same_device(op: str, reference_name: str, reference: torch.Tensor, **
                 op, name, f"a tensor on {reference.device} (the device of '{reference_name}')", f"a tensor on {tensor.device}",
                 f"Move '{name}' with .to('{reference.device}').",
             )
+
+
+def positive_finite(value: object) -> bool:
+    """Whether ``value`` is a real number (a Python or NumPy float, an int; never a bool) with
+    0 < value < inf: softmax scales. A plain float is answered without the ``numbers.Real`` check
+    (0.1 us where that costs 0.6, on every attention call)."""
+    if type(value) is float:
+        return 0 < value < math.inf
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0 < float(value) < math.inf
 
 
 # Every size, count and length an operator takes as an int is below this: the anchors' kernels

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hal.checks import _SIGNABLE, IntBucket, signature
+from hal.checks import _SIGNABLE, INT_LIMIT, IntBucket, signature
 
 __all__ = ["Layouts", "int_bucket"]
 
@@ -48,11 +48,13 @@ def int_bucket(value: object, *bounds: int) -> object:
     """``value``'s part in a layout key when it is a per-step int: how many of ``bounds`` (ascending)
     it reaches (``value >= bound``), so that 4097 and 4098 share a layout. The caller lists every
     bound at which its structural checks, or what it derives from them, change (``expected_m``:
-    ``(1,)``; ``max_seqlen_k``, 0 meaning off: ``(0, 1)``; at most 7 bounds). Anything but an int (a bool, a float,
-    None, a tensor) is returned as it is, keyed as such, so the checks see it and name it."""
+    ``(1,)``; ``max_seqlen_k``, 0 meaning off: ``(0, 1)``; at most 6 bounds); the bound every
+    :func:`hal.checks.expect_int` has, :data:`hal.checks.INT_LIMIT`, is counted here. Anything but
+    an int (a bool, a float, None, a tensor) is returned as it is, keyed as such, so the checks see
+    it and name it."""
     if type(value) is not int:
         return value
-    reached = 0
+    reached = int(value >= INT_LIMIT)
     for bound in bounds:
         reached += value >= bound
     return _BUCKETS[reached]  # a scalar of its own type: keyed as cheaply as an int

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from hal import optional
-from hal.checks import FP8, INT_LIMIT, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, value_checks_enabled, values_within
+from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
 from hal.layouts import Layouts, int_bucket
@@ -142,7 +142,7 @@ def _check_operands(
     """
     pairs = type(lhs) is tuple and type(rhs) is tuple and len(lhs) == len(rhs) == 2
     # expected_m (masked) is a hint that may change every step: keyed by whether it is an int >= 1
-    keyed = (more[0], int_bucket(more[1], 1, INT_LIMIT)) if len(more) == 2 else more
+    keyed = (more[0], int_bucket(more[1], 1)) if len(more) == 2 else more
     values = (op, groups, lhs_groups, *lhs, *rhs, out, *keyed) if pairs else None
     key, ready = _LAYOUTS.lookup(values)
     if ready is None:
@@ -209,13 +209,15 @@ def _check_contiguous_segments(op: str, m_indices: torch.Tensor, argument: str =
         return
     # Within a block each row's index equals the previous row's or is -1: the block is then one
     # group's rows followed only by padding. Pairs that straddle two blocks are exempt. NumPy for
-    # CPU tensors (when installed): the same five operations cost a fraction of torch's dispatch.
+    # CPU tensors (when installed, _first_break); torch's form of the same rule otherwise.
     np = optional.numpy_for(m_indices)
-    rows = m_indices.numpy() if np is not None else m_indices
-    broken = (rows[1:] != rows[:-1]) & (rows[1:] != -1)
-    broken[align - 1 :: align] = False
-    if bool(broken.any()):
-        first = int(np.flatnonzero(broken)[0]) if np is not None else int(broken.nonzero()[0])
+    if np is not None:
+        first = _first_break(np, m_indices.numpy(), align)
+    else:
+        broken = (m_indices[1:] != m_indices[:-1]) & (m_indices[1:] != -1)
+        broken[align - 1 :: align] = False
+        first = int(broken.nonzero()[0]) if bool(broken.any()) else None
+    if first is not None:
         block = (first + 1) // align
         span = f"rows {block * align}..{(block + 1) * align - 1}"
         raise ValueRangeError(
@@ -242,7 +244,7 @@ def contiguous_rows(
         rows = m_indices.numpy()
         firsts = rows[::align]
         listed = firsts.tolist()
-        if _segments_hold(np, rows, align) and min(listed) >= -1 and max(listed) < groups:
+        if _first_break(np, rows, align) is None and min(listed) >= -1 and max(listed) < groups:
             # kept per layout of blocks (a repeated routing, a padded batch); not for prefill-sized M,
             # whose routing is new every call
             key = (tuple(listed), align) if len(listed) <= _MAPPED_BLOCKS else None
@@ -259,20 +261,22 @@ def contiguous_rows(
     return rows_by_block(m_indices)
 
 
-def _segments_hold(np: Any, rows: Any, align: int) -> bool:
-    """Whether every ``align``-row block of ``rows`` (NumPy int32 [M]) is one id followed only by
-    -1: a row whose id differs from the previous row's starts a block or is -1. A layout changes
-    id about twice a block, so the few changes are checked one by one (four NumPy calls cost 3 us
-    where this costs 2); thousands of them (prefill) vectorised."""
+def _first_break(np: Any, rows: Any, align: int) -> int | None:
+    """The first ``i`` whose next row breaks DeepGEMM's contiguous layout in ``rows`` (NumPy int32
+    [M]), or None when every ``align``-row block is one id followed only by -1: a row whose id
+    differs from the previous row's starts a block or is -1. A layout changes id about twice a
+    block, so the few changes are checked one by one (four NumPy calls cost 3 us where this costs
+    2); thousands of them (prefill) vectorised."""
     changes = (rows[1:] != rows[:-1]).nonzero()[0]  # row i + 1 differs from row i
     if len(changes) > _CHANGES_ONE_BY_ONE:
         starts = changes + 1
-        return not np.count_nonzero((starts % align != 0) & (rows[starts] != -1))
+        bad = np.flatnonzero((starts % align != 0) & (rows[starts] != -1))
+        return int(changes[bad[0]]) if len(bad) else None
     item = rows.item
     for i in changes.tolist():
         if (i + 1) % align and item(i + 1) != -1:
-            return False
-    return True
+            return i
+    return None
 
 
 _CHANGES_ONE_BY_ONE = 64

@@ -28,7 +28,7 @@ import torch
 
 from hal import optional
 from hal.checks import (
-    FP8, INT_LIMIT, all_within, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, small_pages_within,
+    FP8, all_within, expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, remember, small_pages_within,
     values_within,
 )
 from hal.dispatch import call
@@ -163,7 +163,7 @@ def fp8_fp4_mqa_logits(
     # max_seqlen_k, the longest row's keys, changes with the batch: keyed by off / on, not by value
     # (clean_logits as a bool or int only: a tensor flag would be keyed by its layout, not its value)
     keyed = type(kv) is tuple and type(clean_logits) in (bool, int)
-    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, int_bucket(max_seqlen_k, 0, 1, INT_LIMIT), logits_dtype) if keyed else None
+    values = (q, *kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, int_bucket(max_seqlen_k, 0, 1), logits_dtype) if keyed else None
     key, features = _MQA_LAYOUTS.lookup(values)
     if features is None:
         _check_mqa_layouts(op, q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k, logits_dtype)
@@ -368,7 +368,7 @@ def fp8_fp4_paged_mqa_logits(
             q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, logits_dtype, indices
         )
     # max_context_len may grow every step: its layout check is "an int >= 0"; its value is checked below
-    values = (q, kv_cache, weights, context_lens, block_table, schedule_meta, int_bucket(max_context_len, 0, INT_LIMIT), logits_dtype, indices)
+    values = (q, kv_cache, weights, context_lens, block_table, schedule_meta, int_bucket(max_context_len, 0), logits_dtype, indices)
     key, features = _PAGED_LAYOUTS.lookup(values)
     if features is None:
         _check_paged_layouts(op, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, logits_dtype, indices)

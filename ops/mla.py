@@ -21,13 +21,10 @@ cache) and its schedule object are described in :mod:`hal.ops.mla_v2`.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from hal.checks import (
-    expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, small_pages_within,
+    expect_in_range, expect_int, expect_rows_in_range, expect_same_device, expect_tensor, positive_finite, small_pages_within,
     value_checks_enabled, values_within,
 )
 from hal.dispatch import call
@@ -266,10 +263,7 @@ def flash_mla_with_kvcache(
 def _resolve_scale(softmax_scale: float | None, d_qk: int = HEAD_DIM_QK) -> float:
     if softmax_scale is None:
         return d_qk**-0.5
-    if type(softmax_scale) is float and 0 < softmax_scale < math.inf:  # the usual case, without the ABC check (0.6 us)
-        return softmax_scale
-    # any real number (a NumPy float32 included, as FlashMLA's binding takes it), never a bool
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not 0 < softmax_scale < math.inf:
+    if not positive_finite(softmax_scale):  # any real number (a NumPy float32 included, as FlashMLA's binding takes it), never a bool
         raise ValueRangeError(_OP, "softmax_scale", "a positive finite float or None", repr(softmax_scale), "Omit it for the default d ** -0.5.")
     return float(softmax_scale)
 

@@ -32,7 +32,7 @@ from hal.operator import declare
 __all__ = [
     "FP8_TOKEN_BYTES", "LATENT", "ROPE", "TILE", "TILES", "QUANTIZE_MLA_KV_CACHE", "quantize_mla_kv_cache", "quantize_mla_kv_cache_reference",
     "dequantize_mla_kv_cache", "decode_mla_records", "check_fp8_kv_cache", "ue8m0_scale",
-    "MODEL1_DIM", "MODEL1_NOPE", "MODEL1_DATA_BYTES", "MODEL1_TOKEN_BYTES", "model1_page_bytes", "model1_pages", "check_model1_kv_cache", "dequantize_model1_kv_cache", "decode_model1_tokens", "quantize_model1_kv_cache",
+    "MODEL1_DIM", "MODEL1_NOPE", "MODEL1_DATA_BYTES", "MODEL1_TOKEN_BYTES", "model1_page_bytes", "model1_pages_fit", "model1_pages", "check_model1_kv_cache", "dequantize_model1_kv_cache", "decode_model1_tokens", "quantize_model1_kv_cache",
 ]
 
 QUANTIZE_MLA_KV_CACHE = declare(
@@ -144,6 +144,13 @@ def model1_page_bytes(page: int) -> int:
     return -(-page * MODEL1_TOKEN_BYTES // MODEL1_DATA_BYTES) * MODEL1_DATA_BYTES
 
 
+def model1_pages_fit(cache: torch.Tensor) -> bool:
+    """Whether a MODEL1 cache view's last page ends within its storage (a dense 4-d tensor): what
+    its layout check reads beyond the shape and strides."""
+    blocks, page = cache.shape[:2]
+    return cache.storage_offset() + (blocks - 1) * cache.stride(0) + page * MODEL1_TOKEN_BYTES <= cache.untyped_storage().nbytes()
+
+
 def check_model1_kv_cache(op: str, name: str, k_cache: object) -> torch.Tensor:
     """float8_e4m3fn [num_blocks, page_block_size, 1, 584]: the view FlashMLA makes of its MODEL1 pages."""
     cache = expect_tensor(
@@ -154,8 +161,7 @@ def check_model1_kv_cache(op: str, name: str, k_cache: object) -> torch.Tensor:
     if cache.numel() == 0:
         return cache
     laid_out = cache.stride(3) == 1 and (page == 1 or cache.stride(1) == MODEL1_TOKEN_BYTES) and (blocks == 1 or cache.stride(0) >= page * MODEL1_TOKEN_BYTES)
-    end = cache.storage_offset() + (blocks - 1) * cache.stride(0) + page * MODEL1_TOKEN_BYTES
-    if not laid_out or end > cache.untyped_storage().nbytes():
+    if not laid_out or not model1_pages_fit(cache):
         raise LayoutError(
             op, name, f"pages of {page} x {MODEL1_TOKEN_BYTES} bytes (FlashMLA's MODEL1_FP8Sparse: data of every token, then its scales), "
             "each page whole in the storage", f"strides {tuple(cache.stride())} over {cache.untyped_storage().nbytes()} bytes",

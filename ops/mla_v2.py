@@ -19,19 +19,17 @@ computed on first use and checked against later calls, as FlashMLA's ``FlashMLAS
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, values_within
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, positive_finite, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.layouts import Layouts
 from hal.operator import Feature, declare
-from hal.ops.mla_fp8_cache import MODEL1_DIM, MODEL1_TOKEN_BYTES, check_fp8_kv_cache, check_model1_kv_cache
+from hal.ops.mla_fp8_cache import MODEL1_DIM, check_fp8_kv_cache, check_model1_kv_cache, model1_pages_fit
 
 __all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "Layout", "NO_LAYOUT", "layout_of", "decode_v2", "flash_mla_sparse_fwd", "dense_window_indices"]
 
@@ -222,8 +220,7 @@ def _pages_fit(cache: object) -> object:
     the checks then name."""
     if type(cache) is not torch.Tensor or cache.layout is not torch.strided or cache.dim() != 4:  # a sparse tensor has no storage to ask
         return None
-    blocks, page = cache.shape[:2]
-    return cache.storage_offset() + (blocks - 1) * cache.stride(0) + page * MODEL1_TOKEN_BYTES <= cache.untyped_storage().nbytes()
+    return model1_pages_fit(cache)
 
 
 def layout_of(
@@ -307,9 +304,7 @@ def flash_mla_sparse_fwd(
     if features is None:
         features = _check_prefill_layouts(q, kv, indices, d_v, attn_sink, topk_length)
         _PREFILL_LAYOUTS.remember(values, key, features)
-    if type(sm_scale) is float and 0 < sm_scale < math.inf:  # the usual case, without the ABC check (0.5 us)
-        pass
-    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not (0 < float(sm_scale) < float("inf")):  # NumPy floats too
+    if not positive_finite(sm_scale):
         raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
     if topk_length is not None and not values_within(topk_length, 0, indices.shape[2] + 1):
         expect_in_range(op, "topk_length", topk_length, 0, indices.shape[2] + 1, what=f"lengths in [0, topk={indices.shape[2]}]",

@@ -40,8 +40,8 @@ def _tensor(op: str, name: str, value: object, dtypes: object = _FLOATS, dims: t
     return expect_tensor(op, name, value, dtypes=dtypes, shape=None if dims is None else (None,) * len(dims), dims=dims)
 
 
-def _scales_tensor(op: str, name: str, value: object, dtypes: object) -> torch.Tensor:
-    """Scales [(G,) MN, K']: 2-d or 3-d, of ``dtypes``."""
+def expect_scales(op: str, name: str, value: object, dtypes: object = None) -> torch.Tensor:
+    """Scales [(G,) MN, K']: a dense 2-d or 3-d tensor, of ``dtypes`` when given."""
     value = _tensor(op, name, value, dtypes)
     if value.dim() not in (2, 3):
         raise ShapeError(op, name, "scales [MN, K'] or [G, MN, K']", f"a {value.dim()}-d tensor", f"Pass '{name}' as 2-d or 3-d scales.")
@@ -153,7 +153,7 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
     """Scales [(G,) MN, K'] in DeepGEMM's MN-major layout: the same values with strides
     ``(aligned * K', 1, aligned)`` (``(1, aligned)`` in 2-d), ``aligned`` = MN rounded up to 16
     bytes; returned as given when already so."""
-    sf = _scales_tensor("get_mn_major_tma_aligned_tensor", "sf", sf, (torch.float32, torch.int32, torch.bfloat16, torch.float16))
+    sf = expect_scales("get_mn_major_tma_aligned_tensor", "sf", sf, (torch.float32, torch.int32, torch.bfloat16, torch.float16))
     batched = sf if sf.dim() == 3 else sf.unsqueeze(0)
     groups, mn, columns = batched.shape
     aligned = _tma_aligned(mn, sf.element_size())

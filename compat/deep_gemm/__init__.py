@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from hal.checks import expect_tensor
-from hal.errors import ShapeError
 from hal.ops.gemm import (
     gemm_fp8_fp8_bf16_nt,
     get_m_alignment_for_contiguous_layout,
@@ -64,6 +62,7 @@ from hal.ops.indexer import (
 from hal.ops.mla_schedule import default_num_sms
 from hal.ops.ue8m0 import (
     ceil_to_ue8m0,
+    expect_scales,
     get_mn_major_tma_aligned_packed_ue8m0_tensor,
     get_mn_major_tma_aligned_tensor,
     pack_ue8m0_to_int,
@@ -155,11 +154,7 @@ def get_tma_aligned_size(x: int, element_size: int) -> int:
 
 def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
     """DeepGEMM v1's name of :func:`get_mn_major_tma_aligned_tensor` ([M, K] or [G, M, K], MN-major, M padded)."""
-    op = "get_col_major_tma_aligned_tensor"
-    x = expect_tensor(op, "x", x)
-    if x.dim() not in (2, 3):
-        raise ShapeError(op, "x", "[M, K] or [G, M, K] scales", f"a {x.dim()}-d tensor", "Pass 2-d or 3-d scales.")  # a ValueError too
-    return get_mn_major_tma_aligned_tensor(x)
+    return get_mn_major_tma_aligned_tensor(expect_scales("get_col_major_tma_aligned_tensor", "x", x))  # a ShapeError is a ValueError too
 
 
 def set_num_sms(num_sms: int) -> None:
