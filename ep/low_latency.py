@@ -12,10 +12,10 @@ Verified against deepseek-ai/DeepEP (``deep_ep/buffer.py``, ``csrc/kernels/inter
   rank. DeepEP places source blocks (and tokens within them) in arrival order; here blocks are
   by source rank and tokens by index: one of the layouts DeepEP may produce, made deterministic.
   Unused slots are zero here (DeepEP leaves them unspecified) with ``src_info`` -1.
-- ``use_fp8``: the sender casts before sending, per token per 128 channels: amax floored at
-  1e-4 (``kFP8Margin``), codes ``x * (448 / amax)`` in e4m3, scale ``amax / 448``
-  (:func:`hal.per_token_cast_to_fp8`; DeepEP multiplies by ``1 / 448.f`` instead of dividing,
-  so a scale may differ in its last fp32 bit, the codes never). The scales come back
+- ``use_fp8``: the sender casts before sending, per token per 128 channels, as DeepEP's
+  ``calculate_fp8_scales``: amax floored at 1e-4 (``kFP8Margin``), codes ``x * (448 / amax)`` in
+  e4m3, scale ``amax * (1 / 448)`` (a multiply by the fp32 reciprocal, as DeepEP's kernel: a
+  division, as DeepGEMM's casts take, differs in the last bit for about half the scales). The scales come back
   ``[num_local_experts, R * max_tokens, hidden / 128]`` float32 with the last two dimensions
   column-major, as DeepEP returns them for TMA.
 - Combine reduces with weights: ``combined[t] = sum_k w[t, k] * y_k[t]`` over the selected k, in
@@ -24,7 +24,7 @@ Verified against deepseek-ai/DeepEP (``deep_ep/buffer.py``, ``csrc/kernels/inter
   returns); ``hal.ep.Buffer`` hands it out only with ``return_recv_hook``, else None, as DeepEP.
 
 - ``round_scale``: scales rounded up to powers of two before the codes are taken (DeepEP's
-  ``fast_pow2(ceil(log2(amax / 448)))``); ``use_ue8m0`` returns them packed, four exponents per
+  ``fast_pow2(ceil(log2(amax * (1 / 448))))``), codes ``x * 2^-e``; ``use_ue8m0`` returns them packed, four exponents per
   int32 ([num_local_experts, R * max_tokens, hidden / 512], column-major like the float scales;
   empty slots 0).
 - ``use_logfmt``: the combine payload travels in LogFMT-10 (:mod:`hal.ops.logfmt`) and is decoded
@@ -55,7 +55,7 @@ from hal.ep.message import Field
 from hal.errors import DTypeError, ShapeError, ValueRangeError
 from hal.ops.ep_local import ep_combine_reduce, ep_unpack
 from hal.ops import ue8m0
-from hal.ops.fp8_quant import BLOCK, per_token_cast_to_fp8
+from hal.ops.fp8_quant import BLOCK
 from hal.ops.logfmt import logfmt_decode, logfmt_encode
 
 __all__ = ["dispatch", "combine"]
@@ -90,6 +90,31 @@ def _expert_major(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_expert
     return token[order].to(torch.int32), topk_weights[token, slot][order], torch.bincount(expert, minlength=num_experts)
 
 
+# DeepEP's kFinfoAmaxInvE4M3 (1 / 448.0f): the fp32 quotient, so that scales are its fp32 products.
+_INV_448 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(448.0, dtype=torch.float32)
+_FP8_MARGIN = 1e-4  # kFP8Margin: the smallest amax
+
+
+def cast_fp8(x: torch.Tensor, round_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepEP's low-latency FP8 cast of bf16 tokens [T, hidden] (hidden a multiple of 128), bit for
+    bit: per token and 128 channels, ``amax = max(1e-4, max |x|)``; ``scale_inv = amax * (1 / 448)``
+    in fp32 and codes ``e4m3(x * (448 / amax))``; with ``round_scale``, ``scale_inv = 2^e`` with
+    ``e = ceil(log2(amax * (1 / 448)))`` (read from the fp32 bits, as ``fast_log2_ceil``) and codes
+    ``e4m3(x * 2^-e)``. Returns ``(float8_e4m3fn [T, hidden], float32 [T, hidden / 128])``."""
+    tokens, hidden = x.shape
+    groups = x.float().view(tokens, hidden // BLOCK, BLOCK)
+    amax = groups.abs().amax(dim=2).clamp_min(_FP8_MARGIN)
+    scale_inv = amax * _INV_448.to(amax.device)
+    if round_scale:
+        bits = scale_inv.view(torch.int32)
+        exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        scale, scale_inv = ((127 - exponent) << 23).view(torch.float32), ((127 + exponent) << 23).view(torch.float32)
+    else:
+        scale = torch.full_like(amax, 448.0) / amax  # a true division (448.0 / amax is a reciprocal times 448 in torch)
+    codes = (groups * scale.unsqueeze(2)).to(FP8).view(tokens, hidden)
+    return codes, scale_inv
+
+
 def dispatch(
     comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, *, num_max_dispatch_tokens_per_rank: int, num_experts: int,
     use_fp8: bool, cumulative_local_expert_recv_stats: torch.Tensor | None, round_scale: bool = False, use_ue8m0: bool = False,
@@ -114,11 +139,8 @@ def dispatch(
             check_device(op, "cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, comm)
         message = {"src": torch.arange(num_tokens, dtype=torch.int32, device=x.device), "x": x}
         fields = [Field("src", torch.int32, ()), Field("x", x.dtype, (hidden,))]
-        if use_fp8 and round_scale:  # power-of-two scales (UE8M0 values), codes x / scale
-            message["x"], message["x_scales"] = ue8m0.per_token_cast_to_fp8(x, use_ue8m0=True)
-            fields = [Field("x_scales", torch.float32, (hidden // BLOCK,)), Field("src", torch.int32, ()), Field("x", FP8, (hidden,))]
-        elif use_fp8:
-            message["x"], message["x_scales"] = per_token_cast_to_fp8(x)
+        if use_fp8:
+            message["x"], message["x_scales"] = cast_fp8(x, round_scale)
             fields = [Field("x_scales", torch.float32, (hidden // BLOCK,)), Field("src", torch.int32, ()), Field("x", FP8, (hidden,))]
         outgoing = comm.prepare_rows(fields, message, topk_idx, num_experts)
         assert outgoing.counts is not None

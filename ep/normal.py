@@ -35,7 +35,6 @@ from hal.ep.message import Field
 from hal.errors import DTypeError, HalError, ShapeError, ValueRangeError
 from hal.ops.ep import NVL_PEERS_PER_NODE, get_dispatch_layout
 from hal.ops.ep_local import ep_combine_reduce, reads_row_segments
-from hal.ops.fp8_quant import BLOCK
 
 __all__ = ["dispatch_layout", "dispatch", "cached_dispatch", "combine"]
 
@@ -213,7 +212,7 @@ def dispatch(
             recv_topk_idx, recv_topk_weights = _pad(recv_topk_idx, num_worst_tokens, -1), _pad(recv_topk_weights, num_worst_tokens, 0.0)
     device = got["src"].device
     prefix = rank_counts.cumsum(dim=0).to(torch.int32).to(device)
-    handle = DispatchHandle(prefix, got["src"], send.is_token_in_rank, send.outgoing.src_idx, num_recv_rows, agreed.number, comm.owner)
+    handle = DispatchHandle.one_channel(prefix, got["src"], send.is_token_in_rank, send.outgoing.src_idx, num_recv_rows, agreed.number, comm.owner)
     return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, capture(device)
 
 

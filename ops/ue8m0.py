@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 
 from hal.checks import expect_tensor
-from hal.errors import DTypeError, ShapeError, ValueRangeError
+from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 
 __all__ = [
     "ceil_to_ue8m0", "pack_ue8m0_to_int", "unpack_ue8m0_from_int",
     "per_token_cast_to_fp8", "per_channel_cast_to_fp8", "per_block_cast_to_fp8", "per_custom_dims_cast_to_fp8",
-    "get_mn_major_tma_aligned_tensor", "get_mn_major_tma_aligned_packed_ue8m0_tensor", "transform_sf_into_required_layout",
+    "get_mn_major_tma_aligned_tensor", "get_mn_major_tma_aligned_packed_ue8m0_tensor", "get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor",
+    "transform_sf_into_required_layout",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -203,6 +204,62 @@ def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor, psum_layout: 
     storage[:, :, :mn] = packed.transpose(1, 2)
     out = storage.transpose(1, 2)[:, :mn]
     return out if sf.dim() == 3 else out.squeeze(0)
+
+
+def get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(
+    sf: torch.Tensor, grouped_layout: torch.Tensor, ks_cpu: list[int] | None, gran_k: int, k_alignment: int, use_psum_layout: bool = False,
+) -> torch.Tensor:
+    """K-grouped float32 UE8M0 scales [sf_k, MN] -> int32 [packed_sf_k, MN]: each group's scale rows
+    packed four per int32 along K (lowest K first, zero bytes past the group's last row), the groups'
+    packed rows one after another (DeepGEMM's layout for its k-grouped SM100 GEMMs).
+
+    Group g holds ``k_g`` columns of K: ``grouped_layout[g]`` (int32 [G]), or with
+    ``use_psum_layout`` the cumulative ends of the groups laid out at ``k_alignment`` boundaries
+    (``k_g = end_g - align(end_{g-1}, k_alignment)``). Its ``ceil(k_g / gran_k)`` scale rows follow
+    the previous group's in ``sf``, and it packs into ``ceil(k_g / (4 gran_k))`` rows. The result has
+    ``sum ceil(k / (4 gran_k))`` over ``ks_cpu`` rows, or without ``ks_cpu`` (psum only) the bound
+    ``(sf_k + 3 G) // 4``; rows past the groups' are zero. The exponent byte is taken from each float's
+    bits, as :func:`get_mn_major_tma_aligned_packed_ue8m0_tensor` does."""
+    op = "get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor"
+    sf = _tensor(op, "sf", sf, torch.float32, dims=("sf_k", "MN"))
+    layout = _tensor(op, "grouped_layout", grouped_layout, torch.int32, dims=("num_groups",))
+    if gran_k not in (32, 128) or isinstance(gran_k, bool):
+        raise ValueRangeError(op, "gran_k", "32 or 128", repr(gran_k), "Pass the K granularity of the scales.")
+    if isinstance(k_alignment, bool) or not isinstance(k_alignment, int) or k_alignment <= 0 or k_alignment % 32:
+        raise ValueRangeError(op, "k_alignment", "a positive multiple of 32", repr(k_alignment), "Pass the K alignment of the grouped layout.")
+    sf_k, mn = sf.shape
+    groups = layout.shape[0]
+    if groups > 128 or mn % 4:
+        raise ShapeError(op, "sf", "MN a multiple of 4 and at most 128 groups", f"MN={mn}, {groups} groups", "Pad MN to a multiple of 4.")
+    synced = ks_cpu is not None and len(ks_cpu) > 0
+    if synced and len(ks_cpu) != groups:
+        raise ShapeError(op, "ks_cpu", f"{groups} sizes (one per group)", f"{len(ks_cpu)}", "Pass one K per group, or None with use_psum_layout.")
+    if not synced and not use_psum_layout:
+        raise ArgumentError(op, "ks_cpu", "the groups' K sizes (or use_psum_layout=True)", repr(ks_cpu), "Pass ks_cpu.")
+    entries = [int(v) for v in layout.tolist()]
+    sizes, previous = [], 0
+    for entry in entries:
+        sizes.append(entry - _align(previous, k_alignment) if use_psum_layout else entry)
+        previous = entry
+    if any(k < 0 for k in sizes):
+        raise ValueRangeError(op, "grouped_layout", "non-negative group sizes (non-decreasing ends with use_psum_layout)", str(entries), "Pass the groups' K layout.")
+    rows = [-(-k // gran_k) for k in sizes]
+    if sum(rows) > sf_k or (synced and not use_psum_layout and sum(-(-int(k) // gran_k) for k in ks_cpu) != sf_k):
+        raise ShapeError(op, "sf", f"{sum(rows)} scale rows for the groups' K (one per {gran_k})", f"{sf_k} rows", "Pass the scales of these groups.")
+    packed_rows = sum(-(-int(k) // (4 * gran_k)) for k in ks_cpu) if synced else (sf_k + 3 * groups) // 4
+    out = torch.zeros(packed_rows, mn, dtype=torch.int32, device=sf.device)
+    exponents = (sf.contiguous().view(torch.int32) >> 23).to(torch.uint8)  # [sf_k, MN]
+    row = packed = 0
+    for count in rows:
+        group_packed = -(-count // 4)
+        if count and packed < packed_rows:
+            block = torch.zeros(group_packed * 4, mn, dtype=torch.uint8, device=sf.device)
+            block[:count] = exponents[row : row + count]
+            words = block.view(group_packed, 4, mn).transpose(1, 2).contiguous().view(torch.int32).view(group_packed, mn)
+            take = min(group_packed, packed_rows - packed)
+            out[packed : packed + take] = words[:take]
+        row, packed = row + count, packed + group_packed
+    return out
 
 
 def _granularity(op: str, recipe: object, is_sfa: bool | None) -> tuple[int, int]:

@@ -70,3 +70,10 @@ def test_deep_ep_table():
 
 def test_flash_mla_surface():
     assert {"get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd", "FlashMLASchedMeta"} <= set(flash_mla.__all__)
+    assert flash_mla.__version__ == "1.0.0"
+    for name in ("flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"):
+        assert not hasattr(flash_mla, name)
+        try:
+            getattr(flash_mla, name)
+        except AttributeError as exc:
+            assert name in str(exc) and "SM100" in str(exc)

@@ -43,6 +43,8 @@ def script(rank: int, world: int) -> dict:
     (recv_codes, recv_packed), *_ , fp8_handle, _ = buffer.dispatch(
         (codes, packed), None, per_rank, per_rdma, in_rank, per_expert, topk_idx, weights)
     out["packed_dispatch"] = [recv_codes, recv_packed, fp8_handle.recv_src_idx, fp8_handle.rank_prefix_matrix]
+    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head = handle  # DeepEP's six
+    out["handle"] = [rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, in_rank]
     combined, _, _ = buffer.combine(recv_x, handle, None, inp["bias"], deep_ep.Buffer.get_combine_config(world), None, True, True)
     plain, _, _ = buffer.combine(recv_x, handle)
     out["bias"] = [combined, plain]
@@ -72,6 +74,36 @@ def script(rank: int, world: int) -> dict:
     buffer.destroy()
     out["after_destroy"] = str(_error(lambda: buffer.get_dispatch_layout(topk_idx, num_experts)))
     return out
+
+
+def test_low_latency_fp8_cast_is_deepeps_bit_for_bit():
+    """DeepEP's calculate_fp8_scales: scale_inv = amax * fp32(1 / 448) (a multiply, not DeepGEMM's
+    division), codes x * (448 / amax); round_scale: 2^ceil(log2(amax * fp32(1 / 448))), codes x * 2^-e."""
+    import numpy as np
+
+    from hal.ep.low_latency import cast_fp8
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(48, 512, generator=g) * torch.rand(48, 1, generator=g) * 4).to(torch.bfloat16)
+    x[0, :128] = 0.0  # amax floored at 1e-4
+    x[1, :128] = 3e-5
+    x[2, 5] = 448.0  # amax 448 * 2^k: the rounded scale sits on a power of two
+    x[3, 200] = -896.0
+    values = x.float().view(48, 4, 128).numpy()
+    amax = np.maximum(np.abs(values).max(axis=2), np.float32(1e-4)).astype(np.float32)
+    inv = np.float32(1.0) / np.float32(448.0)
+    want = (amax * inv).astype(np.float32)
+    codes, scales = cast_fp8(x, round_scale=False)
+    assert np.array_equal(scales.numpy().view(np.int32), want.view(np.int32))
+    assert not np.array_equal(want.view(np.int32), (amax / np.float32(448.0)).astype(np.float32).view(np.int32)), "the division differs somewhere"
+    want_codes = torch.from_numpy((values * (np.float32(448.0) / amax)[:, :, None]).astype(np.float32)).to(torch.float8_e4m3fn).view(48, 512)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+    codes, scales = cast_fp8(x, round_scale=True)
+    mantissa, exponent = np.frexp(want.astype(np.float64))  # want = mantissa * 2^exponent, mantissa in [0.5, 1)
+    e = np.where(mantissa == 0.5, exponent - 1, exponent)
+    assert np.array_equal(scales.numpy(), np.ldexp(np.float32(1.0), e).astype(np.float32))
+    rounded = torch.from_numpy((values * np.ldexp(np.float32(1.0), -e)[:, :, None]).astype(np.float32)).to(torch.float8_e4m3fn).view(48, 512)
+    assert torch.equal(codes.view(torch.uint8), rounded.view(torch.uint8))
 
 
 def _error(call):
@@ -131,6 +163,32 @@ def test_logfmt_combine_within_its_bound_and_zero_copy(world):
         bound = logfmt_bound(y.view(-1, HIDDEN)).max() * weights.abs().sum(dim=1, keepdim=True) + 1e-2 * exact.float().abs()
         assert ((compressed.float() - exact.float()).abs() <= bound).all()
         assert not torch.equal(compressed, exact), "LogFMT is lossy: the payload really went through it"
+
+
+def test_dispatch_handle_is_deepep_six_fields(world):
+    """The handle unpacks as DeepEP's (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+    recv_src_idx, is_token_in_rank, send_head), with the channel fields of one channel."""
+    size, results = world
+    for rank, out in enumerate(results):
+        prefix, channel, recv_channel, recv_src, in_rank, send_head, layout_in_rank = out["handle"]
+        assert torch.equal(in_rank, layout_in_rank)
+        sent = layout_in_rank.to(torch.int32)
+        assert channel.dtype == torch.int32 and torch.equal(channel, sent.sum(dim=0, dtype=torch.int32).view(size, 1))
+        assert recv_channel.dtype == torch.int32 and torch.equal(recv_channel, torch.zeros(size, 1, dtype=torch.int32))
+        assert send_head.dtype == torch.int32 and send_head.shape == layout_in_rank.shape
+        for r in range(size):  # token t's place in the queue to rank r: 0, 1, 2, ... over the tokens sent there, -1 elsewhere
+            chosen = layout_in_rank[:, r]
+            assert torch.equal(send_head[chosen, r], torch.arange(int(chosen.sum()), dtype=torch.int32))
+            assert (send_head[~chosen, r] == -1).all()
+        # rank_prefix_matrix and recv_src_idx: the rows from rank i are its tokens sent here, in order
+        senders = [inputs(i, size)["x"].shape[0] for i in range(size)]
+        assert prefix.shape == (size, size) and recv_src.dtype == torch.int32
+        start = 0
+        for i in range(size):
+            end = int(prefix[i, rank])
+            assert (recv_src[start:end] < senders[i]).all() and torch.equal(recv_src[start:end], recv_src[start:end].sort().values)
+            start = end
+        assert start == recv_src.shape[0]
 
 
 def test_lifetime_and_local_buffer(world):

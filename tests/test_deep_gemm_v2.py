@@ -287,6 +287,89 @@ def test_packed_scales_skip_the_psum_layouts_gap_rows():
     assert torch.equal(packed[:100], dg.get_mn_major_tma_aligned_packed_ue8m0_tensor(ue[:100]))
 
 
+@pytest.mark.parametrize("gran_k", [32, 128])
+def test_k_grouped_packed_scales_pack_each_group_on_its_own(gran_k):
+    """DeepGEMM's k-grouped layout: each group's K scale rows packed four per int32 (as the MN-major
+    packer packs that group alone), groups one after another; psum ends with real (unaligned) K."""
+    g = torch.Generator().manual_seed(5)
+    mn, ks = 8, [gran_k * 3, gran_k * 8, 0, gran_k]
+    sf = dg.ceil_to_ue8m0(torch.rand(sum(ks) // gran_k, mn, generator=g) + 0.01)
+    packed = dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(sf, torch.tensor(ks, dtype=torch.int32), ks, gran_k, gran_k)
+    want, start = [], 0
+    for k in ks:
+        rows = k // gran_k
+        want.append(_packed_by_bytes(sf[start:start + rows].T.contiguous())[0].T)
+        start += rows
+    assert packed.dtype == torch.int32 and packed.is_contiguous() and torch.equal(packed, torch.cat(want))
+    # psum layout: real K (half a block more in odd groups), group g starting at align(end_{g-1}, k_alignment)
+    real = [k + (gran_k // 2 if i % 2 else 0) for i, k in enumerate(ks)]
+    ends, end = [], 0
+    for k in real:
+        end = -(-end // 160) * 160 + k
+        ends.append(end)
+    rows = [-(-k // gran_k) for k in real]
+    sf = dg.ceil_to_ue8m0(torch.rand(sum(rows), mn, generator=g) + 0.01)
+    want, start = [], 0
+    for r in rows:
+        want.append(_packed_by_bytes(sf[start:start + r].T.contiguous())[0].T)
+        start += r
+    want = torch.cat(want)
+    layout = torch.tensor(ends, dtype=torch.int32)
+    assert torch.equal(dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(sf, layout, real, gran_k, 160, use_psum_layout=True), want)
+    for ks_cpu in (None, [], [-(-k // 160) * 160 for k in real]):  # upper bounds: the groups' rows come first
+        bound = dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(sf, layout, ks_cpu, gran_k, 160, use_psum_layout=True)
+        assert bound.shape[0] >= want.shape[0] and torch.equal(bound[: want.shape[0]], want) and (bound[want.shape[0]:] == 0).all()
+    with pytest.raises(ShapeError):  # more scale rows than the groups own
+        dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(sf[:-1], layout, real, gran_k, 160, use_psum_layout=True)
+    with pytest.raises(ArgumentError):
+        dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(sf, layout, None, gran_k, 160)
+
+
+def test_fp4_helpers_round_pack_and_transpose_as_deep_gemm():
+    """e2m1 codes by nearest value with ties down (argmin over the 8 magnitudes takes the first),
+    above 6 -> 6, NaN -> 0, no -0; two codes per byte, even element low; scales amax / 6."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 96, generator=g) * 3
+    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.2, -0.25, -0.3, 7.0, -7.0, 0.5, 0.0, -0.0, 6.0])
+    x[5, 70] = float("nan")  # its group's scale is NaN (amax propagates it), so are its values back
+    x[1] = x[1].clamp(-5.5, 5.5)
+    x[1, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -5.0, 6.0, 0.24, 0.26, -2.5, -3.5, 4.99])  # scale 1: exact ties
+    x[0, 16:32] = 0.0
+    x[0, 20] = 6.0  # amax of the first 32 columns stays 7 (above): scale 7 / 6
+    table = torch.tensor(dg.utils.math.__dict__.get("E2M1_VALUES", (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)), dtype=torch.float64)
+    for use_ue8m0, gran_k in ((False, 32), (True, 32), (True, 128), (False, 128)):
+        packed, sf = dg.per_token_cast_to_fp4(x, use_ue8m0=use_ue8m0, gran_k=gran_k)
+        groups = -(-96 // gran_k)
+        padded = torch.zeros(6, groups * gran_k, dtype=torch.float64)
+        padded[:, :96] = x.double()
+        amax = padded.view(6, groups, gran_k).abs().amax(dim=2).clamp(min=1e-4)
+        want_sf = (amax.float() / 6.0)
+        want_sf = dg.ceil_to_ue8m0(want_sf) if use_ue8m0 else want_sf
+        torch.testing.assert_close(sf, want_sf, rtol=0, atol=0, equal_nan=True)
+        scaled = (x.float() * (1.0 / want_sf).repeat_interleave(gran_k, dim=1)[:, :96]).double()
+        magnitude = torch.nan_to_num(scaled.abs(), nan=0.0)
+        code = (magnitude.unsqueeze(-1) - table).abs().argmin(dim=-1)
+        code = code | (((scaled < 0) & (code != 0)).long() << 3)
+        got = torch.stack(((packed.view(torch.uint8) & 0xF), packed.view(torch.uint8) >> 4), dim=2).view(6, 96)
+        assert torch.equal(got.long(), code)
+        back = dg.cast_back_from_fp4(packed, sf, gran_k)
+        value = table[code & 7] * torch.where((code & 8) != 0, -1.0, 1.0).double()
+        torch.testing.assert_close(back, value.float() * want_sf.repeat_interleave(gran_k, dim=1)[:, :96], rtol=0, atol=0, equal_nan=True)
+        if use_ue8m0:
+            packed2, packed_sf = dg.per_token_cast_to_fp4(x, use_ue8m0=True, gran_k=gran_k, use_packed_ue8m0=True)
+            assert torch.equal(packed2, packed) and packed_sf.dtype == torch.int32 and packed_sf.shape == (6, -(-groups // 4))
+            torch.testing.assert_close(dg.cast_back_from_fp4(packed2, packed_sf, gran_k, use_packed_ue8m0=True), back, rtol=0, atol=0, equal_nan=True)
+    transposed = dg.transpose_packed_fp4(packed)  # [96, 3]: codes of column n, rows paired
+    codes = torch.stack(((packed.view(torch.uint8) & 0xF), packed.view(torch.uint8) >> 4), dim=2).view(6, 96)
+    t_codes = torch.stack(((transposed.view(torch.uint8) & 0xF), transposed.view(torch.uint8) >> 4), dim=2).view(96, 6)
+    assert transposed.shape == (96, 3) and transposed.dtype == torch.int8 and torch.equal(t_codes, codes.T)
+    assert torch.equal(dg.transpose_packed_fp4(transposed), packed)
+    with pytest.raises(ShapeError):
+        dg.per_token_cast_to_fp4(x[:, :95], use_ue8m0=False)
+    with pytest.raises(ShapeError):
+        dg.transpose_packed_fp4(packed[:5])
+
+
 def test_transform_sf_follows_the_recipe():
     k = 512
     sf = dg.ceil_to_ue8m0(torch.rand(64, k // 32) + 0.01)
@@ -325,8 +408,8 @@ def test_deep_gemm_submodules_and_test_helpers():
     dg.set_block_size_multiple_of((64, 128))
     with pytest.raises(ValueError):
         dg.set_block_size_multiple_of((64, 0))
-    with pytest.raises(AttributeError, match="FP4"):
-        dg.per_token_cast_to_fp4
+    with pytest.raises(AttributeError, match="SM100"):
+        dg.fp8_fp4_mega_moe
 
 
 def test_contiguous_segments_follow_the_alignment_setting():

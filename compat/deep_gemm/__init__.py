@@ -59,10 +59,12 @@ from hal.ops.indexer import (
     fp8_paged_mqa_logits,
     get_paged_mqa_logits_metadata,
 )
+from hal.ops.fp4 import cast_back_from_fp4, per_token_cast_to_fp4, transpose_packed_fp4
 from hal.ops.mla_schedule import default_num_sms
 from hal.ops.ue8m0 import (
     ceil_to_ue8m0,
     expect_scales,
+    get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor,
     get_mn_major_tma_aligned_packed_ue8m0_tensor,
     get_mn_major_tma_aligned_tensor,
     pack_ue8m0_to_int,
@@ -104,10 +106,11 @@ __all__ = [
     "get_m_alignment_for_contiguous_layout", "get_k_alignment_for_contiguous_layout", "get_mk_alignment_for_contiguous_layout",
     "set_mk_alignment_for_contiguous_layout", "get_theoretical_mk_alignment_for_contiguous_layout",
     "get_col_major_tma_aligned_tensor", "get_mn_major_tma_aligned_tensor", "get_mn_major_tma_aligned_packed_ue8m0_tensor",
-    "transform_sf_into_required_layout", "get_tma_aligned_size",
+    "get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor", "transform_sf_into_required_layout", "get_tma_aligned_size",
     # casts and UE8M0 (deep_gemm.utils)
     "per_token_cast_to_fp8", "per_channel_cast_to_fp8", "per_block_cast_to_fp8", "per_custom_dims_cast_to_fp8",
     "ceil_to_ue8m0", "pack_ue8m0_to_int", "unpack_ue8m0_from_int", "ceil_div", "align",
+    "per_token_cast_to_fp4", "transpose_packed_fp4", "cast_back_from_fp4",
     # runtime configuration
     "set_num_sms", "get_num_sms", "set_tc_util", "get_tc_util", "set_pdl", "get_pdl", "set_ignore_compile_dims", "set_block_size_multiple_of",
     "NOT_PROVIDED", "utils", "testing",
@@ -115,14 +118,12 @@ __all__ = [
 
 # DeepGEMM names hal does not provide, and why (the README's table is built from the same facts).
 NOT_PROVIDED: dict[str, str] = {
-    "per_token_cast_to_fp4, transpose_packed_fp4, cast_back_from_fp4": "SM100's FP4 (e2m1) helpers; hal's GEMMs take FP8 operands",
     "cublaslt_gemm_nt / _nn / _tn / _tt": "thin wrappers over NVIDIA's cuBLASLt, a baseline for DeepGEMM's benchmarks; use torch.matmul",
     "einsum, fp8_einsum": "DeepGEMM's einsum kernels (bhr,hdr->bhd and friends) are not in unihal's contracts yet",
     "tf32_hc_prenorm_gemm": "the hyper-connection pre-norm GEMM of a later model, not in unihal's contracts yet",
     "fp8_gemm_nt_skip_head_mid": "a DeepSeek-V3.2 attention-projection variant not in unihal's contracts yet",
     "SymmBuffer, get_symm_buffer_for_mega_moe, transform_weights_for_mega_moe, fp8_fp4_mega_moe, bf16_mega_moe":
         "the fused 'mega MoE' kernels over NVSHMEM symmetric memory (SM100); hal composes EP dispatch + grouped GEMMs instead",
-    "get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor": "SM100's packed k-grouped scale layout; hal's k-grouped GEMMs take float32 scales",
     "legacy (A100 Triton kernels)": "hal's Triton backends are the portable path",
     "init_dist, uneven_all_gather": "test utilities of deep_gemm.utils.dist",
     "FP4 operands (fp8_fp4_* with int8 packed e2m1)": "SM100's FP4 recipe; the fp8_fp4 spellings here take FP8 and raise OperatorNotSupportedError for FP4",

@@ -18,6 +18,23 @@ Contracts: :mod:`hal.ops.mla`, :mod:`hal.ops.mla_v2`. FlashMLA's dense prefill
 
 from hal.compat.flash_mla.flash_mla_interface import FlashMLASchedMeta, flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
 
-__all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd", "FlashMLASchedMeta", "flash_mla_interface"]
+__all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd", "FlashMLASchedMeta", "flash_mla_interface", "NOT_PROVIDED"]
+
+__version__ = "1.0.0"  # FlashMLA's package version whose API this follows
+
+# FlashMLA names hal does not provide, and why (the README's FlashMLA table says the same).
+NOT_PROVIDED: dict[str, str] = {
+    "flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func":
+        "FlashMLA's dense MHA prefill with backward (SM100 kernels), not in unihal's contracts; use torch's scaled_dot_product_attention",
+}
+
+
+def __getattr__(name: str):
+    # An AttributeError (so hasattr() probes keep working) that says why the name is absent.
+    for names, why in NOT_PROVIDED.items():
+        if name in [n.strip() for n in names.split(",")]:
+            raise AttributeError(f"flash_mla.{name} is not provided by hal.compat.flash_mla: {why}.")
+    raise AttributeError(f"module 'hal.compat.flash_mla' has no attribute {name!r}")
+
 
 from hal.compat.flash_mla import flash_mla_interface  # noqa: E402
