@@ -44,7 +44,9 @@ MAGIC = 0x48414C45  # "HALE": a header of this protocol, not some other all_gath
 HEADER_FIELDS = ("magic", "operation", "number", "failed")
 MISSING = -1
 
-DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float8_e4m3fn: 4}
+# The dtypes tokens may have (DeepEP's dispatch takes any: it moves bytes), as numbers a header can carry.
+DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float8_e4m3fn: 4, torch.float8_e5m2: 5, torch.uint8: 6, torch.int8: 7,
+               torch.int16: 8, torch.int32: 9, torch.int64: 10, torch.float64: 11}
 _DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in DTYPE_CODES.items()}
 
 
@@ -79,11 +81,21 @@ FACTS: dict[str, Fact] = {
     "dispatch": Fact("handle", ValueRangeError, "every rank's handle from the same dispatch", lambda v: f"the handle of operation #{v}"),
     "max_tokens": Fact("num_max_dispatch_tokens_per_rank", ValueRangeError, "the same num_max_dispatch_tokens_per_rank on every rank", str),
     "use_fp8": Fact("use_fp8", ValueRangeError, "the same use_fp8 on every rank", lambda v: str(bool(v))),
-    "scales": Fact("x", DTypeError, "the same FP8 scale form on every rank", lambda v: SCALE_FORMS.get(v, str(v))),
+    "scales": Fact("x", DTypeError, "the same scale form (dtype and scales per token) on every rank", lambda v: describe_scales(v)),
 }
-# How FP8 tokens carry their scales (the "scales" fact): none, float32 per 128 channels, or four
-# UE8M0 exponents packed per int32 (DeepEP's kernels take either).
-SCALE_FORMS = {0: "no scales", 1: "float32 scales", 2: "packed int32 UE8M0 scales"}
+
+
+def scale_form(scales: torch.Tensor | None) -> int:
+    """The "scales" fact: 0 without scales, else the scales' dtype code and columns per token
+    (float32 per 128 channels, packed int32 UE8M0, one per token, ...: DeepEP's kernels take any)."""
+    return 0 if scales is None else (DTYPE_CODES[scales.dtype] << 20) | scales.shape[1]
+
+
+def describe_scales(form: int) -> str:
+    """:func:`scale_form` in words."""
+    if form == 0:
+        return "no scales"
+    return f"{_DTYPE_NAMES.get(form >> 20, f'dtype #{form >> 20}')} scales, {form & 0xFFFFF} per token"
 # Facts each rank announces without having to share them (read with Agreed.shared).
 SHARED = ("num_worst_tokens",)
 _COLUMNS = HEADER_FIELDS + tuple(FACTS) + SHARED

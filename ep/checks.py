@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 
 from hal.checks import FP8, expect_in_range, expect_int, expect_tensor, value_checks_enabled
+from hal.ep.agreement import DTYPE_CODES
 from hal.ep.comm import Communicator
 from hal.ep.handle import DispatchHandle, LowLatencyHandle
 from hal.errors import DeviceError, DTypeError, ShapeError, ValueRangeError
-from hal.ops.fp8_quant import BLOCK
 
-__all__ = ["TOKEN_DTYPES", "check_device", "check_tokens", "check_experts", "check_topk", "check_weights", "check_handle"]
+__all__ = ["TOKEN_DTYPES", "DISPATCH_DTYPES", "ONE_BYTE_DTYPES", "check_device", "check_tokens", "check_experts", "check_topk", "check_weights", "check_handle"]
 
-TOKEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TOKEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what combine reduces
+DISPATCH_DTYPES = tuple(DTYPE_CODES)  # what dispatch moves (bytes, as DeepEP's kernels)
+ONE_BYTE_DTYPES = (FP8, torch.float8_e5m2, torch.uint8, torch.int8)  # tokens that travel with scales
 
 
 def check_device(op: str, name: str, tensor: torch.Tensor, comm: Communicator) -> None:
@@ -25,25 +27,23 @@ def check_device(op: str, name: str, tensor: torch.Tensor, comm: Communicator) -
 
 
 def check_tokens(op: str, x: object, comm: Communicator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x`` is [N, hidden] bf16/fp16/fp32, or the pair (float8_e4m3fn [N, hidden], scales): float32
-    [N, hidden / 128], or int32 [N, ceil(hidden / 512)] with four UE8M0 exponents per int (DeepEP's
-    kernels take either and hand the scales over as they came)."""
+    """``x`` is tokens [N, hidden] of any dtype DeepEP's dispatch moves (:data:`DISPATCH_DTYPES`), or
+    the pair (1-byte tokens [N, hidden]: float8 e4m3fn/e5m2, uint8, int8; scales [N, num_scales]
+    float32 or int32, any strides): DeepEP's kernels hand the scales over as they came, so any
+    number per token is taken (float32 per 128 channels, four UE8M0 exponents per int32, one per
+    token, one per 32 channels)."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
-            raise DTypeError(op, "x", "a tensor or a pair (fp8 tensor, float32 scales)", f"a sequence of {len(x)}", "Pass x or (x_fp8, x_scales).")
+            raise DTypeError(op, "x", "a tensor or a pair (fp8 tensor, scales)", f"a sequence of {len(x)}", "Pass x or (x_fp8, x_scales).")
         data, scales = x
-        expect_tensor(op, "x[0]", data, dtypes=FP8, shape=(None, None), dims=("num_tokens", "hidden"))
-        if data.shape[1] % BLOCK:
-            raise ShapeError(op, "x[0]", f"hidden a multiple of {BLOCK}", f"hidden={data.shape[1]}", "FP8 tokens carry one scale per 128 channels.")
-        if isinstance(scales, torch.Tensor) and scales.dtype == torch.int32:
-            expect_tensor(op, "x[1]", scales, shape=(data.shape[0], -(-data.shape[1] // (4 * BLOCK))), dims=("num_tokens", "ceil(hidden/512)"))
-        else:
-            expect_tensor(op, "x[1]", scales, dtypes=(torch.float32, torch.int32), shape=(data.shape[0], data.shape[1] // BLOCK),
-                          dims=("num_tokens", "hidden/128"))
+        expect_tensor(op, "x[0]", data, dtypes=ONE_BYTE_DTYPES, shape=(None, None), dims=("num_tokens", "hidden"))
+        expect_tensor(op, "x[1]", scales, dtypes=(torch.float32, torch.int32), shape=(data.shape[0], None), dims=("num_tokens", "num_scales"))
+        if scales.shape[1] == 0 or scales.shape[1] >= 1 << 20:
+            raise ShapeError(op, "x[1]", "1 to 2**20 - 1 scales per token", f"{scales.shape[1]}", "Pass the tokens without scales, or their scales.")
         check_device(op, "x[0]", data, comm)
         check_device(op, "x[1]", scales, comm)
         return data, scales
-    expect_tensor(op, "x", x, dtypes=TOKEN_DTYPES, shape=(None, None), dims=("num_tokens", "hidden"))
+    expect_tensor(op, "x", x, dtypes=DISPATCH_DTYPES, shape=(None, None), dims=("num_tokens", "hidden"))
     assert isinstance(x, torch.Tensor)
     check_device(op, "x", x, comm)
     return x, None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hal.checks import expect_int, expect_tensor
-from hal.ep.agreement import DTYPE_CODES, agree
+from hal.ep.agreement import DTYPE_CODES, agree, scale_form
 from hal.ep.checks import TOKEN_DTYPES, check_device, check_experts, check_handle, check_tokens, check_topk, check_weights
 from hal.ep.comm import Communicator, Outgoing
 from hal.ep.errors import EPError
@@ -54,11 +54,6 @@ def _token_fields(data: torch.Tensor, scales: torch.Tensor | None) -> list[Field
     hidden = data.shape[1]
     scale = [Field("x_scales", scales.dtype, (scales.shape[1],))] if scales is not None else []
     return scale + [Field("src", torch.int32, ()), Field("x", data.dtype, (hidden,))]
-
-
-def _scale_form(scales: torch.Tensor | None) -> int:
-    """The "scales" fact (:data:`hal.ep.agreement.SCALE_FORMS`)."""
-    return 0 if scales is None else 2 if scales.dtype == torch.int32 else 1
 
 
 def _destinations(is_token_in_rank: torch.Tensor) -> torch.Tensor:
@@ -171,7 +166,7 @@ def dispatch(
         fields = _token_fields(data, scales)
         message = {"x": data, "src": torch.arange(num_tokens, dtype=torch.int32, device=data.device)}
         facts = {"hidden": hidden, "dtype": DTYPE_CODES[data.dtype], "with_topk": int(topk_idx is not None), "num_experts": num_experts,
-                 "num_worst_tokens": num_worst_tokens, "scales": _scale_form(scales)}
+                 "num_worst_tokens": num_worst_tokens, "scales": scale_form(scales)}
         if scales is not None:
             message["x_scales"] = scales
         if topk_idx is not None:
@@ -264,7 +259,7 @@ def cached_dispatch(
         if scales is not None:
             message["x_scales"] = scales
         outgoing = comm.prepare_rows(_token_fields(data, scales), message, _destinations(handle.is_token_in_rank), comm.world)
-        facts = {"hidden": data.shape[1], "dtype": DTYPE_CODES[data.dtype], "dispatch": handle.dispatch_id, "scales": _scale_form(scales)}
+        facts = {"hidden": data.shape[1], "dtype": DTYPE_CODES[data.dtype], "dispatch": handle.dispatch_id, "scales": scale_form(scales)}
         return facts, _Send(outgoing, [])
 
     send = agree(comm, op, prepare).plan

@@ -106,6 +106,57 @@ def test_low_latency_fp8_cast_is_deepeps_bit_for_bit():
     assert torch.equal(codes.view(torch.uint8), rounded.view(torch.uint8))
 
 
+def any_token_form(rank: int, world: int) -> dict:
+    """DeepEP's dispatch moves bytes: 1-byte tokens with any number of float32/int32 scales per token
+    (any strides), and tokens of any dtype without scales; a cached dispatch moves them alike."""
+    buffer = deep_ep.Buffer(None, 1 << 20, 0)
+    g = torch.Generator().manual_seed(rank)
+    tokens, hidden, num_experts = 6 + rank, 256, 4 * world
+    topk_idx = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(tokens)])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    x = torch.randn(tokens, hidden, generator=g)
+    codes = (x * 8).to(torch.float8_e4m3fn)
+    forms = {
+        "one scale per token": (codes, torch.rand(tokens, 1, generator=g)),
+        "a scale per 32 channels": (codes, torch.rand(tokens, hidden // 32, generator=g)),
+        "uint8 codes": (codes.view(torch.uint8), torch.rand(tokens, hidden // 128, generator=g)),
+        "e5m2 codes": ((x * 4).to(torch.float8_e5m2), torch.rand(tokens, hidden // 128, generator=g)),
+        "column-major scales": (codes, torch.rand(hidden // 128, tokens, generator=g).T),
+        "int32 scales": (codes, torch.randint(0, 1 << 30, (tokens, 1), generator=g, dtype=torch.int32)),
+        "fp8 without scales": codes,
+        "int32 tokens": torch.randint(0, 1 << 30, (tokens, 8), generator=g, dtype=torch.int32),
+    }
+    out = {"inputs": forms}
+    for name, tokens_in in forms.items():
+        recv, _, _, _, handle, _ = buffer.dispatch(tokens_in, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        cached, *_ = buffer.dispatch(tokens_in, handle=handle)
+        out[name] = (recv, cached, handle.recv_src_idx, handle.rank_prefix_matrix)
+    return out
+
+
+def test_dispatch_moves_any_token_form_as_deepep():
+    outcomes = run_local(any_token_form, 2, timeout_s=150)
+    assert all(o.returned for o in outcomes), [(o.rank, o.exitcode, o.error) for o in outcomes]
+    results = [o.value for o in outcomes]
+    as_bytes = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+    for me, out in enumerate(results):
+        for name in out["inputs"]:
+            recv, cached, src, prefix = out[name]
+            parts = recv if isinstance(recv, tuple) else (recv,)
+            again = cached if isinstance(cached, tuple) else (cached,)
+            assert all(torch.equal(as_bytes(a), as_bytes(b)) for a, b in zip(parts, again)), name
+            start = 0
+            for sender in range(2):
+                end = int(prefix[sender, me])
+                sent = results[sender]["inputs"][name]
+                sent = sent if isinstance(sent, tuple) else (sent,)
+                index = src[start:end].long()
+                assert all(torch.equal(as_bytes(p[start:end]), as_bytes(s[index])) for p, s in zip(parts, sent)), name
+                assert all(p.dtype == s.dtype for p, s in zip(parts, sent)), name
+                start = end
+            assert start == parts[0].shape[0]
+
+
 def _error(call):
     try:
         call()

@@ -68,9 +68,11 @@ def _handle_of_other_buffer(group, x, layout):
 
 
 BAD_CALLS = {
-    "integer tokens": (lambda b, x, t, w, lay: b.dispatch(x.int(), topk_idx=t, topk_weights=w, **lay), hal.DTypeError, "x"),
-    "fp8 without 128 channels": (lambda b, x, t, w, lay: b.dispatch((x[:, :100].float().to(hal.checks.FP8), torch.ones(5, 0)), **lay), hal.ShapeError, "multiple of 128"),
-    "fp8 scales of the wrong shape": (lambda b, x, t, w, lay: b.dispatch((x.float().to(hal.checks.FP8), torch.ones(5, 3)), **lay), hal.ShapeError, "x\\[1\\]"),
+    "complex tokens": (lambda b, x, t, w, lay: b.dispatch(x.to(torch.complex64), topk_idx=t, topk_weights=w, **lay), hal.DTypeError, "x"),
+    "2-byte tokens with scales": (lambda b, x, t, w, lay: b.dispatch((x, torch.ones(5, 2)), **lay), hal.DTypeError, "x\\[0\\]"),
+    "fp8 with no scale per token": (lambda b, x, t, w, lay: b.dispatch((x[:, :100].float().to(hal.checks.FP8), torch.ones(5, 0)), **lay), hal.ShapeError, "scales per token"),
+    "fp8 scales for other tokens": (lambda b, x, t, w, lay: b.dispatch((x.float().to(hal.checks.FP8), torch.ones(4, 3)), **lay), hal.ShapeError, "x\\[1\\]"),
+    "float64 scales": (lambda b, x, t, w, lay: b.dispatch((x.float().to(hal.checks.FP8), torch.ones(5, 3, dtype=torch.float64)), **lay), hal.DTypeError, "x\\[1\\]"),
     "topk_idx without weights": (lambda b, x, t, w, lay: b.dispatch(x, topk_idx=t, **lay), hal.DTypeError, "both given or both None"),
     "counts that disagree with the map": (lambda b, x, t, w, lay: b.dispatch(x, **{**lay, "num_tokens_per_rank": lay["num_tokens_per_rank"] + 1}), hal.ValueRangeError, "is_token_in_rank.sum"),
     "a token kept from its expert's rank": (

@@ -16,6 +16,7 @@ import torch
 
 import hal
 from hal.ep.launch import run_local
+from hal.ep.low_latency import cast_fp8
 
 HIDDEN, EXPERTS_PER_RANK, TOPK, ALIGNMENT = 256, 4, 4, 4
 TOKENS = (6, 9, 0, 5)  # per rank, by rank % 4
@@ -227,7 +228,7 @@ def test_low_latency_fills_expert_slots_by_source_rank_then_token(world, mode):
                 assert int(layout_range[e, j]) >> 32 == begin and int(layout_range[e, j]) & 0xFFFFFFFF == tokens.numel()
                 sent = inputs[j]["x"][tokens]
                 if mode == "fp8":
-                    sent_fp8, sent_scales = hal.per_token_cast_to_fp8(sent)
+                    sent_fp8, sent_scales = cast_fp8(sent, round_scale=False)  # DeepEP's cast, bit for bit
                     assert torch.equal(values[e, begin : begin + tokens.numel()].view(torch.uint8), sent_fp8.view(torch.uint8))
                     assert torch.equal(scales[e, begin : begin + tokens.numel()], sent_scales)
                 else:
@@ -246,7 +247,7 @@ def test_low_latency_combine_is_the_weighted_sum_of_expert_outputs(world, mode):
     for me in range(size):
         combined, into_out = results[me][f"ll_{mode}"][5:]
         x, topk_idx, w = inputs[me]["x"], inputs[me]["topk_idx"], inputs[me]["topk_weights"]
-        values = hal.ops.fp8_quant.dequantize_per_token(*hal.per_token_cast_to_fp8(x)) if mode == "fp8" else x.float()
+        values = hal.ops.fp8_quant.dequantize_per_token(*cast_fp8(x, round_scale=False)) if mode == "fp8" else x.float()
         want = torch.zeros(x.shape[0], HIDDEN)
         for k in range(TOPK):
             chosen = topk_idx[:, k] >= 0
