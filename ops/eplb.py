@@ -14,7 +14,10 @@ Hierarchical policy (when ``num_groups % num_nodes == 0``), DeepSeek's algorithm
 3. pack the node's physical experts onto its GPUs the same greedy way.
 
 Otherwise the global policy runs the same steps with one group and one node. Ties are broken as
-DeepSeek's implementation breaks them (the lowest index wins), so results match it exactly.
+DeepSeek's implementation breaks them (the lowest index wins) and pack loads are summed in float32
+as there, so results match it exactly (near-ties included). Unlike DeepSeek's, which checks
+nothing, loads that are negative, NaN, infinite or bool, and counts that are not ints, raise typed
+errors naming the argument.
 """
 
 from __future__ import annotations
@@ -32,50 +35,72 @@ _OP = "rebalance_experts"
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack n items per row into ``num_packs`` packs of n / num_packs items, balancing pack weight.
 
+    Items go heaviest first into the lightest pack with room (the lowest index among equals). A
+    pack's load is summed in ``weight``'s dtype, as DeepSeek's implementation sums it (float32 on
+    the :func:`rebalance_experts` path): near-ties then break exactly as there.
+
     Args:
-        weight: float [rows, n], n divisible by num_packs.
+        weight: [rows, n] loads, n divisible by num_packs.
 
     Returns:
         ``(pack int64 [rows, n], rank_in_pack int64 [rows, n])``.
     """
     rows, items = weight.shape
+    if num_packs <= 0 or items % num_packs:
+        raise ShapeError("balanced_packing", "weight", f"a number of items divisible by num_packs={num_packs}", f"{items} items", "Pack whole groups per pack.")
     capacity = items // num_packs
     if capacity == 1:
         identity = torch.arange(items, dtype=torch.int64).expand(rows, items).clone()
         return identity, torch.zeros(rows, items, dtype=torch.int64)
     order = weight.float().sort(dim=-1, descending=True).indices
+    values, exact, zero = _summable(weight)
     pack = torch.full((rows, items), -1, dtype=torch.int64)
     rank_in_pack = torch.full((rows, items), -1, dtype=torch.int64)
     for row in range(rows):
-        load = [0.0] * num_packs
+        load: list = [zero] * num_packs
         count = [0] * num_packs
         for item in order[row].tolist():
             open_packs = [p for p in range(num_packs) if count[p] < capacity]
             target = min(open_packs, key=load.__getitem__)
             pack[row, item] = target
             rank_in_pack[row, item] = count[target]
-            load[target] += float(weight[row, item])
+            load[target] = exact(load[target] + values[row][item])
             count[target] += 1
     return pack, rank_in_pack
 
 
-def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _summable(weight: torch.Tensor) -> tuple[object, object, object]:
+    """(the loads indexable as [row][item], a function rounding a sum to weight's dtype, an empty
+    pack's load): NumPy float32 scalars for float32 (float32 + float32 adds in float32, fast),
+    Python numbers for float64 and integers (exact), 0-d tensors otherwise (bf16, fp16: torch's
+    own rounding, as DeepSeek's sums of 0-d tensors)."""
+    host = weight.detach().cpu()
+    if host.dtype == torch.float32:
+        import numpy as np  # torch's own dependency
+
+        return host.numpy(), np.float32, np.float32(0)
+    if host.dtype == torch.float64 or not host.is_floating_point():
+        return host.tolist(), lambda total: total, 0
+    return host, lambda total: total, 0
+
+
+def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give extra replicas, one at a time, to the expert with the highest load per replica.
 
     Args:
         weight: float [rows, num_logical].
-        num_physical: slots per row, >= num_logical.
+        num_phy: physical slots per row, >= num_logical (DeepSeek's argument name).
 
     Returns:
-        ``(phy2log int64 [rows, num_physical], replica_rank int64 [rows, num_physical],
+        ``(phy2log int64 [rows, num_phy], replica_rank int64 [rows, num_phy],
         count int64 [rows, num_logical])``.
     """
     rows, num_logical = weight.shape
-    phy2log = torch.arange(num_physical, dtype=torch.int64).repeat(rows, 1)
-    replica_rank = torch.zeros(rows, num_physical, dtype=torch.int64)
+    phy2log = torch.arange(num_phy, dtype=torch.int64).repeat(rows, 1)
+    replica_rank = torch.zeros(rows, num_phy, dtype=torch.int64)
     count = torch.ones(rows, num_logical, dtype=torch.int64)
     row_ids = torch.arange(rows)
-    for slot in range(num_logical, num_physical):
+    for slot in range(num_logical, num_phy):
         busiest = (weight / count).max(dim=-1).indices
         phy2log[:, slot] = busiest
         replica_rank[:, slot] = count[row_ids, busiest]

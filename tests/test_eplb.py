@@ -191,3 +191,38 @@ def test_groups_that_nodes_do_not_divide_use_the_global_policy_and_are_ignored(n
     flat = hal.rebalance_experts(weight, 8 * num_gpus, 1, 1, num_gpus)
     for a, b in zip(got, flat):
         assert torch.equal(a, b)
+
+
+def _greedy_packing_float32(loads: list[float], num_packs: int) -> list[int]:
+    """Oracle: heaviest first (torch's sort order) into the lightest open pack, lowest index among
+    equals, each pack's load summed in float32 (as DeepSeek's 0-d float32 tensors sum it)."""
+    import numpy as np
+
+    weight = torch.tensor([loads], dtype=torch.float32)
+    order = weight.sort(dim=-1, descending=True).indices[0].tolist()
+    capacity = len(loads) // num_packs
+    load, count, pack = [np.float32(0)] * num_packs, [0] * num_packs, [0] * len(loads)
+    for item in order:
+        target = min((p for p in range(num_packs) if count[p] < capacity), key=lambda p: load[p])
+        pack[item], count[target] = target, count[target] + 1
+        load[target] = np.float32(load[target] + np.float32(loads[item]))
+    return pack
+
+
+def test_pack_loads_sum_in_float32_so_near_ties_break_as_deepseeks():
+    # 16777216 + 1.5 is 16777218 in float32 (a tie with the first item), not in float64.
+    phy2log, _, _ = hal.rebalance_experts(torch.tensor([[16777218.0, 16777216.0, 1.5, 1.0, 0.5, 0.25]]), 6, 1, 1, 2)
+    assert phy2log.tolist() == [[0, 3, 5, 1, 2, 4]]
+    phy2log, _, _ = hal.rebalance_experts(torch.tensor([[2, 0, 5, 1, 0]]), 12, 1, 1, 3)  # per-replica loads 5/3 etc.
+    assert phy2log.tolist() == [[3, 2, 0, 1, 2, 2, 2, 4, 2, 2, 0, 0]]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(60):
+        n, packs = 12, [2, 3, 4, 6][int(torch.randint(0, 4, (1,), generator=g))]
+        loads = ((torch.rand(n, generator=g) * 3).round() / 3 * (2 ** 24 if torch.rand(1, generator=g) < 0.3 else 1)).tolist()
+        pack, _ = hal.ops.eplb.balanced_packing(torch.tensor([loads], dtype=torch.float32), packs)
+        assert pack[0].tolist() == _greedy_packing_float32(loads, packs), loads
+
+
+def test_balanced_packing_needs_whole_packs():
+    with pytest.raises(hal.ShapeError, match="num_packs"):
+        hal.ops.eplb.balanced_packing(torch.rand(2, 6), 4)
