@@ -27,7 +27,7 @@ import torch
 from hal.checks import expect_int
 from hal.errors import DTypeError, ShapeError, ValueRangeError
 
-__all__ = ["rebalance_experts", "balanced_packing", "replicate_experts"]
+__all__ = ["rebalance_experts", "rebalance_experts_hierarchical", "balanced_packing", "replicate_experts"]
 
 _OP = "rebalance_experts"
 
@@ -145,6 +145,24 @@ def _rebalance_hierarchical(
     replica_rank = phy_rank.gather(-1, placed2phy).view(layers, -1)
     logcnt = mlog_count.view(layers, -1).gather(-1, log2mlog)
     return phy2log, replica_rank, logcnt
+
+
+def rebalance_experts_hierarchical(
+    weight: torch.Tensor, num_physical_experts: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hierarchical policy alone (DeepSeek's ``rebalance_experts_hierarchical``): groups onto
+    nodes, replicas within nodes, physical experts onto GPUs (num_nodes must divide num_groups).
+
+    Returns:
+        ``phy2log`` int64 [num_layers, num_physical_experts] (slots GPU by GPU), ``phyrank`` int64
+        [num_layers, num_physical_experts] (each slot's replica index), ``logcnt`` int64
+        [num_layers, num_logical_experts]. All on the CPU.
+    """
+    if isinstance(num_groups, int) and isinstance(num_nodes, int) and num_nodes > 0 and num_groups % num_nodes:
+        raise ValueRangeError(_OP, "num_groups", f"a multiple of num_nodes={num_nodes} (the hierarchical policy)", str(num_groups),
+                              "Use rebalance_experts, which falls back to the global policy.")
+    _validate(weight, num_physical_experts, num_groups, num_nodes, num_gpus)
+    return _rebalance_hierarchical(weight.float().cpu(), num_physical_experts, num_groups, num_nodes, num_gpus)
 
 
 def _is_integer(dtype: torch.dtype) -> bool:

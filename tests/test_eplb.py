@@ -226,3 +226,20 @@ def test_pack_loads_sum_in_float32_so_near_ties_break_as_deepseeks():
 def test_balanced_packing_needs_whole_packs():
     with pytest.raises(hal.ShapeError, match="num_packs"):
         hal.ops.eplb.balanced_packing(torch.rand(2, 6), 4)
+
+
+def test_compat_module_has_deepseeks_names_and_hierarchical_policy():
+    from hal.compat import eplb
+
+    weight = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(weight, 16, 4, 2, 8)
+    assert eplb.__all__ == ["rebalance_experts"]
+    h_phy2log, phyrank, h_logcnt = eplb.rebalance_experts_hierarchical(weight.float(), 16, 4, 2, 8)
+    assert torch.equal(h_phy2log, phy2log) and torch.equal(h_logcnt, logcnt)
+    for layer in range(2):  # phyrank: slot s holds replica phyrank[s] of its expert, log2phy lists it there
+        for slot in range(16):
+            assert int(log2phy[layer, phy2log[layer, slot], phyrank[layer, slot]]) == slot
+    _, _, count = eplb.replicate_experts(weight.float(), num_phy=16)
+    assert int(count.sum()) == 32
+    with pytest.raises(hal.ValueRangeError, match="num_groups"):
+        eplb.rebalance_experts_hierarchical(weight.float(), 16, 3, 2, 8)
