@@ -13,7 +13,7 @@ from hal.errors import DeviceError, DTypeError, ShapeError, ValueRangeError
 __all__ = ["TOKEN_DTYPES", "DISPATCH_DTYPES", "ONE_BYTE_DTYPES", "check_device", "check_tokens", "check_experts", "check_topk", "check_weights", "check_handle"]
 
 TOKEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what combine reduces
-DISPATCH_DTYPES = tuple(DTYPE_CODES)  # what dispatch moves (bytes, as DeepEP's kernels)
+DISPATCH_DTYPES = tuple(DTYPE_CODES)  # what dispatch moves (as bytes, as DeepEP's kernels: the usual dtypes)
 ONE_BYTE_DTYPES = (FP8, torch.float8_e5m2, torch.uint8, torch.int8)  # tokens that travel with scales
 
 
@@ -27,11 +27,13 @@ def check_device(op: str, name: str, tensor: torch.Tensor, comm: Communicator) -
 
 
 def check_tokens(op: str, x: object, comm: Communicator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x`` is tokens [N, hidden] of any dtype DeepEP's dispatch moves (:data:`DISPATCH_DTYPES`), or
+    """``x`` is tokens [N, hidden] of the dtypes DeepEP's dispatch moves (:data:`DISPATCH_DTYPES`), or
     the pair (1-byte tokens [N, hidden]: float8 e4m3fn/e5m2, uint8, int8; scales [N, num_scales]
     float32 or int32, any strides): DeepEP's kernels hand the scales over as they came, so any
     number per token is taken (float32 per 128 channels, four UE8M0 exponents per int32, one per
     token, one per 32 channels)."""
+    if isinstance(x, (tuple, list)) and len(x) == 2 and x[1] is None:  # DeepEP's (x, None): no scales
+        x = x[0]
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise DTypeError(op, "x", "a tensor or a pair (fp8 tensor, scales)", f"a sequence of {len(x)}", "Pass x or (x_fp8, x_scales).")

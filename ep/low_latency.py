@@ -14,8 +14,9 @@ Verified against deepseek-ai/DeepEP (``deep_ep/buffer.py``, ``csrc/kernels/inter
   Unused slots are zero here (DeepEP leaves them unspecified) with ``src_info`` -1.
 - ``use_fp8``: the sender casts before sending, per token per 128 channels, as DeepEP's
   ``calculate_fp8_scales``: amax floored at 1e-4 (``kFP8Margin``), codes ``x * (448 / amax)`` in
-  e4m3, scale ``amax * (1 / 448)`` (a multiply by the fp32 reciprocal, as DeepEP's kernel: a
-  division, as DeepGEMM's casts take, differs in the last bit for about half the scales). The scales come back
+  e4m3, scale ``amax * (1 / 448)`` (a multiply by the fp32 reciprocal, as DeepEP's kernel; a
+  correctly rounded division, as torch takes ``amax / 448`` on the CPU, differs in the last bit
+  for about half the scales). NaN elements do not enter amax. The scales come back
   ``[num_local_experts, R * max_tokens, hidden / 128]`` float32 with the last two dimensions
   column-major, as DeepEP returns them for TMA.
 - Combine reduces with weights: ``combined[t] = sum_k w[t, k] * y_k[t]`` over the selected k, in
@@ -55,7 +56,7 @@ from hal.ep.message import Field
 from hal.errors import DTypeError, ShapeError, ValueRangeError
 from hal.ops.ep_local import ep_combine_reduce, ep_unpack
 from hal.ops import ue8m0
-from hal.ops.fp8_quant import BLOCK
+from hal.ops.fp8_quant import AMAX_FLOOR, BLOCK
 from hal.ops.logfmt import logfmt_decode, logfmt_encode
 
 __all__ = ["dispatch", "combine"]
@@ -90,21 +91,22 @@ def _expert_major(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_expert
     return token[order].to(torch.int32), topk_weights[token, slot][order], torch.bincount(expert, minlength=num_experts)
 
 
-# DeepEP's kFinfoAmaxInvE4M3 (1 / 448.0f): the fp32 quotient, so that scales are its fp32 products.
-_INV_448 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(448.0, dtype=torch.float32)
-_FP8_MARGIN = 1e-4  # kFP8Margin: the smallest amax
+# DeepEP's kFinfoAmaxInvE4M3 (1 / 448.0f): the fp32 quotient, as a Python float holding that fp32
+# value (a tensor times it multiplies in fp32 on any device, with no copy to the device).
+_INV_448 = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(448.0, dtype=torch.float32))
 
 
 def cast_fp8(x: torch.Tensor, round_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepEP's low-latency FP8 cast of bf16 tokens [T, hidden] (hidden a multiple of 128), bit for
-    bit: per token and 128 channels, ``amax = max(1e-4, max |x|)``; ``scale_inv = amax * (1 / 448)``
+    bit: per token and 128 channels, ``amax = max(1e-4, max |x|)`` (NaN skipped, as ``fmaxf``
+    skips it: only a NaN element's code is NaN); ``scale_inv = amax * (1 / 448)``
     in fp32 and codes ``e4m3(x * (448 / amax))``; with ``round_scale``, ``scale_inv = 2^e`` with
     ``e = ceil(log2(amax * (1 / 448)))`` (read from the fp32 bits, as ``fast_log2_ceil``) and codes
     ``e4m3(x * 2^-e)``. Returns ``(float8_e4m3fn [T, hidden], float32 [T, hidden / 128])``."""
     tokens, hidden = x.shape
     groups = x.float().view(tokens, hidden // BLOCK, BLOCK)
-    amax = groups.abs().amax(dim=2).clamp_min(_FP8_MARGIN)
-    scale_inv = amax * _INV_448.to(amax.device)
+    amax = torch.nan_to_num(groups.abs(), nan=0.0, posinf=math.inf).amax(dim=2).clamp_min(AMAX_FLOOR)  # kFP8Margin
+    scale_inv = amax * _INV_448
     if round_scale:
         bits = scale_inv.view(torch.int32)
         exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)

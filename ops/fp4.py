@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from hal.errors import DTypeError, ShapeError, ValueRangeError
+from hal.errors import ShapeError, ValueRangeError
 from hal.ops.ue8m0 import AMAX_FLOOR, _align, _pack_padded, _tensor, ceil_to_ue8m0, unpack_ue8m0_from_int
 
 __all__ = ["E2M1_VALUES", "per_token_cast_to_fp4", "transpose_packed_fp4", "cast_back_from_fp4"]
@@ -42,14 +42,14 @@ def _codes(x: torch.Tensor) -> torch.Tensor:
 
 def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [m, 2j] -> int8 [m, j]: element 2i in the low nibble, 2i + 1 in the high one."""
-    pairs = codes.view(codes.shape[0], -1, 2)
+    pairs = codes.view(codes.shape[0], codes.shape[1] // 2, 2)  # explicit sizes: -1 cannot be told from 0 elements
     return ((pairs[:, :, 0] & 0x0F) | ((pairs[:, :, 1] & 0x0F) << 4)).view(torch.int8)
 
 
 def _unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
     """int8 [m, j] -> uint8 codes [m, 2j] (the inverse of :func:`_pack_pairs`)."""
     bytes_ = packed.view(torch.uint8)
-    return torch.stack((bytes_ & 0x0F, bytes_ >> 4), dim=2).view(packed.shape[0], -1)
+    return torch.stack((bytes_ & 0x0F, bytes_ >> 4), dim=2).view(packed.shape[0], 2 * packed.shape[1])
 
 
 def _packed(op: str, name: str, value: object) -> torch.Tensor:
@@ -71,11 +71,11 @@ def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
         raise ValueRangeError(op, "use_packed_ue8m0", "False unless use_ue8m0=True", "True", "Pass use_ue8m0=True to pack the scales.")
     padded = torch.zeros(m, _align(n, gran_k), dtype=torch.float32, device=x.device)
     padded[:, :n] = x.float()
-    view = padded.view(m, -1, gran_k)
+    view = padded.view(m, padded.shape[1] // gran_k, gran_k)
     sf = view.abs().amax(dim=2).clamp(min=AMAX_FLOOR) / E2M1_MAX
     if use_ue8m0:
         sf = ceil_to_ue8m0(sf)
-    codes = _codes(view * (1.0 / sf).unsqueeze(2)).view(m, -1)
+    codes = _codes(view * (1.0 / sf).unsqueeze(2)).view(m, padded.shape[1])
     packed = _pack_pairs(codes)[:, : n // 2].contiguous()
     return packed, (_pack_padded(sf) if use_packed_ue8m0 else sf)
 
@@ -97,13 +97,12 @@ def cast_back_from_fp4(packed: torch.Tensor, sf: torch.Tensor, gran_k: int = 128
     packed = _packed(op, "packed", packed)
     if isinstance(gran_k, bool) or not isinstance(gran_k, int) or gran_k < 1:
         raise ValueRangeError(op, "gran_k", "a positive int", repr(gran_k), "Pass the gran_k the scales were made with.")
-    scales = unpack_ue8m0_from_int(sf) if use_packed_ue8m0 else _tensor(op, "sf", sf, torch.float32, dims=("M", "scale columns"))
+    sf = _tensor(op, "sf", sf, torch.int32 if use_packed_ue8m0 else torch.float32, dims=("M", "scale columns"))
+    scales = unpack_ue8m0_from_int(sf) if use_packed_ue8m0 else sf
     m, n = packed.shape[0], packed.shape[1] * 2
-    if scales.dim() != 2 or scales.shape[0] != m or scales.shape[1] * gran_k < n:
+    if scales.shape[0] != m or scales.shape[1] * gran_k < n:
         raise ShapeError(op, "sf", f"[{m}, >= {-(-n // gran_k)}] scales (one per {gran_k} columns)", f"{list(scales.shape)}",
                          "Pass the scales per_token_cast_to_fp4 returned with the same gran_k.")
-    if scales.dtype != torch.float32:
-        raise DTypeError(op, "sf", "float32 scales", f"{scales.dtype}", "Pass use_packed_ue8m0=True for packed int32 scales.")
     codes = _unpack_pairs(packed)
     table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
     values = table[(codes & 0x07).long()]

@@ -223,7 +223,7 @@ def get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(
     op = "get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor"
     sf = _tensor(op, "sf", sf, torch.float32, dims=("sf_k", "MN"))
     layout = _tensor(op, "grouped_layout", grouped_layout, torch.int32, dims=("num_groups",))
-    if gran_k not in (32, 128) or isinstance(gran_k, bool):
+    if type(gran_k) is not int or gran_k not in (32, 128):
         raise ValueRangeError(op, "gran_k", "32 or 128", repr(gran_k), "Pass the K granularity of the scales.")
     if isinstance(k_alignment, bool) or not isinstance(k_alignment, int) or k_alignment <= 0 or k_alignment % 32:
         raise ValueRangeError(op, "k_alignment", "a positive multiple of 32", repr(k_alignment), "Pass the K alignment of the grouped layout.")

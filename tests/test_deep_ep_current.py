@@ -89,21 +89,26 @@ def test_low_latency_fp8_cast_is_deepeps_bit_for_bit():
     x[1, :128] = 3e-5
     x[2, 5] = 448.0  # amax 448 * 2^k: the rounded scale sits on a power of two
     x[3, 200] = -896.0
+    x[4, 7] = float("nan")  # DeepEP's fmaxf skips it: the group keeps a finite scale, only this code is NaN
+    x[5, 300] = float("inf")
     values = x.float().view(48, 4, 128).numpy()
-    amax = np.maximum(np.abs(values).max(axis=2), np.float32(1e-4)).astype(np.float32)
+    amax = np.maximum(np.fmax.reduce(np.abs(values), axis=2), np.float32(1e-4)).astype(np.float32)
     inv = np.float32(1.0) / np.float32(448.0)
     want = (amax * inv).astype(np.float32)
     codes, scales = cast_fp8(x, round_scale=False)
     assert np.array_equal(scales.numpy().view(np.int32), want.view(np.int32))
+    assert np.isfinite(scales[4].numpy()).all() and torch.isnan(codes[4].float()).sum() == 1
     assert not np.array_equal(want.view(np.int32), (amax / np.float32(448.0)).astype(np.float32).view(np.int32)), "the division differs somewhere"
-    want_codes = torch.from_numpy((values * (np.float32(448.0) / amax)[:, :, None]).astype(np.float32)).to(torch.float8_e4m3fn).view(48, 512)
+    with np.errstate(invalid="ignore"):  # inf * 0 in the inf row: NaN, as the kernel's product
+        want_codes = torch.from_numpy((values * (np.float32(448.0) / amax)[:, :, None]).astype(np.float32)).to(torch.float8_e4m3fn).view(48, 512)
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
     codes, scales = cast_fp8(x, round_scale=True)
-    mantissa, exponent = np.frexp(want.astype(np.float64))  # want = mantissa * 2^exponent, mantissa in [0.5, 1)
+    finite = np.isfinite(want).all(axis=1)  # an inf amax is outside fast_pow2's range (DeepEP's own -126..127 contract)
+    mantissa, exponent = np.frexp(want[finite].astype(np.float64))  # want = mantissa * 2^exponent, mantissa in [0.5, 1)
     e = np.where(mantissa == 0.5, exponent - 1, exponent)
-    assert np.array_equal(scales.numpy(), np.ldexp(np.float32(1.0), e).astype(np.float32))
-    rounded = torch.from_numpy((values * np.ldexp(np.float32(1.0), -e)[:, :, None]).astype(np.float32)).to(torch.float8_e4m3fn).view(48, 512)
-    assert torch.equal(codes.view(torch.uint8), rounded.view(torch.uint8))
+    assert np.array_equal(scales.numpy()[finite], np.ldexp(np.float32(1.0), e).astype(np.float32))
+    rounded = torch.from_numpy((values[finite] * np.ldexp(np.float32(1.0), -e)[:, :, None]).astype(np.float32)).to(torch.float8_e4m3fn)
+    assert torch.equal(codes[torch.from_numpy(finite)].view(torch.uint8), rounded.view(-1, 512).view(torch.uint8))
 
 
 def any_token_form(rank: int, world: int) -> dict:
@@ -155,6 +160,24 @@ def test_dispatch_moves_any_token_form_as_deepep():
                 assert all(p.dtype == s.dtype for p, s in zip(parts, sent)), name
                 start = end
             assert start == parts[0].shape[0]
+
+
+def mismatched_scales(rank: int, world: int) -> str:
+    """Rank 0 sends one scale per token, rank 1 two: every rank refuses, naming the scale forms."""
+    buffer = deep_ep.Buffer(None, 1 << 20, 0)
+    topk_idx = torch.tensor([[0, 1], [2, 3]])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 4)
+    codes = torch.ones(2, 128).to(torch.float8_e4m3fn)
+    error = _error(lambda: buffer.dispatch((codes, torch.ones(2, 1 + rank)), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                           num_tokens_per_expert=per_expert))
+    return f"{type(error).__name__}: {error}"
+
+
+def test_ranks_must_agree_on_the_scales_form():
+    outcomes = run_local(mismatched_scales, 2, timeout_s=150)
+    assert all(o.returned for o in outcomes), [(o.rank, o.exitcode, o.error) for o in outcomes]
+    for o in outcomes:
+        assert o.value.startswith("DTypeError") and "1 per token" in o.value and "2 per token" in o.value, o.value
 
 
 def _error(call):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from hal.compat import not_provided
 from hal.ops.gemm import (
     gemm_fp8_fp8_bf16_nt,
     get_m_alignment_for_contiguous_layout,
@@ -118,13 +119,13 @@ __all__ = [
 
 # DeepGEMM names hal does not provide, and why (the README's table is built from the same facts).
 NOT_PROVIDED: dict[str, str] = {
-    "cublaslt_gemm_nt / _nn / _tn / _tt": "thin wrappers over NVIDIA's cuBLASLt, a baseline for DeepGEMM's benchmarks; use torch.matmul",
+    "cublaslt_gemm_nt, cublaslt_gemm_nn, cublaslt_gemm_tn, cublaslt_gemm_tt": "thin wrappers over NVIDIA's cuBLASLt, a baseline for DeepGEMM's benchmarks; use torch.matmul",
     "einsum, fp8_einsum": "DeepGEMM's einsum kernels (bhr,hdr->bhd and friends) are not in unihal's contracts yet",
     "tf32_hc_prenorm_gemm": "the hyper-connection pre-norm GEMM of a later model, not in unihal's contracts yet",
     "fp8_gemm_nt_skip_head_mid": "a DeepSeek-V3.2 attention-projection variant not in unihal's contracts yet",
     "SymmBuffer, get_symm_buffer_for_mega_moe, transform_weights_for_mega_moe, fp8_fp4_mega_moe, bf16_mega_moe":
         "the fused 'mega MoE' kernels over NVSHMEM symmetric memory (SM100); hal composes EP dispatch + grouped GEMMs instead",
-    "legacy (A100 Triton kernels)": "hal's Triton backends are the portable path",
+    "legacy": "DeepGEMM's A100 Triton kernels; hal's Triton backends are the portable path",
     "init_dist, uneven_all_gather": "test utilities of deep_gemm.utils.dist",
     "FP4 operands (fp8_fp4_* with int8 packed e2m1)": "SM100's FP4 recipe; the fp8_fp4 spellings here take FP8 and raise OperatorNotSupportedError for FP4",
 }
@@ -209,12 +210,7 @@ def set_block_size_multiple_of(value: int | tuple[int, int]) -> None:
 
 
 def __getattr__(name: str):
-    # An AttributeError (so hasattr() probes keep working) that says why the name is absent.
-    for names, why in NOT_PROVIDED.items():
-        listed = [n.strip() for n in names.replace("/", ",").split(",")]
-        if name in listed or (name.startswith("cublaslt_gemm") and names.startswith("cublaslt")):
-            raise AttributeError(f"deep_gemm.{name} is not provided by hal.compat.deep_gemm: {why}.")
-    raise AttributeError(f"module 'hal.compat.deep_gemm' has no attribute {name!r}")
+    raise not_provided("deep_gemm", NOT_PROVIDED, name)
 
 
 from hal.compat.deep_gemm import testing, utils  # noqa: E402  (DeepGEMM's submodules; they import names defined above)

@@ -16,6 +16,7 @@ Contracts: :mod:`hal.ops.mla`, :mod:`hal.ops.mla_v2`. FlashMLA's dense prefill
 (``flash_attn_varlen_*``, SM100) is not provided; see the README.
 """
 
+from hal.compat import not_provided
 from hal.compat.flash_mla.flash_mla_interface import FlashMLASchedMeta, flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
 
 __all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd", "FlashMLASchedMeta", "flash_mla_interface", "NOT_PROVIDED"]
@@ -30,11 +31,7 @@ NOT_PROVIDED: dict[str, str] = {
 
 
 def __getattr__(name: str):
-    # An AttributeError (so hasattr() probes keep working) that says why the name is absent.
-    for names, why in NOT_PROVIDED.items():
-        if name in [n.strip() for n in names.split(",")]:
-            raise AttributeError(f"flash_mla.{name} is not provided by hal.compat.flash_mla: {why}.")
-    raise AttributeError(f"module 'hal.compat.flash_mla' has no attribute {name!r}")
+    raise not_provided("flash_mla", NOT_PROVIDED, name)
 
 
 from hal.compat.flash_mla import flash_mla_interface  # noqa: E402
