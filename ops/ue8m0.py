@@ -231,6 +231,8 @@ def get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(
     groups = layout.shape[0]
     if groups > 128 or mn % 4:
         raise ShapeError(op, "sf", "MN a multiple of 4 and at most 128 groups", f"MN={mn}, {groups} groups", "Pad MN to a multiple of 4.")
+    if ks_cpu is not None and (not isinstance(ks_cpu, (list, tuple)) or any(type(k) is not int for k in ks_cpu)):
+        raise DTypeError(op, "ks_cpu", "None or a list of ints (each group's K)", type(ks_cpu).__name__, "Pass the groups' K sizes as Python ints.")
     synced = ks_cpu is not None and len(ks_cpu) > 0
     if synced and len(ks_cpu) != groups:
         raise ShapeError(op, "ks_cpu", f"{groups} sizes (one per group)", f"{len(ks_cpu)}", "Pass one K per group, or None with use_psum_layout.")

@@ -323,6 +323,15 @@ def test_k_grouped_packed_scales_pack_each_group_on_its_own(gran_k):
         dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(sf[:-1], layout, real, gran_k, 160, use_psum_layout=True)
     with pytest.raises(ArgumentError):
         dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(sf, layout, None, gran_k, 160)
+    good = (torch.ones(1, 4), torch.tensor([gran_k], dtype=torch.int32), [gran_k], gran_k, gran_k)
+    for odd in (torch.ones(2, 2).to_sparse(), torch.tensor(1.0), 5, None, torch.ones(4, 4, dtype=torch.float64), [1.0], "x"):
+        for position in range(5):  # each argument replaced by something odd: a typed error naming it, never a raw one
+            args = list(good)
+            args[position] = odd
+            if position == 2 and odd is None:
+                continue  # ks_cpu=None is valid with the psum layout; here it raises ArgumentError (checked above)
+            with pytest.raises(hal.errors.HalError):
+                dg.get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(*args)
 
 
 def test_fp4_helpers_round_pack_and_transpose_as_deep_gemm():

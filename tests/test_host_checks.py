@@ -723,6 +723,7 @@ def test_odd_arguments_anywhere_raise_typed_errors():
 @pytest.mark.parametrize("helper", [
     "get_mn_major_tma_aligned_tensor", "get_col_major_tma_aligned_tensor", "get_mn_major_tma_aligned_packed_ue8m0_tensor", "per_token_cast_to_fp8",
     "per_block_cast_to_fp8", "per_channel_cast_to_fp8", "ceil_to_ue8m0", "pack_ue8m0_to_int", "unpack_ue8m0_from_int",
+    "per_token_cast_to_fp4", "transpose_packed_fp4", "cast_back_from_fp4",
 ])
 def test_deep_gemm_helpers_refuse_odd_tensors_with_typed_errors(helper: str):
     """DeepGEMM's torch helpers (hal.compat.deep_gemm) are torch code: given a sparse, nested or
