@@ -41,7 +41,7 @@ from hal.ops import gemm as v1
 from hal.ops.fp8_quant import BLOCK
 
 __all__ = [
-    "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt",
+    "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt", "fp8_gemm_nt_skip_head_mid",
     "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nn_contiguous", "m_grouped_fp8_gemm_nt_masked",
     "wgrad_gemm_fp8_fp8_fp32_nt", "unpack_ue8m0_scales", "k_grouped_segments",
     "k_grouped_fp8_gemm_tn_contiguous", "k_grouped_fp8_gemm_nt_contiguous", "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
@@ -225,6 +225,38 @@ def fp8_gemm_tn(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, comp
 def fp8_gemm_tt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "mn", disable_ue8m0_cast: bool = False) -> None:
     """``d = a.T @ b.T (+ c)``: a = (fp8 [K, M], sfa [ceil(K/128), M]), b = (fp8 [N, K], sfb)."""
     _dense("fp8_gemm_tt", a, b, d, c, recipe, recipe_a, recipe_b, True, False)
+
+
+def fp8_gemm_nt_skip_head_mid(a, b, d, head_splits, recipe=None, compiled_dims: str = "nk", disable_ue8m0_cast: bool = False) -> None:
+    """DeepGEMM's attention-projection GEMM: ``a @ b.T`` into a ``d`` with a gap in each head.
+
+    b's N = heads * (left + right) output columns are, per head, ``left`` columns then ``right``;
+    d (bf16/float32 [M, heads * (left + mid + right)], unit column stride) receives each head's
+    ``left`` columns, skips ``mid``, then its ``right`` columns; the skipped columns are not written
+    (the caller fills them: another projection, or zeros). Numerics and scales are :func:`fp8_gemm_nt`'s."""
+    op = "fp8_gemm_nt_skip_head_mid"
+    if not (isinstance(head_splits, (tuple, list)) and len(head_splits) == 3 and all(type(v) is int and v >= 0 for v in head_splits)):
+        raise ValueRangeError(op, "head_splits", "three non-negative ints (left, mid, right)", repr(head_splits), "Pass (left, mid, right), e.g. (128, 64, 128).")
+    left, mid, right = head_splits
+    if left + right == 0:
+        raise ValueRangeError(op, "head_splits", "left + right > 0", repr(tuple(head_splits)), "Each head keeps some output columns.")
+    d = expect_tensor(op, "d", d, dtypes=(torch.bfloat16, torch.float32), shape=(None, None), dims=("M", "N with gaps"))
+    b_data = b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b
+    n = expect_tensor(op, "b[0]", b_data, dtypes=FP8, shape=(None, None), dims=("N", "K")).shape[0]
+    if n % (left + right):
+        raise ShapeError(op, "b[0]", f"N a multiple of left + right = {left + right}", f"N={n}", "Pass whole heads.")
+    heads = n // (left + right)
+    if d.shape[1] != heads * (left + mid + right) or d.stride(1) != 1:
+        raise ShapeError(op, "d", f"[M, {heads * (left + mid + right)}] with unit column stride ({heads} heads of {left} + {mid} + {right})",
+                         f"{list(d.shape)} with strides {d.stride()}", "Allocate d with each head's gap.")
+    packed = torch.empty(d.shape[0], n, dtype=d.dtype, device=d.device)
+    fp8_gemm_nt(a, b, packed, recipe=recipe, compiled_dims=compiled_dims, disable_ue8m0_cast=disable_ue8m0_cast)
+    if d.shape[0] == 0:
+        return
+    gapped = d.unflatten(1, (heads, left + mid + right))
+    computed = packed.view(d.shape[0], heads, left + right)
+    gapped[:, :, :left].copy_(computed[:, :, :left])
+    gapped[:, :, left + mid :].copy_(computed[:, :, left:])
 
 
 def wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out: torch.Tensor) -> None:

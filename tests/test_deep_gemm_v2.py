@@ -460,3 +460,26 @@ def test_typed_errors():
         dg.m_grouped_bf16_gemm_nt_contiguous(torch.zeros(128, 128, dtype=torch.bfloat16), torch.zeros(2, 128, 128, dtype=torch.bfloat16),
                                              torch.zeros(128, 128, dtype=torch.bfloat16), torch.tensor([100, 200], dtype=torch.int32), use_psum_layout=True)
     assert not hasattr(dg, "einsum") and hasattr(dg, "fp8_gemm_nt")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_skip_head_mid_writes_each_heads_left_and_right_columns(out_dtype):
+    """DeepGEMM's fp8_gemm_nt_skip_head_mid: the packed GEMM's per-head (left | right) columns land
+    around a gap of mid columns, which keep what d held."""
+    g = torch.Generator().manual_seed(8)
+    left, mid, right, heads, m, k = 128, 64, 128, 3, 5, 256
+    a = dg.per_token_cast_to_fp8(torch.randn(m, k, generator=g), use_ue8m0=False)
+    b = dg.per_block_cast_to_fp8(torch.randn(heads * (left + right), k, generator=g), use_ue8m0=False)
+    packed = torch.empty(m, heads * (left + right), dtype=out_dtype)
+    dg.fp8_gemm_nt(a, b, packed, disable_ue8m0_cast=True)
+    d = torch.full((m, heads * (left + mid + right)), 7.0, dtype=out_dtype)
+    dg.fp8_gemm_nt_skip_head_mid(a, b, d, (left, mid, right), disable_ue8m0_cast=True)
+    gapped, want = d.view(m, heads, -1), packed.view(m, heads, -1)
+    assert torch.equal(gapped[:, :, :left], want[:, :, :left]) and torch.equal(gapped[:, :, left + mid:], want[:, :, left:])
+    assert (gapped[:, :, left:left + mid] == 7.0).all()
+    with pytest.raises(ShapeError, match="'d'"):
+        dg.fp8_gemm_nt_skip_head_mid(a, b, d[:, :-1], (left, mid, right))
+    with pytest.raises(ShapeError, match="left \\+ right"):
+        dg.fp8_gemm_nt_skip_head_mid(a, b, d, (100, mid, 100))
+    with pytest.raises(ValueRangeError, match="head_splits"):
+        dg.fp8_gemm_nt_skip_head_mid(a, b, d, (left, mid))

@@ -40,6 +40,7 @@ from hal.ops.gemm_bf16 import (
 from hal.ops.gemm_v2 import (
     fp8_gemm_nn,
     fp8_gemm_nt,
+    fp8_gemm_nt_skip_head_mid,
     fp8_gemm_tn,
     fp8_gemm_tt,
     get_mk_alignment_for_contiguous_layout,
@@ -89,7 +90,7 @@ get_k_alignment_for_contiguous_layout = get_mk_alignment_for_contiguous_layout
 
 __all__ = [
     # current FP8 names
-    "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt",
+    "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt", "fp8_gemm_nt_skip_head_mid",
     "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nn_contiguous", "m_grouped_fp8_gemm_nt_masked", "fp8_m_grouped_gemm_nt_masked",
     "k_grouped_fp8_gemm_nt_contiguous", "k_grouped_fp8_gemm_tn_contiguous",
     "fp8_fp4_gemm_nt", "fp8_fp4_gemm_nn", "fp8_fp4_gemm_tn", "fp8_fp4_gemm_tt",
@@ -122,7 +123,6 @@ NOT_PROVIDED: dict[str, str] = {
     "cublaslt_gemm_nt, cublaslt_gemm_nn, cublaslt_gemm_tn, cublaslt_gemm_tt": "thin wrappers over NVIDIA's cuBLASLt, a baseline for DeepGEMM's benchmarks; use torch.matmul",
     "einsum, fp8_einsum": "DeepGEMM's einsum kernels (bhr,hdr->bhd and friends) are not in unihal's contracts yet",
     "tf32_hc_prenorm_gemm": "the hyper-connection pre-norm GEMM of a later model, not in unihal's contracts yet",
-    "fp8_gemm_nt_skip_head_mid": "a DeepSeek-V3.2 attention-projection variant not in unihal's contracts yet",
     "SymmBuffer, get_symm_buffer_for_mega_moe, transform_weights_for_mega_moe, fp8_fp4_mega_moe, bf16_mega_moe":
         "the fused 'mega MoE' kernels over NVSHMEM symmetric memory (SM100); hal composes EP dispatch + grouped GEMMs instead",
     "legacy": "DeepGEMM's A100 Triton kernels; hal's Triton backends are the portable path",
