@@ -246,21 +246,17 @@ def get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor(
     if any(k < 0 for k in sizes):
         raise ValueRangeError(op, "grouped_layout", "non-negative group sizes (non-decreasing ends with use_psum_layout)", str(entries), "Pass the groups' K layout.")
     rows = [-(-k // gran_k) for k in sizes]
-    if sum(rows) > sf_k or (synced and not use_psum_layout and sum(-(-int(k) // gran_k) for k in ks_cpu) != sf_k):
+    if sum(rows) > sf_k or (synced and not use_psum_layout and sum(-(-k // gran_k) for k in ks_cpu) != sf_k):
         raise ShapeError(op, "sf", f"{sum(rows)} scale rows for the groups' K (one per {gran_k})", f"{sf_k} rows", "Pass the scales of these groups.")
-    packed_rows = sum(-(-int(k) // (4 * gran_k)) for k in ks_cpu) if synced else (sf_k + 3 * groups) // 4
+    packed_rows = sum(-(-k // (4 * gran_k)) for k in ks_cpu) if synced else (sf_k + 3 * groups) // 4
     out = torch.zeros(packed_rows, mn, dtype=torch.int32, device=sf.device)
-    exponents = (sf.contiguous().view(torch.int32) >> 23).to(torch.uint8)  # [sf_k, MN]
     row = packed = 0
     for count in rows:
-        group_packed = -(-count // 4)
-        if count and packed < packed_rows:
-            block = torch.zeros(group_packed * 4, mn, dtype=torch.uint8, device=sf.device)
-            block[:count] = exponents[row : row + count]
-            words = block.view(group_packed, 4, mn).transpose(1, 2).contiguous().view(torch.int32).view(group_packed, mn)
-            take = min(group_packed, packed_rows - packed)
+        if count and packed < packed_rows:  # the group's scales packed as the MN-major layout packs them, read K-major
+            words = get_mn_major_tma_aligned_packed_ue8m0_tensor(sf[row : row + count].T).T  # [ceil(count / 4), MN]
+            take = min(words.shape[0], packed_rows - packed)
             out[packed : packed + take] = words[:take]
-        row, packed = row + count, packed + group_packed
+        row, packed = row + count, packed + -(-count // 4)
     return out
 
 

@@ -345,7 +345,12 @@ def test_fp4_helpers_round_pack_and_transpose_as_deep_gemm():
     x[1, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -5.0, 6.0, 0.24, 0.26, -2.5, -3.5, 4.99])  # scale 1: exact ties
     x[0, 16:32] = 0.0
     x[0, 20] = 6.0  # amax of the first 32 columns stays 7 (above): scale 7 / 6
-    table = torch.tensor(dg.utils.math.__dict__.get("E2M1_VALUES", (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)), dtype=torch.float64)
+    table = torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), dtype=torch.float64)  # e2m1 magnitudes of codes 0..7
+
+    def nibbles(packed: torch.Tensor) -> torch.Tensor:  # int8 [m, j] -> codes [m, 2j], even element from the low nibble
+        bytes_ = packed.view(torch.uint8)
+        return torch.stack((bytes_ & 0xF, bytes_ >> 4), dim=2).view(packed.shape[0], -1)
+
     for use_ue8m0, gran_k in ((False, 32), (True, 32), (True, 128), (False, 128)):
         packed, sf = dg.per_token_cast_to_fp4(x, use_ue8m0=use_ue8m0, gran_k=gran_k)
         groups = -(-96 // gran_k)
@@ -359,8 +364,7 @@ def test_fp4_helpers_round_pack_and_transpose_as_deep_gemm():
         magnitude = torch.nan_to_num(scaled.abs(), nan=0.0)
         code = (magnitude.unsqueeze(-1) - table).abs().argmin(dim=-1)
         code = code | (((scaled < 0) & (code != 0)).long() << 3)
-        got = torch.stack(((packed.view(torch.uint8) & 0xF), packed.view(torch.uint8) >> 4), dim=2).view(6, 96)
-        assert torch.equal(got.long(), code)
+        assert torch.equal(nibbles(packed).long(), code)
         back = dg.cast_back_from_fp4(packed, sf, gran_k)
         value = table[code & 7] * torch.where((code & 8) != 0, -1.0, 1.0).double()
         torch.testing.assert_close(back, value.float() * want_sf.repeat_interleave(gran_k, dim=1)[:, :96], rtol=0, atol=0, equal_nan=True)
@@ -369,9 +373,7 @@ def test_fp4_helpers_round_pack_and_transpose_as_deep_gemm():
             assert torch.equal(packed2, packed) and packed_sf.dtype == torch.int32 and packed_sf.shape == (6, -(-groups // 4))
             torch.testing.assert_close(dg.cast_back_from_fp4(packed2, packed_sf, gran_k, use_packed_ue8m0=True), back, rtol=0, atol=0, equal_nan=True)
     transposed = dg.transpose_packed_fp4(packed)  # [96, 3]: codes of column n, rows paired
-    codes = torch.stack(((packed.view(torch.uint8) & 0xF), packed.view(torch.uint8) >> 4), dim=2).view(6, 96)
-    t_codes = torch.stack(((transposed.view(torch.uint8) & 0xF), transposed.view(torch.uint8) >> 4), dim=2).view(96, 6)
-    assert transposed.shape == (96, 3) and transposed.dtype == torch.int8 and torch.equal(t_codes, codes.T)
+    assert transposed.shape == (96, 3) and transposed.dtype == torch.int8 and torch.equal(nibbles(transposed), nibbles(packed).T)
     assert torch.equal(dg.transpose_packed_fp4(transposed), packed)
     with pytest.raises(ShapeError):
         dg.per_token_cast_to_fp4(x[:, :95], use_ue8m0=False)
