@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hal import optional
+from hal import compiled_checks, optional
 from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, LayoutError, ShapeError, ValueRangeError
@@ -239,8 +239,17 @@ def contiguous_rows(
     named by the full checks, range first. ``argument``: the operand whose M is checked; ``name``:
     the argument the row groups came from; ``operand``: the one holding the G groups."""
     align = get_m_alignment_for_contiguous_layout()
-    np = optional.numpy_for(m_indices) if m_indices.shape[0] % align == 0 and value_checks_enabled(m_indices) else None
-    if np is not None and m_indices.shape[0]:
+    checked = m_indices.shape[0] % align == 0 and m_indices.shape[0] and value_checks_enabled(m_indices)
+    listed = compiled_checks.contiguous_blocks(m_indices, align, groups) if checked else None  # 1.5 us where NumPy's pass costs 4
+    if listed:
+        key = (tuple(listed), align) if len(listed) <= _MAPPED_BLOCKS else None
+        mapping = _MAPPINGS.get(key) if key is not None else None
+        if mapping is None:
+            mapping = torch.tensor(listed, dtype=m_indices.dtype).repeat_interleave(align)
+            remember(_MAPPINGS, key, mapping, limit=256)
+        return mapping
+    np = optional.numpy_for(m_indices) if checked and listed is None else None
+    if np is not None:
         rows = m_indices.numpy()
         firsts = rows[::align]
         listed = firsts.tolist()

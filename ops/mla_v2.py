@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, positive_finite, values_within
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, first_outside, positive_finite, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.layouts import Layouts
@@ -262,12 +262,20 @@ def decode_v2(
         _LAYOUTS.remember(layout.values, layout.key, features)
     if indices is None:
         dense_contents(k_cache)
-    else:
-        _check_indices_contents("indices", indices, k_cache)
-        _check_length_contents("topk_length", topk_length, indices.shape[2])
+    else:  # every index tensor in one check; the one that fails is then named
+        checks = [(indices, -1, k_cache.shape[0] * k_cache.shape[1])]
+        if topk_length is not None:
+            checks.append((topk_length, 0, indices.shape[2] + 1))
         if extra_k_cache is not None:
-            _check_indices_contents("extra_indices_in_kvcache", extra_indices, extra_k_cache)
-            _check_length_contents("extra_topk_length", extra_topk_length, extra_indices.shape[2])
+            checks.append((extra_indices, -1, extra_k_cache.shape[0] * extra_k_cache.shape[1]))
+            if extra_topk_length is not None:
+                checks.append((extra_topk_length, 0, extra_indices.shape[2] + 1))
+        if first_outside(checks) >= 0:
+            _check_indices_contents("indices", indices, k_cache)
+            _check_length_contents("topk_length", topk_length, indices.shape[2])
+            if extra_k_cache is not None:
+                _check_indices_contents("extra_indices_in_kvcache", extra_indices, extra_k_cache)
+                _check_length_contents("extra_topk_length", extra_topk_length, extra_indices.shape[2])
     return call(
         MLA_DECODE_V2, "q", q.device, features=features,
         q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, head_dim_v=head_dim_v, softmax_scale=softmax_scale,

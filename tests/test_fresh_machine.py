@@ -86,6 +86,17 @@ def test_the_native_kernel_sources_and_headers_are_package_data():
     assert included <= shipped and included <= {h.name for h in native.HEADERS}, included
 
 
+def test_the_compiled_checks_source_is_package_data():
+    import fnmatch
+    import tomllib
+
+    from hal import compiled_checks
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hal"]
+    relative = compiled_checks.SOURCE.relative_to(Path(compiled_checks.__file__).parent).as_posix()
+    assert compiled_checks.SOURCE.exists() and any(fnmatch.fnmatch(relative, glob) for glob in globs), relative
+
+
 def test_conformance_without_arguments_covers_every_usable_backend_and_names_the_skipped(tmp_path):
     result = _hal("conformance", "--op", "per_token_cast_to_fp8", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stdout + result.stderr

@@ -22,10 +22,12 @@ from hal.ops import gemm
 @pytest.fixture
 def without_numpy(monkeypatch: pytest.MonkeyPatch):
     """``switch(off)``: the NumPy path (off False) or the torch path (off True), small tensors
-    included; ``switch("lists")``: the default, small tensors read as Python lists."""
+    included, compiled checks off; ``switch("lists")``: the default, small tensors read as Python
+    lists, larger int32/int64 ones by the compiled checks (:mod:`hal.compiled_checks`)."""
     from hal import checks
 
     def switch(off: bool | str) -> None:
+        monkeypatch.setenv("HAL_COMPILED_CHECKS", "1" if off == "lists" else "0")
         monkeypatch.setattr(optional, "_NUMPY", False if off is True else None)
         monkeypatch.setattr(checks, "SMALL", 64 if off == "lists" else 0)
         monkeypatch.setattr(checks, "_LISTED_1D", 24 if off == "lists" else 0)

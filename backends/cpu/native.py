@@ -35,18 +35,19 @@ import functools
 import hashlib
 import json
 import os
-import platform
-import re
-import shlex
-import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from hal import env
 from hal.canary import ENV_CACHE_DIR, cache_dir, sources_fingerprint
+from hal.ccompiler import BUILD_TIMEOUT_S as _BUILD_TIMEOUT_S
+from hal.ccompiler import compile_library
+from hal.ccompiler import compiler as _compiler
+from hal.ccompiler import compiler_version as _compiler_version
+from hal.ccompiler import cpu_identity as _cpu_identity
+from hal.ccompiler import write_atomically as _write_atomically
 
 __all__ = ["ENV_NATIVE", "SOURCES", "FLAGS", "Build", "enabled", "build", "library", "load", "describe", "canary_key", "expected_fast"]
 
@@ -60,57 +61,11 @@ FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp", "-
 # The preprocessor symbols whose presence selects the fast path in fp8_gemm.c (HAL_FAST).
 _FAST_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512VBMI__", "__AVX512BF16__")
 _FAST_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vbmi", "avx512_bf16")
-_BUILD_TIMEOUT_S = 120
 
 
 def enabled() -> bool:
     """False when ``HAL_CPU_NATIVE`` is 0 (or false/no/off): the torch kernels run."""
     return os.environ.get(ENV_NATIVE, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _compiler() -> tuple[str, ...] | None:
-    """``$CC`` (split as a shell would), else the first of cc, gcc, clang on PATH."""
-    explicit = os.environ.get("CC", "").strip()
-    if explicit:
-        return tuple(shlex.split(explicit))
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return (found,)
-    return None
-
-
-@functools.lru_cache(maxsize=8)
-def _compiler_version(cc: tuple[str, ...]) -> tuple[str, str] | None:
-    """``(cc --version output, "gcc 12.2.0")``, or None when it does not run."""
-    try:
-        done = subprocess.run([*cc, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    text = done.stdout.strip()
-    first = text.splitlines()[0] if text else ""
-    family = "clang" if "clang" in first.lower() else "gcc" if ("gcc" in first.lower() or "free software foundation" in text.lower()) else Path(cc[0]).name
-    numbers = re.findall(r"\d+\.\d+(?:\.\d+)?", first)
-    return text, f"{family} {numbers[-1]}" if numbers else family
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_identity() -> tuple[str, frozenset[str]]:
-    """The CPU's model and flags as ``/proc/cpuinfo`` has them (the platform's name elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return platform.machine() + " " + platform.processor(), frozenset()
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        name = name.strip()
-        if name in ("model name", "flags", "Features", "CPU implementer", "CPU part") and name not in fields:
-            fields[name] = value.strip()
-    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
-    return json.dumps(fields, sort_keys=True), flags
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,11 +105,6 @@ class Build:
     kernels: str = ""
 
 
-def _tail(text: str, lines: int = 6) -> str:
-    kept = [line.strip() for line in text.splitlines() if line.strip()]
-    return " | ".join(kept[-lines:])[-800:]
-
-
 def _fast_macros(cc: tuple[str, ...], flags: tuple[str, ...]) -> bool:
     """Whether the compiler, with these flags, defines every macro the fast path needs."""
     query = [f for f in flags if f not in ("-shared", "-fPIC")]
@@ -167,42 +117,9 @@ def _fast_macros(cc: tuple[str, ...], flags: tuple[str, ...]) -> bool:
     return done.returncode == 0 and all(m in defined for m in _FAST_MACROS)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _compile(cc: tuple[str, ...], flags: tuple[str, ...], target: Path) -> str | None:
     """Compile SOURCES into ``target`` (atomically); None on success, else the compiler's last words."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        try:
-            done = subprocess.run([*cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  errors="replace", timeout=_BUILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return f"{' '.join(cc)} did not finish within {_BUILD_TIMEOUT_S} s"
-        except OSError as exc:
-            return f"{' '.join(cc)} could not run: {exc}"
-        if done.returncode != 0:
-            return f"{' '.join(cc)} exit code {done.returncode}: {_tail(done.stderr or done.stdout)}"
-        os.replace(tmp, target)
-        return None
-    finally:
-        _unlink_quietly(tmp)
+    return compile_library(cc, flags, SOURCES, target, _BUILD_TIMEOUT_S)
 
 
 def build(*, flags: tuple[str, ...] = FLAGS, folder: Path | None = None) -> Build:

@@ -1,0 +1,198 @@
+"""Value checks in compiled code: whether integer CPU tensors hold only values in given ranges.
+
+Every operator that takes index tensors (block tables, sequence lengths, sparse indices, expert
+ids) reads them on CPU tensors before its kernel runs, so that an index out of range raises a
+typed error instead of reading past a buffer (see :mod:`hal.checks`). In torch, each such check is
+a reduction and two ``item()`` reads: about 2.5 us a tensor, and a DeepSeek-V3.2 decode step with
+its extra cache has four of them. Here one call checks several tensors in a few lines of C
+(``csrc/value_ranges.c``), about 0.7 us for one tensor and 1.2 us for four.
+
+The library is compiled lazily, once per machine, with this machine's C compiler (see
+:mod:`hal.ccompiler`) into ``$HAL_CACHE_DIR/checks/<key>.so``, ``key`` hashing the source, the
+compiler and the flags, and checked on known values when it is loaded. Without a compiler, when the
+build or that check fails, or with ``HAL_COMPILED_CHECKS=0``, :func:`first_outside` answers None and
+the callers check in torch: the same verdicts, only slower (the tests compare both). Only
+contiguous int32 and int64 CPU tensors, outside tracing, are read here; the callers check any
+other tensor in torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hal import env
+from hal.canary import cache_dir
+from hal.ccompiler import compile_library, compiler, compiler_version, tail, write_atomically
+from hal.optional import _tracing
+
+__all__ = ["ENV_COMPILED_CHECKS", "SOURCE", "first_outside", "contiguous_blocks", "status"]
+
+ENV_COMPILED_CHECKS = "HAL_COMPILED_CHECKS"
+SOURCE = Path(__file__).parent / "csrc" / "value_ranges.c"
+_FLAGS = (("-O3", "-march=native", "-std=c11", "-fPIC", "-shared"), ("-O3", "-std=c11", "-fPIC", "-shared"))
+_OFF = {"0", "false", "no", "off"}
+_SIZES = {torch.int32: 4, torch.int64: 8}
+_MOST = 8  # tensors a call checks at most
+_pack = struct.Struct("=5q").pack_into
+_local = threading.local()  # each thread's spec buffer: a call writes it, then the C function reads it
+
+_read_switch = env.reader(ENV_COMPILED_CHECKS)
+_lock = threading.Lock()
+_by_switch: dict[Any, Any] = {}  # the switch's raw value -> the C function, or None
+_why: list[str] = []  # why the library is not used (the last reason), for status()
+
+
+def _build() -> ctypes.CDLL | str:
+    """The loaded library, or why there is none."""
+    cc = compiler()
+    if cc is None:
+        return "no C compiler (set CC, or install gcc or clang)"
+    found = compiler_version(cc)
+    if found is None:
+        return f"the C compiler {' '.join(cc)!r} does not run"
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as exc:
+        return f"cannot read {SOURCE}: {exc}"
+    folder = cache_dir() / "checks"
+    for flags in _FLAGS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), found[0].encode(), " ".join(flags).encode()])).hexdigest()[:24]
+        path, failed = folder / f"{key}.so", folder / f"{key}.err"
+        try:
+            if failed.exists():
+                continue
+            if not path.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                error = compile_library(cc, flags, (SOURCE,), path, timeout_s=60)
+                if error is not None:
+                    write_atomically(failed, tail(error).encode())
+                    continue
+            return ctypes.PyDLL(str(path))  # PyDLL: the call keeps the GIL (it takes microseconds; releasing it costs more)
+        except OSError as exc:
+            return f"cannot build or load {path}: {exc}"
+    return f"the build failed (see {folder}/*.err)"
+
+
+def _resolve(raw: Any) -> Any:
+    text = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw or "").strip().lower()
+    if text in _OFF:
+        _why[:] = [f"{ENV_COMPILED_CHECKS}={text}"]
+        return None
+    library = _build()
+    if isinstance(library, str):
+        _why[:] = [library]
+        return None
+    try:
+        function, blocks = library.hal_first_outside, library.hal_contiguous_blocks
+    except AttributeError as exc:
+        _why[:] = [f"the built library lacks a function: {exc}"]
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_void_p]  # the spec's address as a Python int
+    function.restype = ctypes.c_int
+    blocks.argtypes = [ctypes.c_void_p]
+    blocks.restype = ctypes.c_int
+    # Known answers before first use: a compiler that miscompiles it must not pass bad indices.
+    probe32, probe64 = torch.tensor([3, -1, 7, 0], dtype=torch.int32), torch.tensor([2**40, -5], dtype=torch.int64)
+    answers = []
+    for bounds in ((-1, 8, -5, 2**40 + 1), (0, 8, -5, 2**40 + 1), (-1, 8, -5, 2**40), (-1, 7, -5, 2**40 + 1)):
+        spec = (ctypes.c_int64 * 10)(probe32.data_ptr(), 4, 4, bounds[0], bounds[1], probe64.data_ptr(), 2, 8, bounds[2], bounds[3])
+        answers.append(function(2, spec))
+    layout = torch.tensor([2, 2, -1, -1, -1, -1, -1, -1, 0, -1, -1, -1], dtype=torch.int32)
+    firsts = torch.full((3,), 7, dtype=torch.int32)
+    for groups, expected in ((3, 0), (2, 1)):
+        spec = (ctypes.c_int64 * 5)(layout.data_ptr(), 12, 4, groups, firsts.data_ptr())
+        answers.append(blocks(spec) == expected)
+    broken = torch.tensor([1, -1, 1, -1], dtype=torch.int32)
+    answers.append(blocks((ctypes.c_int64 * 5)(broken.data_ptr(), 4, 4, 3, firsts.data_ptr())) == 1)
+    if answers != [0, 1, 2, 1, True, True, True] or firsts.tolist() != [2, -1, 0]:
+        _why[:] = [f"the built library gives wrong answers on known values ({answers}, {firsts.tolist()})"]
+        return None
+    _why.clear()
+    return function, blocks
+
+
+def _function() -> Any:
+    raw = _read_switch()
+    found = _by_switch.get(raw, _by_switch)
+    if found is _by_switch:
+        with _lock:
+            found = _by_switch.get(raw, _by_switch)
+            if found is _by_switch:
+                found = _by_switch[raw] = _resolve(raw)
+    return found
+
+
+def first_outside(checks: Sequence[tuple[torch.Tensor, int, int]]) -> int | None:
+    """The position in ``checks`` of the first ``(tensor, low, high)`` whose tensor holds a value
+    outside ``[low, high)``; -1 when every value of every tensor lies in its range. None when these
+    checks cannot be done here (no library, a tensor that is not a contiguous int32/int64 CPU
+    tensor, a bound that is not an int64, tracing): the caller then checks in torch.
+
+    The caller decides whether values are to be checked at all (:func:`hal.checks.value_checks_enabled`)."""
+    functions = _function()
+    if functions is None or len(checks) > _MOST:
+        return None
+    try:
+        buffer, address = _local.spec
+    except AttributeError:
+        buffer, address = _spec_buffer()
+    offset = 0
+    try:
+        for tensor, low, high in checks:
+            # type(): a subclass (a FakeTensor) has no values to read; is_cpu costs 50 ns where device.type costs 300
+            if type(tensor) is not torch.Tensor or not tensor.is_cpu or not tensor.is_contiguous():
+                return None
+            size = _SIZES.get(tensor.dtype)
+            if size is None:
+                return None
+            _pack(buffer, offset, tensor.data_ptr(), tensor.numel(), size, low, high)  # struct.error for a bound beyond int64 or not an int
+            offset += 40
+    except struct.error:
+        return None
+    if _tracing():  # torch.compile and dispatch modes must see torch operations
+        return None
+    return functions[0](len(checks), address) - 1
+
+
+def contiguous_blocks(ids: torch.Tensor, align: int, groups: int) -> list[int] | bool | None:
+    """DeepGEMM's contiguous layout checked in one pass (``ids`` int32 [M]: each ``align``-row
+    block one group's rows, ids in [-1, groups), followed only by -1): each block's first id, a
+    list; False when the layout is not that (the caller's checks then name what is wrong); None
+    when it cannot be checked here (as :func:`first_outside`)."""
+    functions = _function()
+    if functions is None or type(ids) is not torch.Tensor or not ids.is_cpu or ids.dtype != torch.int32 or not ids.is_contiguous() or ids.dim() != 1:
+        return None
+    count = ids.shape[0] // align if type(align) is int and align > 0 else 0
+    firsts = (ctypes.c_int32 * count)()
+    try:
+        buffer, address = _local.spec
+    except AttributeError:
+        buffer, address = _spec_buffer()
+    try:
+        _pack(buffer, 0, ids.data_ptr(), ids.shape[0], align, groups, ctypes.addressof(firsts))
+    except struct.error:
+        return None
+    if _tracing():
+        return None
+    return False if functions[1](address) else firsts[:]
+
+
+def _spec_buffer() -> tuple[ctypes.Array, int]:
+    buffer = ctypes.create_string_buffer(40 * _MOST)
+    _local.spec = (buffer, ctypes.addressof(buffer))
+    return _local.spec
+
+
+def status() -> str:
+    """Where value checks run, in words (``hal backends`` and the docs show it)."""
+    if _function() is not None:
+        return "compiled (hal/csrc/value_ranges.c)"
+    return f"torch ({_why[0] if _why else 'unavailable'})"

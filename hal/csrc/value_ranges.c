@@ -1,0 +1,66 @@
+/* unihal's value checks in compiled code: whether every element of some integer tensors lies in
+ * a range, for hal.compiled_checks. One call checks several tensors, because on the host path of
+ * an operator the cost that matters is the call from Python (about 0.4 us through ctypes, where a
+ * torch reduction with its two item() reads costs about 2.5 us), not the reading of the values.
+ *
+ * spec holds five int64 per tensor: its first element's address, its element count (the tensor is
+ * contiguous), its element size in bytes (4: int32, 8: int64), and the bounds low and high of the
+ * range [low, high). The loops keep a running minimum and maximum without branches, which
+ * compilers vectorise; the bounds are compared once at the end. */
+#include <stdint.h>
+
+#define RANGE_OF(type, lowest, highest)                                      \
+    static int outside_##type(const type *v, int64_t count, int64_t low, int64_t high) { \
+        type smallest = highest, largest = lowest;                           \
+        for (int64_t i = 0; i < count; i++) {                                \
+            smallest = v[i] < smallest ? v[i] : smallest;                    \
+            largest = v[i] > largest ? v[i] : largest;                       \
+        }                                                                    \
+        return count > 0 && ((int64_t)smallest < low || (int64_t)largest >= high); \
+    }
+
+RANGE_OF(int32_t, INT32_MIN, INT32_MAX)
+RANGE_OF(int64_t, INT64_MIN, INT64_MAX)
+
+/* 1 + the position of the first tensor holding a value outside its range; 0 when none does;
+ * -1 - the position of a tensor whose element size is neither 4 nor 8. */
+int hal_first_outside(int n, const int64_t *spec) {
+    for (int t = 0; t < n; t++) {
+        const int64_t *s = spec + 5 * t;
+        const void *values = (const void *)(intptr_t)s[0];
+        int bad;
+        if (s[2] == 4)
+            bad = outside_int32_t((const int32_t *)values, s[1], s[3], s[4]);
+        else if (s[2] == 8)
+            bad = outside_int64_t((const int64_t *)values, s[1], s[3], s[4]);
+        else
+            return -1 - t;
+        if (bad)
+            return t + 1;
+    }
+    return 0;
+}
+
+/* DeepGEMM's contiguous layout of grouped rows, checked in one pass: spec holds the address of
+ * ids (int32 [m], contiguous), m, the alignment, the group count G, and the address of firsts
+ * (int32 [m / alignment]). Each aligned block must be one group's rows followed only by -1
+ * padding: every row after a block's first equals the row before it or is -1, so that the first
+ * row's id, in [-1, G), is the only id a block holds. Returns 0 and each block's first id in
+ * firsts when the layout is that; 1 otherwise (the caller's checks then name what is wrong). */
+int hal_contiguous_blocks(const int64_t *spec) {
+    const int32_t *ids = (const int32_t *)(intptr_t)spec[0];
+    int64_t m = spec[1], align = spec[2], groups = spec[3];
+    int32_t *firsts = (int32_t *)(intptr_t)spec[4];
+    if (align <= 0 || m % align)
+        return 1;
+    for (int64_t b = 0; b < m / align; b++) {
+        const int32_t *row = ids + b * align;
+        int broken = row[0] < -1 || row[0] >= groups;
+        for (int64_t i = 1; i < align; i++)
+            broken |= (row[i] != -1) & (row[i] != row[i - 1]);
+        if (broken)
+            return 1;
+        firsts[b] = row[0];
+    }
+    return 0;
+}

@@ -1,0 +1,103 @@
+"""The compiled value checks (``hal/csrc/value_ranges.c``) give the verdicts of plain Python.
+
+:func:`hal.compiled_checks.first_outside` is compared with a Python reading of the values on random
+tensors with extreme values and bounds; what it must leave to torch (other dtypes, strided views,
+bounds past int64) it answers None for; the operators name the same argument with it on and off.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import hal
+from hal import checks, compiled_checks
+from hal.ccompiler import compiler
+from hal.errors import ValueRangeError
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler here: value checks run in torch")
+
+
+def test_the_library_is_built_and_used_where_a_compiler_is():
+    # a build that fails, or gives wrong answers on the known values it is checked with when
+    # loaded, is not used; where a compiler is, that is a bug to see here, not a skip
+    assert compiled_checks.status().startswith("compiled"), compiled_checks.status()
+
+
+def _truth(checks_: list[tuple[torch.Tensor, int, int]]) -> int:
+    for position, (values, low, high) in enumerate(checks_):
+        if any(not low <= v < high for v in values.flatten().tolist()):
+            return position
+    return -1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_first_outside_is_the_first_tensor_python_finds_outside(seed: int):
+    rng = random.Random(seed)
+    for _ in range(300):
+        checks_ = []
+        for _ in range(rng.randint(1, 5)):
+            dtype = rng.choice([torch.int32, torch.int64])
+            info = torch.iinfo(dtype)
+            count = rng.choice([0, 1, 2, 7, 33, 64, 129, 1000])
+            values = torch.randint(-3, 50, (count,), dtype=dtype)
+            if count and rng.random() < 0.4:
+                values[rng.randrange(count)] = rng.choice([info.min, info.max, -2, 50, 49, -1])
+            low = rng.choice([-1, 0, -3, info.min, -(2**63)])
+            high = rng.choice([50, 49, 10, info.max, info.max + 1 if dtype == torch.int32 else info.max, 2**40])
+            checks_.append((values.view(rng.choice([(count,), (1, count)])), low, high))
+        assert compiled_checks.first_outside(checks_) == _truth(checks_), checks_
+
+
+def test_what_it_cannot_read_is_left_to_torch():
+    values = torch.arange(12, dtype=torch.int32).view(3, 4)
+    assert compiled_checks.first_outside([(values, 0, 12)]) == -1
+    assert compiled_checks.first_outside([(values.t(), 0, 12)]) is None  # strided
+    assert compiled_checks.first_outside([(values[:, ::2], 0, 12)]) is None
+    assert compiled_checks.first_outside([(values.to(torch.int16), 0, 12)]) is None
+    assert compiled_checks.first_outside([(values.float(), 0, 12)]) is None
+    assert compiled_checks.first_outside([(values, 0, 2**63)]) is None  # past int64
+    assert compiled_checks.first_outside([(values, 0.5, 12)]) is None
+    assert compiled_checks.first_outside([(values, 0, 12)] * 9) is None  # more than one call checks
+    assert compiled_checks.first_outside([(values[1:], 4, 12)]) == -1  # an offset view reads from its own first element
+    assert compiled_checks.first_outside([(values[1:], 5, 12)]) == 0
+
+
+def test_the_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch):
+    values = torch.arange(40, dtype=torch.int32)
+    monkeypatch.setenv(compiled_checks.ENV_COMPILED_CHECKS, "0")
+    assert compiled_checks.first_outside([(values, 0, 40)]) is None
+    assert compiled_checks.status().startswith("torch")
+    assert checks.first_outside([(values, 0, 40), (values, 1, 40)]) == 1  # the torch path
+    monkeypatch.setenv(compiled_checks.ENV_COMPILED_CHECKS, "1")
+    assert compiled_checks.first_outside([(values, 0, 40), (values, 1, 40)]) == 1
+
+
+@pytest.mark.parametrize("compiled", ["1", "0"])
+@pytest.mark.parametrize("broken", ["indices", "topk_length", "extra_indices_in_kvcache", "extra_topk_length"])
+def test_v3_2_decode_names_the_index_tensor_out_of_range(broken: str, compiled: str, monkeypatch: pytest.MonkeyPatch):
+    """One check covers all four index tensors of a sparse decode with an extra cache; the error
+    still names the one that is out of range, with the compiled checks on and off."""
+    monkeypatch.setenv(compiled_checks.ENV_COMPILED_CHECKS, compiled)
+    g = torch.Generator().manual_seed(3)
+    batch, s_q, h_q, topk, extra_topk, blocks, page = 2, 1, 16, 64, 32, 3, 64
+    q = torch.randn(batch, s_q, h_q, 576, generator=g).to(torch.bfloat16)
+    cache = hal.quantize_mla_kv_cache(torch.randn(blocks, page, 1, 576, generator=g).to(torch.bfloat16))
+    extra = hal.quantize_mla_kv_cache(torch.randn(1, page, 1, 576, generator=g).to(torch.bfloat16))
+    arguments = {
+        "indices": torch.randint(-1, blocks * page, (batch, s_q, topk), generator=g, dtype=torch.int32),
+        "topk_length": torch.tensor([topk, 5], dtype=torch.int32),
+        "extra_indices_in_kvcache": torch.randint(-1, page, (batch, s_q, extra_topk), generator=g, dtype=torch.int32),
+        "extra_topk_length": torch.tensor([3, extra_topk], dtype=torch.int32),
+    }
+    schedule, _ = hal.get_mla_metadata()
+    run = lambda args: hal.flash_mla_with_kvcache(q, cache, None, None, 512, schedule, None, is_fp8_kvcache=True, extra_k_cache=extra, **args)  # noqa: E731
+    out, lse = run(arguments)
+    assert torch.isfinite(out.float()).all()
+    bad = dict(arguments)
+    bad[broken] = arguments[broken].clone()
+    bad[broken].view(-1)[-1] = {"indices": blocks * page, "topk_length": topk + 1, "extra_indices_in_kvcache": page, "extra_topk_length": extra_topk + 1}[broken]
+    with pytest.raises(ValueRangeError, match=broken):
+        run(bad)
