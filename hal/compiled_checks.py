@@ -100,20 +100,20 @@ def _resolve(raw: Any) -> Any:
     blocks.argtypes = [ctypes.c_void_p]
     blocks.restype = ctypes.c_int
     # Known answers before first use: a compiler that miscompiles it must not pass bad indices.
-    probe32, probe64 = torch.tensor([3, -1, 7, 0], dtype=torch.int32), torch.tensor([2**40, -5], dtype=torch.int64)
+    # (ctypes arrays, not tensors: the first use may come under a tracing mode, whose tensors hold no data.)
+    probe32, probe64 = (ctypes.c_int32 * 4)(3, -1, 7, 0), (ctypes.c_int64 * 2)(2**40, -5)
     answers = []
     for bounds in ((-1, 8, -5, 2**40 + 1), (0, 8, -5, 2**40 + 1), (-1, 8, -5, 2**40), (-1, 7, -5, 2**40 + 1)):
-        spec = (ctypes.c_int64 * 10)(probe32.data_ptr(), 4, 4, bounds[0], bounds[1], probe64.data_ptr(), 2, 8, bounds[2], bounds[3])
+        spec = (ctypes.c_int64 * 10)(ctypes.addressof(probe32), 4, 4, bounds[0], bounds[1], ctypes.addressof(probe64), 2, 8, bounds[2], bounds[3])
         answers.append(function(2, spec))
-    layout = torch.tensor([2, 2, -1, -1, -1, -1, -1, -1, 0, -1, -1, -1], dtype=torch.int32)
-    firsts = torch.full((3,), 7, dtype=torch.int32)
+    layout = (ctypes.c_int32 * 12)(2, 2, -1, -1, -1, -1, -1, -1, 0, -1, -1, -1)
+    firsts = (ctypes.c_int32 * 3)(7, 7, 7)
     for groups, expected in ((3, 0), (2, 1)):
-        spec = (ctypes.c_int64 * 5)(layout.data_ptr(), 12, 4, groups, firsts.data_ptr())
-        answers.append(blocks(spec) == expected)
-    broken = torch.tensor([1, -1, 1, -1], dtype=torch.int32)
-    answers.append(blocks((ctypes.c_int64 * 5)(broken.data_ptr(), 4, 4, 3, firsts.data_ptr())) == 1)
-    if answers != [0, 1, 2, 1, True, True, True] or firsts.tolist() != [2, -1, 0]:
-        _why[:] = [f"the built library gives wrong answers on known values ({answers}, {firsts.tolist()})"]
+        answers.append(blocks((ctypes.c_int64 * 5)(ctypes.addressof(layout), 12, 4, groups, ctypes.addressof(firsts))) == expected)
+    broken = (ctypes.c_int32 * 4)(1, -1, 1, -1)
+    answers.append(blocks((ctypes.c_int64 * 5)(ctypes.addressof(broken), 4, 4, 3, ctypes.addressof(firsts))) == 1)
+    if answers != [0, 1, 2, 1, True, True, True] or firsts[:] != [2, -1, 0]:
+        _why[:] = [f"the built library gives wrong answers on known values ({answers}, {firsts[:]})"]
         return None
     _why.clear()
     return function, blocks
@@ -159,7 +159,8 @@ def first_outside(checks: Sequence[tuple[torch.Tensor, int, int]]) -> int | None
         return None
     if _tracing():  # torch.compile and dispatch modes must see torch operations
         return None
-    return functions[0](len(checks), address) - 1
+    found = functions[0](len(checks), address)
+    return found - 1 if found >= 0 else None  # < 0: an element size it does not read (none is passed)
 
 
 def contiguous_blocks(ids: torch.Tensor, align: int, groups: int) -> list[int] | bool | None:
