@@ -36,6 +36,7 @@ import torch
 import hal
 from hal.conformance import oracles
 from hal.conformance.case import judge
+from hal.conformance.metrics import within_accumulation
 from hal.ops.gemm import rows_by_block
 from hal.ops.mla_fp8_cache import model1_pages, quantize_mla_kv_cache_reference
 
@@ -659,21 +660,6 @@ def _call_logits(a: Args) -> Any:
                                   max_seqlen_k=a["max_seqlen_k"], logits_dtype=a["dtype"])
 
 
-def _within_accumulation(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, roundings: int, dtype: torch.dtype) -> torch.Tensor:
-    """``got`` with the elements an fp32 evaluation in some order may give set to the oracle's.
-
-    An fp32 sum of products, in any order, lands within ``roundings * 2^-24 * magnitude`` of its
-    float64 value, ``magnitude`` being the sum of the terms' absolute values (the products' too);
-    rounded to the output dtype, it lies between the roundings of the two ends of that interval.
-    Random weights of both signs sometimes cancel a logit to 1e-4 of its terms, far below the
-    metric's bound of "2e-6 of the largest logit", which assumes no such cancellation: those
-    elements are judged by this interval, every other by the metric as before. A wrong term (a
-    head or a channel left out, a bf16 rounding inside) is orders of magnitude outside it."""
-    slack = roundings * 2.0**-24 * magnitude
-    low, high = (want - slack).to(dtype).double(), (want + slack).to(dtype).double()
-    return torch.where((got >= low) & (got <= high), want, got)
-
-
 def _judge_logits(args: Args, result: Any) -> str | None:
     inputs = (args["q"], args["keys"], args["scales"], args["weights"], args["start"], args["end"], args["max_seqlen_k"])
     want = oracles.mqa_logits_oracle(*inputs)
@@ -683,7 +669,7 @@ def _judge_logits(args: Args, result: Any) -> str | None:
     if args["max_seqlen_k"]:
         got = torch.where(torch.isneginf(want), want, got)
     heads, dim = args["q"].shape[1:]
-    got = _within_accumulation(got, want, oracles.mqa_logits_oracle(*inputs, magnitude=True), dim + heads + 3, args["dtype"])
+    got = within_accumulation(got, want, oracles.mqa_logits_oracle(*inputs, magnitude=True), dim + heads + 3, args["dtype"])
     return _compare("mqa_logits", "logits_bf16" if args["dtype"] == torch.bfloat16 else "logits", got, want)
 
 
@@ -740,7 +726,7 @@ def _judge_paged(args: Args, result: Any) -> str | None:
     if result.dtype != args["dtype"]:
         return f"dtype {result.dtype}, expected {args['dtype']}"
     heads, dim = args["q"].shape[2:]
-    got = _within_accumulation(result.double(), want, oracles.paged_mqa_logits_oracle(*inputs, magnitude=True), dim + heads + 3, args["dtype"])
+    got = within_accumulation(result.double(), want, oracles.paged_mqa_logits_oracle(*inputs, magnitude=True), dim + heads + 3, args["dtype"])
     return _compare("paged_mqa_logits", "logits_bf16" if args["dtype"] == torch.bfloat16 else "logits", got, want)
 
 

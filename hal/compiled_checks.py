@@ -33,7 +33,7 @@ from hal.canary import cache_dir
 from hal.ccompiler import compile_library, compiler, compiler_version, tail, write_atomically
 from hal.optional import _tracing
 
-__all__ = ["ENV_COMPILED_CHECKS", "SOURCE", "first_outside", "contiguous_blocks", "status"]
+__all__ = ["ENV_COMPILED_CHECKS", "SOURCE", "first_outside", "contiguous_blocks", "pages_within", "status"]
 
 ENV_COMPILED_CHECKS = "HAL_COMPILED_CHECKS"
 SOURCE = Path(__file__).parent / "csrc" / "value_ranges.c"
@@ -42,6 +42,7 @@ _OFF = {"0", "false", "no", "off"}
 _SIZES = {torch.int32: 4, torch.int64: 8}
 _MOST = 8  # tensors a call checks at most
 _pack = struct.Struct("=5q").pack_into
+_pack9 = struct.Struct("=9q").pack_into
 _local = threading.local()  # each thread's spec buffer: a call writes it, then the C function reads it
 
 _read_switch = env.reader(ENV_COMPILED_CHECKS)
@@ -91,14 +92,14 @@ def _resolve(raw: Any) -> Any:
         _why[:] = [library]
         return None
     try:
-        function, blocks = library.hal_first_outside, library.hal_contiguous_blocks
+        function, blocks, pages = library.hal_first_outside, library.hal_contiguous_blocks, library.hal_pages_within
     except AttributeError as exc:
         _why[:] = [f"the built library lacks a function: {exc}"]
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_void_p]  # the spec's address as a Python int
     function.restype = ctypes.c_int
-    blocks.argtypes = [ctypes.c_void_p]
-    blocks.restype = ctypes.c_int
+    blocks.argtypes = pages.argtypes = [ctypes.c_void_p]
+    blocks.restype = pages.restype = ctypes.c_int
     # Known answers before first use: a compiler that miscompiles it must not pass bad indices.
     # (ctypes arrays, not tensors: the first use may come under a tracing mode, whose tensors hold no data.)
     probe32, probe64 = (ctypes.c_int32 * 4)(3, -1, 7, 0), (ctypes.c_int64 * 2)(2**40, -5)
@@ -112,11 +113,14 @@ def _resolve(raw: Any) -> Any:
         answers.append(blocks((ctypes.c_int64 * 5)(ctypes.addressof(layout), 12, 4, groups, ctypes.addressof(firsts))) == expected)
     broken = (ctypes.c_int32 * 4)(1, -1, 1, -1)
     answers.append(blocks((ctypes.c_int64 * 5)(ctypes.addressof(broken), 4, 4, 3, ctypes.addressof(firsts))) == 1)
-    if answers != [0, 1, 2, 1, True, True, True] or firsts[:] != [2, -1, 0]:
+    table, lengths = (ctypes.c_int32 * 6)(0, 1, -1, 2, -1, -1), (ctypes.c_int32 * 2)(65, 64)  # rows [0, 1, -1] and [2, -1, -1], pages of 64
+    for most, high, expected in ((128, 3, 1), (128, 2, 0), (64, 3, 0)):
+        answers.append(pages((ctypes.c_int64 * 9)(ctypes.addressof(table), 2, 3, 4, ctypes.addressof(lengths), 1, most, high, 64)) == expected)
+    if answers != [0, 1, 2, 1] + [True] * 6 or firsts[:] != [2, -1, 0]:
         _why[:] = [f"the built library gives wrong answers on known values ({answers}, {firsts[:]})"]
         return None
     _why.clear()
-    return function, blocks
+    return function, blocks, pages
 
 
 def _function() -> Any:
@@ -184,6 +188,31 @@ def contiguous_blocks(ids: torch.Tensor, align: int, groups: int) -> list[int] |
     if _tracing():
         return None
     return False if functions[1](address) else firsts[:]
+
+
+def pages_within(table: torch.Tensor, lengths: torch.Tensor, most: int, high: int, per_entry: int) -> bool | None:
+    """:func:`hal.checks.small_pages_within`'s verdict at any size, in one pass (``table``
+    int32/int64 [rows, cols], ``lengths`` int32 [rows] or [rows, k]); None when it cannot be
+    given here (as :func:`first_outside`)."""
+    functions = _function()
+    if (functions is None or type(table) is not torch.Tensor or type(lengths) is not torch.Tensor or not table.is_cpu or not lengths.is_cpu
+            or table.dim() != 2 or lengths.dtype != torch.int32 or not table.is_contiguous() or not lengths.is_contiguous()):
+        return None
+    size = _SIZES.get(table.dtype)
+    rows, cols = table.shape
+    if size is None or not 1 <= lengths.dim() <= 2 or lengths.shape[0] != rows:
+        return None
+    try:
+        buffer, address = _local.spec
+    except AttributeError:
+        buffer, address = _spec_buffer()
+    try:
+        _pack9(buffer, 0, table.data_ptr(), rows, cols, size, lengths.data_ptr(), lengths.shape[1] if lengths.dim() == 2 else 1, most, high, per_entry)
+    except struct.error:
+        return None
+    if _tracing():
+        return None
+    return bool(functions[2](address))
 
 
 def _spec_buffer() -> tuple[ctypes.Array, int]:

@@ -101,3 +101,27 @@ def test_v3_2_decode_names_the_index_tensor_out_of_range(broken: str, compiled: 
     bad[broken].view(-1)[-1] = {"indices": blocks * page, "topk_length": topk + 1, "extra_indices_in_kvcache": page, "extra_topk_length": extra_topk + 1}[broken]
     with pytest.raises(ValueRangeError, match=broken):
         run(bad)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pages_within_is_the_rule_read_entry_by_entry(seed: int):
+    """Every length in [0, most] and, in each row, the first ceil(longest length / per_entry)
+    entries in [0, high): tables of any size (the Python lists stop at 64 entries)."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        rows, cols, per_entry = rng.randint(0, 40), rng.randint(1, 70), rng.choice([1, 16, 64])
+        high, most = rng.randint(1, 50), rng.randint(0, cols * per_entry + 2)
+        table = torch.randint(0, high, (rows, cols), dtype=rng.choice([torch.int32, torch.int64]))
+        k = rng.choice([None, 1, 2, 3])
+        lengths = torch.randint(0, most + 1, (rows,) if k is None else (rows, k), dtype=torch.int32)
+        if rows and rng.random() < 0.5:  # a stray entry or length, read or not
+            r = rng.randrange(rows)
+            if rng.random() < 0.7:
+                table[r, rng.randrange(cols)] = rng.choice([-1, high, -(2**31)])
+            else:
+                lengths.view(-1)[rng.randrange(lengths.numel())] = rng.choice([-1, most + 1])
+        longest = lengths.view(rows, -1).amax(dim=1).tolist() if rows and lengths.numel() else [0] * rows
+        truth = all(0 <= v <= most for v in lengths.flatten().tolist()) and all(
+            0 <= table[r, j] < high for r in range(rows) for j in range(min(cols, -(-longest[r] // per_entry))))
+        assert compiled_checks.pages_within(table, lengths, most, high, per_entry) == truth, (table, lengths, most, high, per_entry)
+    assert compiled_checks.pages_within(table.t(), lengths, most, high, per_entry) is None  # strided: left to the other paths

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hal
-from hal import optional
+from hal import compiled_checks, optional
 from hal.checks import SMALL, expect_in_range, expect_rows_in_range, small_pages_within
 from hal.errors import ValueRangeError
 from hal.ops import gemm
@@ -119,10 +119,12 @@ def test_a_looked_up_paged_logits_schedule_is_the_callers_own():
     assert torch.equal(hal.get_paged_mqa_logits_metadata(lens + 1, 64, 4), expected)
 
 
+@pytest.mark.parametrize("compiled", ["1", "0"])
 @pytest.mark.parametrize("seed", range(4))
-def test_small_pages_within_is_the_verdict_of_the_general_checks(seed: int):
+def test_small_pages_within_is_the_verdict_of_the_general_checks(seed: int, compiled: str, monkeypatch: pytest.MonkeyPatch):
     """True exactly when every length is in [0, most] and every page a row reads is in range (the
     rule of expect_rows_in_range, checked here entry by entry); False past SMALL entries."""
+    monkeypatch.setenv("HAL_COMPILED_CHECKS", compiled)
     rng = random.Random(100 + seed)
     for _ in range(300):
         rows, width, per_entry = rng.randint(0, 6), rng.randint(1, 9), rng.choice([1, 16, 64])
@@ -137,7 +139,8 @@ def test_small_pages_within_is_the_verdict_of_the_general_checks(seed: int):
             table, limits.reshape(rows), 0, high, per_entry) is None
         assert small_pages_within(table, lengths, most, high, per_entry) == truth
     wide = torch.zeros(2, SMALL // 2 + 1, dtype=torch.int32)
-    assert not small_pages_within(wide, torch.zeros(2, dtype=torch.int32), 0, 1, 64)  # past SMALL: the general checks decide
+    # past SMALL the general checks decide, unless the compiled checks read it
+    assert small_pages_within(wide, torch.zeros(2, dtype=torch.int32), 0, 1, 64) == (compiled_checks.pages_within(wide, torch.zeros(2, dtype=torch.int32), 0, 1, 64) is not None)
 
 
 def test_only_small_contiguous_layouts_keep_their_mapping():

@@ -64,3 +64,37 @@ int hal_contiguous_blocks(const int64_t *spec) {
     }
     return 0;
 }
+
+/* A paged batch's lengths and the pages they read, in one pass: spec holds the address of the
+ * table ([rows][cols], contiguous, elements of table_size bytes: 4 or 8), rows, cols, table_size,
+ * the address of the lengths ([rows][k] int32, contiguous: a row is read up to the longest of its
+ * k lengths), k, most, high and per_entry. Returns 1 when every length lies in [0, most] and every
+ * entry a row reads (the first ceil(length / per_entry) of its row) lies in [0, high); 0
+ * otherwise (the caller's checks then name what is wrong). */
+int hal_pages_within(const int64_t *spec) {
+    const char *table = (const char *)(intptr_t)spec[0];
+    int64_t rows = spec[1], cols = spec[2], table_size = spec[3];
+    const int32_t *lengths = (const int32_t *)(intptr_t)spec[4];
+    int64_t k = spec[5], most = spec[6], high = spec[7], per_entry = spec[8];
+    if (per_entry <= 0 || (table_size != 4 && table_size != 8))
+        return 0;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t longest = 0;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t length = lengths[r * k + j];
+            if (length < 0 || length > most)
+                return 0;
+            longest = length > longest ? length : longest;
+        }
+        int64_t used = (longest + per_entry - 1) / per_entry;
+        used = used < cols ? used : cols;
+        int bad;
+        if (table_size == 4)
+            bad = outside_int32_t((const int32_t *)table + r * cols, used, 0, high);
+        else
+            bad = outside_int64_t((const int64_t *)table + r * cols, used, 0, high);
+        if (bad)
+            return 0;
+    }
+    return 1;
+}
