@@ -240,28 +240,22 @@ def contiguous_rows(
     the argument the row groups came from; ``operand``: the one holding the G groups."""
     align = get_m_alignment_for_contiguous_layout()
     checked = m_indices.shape[0] % align == 0 and m_indices.shape[0] and value_checks_enabled(m_indices)
-    listed = compiled_checks.contiguous_blocks(m_indices, align, groups) if checked else None  # 1.5 us where NumPy's pass costs 4
+    # the blocks' first ids when the layout is valid: compiled (1.5 us), else NumPy (4 us); False when not
+    listed = compiled_checks.contiguous_blocks(m_indices, align, groups) if checked else None
+    np = optional.numpy_for(m_indices) if checked and listed is None else None
+    if np is not None:
+        rows = m_indices.numpy()
+        listed = rows[::align].tolist()
+        listed = _first_break(np, rows, align) is None and min(listed) >= -1 and max(listed) < groups and listed
     if listed:
+        # kept per layout of blocks (a repeated routing, a padded batch); not for prefill-sized M,
+        # whose routing is new every call
         key = (tuple(listed), align) if len(listed) <= _MAPPED_BLOCKS else None
         mapping = _MAPPINGS.get(key) if key is not None else None
         if mapping is None:
             mapping = torch.tensor(listed, dtype=m_indices.dtype).repeat_interleave(align)
-            remember(_MAPPINGS, key, mapping, limit=256)
+            remember(_MAPPINGS, key, mapping, limit=256)  # no key: not kept
         return mapping
-    np = optional.numpy_for(m_indices) if checked and listed is None else None
-    if np is not None:
-        rows = m_indices.numpy()
-        firsts = rows[::align]
-        listed = firsts.tolist()
-        if _first_break(np, rows, align) is None and min(listed) >= -1 and max(listed) < groups:
-            # kept per layout of blocks (a repeated routing, a padded batch); not for prefill-sized M,
-            # whose routing is new every call
-            key = (tuple(listed), align) if len(listed) <= _MAPPED_BLOCKS else None
-            mapping = _MAPPINGS.get(key) if key is not None else None
-            if mapping is None:
-                mapping = torch.from_numpy(np.repeat(firsts, align))
-                remember(_MAPPINGS, key, mapping, limit=256)  # no key: not kept
-            return mapping
     # the separate checks (the torch path, value checks off, or a layout to name the error of)
     if not values_within(m_indices, -1, groups):
         expect_in_range(op, name, m_indices, -1, groups, what=f"group ids (-1 for padding; {operand} has G={groups} groups)",
