@@ -84,6 +84,33 @@ def _pattern(values: tuple[Any, ...]) -> tuple[tuple[Any, ...] | None, list[torc
     return tuple(parts), tensors
 
 
+def _repeats(pattern: tuple[Any, ...], tensors: list[torch.Tensor]) -> tuple[tuple[Any, ...], tuple[int, ...], tuple[tuple[int, int], ...]] | None:
+    """How a call gives a tensor more than once (``d`` given as ``c``), which a guard never passes
+    (it is given the same tensor twice): ``(pattern with each repeat marked by the first place of
+    its tensor, the places of the distinct tensors, (repeat place, first place) pairs)``; None when
+    every tensor is distinct."""
+    if len({id(tensor) for tensor in tensors}) == len(tensors):
+        return None
+    parts: list[Any] = []
+    keep: list[int] = []
+    same: list[tuple[int, int]] = []
+    places = iter(range(len(tensors)))
+    for part in pattern:
+        if part is not _TENSOR:
+            parts.append(part)
+            continue
+        place = next(places)
+        for position, first in enumerate(keep):
+            if tensors[first] is tensors[place]:
+                parts.append((_Tensor, position))
+                same.append((place, first))
+                break
+        else:
+            keep.append(place)
+            parts.append(_TENSOR)
+    return tuple(parts), tuple(keep), tuple(same)
+
+
 class Layouts:
     """What an operator's structural checks derived, per argument layout.
 
@@ -95,11 +122,12 @@ class Layouts:
     over.
     """
 
-    __slots__ = ("_known", "_guarded", "_limit")
+    __slots__ = ("_known", "_guarded", "_repeats", "_limit")
 
     def __init__(self, limit: int = 1024) -> None:
         self._known: dict[tuple[Any, ...], Any] = {}
         self._guarded: dict[tuple[Any, ...], list[tuple[Any, tuple[Any, ...], Any]]] = {}
+        self._repeats: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...], tuple[tuple[int, int], ...]]] = {}  # see _repeats
         self._limit = limit
 
     def lookup(self, values: tuple[Any, ...] | None) -> tuple[tuple[Any, ...] | None, Any]:
@@ -110,6 +138,14 @@ class Layouts:
             for guard, key, value in self._guarded.get(pattern, ()):
                 if guard.check(*tensors):
                     return key, value
+            repeats = self._repeats.get(pattern)  # a call that gave a tensor twice, as this one may
+            if repeats is not None:
+                shared, keep, same = repeats
+                if all(tensors[place] is tensors[first] for place, first in same):
+                    distinct = [tensors[place] for place in keep]
+                    for guard, key, value in self._guarded.get(shared, ()):
+                        if guard.check(*distinct):
+                            return key, value
         key = signature(*values)
         if key is None:
             return None, None
@@ -131,6 +167,7 @@ class Layouts:
     def clear(self) -> None:
         self._known.clear()
         self._guarded.clear()
+        self._repeats.clear()
 
     def __len__(self) -> int:
         return len(self._known)
@@ -138,6 +175,10 @@ class Layouts:
     def _guard(self, pattern: tuple[Any, ...], tensors: list[torch.Tensor], key: tuple[Any, ...], value: Any) -> None:
         if _TensorGuards is None:
             return
+        repeats = _repeats(pattern, tensors)
+        if repeats is not None:  # guarded with each tensor once, under the pattern that marks the repeats
+            self._repeats[pattern] = repeats
+            pattern, tensors = repeats[0], [tensors[place] for place in repeats[1]]
         try:
             guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
         except Exception:  # noqa: BLE001 - a torch that builds guards differently: the signature path serves

@@ -81,7 +81,7 @@ def _dense(op: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.
         a, b = _padded(a), _padded(b)
     call(GEMM_BF16_NT, "a", a.device, a=a, b=b, out=target)
     if c is not None:
-        d.copy_(target + c.float())
+        gemm_v2.write_sum(d, target, c)
 
 
 def bf16_gemm_nt(a, b, d, c=None, compiled_dims: str = "nk") -> None:

@@ -33,10 +33,10 @@ from collections.abc import Sequence
 import torch
 
 from hal import optional
-from hal.checks import FP8, expect_in_range, expect_int, expect_same_device, expect_tensor, value_checks_enabled, values_within
+from hal.checks import FP8, SMALL, expect_in_range, expect_int, expect_same_device, expect_tensor, remember, value_checks_enabled, values_within
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, OperatorNotSupportedError, ShapeError, ValueRangeError
-from hal.layouts import Layouts
+from hal.layouts import Layouts, int_bucket
 from hal.ops import gemm as v1
 from hal.ops.fp8_quant import BLOCK
 
@@ -166,8 +166,18 @@ def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | Non
         target = d if (d.dtype == torch.float32 and c is None) else torch.empty(m, n, dtype=torch.float32, device=d.device)
     call(v1.GEMM_FP8_NT, "a[0]", av.device, features=features,
          a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=target)
-    if c is not None:  # one rounding: fp32 product plus c, then d's dtype
-        d.copy_(target + c.float())
+    if c is not None:
+        write_sum(d, target, c)
+
+
+def write_sum(d: torch.Tensor, product: torch.Tensor, c: torch.Tensor) -> None:
+    """``d = product + c`` with one rounding: the fp32 sum, then d's dtype (torch adds bf16 or fp32
+    ``c`` in fp32 and rounds on the store). One pass, ``d`` given as ``c`` included; through a
+    temporary when c and d overlap only in part (torch refuses that before writing anything)."""
+    try:
+        torch.add(product, c, out=d)
+    except RuntimeError:
+        d.copy_(product + c.float())
 
 
 # Argument layouts of the dense GEMMs that passed _dense_plan's checks, with its plan.
@@ -296,6 +306,35 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
         torch.ops.hal.m_grouped_fp8_gemm_contiguous(av, asf, bv, bsf, d, grouped_layout, _listed(recipe), _listed(recipe_a), _listed(recipe_b),
                                                     use_psum_layout, transpose_b)
         return
+    pairs = type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
+    values = (op, *a, *b, d, grouped_layout, recipe, recipe_a, recipe_b, use_psum_layout, transpose_b) if pairs else None
+    key, plan = _GROUPED_PLANS.lookup(values)
+    if plan is None:
+        plan = _grouped_plan(op, a, b, d, grouped_layout, recipe, recipe_a, recipe_b, use_psum_layout, transpose_b)
+        _GROUPED_PLANS.remember(values, key, plan)
+    m, n, groups, features = plan
+    (av, asf), (bv, bsf) = a, b
+    if transpose_b:
+        bv, bsf = bv.transpose(1, 2), bsf.transpose(-1, -2)
+    kb = -(-av.shape[1] // BLOCK)
+    asf = unpack_ue8m0_scales(op, "a[1]", asf, kb)  # values: on every call (float32 scales pass through)
+    bsf = unpack_ue8m0_scales(op, "b[1]", bsf, kb)
+    m_indices = grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a[0]")
+    if m == 0 or n == 0:
+        return
+    call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
+         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
+         m_indices=m_indices)
+
+
+# Argument layouts of the contiguous grouped GEMMs that passed _grouped_plan's checks, with its plan.
+_GROUPED_PLANS = Layouts()
+
+
+def _grouped_plan(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: torch.Tensor, recipe: object, recipe_a: object,
+                  recipe_b: object, use_psum_layout: bool, transpose_b: bool) -> tuple[int, int, int, frozenset[str]]:
+    """Every structural check of a contiguous grouped GEMM's arguments; returns (M, N, G, the
+    features the call asks of a backend)."""
     av, asf = _pair(op, "a", a)
     expect_tensor(op, "a[0]", av, dtypes=FP8, shape=(None, None), dims=("M", "K"))
     bv, bsf = _grouped_rhs(op, b, transpose_b)
@@ -303,6 +342,8 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
     groups, n = bv.shape[0], bv.shape[1]
     if bv.shape[2] != k:
         raise ShapeError(op, "b[0]", f"K = {k} (a's)", f"K = {bv.shape[2]}", "Give a and b the same K.")
+    if recipe_a is not None and tuple(recipe_a) != (1, 128):
+        raise ValueRangeError(op, "recipe_a", "(1, 128)", repr(recipe_a), "The LHS is scaled per token and 128 channels.")
     kb = -(-k // BLOCK)
     asf = unpack_ue8m0_scales(op, "a[1]", asf, kb)
     bsf = unpack_ue8m0_scales(op, "b[1]", bsf, kb)
@@ -315,13 +356,8 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
     else:
         expect_tensor(op, "grouped_layout", grouped_layout, dtypes=torch.int32, shape=(m,), dims=("M",), contiguous=True)
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "grouped_layout": grouped_layout})
-    m_indices = grouped_rows(op, grouped_layout, m, groups, use_psum_layout, "a[0]")
-    if m == 0 or n == 0:
-        return
-    features = {"b_per_token"} if gran == 1 and n > 1 else set()
-    call(v1.M_GROUPED_CONTIGUOUS, "a[0]", av.device, features=features,
-         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
-         m_indices=m_indices)
+    features = frozenset({"b_per_token"} if gran == 1 and n > 1 else ())
+    return m, n, groups, features
 
 
 def grouped_rows(op: str, grouped_layout: torch.Tensor, m: int, groups: int, use_psum_layout: bool, argument: str) -> torch.Tensor:
@@ -331,6 +367,9 @@ def grouped_rows(op: str, grouped_layout: torch.Tensor, m: int, groups: int, use
     by :func:`hal.ops.gemm.contiguous_rows`. ``argument``: the operand whose M is checked."""
     if not use_psum_layout:
         return v1.contiguous_rows(op, grouped_layout, groups, argument, "grouped_layout", "b")
+    mapping = _psum_rows(grouped_layout, m)
+    if mapping is not None:
+        return mapping
     if not values_within(grouped_layout, 0, m + 1):
         expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
     m_indices = _psum_to_indices(op, grouped_layout, m, get_mk_alignment_for_contiguous_layout())
@@ -338,6 +377,40 @@ def grouped_rows(op: str, grouped_layout: torch.Tensor, m: int, groups: int, use
         expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")
     v1._check_contiguous_segments(op, m_indices, argument, "grouped_layout")
     return m_indices
+
+
+def _psum_rows(ends: torch.Tensor, m: int) -> torch.Tensor | None:
+    """:func:`_psum_to_indices` of a valid psum layout read on the host, or None (the torch path
+    then checks and names what is wrong): ``ends`` a CPU tensor of at most ``SMALL`` groups,
+    non-decreasing within [0, M], M a multiple of the alignment. Group g then owns the rows
+    [align(end[g-1]), align(end[g])) and the rows past the last aligned end are -1: whole aligned
+    blocks, so the layout is valid by construction. The mapping is kept per layout of at most
+    ``v1._MAPPED_BLOCKS`` blocks (a batch's routing repeats, or is padded); 5 us where the torch
+    path's searchsorted and checks cost 35."""
+    align = get_mk_alignment_for_contiguous_layout()
+    if ends.numel() > SMALL or m % align or not optional.host_readable(ends):
+        return None
+    listed = ends.tolist()
+    previous = 0
+    for end in listed:
+        if end < previous:
+            return None
+        previous = end
+    if previous > m:
+        return None
+    key = (tuple(listed), m, align) if m // align <= v1._MAPPED_BLOCKS else None
+    mapping = _PSUM_MAPPINGS.get(key) if key is not None else None
+    if mapping is None:
+        bounds = [0] + [-(-end // align) * align for end in listed] + [m]
+        counts = torch.tensor([hi - lo for lo, hi in zip(bounds, bounds[1:])], dtype=torch.int64)
+        owners = torch.arange(-1, len(listed), dtype=torch.int32).roll(-1)  # 0, 1, ..., G-1, then -1 for the rows past the last end
+        mapping = owners.repeat_interleave(counts)
+        remember(_PSUM_MAPPINGS, key, mapping, limit=256)  # no key: not kept
+    return mapping
+
+
+# (group ends, M, alignment) -> _psum_rows' mapping (read only)
+_PSUM_MAPPINGS: dict[tuple[tuple[int, ...], int, int], torch.Tensor] = {}
 
 
 def m_grouped_fp8_gemm_nt_contiguous(
@@ -362,36 +435,53 @@ def m_grouped_fp8_gemm_nt_masked(
 ) -> None:
     """MoE masked: ``d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T``; a = (fp8 [G, M_max, K], sfa), d bf16 [G, M_max, N]."""
     op = "m_grouped_fp8_gemm_nt_masked"
+    pairs = type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
+    # expected_m (a hint that may change every step) is keyed by whether it is an int >= 1
+    values = (op, *a, *b, d, masked_m, int_bucket(expected_m, 1), recipe, recipe_a, recipe_b) if pairs else None
+    key, per_token = _MASKED_PLANS.lookup(values)
+    if per_token is None:
+        per_token = _masked_plan(op, a, b, d, masked_m, expected_m, recipe, recipe_b)
+        _MASKED_PLANS.remember(values, key, per_token)
+    (av, asf), (bv, bsf) = a, b
+    kb = -(-av.shape[2] // BLOCK)
+    asf, bsf = unpack_ue8m0_scales(op, "a[1]", asf, kb), unpack_ue8m0_scales(op, "b[1]", bsf, kb)  # values: every call
+    if not per_token:  # DeepGEMM's first API checks and runs the per-block recipe
+        v1.m_grouped_gemm_fp8_fp8_bf16_nt_masked((_k_major(av), asf), (_k_major(bv), bsf), d, masked_m, expected_m)
+        return
+    m_max = av.shape[1]
+    if not values_within(masked_m, 0, m_max + 1):
+        expect_in_range(op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max})", fix="Clamp masked_m to M_max.")
+    call(v1.M_GROUPED_MASKED, "a[0]", av.device, features={"b_per_token"},
+         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
+         masked_m=masked_m, expected_m=expected_m)
+
+
+# Argument layouts of the masked grouped GEMM that passed _masked_plan's checks -> whether B is
+# scaled per token (else DeepGEMM's first API, with its own checks, runs the call).
+_MASKED_PLANS = Layouts()
+
+
+def _masked_plan(op: str, a: object, b: object, d: torch.Tensor, masked_m: torch.Tensor, expected_m: object, recipe: object, recipe_b: object) -> bool:
+    """The masked grouped GEMM's structural checks; whether B is scaled per token (recipe
+    (1, 1, 128)): then every check of that path, else those of the recipe's choice only."""
     av, asf = _pair(op, "a", a)
     bv, bsf = _pair(op, "b", b)
     expect_tensor(op, "a[0]", av, dtypes=FP8, shape=(None, None, None), dims=("G", "M_max", "K"))
-    kb = -(-av.shape[2] // BLOCK)
-    asf, bsf = unpack_ue8m0_scales(op, "a[1]", asf, kb), unpack_ue8m0_scales(op, "b[1]", bsf, kb)
-    expect_tensor(op, "b[0]", bv, dtypes=FP8, shape=(av.shape[0], None, av.shape[2]), dims=("G", "N", "K"))
-    gran = _recipe_rows(op, bv.shape[1], bsf.shape[-2] if bsf.dim() == 3 else -1, recipe, recipe_b)
-    if gran == 1 and bv.shape[1] > 1:
-        v1_check = (av, asf), (bv, bsf)
-        _masked_per_token(op, v1_check, d, masked_m, expected_m)
-        return
-    v1.m_grouped_gemm_fp8_fp8_bf16_nt_masked((_k_major(av), asf), (_k_major(bv), bsf), d, masked_m, expected_m)
-
-
-def _masked_per_token(op: str, operands, d, masked_m, expected_m) -> None:
-    (av, asf), (bv, bsf) = operands
     groups, m_max, k = av.shape
-    n = bv.shape[1]
     kb = -(-k // BLOCK)
+    asf, bsf = unpack_ue8m0_scales(op, "a[1]", asf, kb), unpack_ue8m0_scales(op, "b[1]", bsf, kb)
+    expect_tensor(op, "b[0]", bv, dtypes=FP8, shape=(groups, None, k), dims=("G", "N", "K"))
+    n = bv.shape[1]
+    gran = _recipe_rows(op, n, bsf.shape[-2] if bsf.dim() == 3 else -1, recipe, recipe_b)
+    if gran != 1 or n <= 1:
+        return False
     expect_tensor(op, "a[1]", asf, shape=(groups, m_max, kb), dims=("G", "M_max", "ceil(K/128)"))
     expect_tensor(op, "b[1]", bsf, shape=(groups, n, kb), dims=("G", "N", "ceil(K/128)"))
     _output(op, d, None, (groups, m_max, n), (torch.bfloat16,))
     expect_tensor(op, "masked_m", masked_m, dtypes=torch.int32, shape=(groups,), dims=("G",))
     expect_int(op, "expected_m", expected_m, minimum=1)
     expect_same_device(op, "a[0]", av, **{"a[1]": asf, "b[0]": bv, "b[1]": bsf, "d": d, "masked_m": masked_m})
-    if not values_within(masked_m, 0, m_max + 1):
-        expect_in_range(op, "masked_m", masked_m, 0, m_max + 1, what=f"row counts (at most M_max={m_max})", fix="Clamp masked_m to M_max.")
-    call(v1.M_GROUPED_MASKED, "a[0]", av.device, features={"b_per_token"},
-         a=v1._padded_to_blocks(_k_major(av)), a_scales=asf, b=v1._padded_to_blocks(_k_major(bv)), b_scales=bsf, out=d,
-         masked_m=masked_m, expected_m=expected_m)
+    return True
 
 
 def k_grouped_segments(op: str, ks_cpu: object, grouped_layout: torch.Tensor, total_k: int, use_psum_layout: bool) -> list[tuple[int, int]]:

@@ -438,6 +438,90 @@ def test_contiguous_segments_follow_the_alignment_setting():
         dg.set_mk_alignment_for_contiguous_layout(128)
 
 
+@pytest.mark.parametrize("alignment", [32, 128])
+def test_psum_rows_read_on_the_host_are_the_torch_paths(alignment):
+    """The psum layout's rows as the host reads them (non-decreasing ends within M: every valid
+    layout) are the torch path's, row by row, empty and trailing groups included; other ends (a
+    decreasing one, one past M, more groups than the host path reads) take the torch path."""
+    from hal.ops import gemm_v2
+
+    rng = random.Random(alignment)
+    dg.set_mk_alignment_for_contiguous_layout(alignment)
+    try:
+        for _ in range(400):
+            m = alignment * rng.randint(0, 5)
+            ends = sorted(rng.randint(0, m) for _ in range(rng.randint(0, 9)))
+            layout = torch.tensor(ends, dtype=torch.int32)
+            read = gemm_v2._psum_rows(layout, m)
+            assert read is not None and read.dtype == torch.int32
+            assert torch.equal(read, gemm_v2._psum_to_indices("op", layout, m, alignment)), (ends, m)
+        m = 4 * alignment
+        for ends, rows in (([3 * alignment, alignment], m), ([m + 1], m), ([0] * 65, m), ([1, 2], m + 1)):  # the last: M not aligned
+            assert gemm_v2._psum_rows(torch.tensor(ends, dtype=torch.int32), rows) is None, (ends, rows)
+    finally:
+        dg.set_mk_alignment_for_contiguous_layout(128)
+
+
+def test_grouped_layouts_that_passed_do_not_excuse_different_ones():
+    """The contiguous and masked grouped GEMMs remember argument layouts that passed their checks;
+    another dtype, shape or recipe still raises, and the group ends / row counts are read every call."""
+    torch.manual_seed(9)
+    groups, n, k = 2, 128, 256
+    m, a, layout = _contiguous_layout(groups, 60, k, True)
+    qa = dg.per_token_cast_to_fp8(a, use_ue8m0=False)
+    b = torch.randn(groups, n, k, dtype=torch.bfloat16)
+    per_token = [dg.per_token_cast_to_fp8(b[g], use_ue8m0=False) for g in range(groups)]
+    qb = (torch.stack([p[0] for p in per_token]), torch.stack([p[1] for p in per_token]))
+    d = torch.empty(m, n, dtype=torch.bfloat16)
+    for _ in range(2):
+        dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, layout, recipe=(1, 1, 128), use_psum_layout=True)
+    with pytest.raises(DTypeError, match="grouped_layout"):
+        dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, layout.long(), recipe=(1, 1, 128), use_psum_layout=True)
+    with pytest.raises(ValueRangeError, match="recipe_a"):
+        dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, layout, recipe=(1, 1, 128), recipe_a=(1, 64), use_psum_layout=True)
+    with pytest.raises(ValueRangeError, match="grouped_layout"):  # contents: every call
+        dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, torch.tensor([60, m + 1], dtype=torch.int32), recipe=(1, 1, 128), use_psum_layout=True)
+    with pytest.raises(DTypeError, match="'d'"):
+        dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d.float(), layout, recipe=(1, 1, 128), use_psum_layout=True)
+
+    m_max = 32
+    qa = (qa[0][: groups * m_max].view(groups, m_max, k), qa[1][: groups * m_max].view(groups, m_max, -1))
+    out = torch.empty(groups, m_max, n, dtype=torch.bfloat16)
+    masked_m = torch.tensor([32, 5], dtype=torch.int32)
+    for expected_m in (8, 9):
+        dg.m_grouped_fp8_gemm_nt_masked(qa, qb, out, masked_m, expected_m, recipe=(1, 1, 128))
+    with pytest.raises(ValueRangeError, match="expected_m"):
+        dg.m_grouped_fp8_gemm_nt_masked(qa, qb, out, masked_m, 0, recipe=(1, 1, 128))
+    with pytest.raises(ValueRangeError, match="masked_m"):  # contents: every call
+        dg.m_grouped_fp8_gemm_nt_masked(qa, qb, out, torch.tensor([33, 5], dtype=torch.int32), 8, recipe=(1, 1, 128))
+    with pytest.raises(DTypeError, match="masked_m"):
+        dg.m_grouped_fp8_gemm_nt_masked(qa, qb, out, masked_m.long(), 8, recipe=(1, 1, 128))
+    with pytest.raises(ShapeError, match="b\\[1\\]"):  # per-block recipe with per-token scales
+        dg.m_grouped_fp8_gemm_nt_masked(qa, qb, out, masked_m, 8, recipe=(1, 128, 128))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_accumulating_into_d_given_as_c_is_one_rounding_of_the_sum(out_dtype):
+    """``c`` given as ``d`` (in place), as a separate tensor, and overlapping ``d`` in part (torch
+    refuses to add in place then: a temporary) all give the fp32 product plus c, rounded once."""
+    torch.manual_seed(10)
+    qa = dg.per_token_cast_to_fp8(torch.randn(16, 256), use_ue8m0=False)
+    qb = dg.per_block_cast_to_fp8(torch.randn(128, 256), use_ue8m0=False)
+    product = torch.empty(16, 128)
+    dg.fp8_gemm_nt(qa, qb, product)
+    c = (torch.randn(16, 128) * 8).to(out_dtype)
+    expected = (product + c.float()).to(out_dtype)
+    in_place = c.clone()
+    dg.fp8_gemm_nt(qa, qb, in_place, c=in_place)
+    separate = torch.empty_like(c)
+    dg.fp8_gemm_nt(qa, qb, separate, c=c)
+    assert torch.equal(in_place, expected) and torch.equal(separate, expected)
+    storage = torch.empty(17, 128, dtype=out_dtype)
+    storage[1:] = c
+    dg.fp8_gemm_nt(qa, qb, storage[:16], c=storage[1:])
+    assert torch.equal(storage[:16], expected)
+
+
 def test_typed_errors():
     qa = dg.per_token_cast_to_fp8(torch.randn(8, 256), use_ue8m0=False)
     qb = dg.per_block_cast_to_fp8(torch.randn(128, 256), use_ue8m0=False)

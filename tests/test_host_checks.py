@@ -406,6 +406,28 @@ def test_layouts_find_a_remembered_layout_without_building_its_signature(monkeyp
     assert layouts.lookup(("op", torch.ones(4, 6), 3, None, torch.ones(2, dtype=torch.int32)))[1] == "checked"
 
 
+def test_a_tensor_given_twice_is_found_by_its_guard(monkeypatch: pytest.MonkeyPatch):
+    """A call that gives one tensor twice (DeepGEMM's ``d`` given as ``c``, to accumulate) is found
+    by a guard like any other, without its signature (a guard given the same tensor twice never
+    passes, so such calls were checked every time); the same layouts in distinct tensors share its
+    verdict, and other layouts, repeated or not, are not excused."""
+    from hal import layouts as module
+    from hal.checks import signature
+
+    layouts = module.Layouts()
+    x, s = torch.zeros(4, 6), torch.zeros(3, dtype=torch.int32)
+    values = ("op", s, x, x, 3)
+    layouts.remember(values, signature(*values), "checked")
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "signature", lambda *_: pytest.fail("the signature was built"))
+        y = torch.ones(4, 6)
+        assert layouts.lookup(("op", s.clone(), y, y, 3))[1] == "checked"
+    assert layouts.lookup(("op", s, torch.ones(4, 6), torch.ones(4, 6), 3))[1] == "checked"  # distinct: by signature
+    wide = torch.zeros(4, 7)
+    for other in [("op", s, wide, wide, 3), ("op", s, x, wide, 3), ("op", s, wide, x, 3), ("op", s, x, x, 4), ("op", x, s, s, 3)]:
+        assert layouts.lookup(other)[1] is None, other
+
+
 def _fp8_operands(m: int, n: int, k: int):
     a = torch.randn(m, k).to(torch.float8_e4m3fn)
     b = torch.randn(n, k).to(torch.float8_e4m3fn)
