@@ -292,6 +292,17 @@ def first_outside(checks: Sequence[tuple[torch.Tensor, int, int]]) -> int:
     return -1
 
 
+def first_outside_fixed(ranges: compiled_checks.FixedRanges | None, tensors: tuple[torch.Tensor | None, ...]) -> int | None:
+    """:func:`first_outside` through ranges kept with a remembered argument layout
+    (:func:`hal.compiled_checks.fixed_ranges`, built from tensors of the layouts ``tensors`` have
+    now): -1 when values are not to be read (``HAL_CHECK_VALUES`` off); None when it cannot answer
+    (no ranges, the compiled checks switched off, tracing): the caller then calls
+    :func:`first_outside`."""
+    if _setting() == "off":
+        return -1
+    return ranges(*tensors) if ranges is not None else None
+
+
 def all_within(tensors: Sequence[torch.Tensor], low: int, high: int) -> bool:
     """:func:`values_within` of each of ``tensors`` (the same bounds). Small 1-d CPU tensors are
     read as lists under one look at the setting and at tracing: 1 us where a call each costs 2."""

@@ -147,7 +147,7 @@ def model1_page_bytes(page: int) -> int:
 def model1_pages_fit(cache: torch.Tensor) -> bool:
     """Whether a MODEL1 cache view's last page ends within its storage (a dense 4-d tensor): what
     its layout check reads beyond the shape and strides."""
-    blocks, page, _, _ = cache.shape  # unpacked: slicing a Size costs 0.25 us, this runs on every MODEL1 call
+    blocks, page, _, _ = cache.shape  # unpacked: slicing a Size costs 0.25 us
     return cache.storage_offset() + (blocks - 1) * cache.stride(0) + page * MODEL1_TOKEN_BYTES <= cache.untyped_storage().nbytes()
 
 

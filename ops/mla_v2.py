@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, first_outside, positive_finite, values_within
+from hal.checks import expect_in_range, expect_int, expect_same_device, expect_tensor, first_outside, first_outside_fixed, positive_finite, values_within
+from hal.compiled_checks import FixedRanges, fixed_ranges
 from hal.dispatch import call
 from hal.errors import ArgumentError, DTypeError, ShapeError, ValueRangeError
 from hal.layouts import Layouts
 from hal.operator import Feature, declare
-from hal.ops.mla_fp8_cache import MODEL1_DIM, check_fp8_kv_cache, check_model1_kv_cache, model1_pages_fit
+from hal.ops.mla_fp8_cache import MODEL1_DIM, check_fp8_kv_cache, check_model1_kv_cache
 
 __all__ = ["MLA_DECODE_V2", "MLA_SPARSE_PREFILL", "MLASchedule", "Layout", "NO_LAYOUT", "layout_of", "decode_v2", "flash_mla_sparse_fwd", "dense_window_indices"]
 
@@ -208,19 +209,20 @@ class Layout(NamedTuple):
     values: tuple[Any, ...] | None  # the arguments a layout is told by; None: checked every call
     key: tuple[Any, ...] | None  # their :func:`hal.checks.signature`
     features: frozenset[str] | None  # what the layout asks of a backend, when it passed every check before
+    ranges: FixedRanges | None = None  # the sparse mode's index checks with the bounds this layout fixes (see _index_ranges)
 
 
 NO_LAYOUT = Layout(None, None, None)
 
 
-def _pages_fit(cache: object) -> object:
-    """What a MODEL1 cache's layout check reads beyond its signature: whether its last page ends
-    within its storage (the storage's offset and size; the rest of the check reads the shape and
-    strides, which the signature holds). None for anything but a plain strided 4-d tensor, which
-    the checks then name."""
+def _room(cache: object) -> object:
+    """What a MODEL1 cache's layout check reads beyond its signature: the room its storage has from
+    its first element on (whether its last page ends within it follows from that and the shape and
+    strides, which the signature holds; 0.13 us where reading the verdict itself costs 0.5). None
+    for anything but a plain strided 4-d tensor, which the checks then name."""
     if type(cache) is not torch.Tensor or cache.layout is not torch.strided or cache.dim() != 4:  # a sparse tensor has no storage to ask
         return None
-    return model1_pages_fit(cache)
+    return cache.untyped_storage().nbytes() - cache.storage_offset() * cache.itemsize
 
 
 def layout_of(
@@ -232,15 +234,31 @@ def layout_of(
     call: ``causal`` or ``is_fp8_kvcache`` given as anything but a bool or int (a signature keys a
     tensor by its layout, not its value), and anything a signature cannot describe. The MODEL1
     cache's check also reads where its pages lie in their storage, which no signature holds: its
-    layout is told by whether the caches' pages fit their storages too."""
+    layout is told by the room the caches' storages have past their first elements too."""
     if type(causal) not in _FLAGS or type(is_fp8_kvcache) not in _FLAGS:  # a tensor flag: its value is no part of a signature
         return NO_LAYOUT
     values = (q, k_cache, block_table, cache_seqlens, head_dim_v, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices,
               topk_length, extra_topk_length)
     if is_fp8_kvcache and type(q) is torch.Tensor and q.dim() == 4 and q.shape[-1] == MODEL1_DIM:
-        values += (_pages_fit(k_cache), _pages_fit(extra_k_cache))
-    key, features = _LAYOUTS.lookup(values)
-    return Layout(values, key, features) if key is not None else NO_LAYOUT
+        values += (_room(k_cache), _room(extra_k_cache))
+    key, checked = _LAYOUTS.lookup(values)  # checked: (features, ranges) when the layout passed before
+    if key is None:
+        return NO_LAYOUT
+    return Layout(values, key, *checked) if checked is not None else Layout(values, key, None)
+
+
+def _index_ranges(
+    k_cache: torch.Tensor, indices: torch.Tensor, topk_length: torch.Tensor | None, extra_k_cache: torch.Tensor | None,
+    extra_indices: torch.Tensor | None, extra_topk_length: torch.Tensor | None,
+) -> list[tuple[torch.Tensor | None, int, int]]:
+    """The sparse mode's index tensors (None where not given) with their ranges, which their
+    layouts fix: indices within the cache's slots (-1 unused), lengths at most topk."""
+    return [
+        (indices, -1, k_cache.shape[0] * k_cache.shape[1]),
+        (topk_length, 0, indices.shape[2] + 1),
+        (extra_indices, -1, extra_k_cache.shape[0] * extra_k_cache.shape[1] if extra_k_cache is not None else 0),
+        (extra_topk_length, 0, extra_indices.shape[2] + 1 if extra_indices is not None else 0),
+    ]
 
 
 def decode_v2(
@@ -255,22 +273,21 @@ def decode_v2(
     their contents. Layouts are checked once per signature (``layout``, from :func:`layout_of` on
     the caller's arguments: its features, when known, skip the layout checks), contents on every call.
     """
-    features = layout.features
+    features, ranges = layout.features, layout.ranges
     if features is None:
         features = _check_layouts_v2(q, k_cache, block_table, cache_seqlens, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
                                      extra_indices, topk_length, extra_topk_length, dense_layout)
-        _LAYOUTS.remember(layout.values, layout.key, features)
+        if layout.key is not None:
+            ranges = fixed_ranges(_index_ranges(k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length)) if indices is not None else None
+            _LAYOUTS.remember(layout.values, layout.key, (features, ranges))
     if indices is None:
         dense_contents(k_cache)
     else:  # every index tensor in one check; the one that fails is then named
-        checks = [(indices, -1, k_cache.shape[0] * k_cache.shape[1])]
-        if topk_length is not None:
-            checks.append((topk_length, 0, indices.shape[2] + 1))
-        if extra_k_cache is not None:
-            checks.append((extra_indices, -1, extra_k_cache.shape[0] * extra_k_cache.shape[1]))
-            if extra_topk_length is not None:
-                checks.append((extra_topk_length, 0, extra_indices.shape[2] + 1))
-        if first_outside(checks) >= 0:
+        found = first_outside_fixed(ranges, (indices, topk_length, extra_indices, extra_topk_length))
+        if found is None:
+            checks = _index_ranges(k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length)
+            found = first_outside([check for check in checks if check[0] is not None])
+        if found >= 0:
             _check_indices_contents("indices", indices, k_cache)
             _check_length_contents("topk_length", topk_length, indices.shape[2])
             if extra_k_cache is not None:

@@ -75,6 +75,84 @@ def test_the_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch):
     assert compiled_checks.first_outside([(values, 0, 40), (values, 1, 40)]) == 1
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_ranges_give_first_outsides_verdicts_for_new_contents(seed: int):
+    """Ranges kept for some layouts (fixed_ranges, Nones in place) give, for any tensors of those
+    layouts, the position first_outside gives (counted with the Nones); the tensors' own values are
+    read on every call, never the ones they were built from."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        layout = []
+        for _ in range(rng.randint(1, 5)):
+            if rng.random() < 0.25:
+                layout.append(None)
+                continue
+            layout.append((rng.choice([torch.int32, torch.int64]), rng.choice([(0,), (1,), (7,), (3, 33), (129,)]), rng.choice([-1, 0]), rng.choice([10, 50, 2**40])))
+
+        def tensors():
+            made = []
+            for entry in layout:
+                if entry is None:
+                    made.append(None)
+                    continue
+                dtype, shape, low, high = entry
+                values = torch.randint(low, min(high, 50), shape, dtype=dtype)
+                if values.numel() and rng.random() < 0.4:
+                    info = torch.iinfo(dtype)
+                    values.view(-1)[rng.randrange(values.numel())] = rng.choice([v for v in (low - 1, high, info.min, info.max) if info.min <= v <= info.max])
+                made.append(values)
+            return made
+
+        def bounds(made):
+            return [(t, entry[2], entry[3]) if t is not None else (None, 0, 0) for t, entry in zip(made, layout)]
+
+        kept = compiled_checks.fixed_ranges(bounds(tensors()))
+        assert kept is not None
+        for _ in range(3):
+            made = tensors()
+            truth = _truth([(t, low, high) for t, low, high in bounds(made) if t is not None])
+            expected = -1 if truth < 0 else [i for i, t in enumerate(made) if t is not None][truth]
+            assert kept(*made) == expected
+            assert checks.first_outside_fixed(kept, tuple(made)) == expected
+
+
+def test_kept_ranges_refuse_what_they_cannot_read(monkeypatch: pytest.MonkeyPatch):
+    values = torch.arange(12, dtype=torch.int32).view(3, 4)
+    assert compiled_checks.fixed_ranges([(values.t(), 0, 12)]) is None  # strided
+    assert compiled_checks.fixed_ranges([(values.float(), 0, 12)]) is None
+    assert compiled_checks.fixed_ranges([(values, 0, 2**63)]) is None  # past int64: a ctypes array would wrap it
+    assert compiled_checks.fixed_ranges([(values, 0.5, 12)]) is None
+    kept = compiled_checks.fixed_ranges([(values, 0, 12)])
+    assert kept(values) == -1 and kept(values - 1) == 0
+    monkeypatch.setenv(compiled_checks.ENV_COMPILED_CHECKS, "0")
+    assert kept(values - 1) is None  # switched off: the caller checks in torch
+    monkeypatch.setenv(checks.ENV_CHECK_VALUES, "0")
+    assert checks.first_outside_fixed(kept, (values - 1,)) == -1  # values not read at all
+
+
+def test_a_remembered_v3_2_layout_reads_its_indices_through_kept_ranges(monkeypatch: pytest.MonkeyPatch):
+    """After its first call a sparse decode's layout keeps its index ranges: later calls read the
+    new contents through them (the general check is not called), and an index out of range is
+    still named."""
+    from hal.ops import mla_v2
+
+    g = torch.Generator().manual_seed(5)
+    batch, s_q, h_q, topk, blocks, page = 2, 1, 16, 64, 2, 64
+    q = torch.randn(batch, s_q, h_q, 576, generator=g).to(torch.bfloat16)
+    cache = hal.quantize_mla_kv_cache(torch.randn(blocks, page, 1, 576, generator=g).to(torch.bfloat16))
+    schedule, _ = hal.get_mla_metadata()
+    indices = torch.randint(-1, blocks * page, (batch, s_q, topk), generator=g, dtype=torch.int32)
+    lengths = torch.tensor([topk, 9], dtype=torch.int32)
+    run = lambda i: hal.flash_mla_with_kvcache(q, cache, None, None, 512, schedule, None, is_fp8_kvcache=True, indices=i, topk_length=lengths)  # noqa: E731
+    run(indices)
+    monkeypatch.setattr(mla_v2, "first_outside", lambda *_: pytest.fail("the general check ran"))
+    run(indices.flip(-1).contiguous())
+    bad = indices.clone()
+    bad[1, 0, 0] = blocks * page
+    with pytest.raises(ValueRangeError, match="indices"):
+        run(bad)
+
+
 @pytest.mark.parametrize("compiled", ["1", "0"])
 @pytest.mark.parametrize("broken", ["indices", "topk_length", "extra_indices_in_kvcache", "extra_topk_length"])
 def test_v3_2_decode_names_the_index_tensor_out_of_range(broken: str, compiled: str, monkeypatch: pytest.MonkeyPatch):

@@ -41,6 +41,30 @@ int hal_first_outside(int n, const int64_t *spec) {
     return 0;
 }
 
+/* hal_first_outside for tensors whose layouts were checked before (a remembered argument layout
+ * fixes their dtypes, element counts and bounds): addresses holds each tensor's first element's
+ * address, fixed four int64 per tensor (count, element size, low, high), so that a call passes
+ * only what changes. A tensor of count 0 is not read (an optional argument not given). Returns as
+ * hal_first_outside. */
+int hal_first_outside_fixed(int n, const int64_t *addresses, const int64_t *fixed) {
+    for (int t = 0; t < n; t++) {
+        const int64_t *s = fixed + 4 * t;
+        const void *values = (const void *)(intptr_t)addresses[t];
+        int bad;
+        if (s[0] == 0)
+            continue;
+        if (s[1] == 4)
+            bad = outside_int32_t((const int32_t *)values, s[0], s[2], s[3]);
+        else if (s[1] == 8)
+            bad = outside_int64_t((const int64_t *)values, s[0], s[2], s[3]);
+        else
+            return -1 - t;
+        if (bad)
+            return t + 1;
+    }
+    return 0;
+}
+
 /* DeepGEMM's contiguous layout of grouped rows, checked in one pass: spec holds the address of
  * ids (int32 [m], contiguous), m, the alignment, the group count G, and the address of firsts
  * (int32 [m / alignment]). Each aligned block must be one group's rows followed only by -1
