@@ -31,7 +31,10 @@ attention call, so an operator's row times its call with the schedule its case m
 and each schedule function gets a row of its own whose whole time counts as host overhead
 (its "direct" column is empty).
 
-    python -m hal.bench.overhead [--op NAME ...] [--case ID ...] [--json]
+    python -m hal.bench.overhead [--op NAME ...] [--case ID ...] [--every-case] [--json]
+
+``--every-case`` times every quick case (one row each, those whose public path converts an input
+marked), then names each operator's worst usual case.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import glob
 import importlib
 import inspect
 import itertools
@@ -62,6 +66,9 @@ _SCHEDULES = ("get_mla_metadata", "get_paged_mqa_logits_metadata")
 # Int arguments an engine may change every step without changing a tensor's layout (the longest
 # context, the expected rows per group, the compressed logits' width): ``stepping_us`` grows them.
 _PER_STEP = ("max_context_len", "expected_m", "max_seqlen_k")
+
+# The expert-parallel operators that run in one process (the others need a process group).
+_EP_LOCAL = ("ep_dispatch_layout", "ep_pack", "ep_unpack", "ep_combine_reduce")
 
 # Marks in case ids of inputs the public path copies, pads or unpacks (UE8M0 scales) before the
 # backend sees them.
@@ -215,7 +222,7 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
     records = []
     schedule_rows: dict[str, dict[str, Any]] = {}
     for op, of_op in sorted(by_op.items()):
-        if op.startswith("ep_") and op not in ("ep_dispatch_layout", "ep_pack", "ep_unpack", "ep_combine_reduce"):
+        if op.startswith("ep_") and op not in _EP_LOCAL:
             continue
         # Cases that build their schedule outside the public API (``schedule_sms``: another GPU's
         # schedule, given to every backend) are not what a user's call does; cases built to make the
@@ -286,18 +293,42 @@ def measure(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.
     return records + [schedule_rows[name] for name in sorted(schedule_rows)]
 
 
+def measure_every_case(ops: list[str] | None = None, repeats: int = 9, budget_s: float = 0.05) -> list[dict[str, Any]]:
+    """:func:`measure` of every quick case of the operators (not only each one's smallest): one
+    record per case, with ``converting`` saying whether the public path copies or converts one of
+    its inputs (a transposed operand, packed UE8M0 scales, a partial K block: work that grows with
+    the data, not overhead). What an operator's worst call costs, where the default rows show its
+    cheapest usual one."""
+    records = []
+    for case in select_cases(quick=True):
+        if ops and not any(fnmatch.fnmatch(case.op, p) for p in ops):
+            continue
+        if case.params.get("schedule_sms") is not None or (case.op.startswith("ep_") and case.op not in _EP_LOCAL):
+            continue
+        for record in measure([case.op], repeats, budget_s, cases=[glob.escape(case.id)]):
+            if record["op"] == case.op:  # the schedules' own rows: timed with their operator's smallest case
+                records.append({**record, "converting": any(t in case.id for t in _CONVERTING)})
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hal.bench.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", action="append", default=[], help="operator name or pattern (repeatable; default: all)")
     parser.add_argument("--case", action="append", default=[], help="case id pattern (repeatable): time these cases, not each operator's smallest usual one")
+    parser.add_argument("--every-case", action="store_true", help="time every quick case of the operators, not only each one's smallest usual one")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny inputs: threads only add noise to host timings
-    records = measure(args.op or None, args.repeats, cases=args.case or None)
+    if args.every_case and args.case:
+        parser.error("--every-case times every case: give --op to narrow it, not --case")
+    records = measure_every_case(args.op or None, args.repeats) if args.every_case else measure(args.op or None, args.repeats, cases=args.case or None)
     if args.json:
         json.dump(records, sys.stdout, indent=2)
         sys.stdout.write("\n")
+        return 0
+    if args.every_case:
+        _print_every_case(records)
         return 0
     print(f"{'operator':34s} {'backend':12s} {'public us':>10s} {'direct us':>10s} {'overhead us':>12s} {'stepping us':>12s}  (host path alone)")
     for r in records:
@@ -308,6 +339,21 @@ def main(argv: list[str] | None = None) -> int:
         stepping = "-" if r.get("stepping_us") is None else f"{r['stepping_us']:.1f}"
         print(f"{r['op']:34s} {','.join(r['backends']) or '(host)':12s} {r['public_us']:10.1f} {direct:>10s} {r['overhead_us']:12.1f} {stepping:>12s}")
     return 0
+
+
+def _print_every_case(records: list[dict[str, Any]]) -> None:
+    print(f"{'case':70s} {'backend':10s} {'overhead us':>12s}  (host path alone; C: the public path converts an input)")
+    worst: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if "skipped" in r:
+            print(f"{r['case']:70s} skipped: {r['skipped']}")
+            continue
+        print(f"{r['case']:70s} {','.join(r['backends']):10s} {r['overhead_us']:12.1f}  {'C' if r['converting'] else ''}")
+        if not r["converting"] and r["overhead_us"] > worst.get(r["op"], {}).get("overhead_us", -1.0):
+            worst[r["op"]] = r
+    print("\nworst usual case (no conversion) per operator:")
+    for op, r in sorted(worst.items(), key=lambda item: -item[1]["overhead_us"]):
+        print(f"  {op:34s} {r['overhead_us']:6.1f} us  {r['case']}")
 
 
 if __name__ == "__main__":

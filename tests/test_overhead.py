@@ -98,3 +98,17 @@ def test_stepping_grows_per_step_ints_and_cases_can_be_chosen():
     wanted = [c.id for c in select_cases(quick=True, ops=["mla_decode_v2"])][-1]
     (record,) = [r for r in measure(["mla_decode_v2"], repeats=3, budget_s=0.005, cases=[wanted]) if r["op"] == "mla_decode_v2"]
     assert record["case"] == wanted
+
+
+def test_every_case_gets_a_row_and_conversions_are_marked():
+    """``--every-case``: one row per quick case of the operator (schedules excluded), each timed
+    with that case, those whose public path converts an input marked."""
+    from hal.bench.overhead import measure_every_case
+    from hal.conformance.catalogue import select_cases
+
+    wanted = [c.id for c in select_cases(quick=True, ops=["m_grouped_gemm_fp8_nt_masked"]) if c.params.get("schedule_sms") is None]
+    records = measure_every_case(["m_grouped_gemm_fp8_nt_masked"], repeats=1, budget_s=0.002)
+    assert [r["case"] for r in records] == wanted and len(wanted) > 1
+    assert all(math.isfinite(r["overhead_us"]) for r in records)
+    assert {r["case"]: r["converting"] for r in records} == {case: "partialk" in case for case in wanted}
+    assert any(r["converting"] for r in records) and not all(r["converting"] for r in records)
