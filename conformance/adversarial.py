@@ -803,8 +803,9 @@ def _judge_v2(args: Args, result: Any) -> str | None:
 
     sa = _scales_f32(args["lhs"][1], args["lhs"][0].shape[1])
     want = oracles.gemm_oracle(args["lhs"][0], sa, args["rhs"][0], args["rhs"][1])
-    if args["c"] is not None:
-        want = want + args["c"].double()
+    c = args.get("c_before", args["c"])  # d given as c: c's values before the call
+    if c is not None:
+        want = want + c.double()
     return _compare("gemm_fp8_nt", "out_fp32" if result.dtype == torch.float32 else "out", result.float(), want)
 
 
@@ -817,6 +818,12 @@ def _packed(a: Args, r: random.Random) -> Args:
     return _replace(a, lhs=(values, pack_ue8m0_to_int(padded)))
 
 
+def _accumulate_in_place(a: Args, r: random.Random) -> Args:
+    c = a["c"] if a["c"] is not None else torch.randn(a["d"].shape).to(a["d"].dtype)
+    d = c.clone()
+    return _replace(a, d=d, c=d, c_before=c.clone())
+
+
 FP8_V2 = Operator(
     "gemm_fp8_nt.v2",
     _make_v2,
@@ -825,6 +832,7 @@ FP8_V2 = Operator(
     (
         Mutation("none", lambda a, r: a, True),
         Mutation("packed UE8M0 LHS scales", _packed, True),
+        Mutation("d given as c (accumulate in place)", _accumulate_in_place, True),
         Mutation("NaN scale", lambda a, r: _pair(a, "lhs", 1, _poke(a["lhs"][1], math.nan, r)), True),
         Mutation("c of another dtype", lambda a, r: _replace(a, c=torch.zeros(a["d"].shape, dtype=torch.float16)), False),
         Mutation("d float16", lambda a, r: _replace(a, d=torch.empty(a["d"].shape, dtype=torch.float16)), False),
@@ -834,6 +842,134 @@ FP8_V2 = Operator(
         Mutation("FP4 LHS", lambda a, r: _pair(a, "lhs", 0, torch.zeros(a["lhs"][0].shape, dtype=torch.int8)), False),
     ),
     operator="gemm_fp8_nt",
+)
+
+
+def _make_grouped_v2(rng: random.Random) -> Args:
+    """DeepGEMM's current contiguous grouped GEMM: rows laid out by m_indices or by the psum layout
+    (each group's end row; a group starts at the previous end rounded up to 128), B scaled per
+    128 x 128 block or per token; the output NaN where nothing may be written."""
+    from hal.ops import ue8m0 as u
+
+    g = _gen(rng)
+    groups, n, k = rng.choice([1, 3, 4]), rng.choice([64, 130]), rng.choice([128, 256])
+    per_token = rng.random() < 0.5
+    counts = [rng.choice([0, 1, 100, 128, 200]) for _ in range(groups)]
+    ends, ids, start = [], [], 0
+    for group, count in enumerate(counts):
+        ends.append(start + count)
+        aligned = -(-(start + count) // 128) * 128
+        ids += [group] * count + [-1] * (aligned - start - count)
+        start = aligned
+    m = max(start + 128 * rng.choice([0, 1]), 128)  # rows past the last group's end: left alone
+    ids += [-1] * (m - len(ids))
+    b = torch.randn(groups, n, k, generator=g).to(torch.bfloat16)
+    cast = u.per_token_cast_to_fp8 if per_token else u.per_block_cast_to_fp8
+    rhs = [cast(b[i], use_ue8m0=False) for i in range(groups)]
+    return {
+        "lhs": _cast_lhs(m, k, g), "rhs": (torch.stack([x for x, _ in rhs]), torch.stack([s for _, s in rhs])),
+        "out": torch.full((m, n), math.nan, dtype=torch.bfloat16), "psum": rng.random() < 0.5,
+        "ends": torch.tensor(ends, dtype=torch.int32), "m_indices": torch.tensor(ids, dtype=torch.int32),
+        "recipe": (1, 1, 128) if per_token else None, "recipe_a": None,
+    }
+
+
+def _call_grouped_v2(a: Args) -> Any:
+    layout = a["ends"] if a["psum"] else a["m_indices"]
+    hal.m_grouped_fp8_gemm_nt_contiguous(a["lhs"], a["rhs"], a["out"], layout, recipe=a["recipe"], recipe_a=a["recipe_a"], use_psum_layout=a["psum"])
+    return a["out"]
+
+
+def _rows_of_layout(a: Args) -> torch.Tensor:
+    """The group each row is computed with, from the layout's definition: m_indices by whole
+    128-row blocks (a block's -1 rows with its group); psum: group g owns [align(end[g-1]),
+    align(end[g])), the rows past the last aligned end none (-1)."""
+    if not a["psum"]:
+        return rows_by_block(a["m_indices"])
+    rows = torch.full((a["out"].shape[0],), -1, dtype=torch.int32)
+    start = 0
+    for group, end in enumerate(a["ends"].tolist()):
+        aligned = -(-end // 128) * 128
+        rows[start:aligned] = group
+        start = max(start, aligned)
+    return rows
+
+
+def _judge_grouped_v2(args: Args, result: Any) -> str | None:
+    rows = _rows_of_layout(args)
+    want = oracles.grouped_contiguous_oracle(args["lhs"][0], args["lhs"][1], args["rhs"][0], args["rhs"][1], rows)
+    computed = rows >= 0
+    problem = _compare("m_grouped_gemm_fp8_nt_contiguous", "out", result[computed], want[computed])
+    if problem is None and not bool(torch.isnan(result[~computed].float()).all()):
+        problem = "rows no group owns were written"
+    return problem
+
+
+def _psum_end(position: int, value: Callable[[Args], int]) -> Callable[[Args, random.Random], Args]:
+    """The psum layout with one group's end changed (position -1: the last group)."""
+    def apply(a: Args, r: random.Random) -> Args:
+        ends = a["ends"].clone()
+        ends[position] = value(a)
+        return _replace(a, psum=True, ends=ends)
+
+    return apply
+
+
+GROUPED_V2 = Operator(
+    "m_grouped_gemm_fp8_nt_contiguous.v2",
+    _make_grouped_v2,
+    _call_grouped_v2,
+    _judge_grouped_v2,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("psum layout", lambda a, r: _replace(a, psum=True), True),
+        Mutation("last end past M", _psum_end(-1, lambda a: a["out"].shape[0] + 1), False),
+        Mutation("negative first end", _psum_end(0, lambda a: -1), False),
+        Mutation("an end before the previous one", lambda a, r: _psum_end(1, lambda b: int(b["ends"][0]) - 1)(a, r) if a["ends"].numel() > 1 and int(a["ends"][0]) > 0
+                 else _psum_end(0, lambda b: -5)(a, r), False),
+        Mutation("group id past G", lambda a, r: _replace(a, psum=False, m_indices=torch.where(a["m_indices"] >= 0, a["rhs"][0].shape[0], a["m_indices"]).to(torch.int32))
+                 if bool((a["m_indices"] >= 0).any()) else _replace(a, psum=False, m_indices=torch.full_like(a["m_indices"], -2)), False),
+        Mutation("M not a multiple of 128", lambda a, r: _replace(a, lhs=(a["lhs"][0][:-1], a["lhs"][1][:-1]), out=a["out"][:-1], m_indices=a["m_indices"][:-1],
+                                                                  ends=a["ends"].clamp(max=a["out"].shape[0] - 1)), False),
+        Mutation("grouped layout int64", lambda a, r: _replace(a, ends=a["ends"].long(), m_indices=a["m_indices"].long()), False),
+        Mutation("per-token recipe, block scales", lambda a, r: _replace(a, recipe=(1, 1, 128)) if a["recipe"] is None else _replace(a, recipe=(1, 128, 128)), False),
+        Mutation("recipe_a (1, 64)", lambda a, r: _replace(a, recipe_a=(1, 64)), False),
+    ),
+    operator="m_grouped_gemm_fp8_nt_contiguous",
+)
+
+
+def _make_masked_v2(rng: random.Random) -> Args:
+    """DeepGEMM's current masked grouped GEMM with B scaled per token (recipe (1, 1, 128))."""
+    from hal.ops import ue8m0 as u
+
+    g = _gen(rng)
+    groups, m_max, n, k = rng.choice([1, 3]), rng.choice([8, 32]), rng.choice([64, 130]), rng.choice([128, 256])
+    a = [_cast_lhs(m_max, k, g) for _ in range(groups)]
+    b = torch.randn(groups, n, k, generator=g).to(torch.bfloat16)
+    rhs = [u.per_token_cast_to_fp8(b[i], use_ue8m0=False) for i in range(groups)]
+    return {
+        "lhs": (torch.stack([x.contiguous() for x, _ in a]), torch.stack([s for _, s in a])),
+        "rhs": (torch.stack([x for x, _ in rhs]), torch.stack([s for _, s in rhs])),
+        "out": torch.full((groups, m_max, n), math.nan, dtype=torch.bfloat16),
+        "masked_m": torch.tensor([rng.randint(0, m_max) for _ in range(groups)], dtype=torch.int32), "expected_m": rng.choice([1, m_max // 2, 4097]),
+    }
+
+
+MASKED_V2 = Operator(
+    "m_grouped_gemm_fp8_nt_masked.v2",
+    _make_masked_v2,
+    lambda a: hal.m_grouped_fp8_gemm_nt_masked(a["lhs"], a["rhs"], a["out"], a["masked_m"], a["expected_m"], recipe=(1, 1, 128)),
+    _judge_masked,
+    (
+        Mutation("none", lambda a, r: a, True),
+        Mutation("masked count past M_max", lambda a, r: _replace(a, masked_m=a["masked_m"] + a["out"].shape[1] + 1), False),
+        Mutation("negative masked count", _with_index("masked_m", -1), False),
+        Mutation("expected_m 0", lambda a, r: _replace(a, expected_m=0), False),
+        Mutation("masked_m int64", lambda a, r: _replace(a, masked_m=a["masked_m"].long()), False),
+        Mutation("rhs scales per block", lambda a, r: _pair(a, "rhs", 1, a["rhs"][1][:, :1].contiguous()), False),
+    ),
+    operator="m_grouped_gemm_fp8_nt_masked",
 )
 
 
@@ -1020,7 +1156,7 @@ REDUCE = Operator(
 OPERATORS: dict[str, Operator] = {
     op.name: op for op in (
         DENSE, CONTIGUOUS, MASKED, PER_TOKEN, PER_BLOCK, MLA, SPARSE_DECODE, SPARSE_DECODE_MODEL1, SPARSE_PREFILL, QUANTIZE_CACHE, MQA_LOGITS, PAGED_MQA_LOGITS,
-        FP8_V2, BF16_GEMM,
+        FP8_V2, GROUPED_V2, MASKED_V2, BF16_GEMM,
         LAYOUT, PACK, UNPACK, REDUCE,
     )
 }

@@ -372,6 +372,15 @@ def grouped_rows(op: str, grouped_layout: torch.Tensor, m: int, groups: int, use
         return mapping
     if not values_within(grouped_layout, 0, m + 1):
         expect_in_range(op, "grouped_layout", grouped_layout, 0, m + 1, what="cumulative row ends", fix=f"Each end is at most M = {m}.")
+    if grouped_layout.shape[0] > 1 and value_checks_enabled(grouped_layout):
+        falls = (grouped_layout[1:] < grouped_layout[:-1]).nonzero()
+        if falls.numel():  # group g's rows start where g - 1's end: an end before that is no layout
+            g = int(falls[0, 0]) + 1
+            raise ValueRangeError(
+                op, "grouped_layout", "non-decreasing cumulative row ends (each group's end, its rows following the previous group's)",
+                f"end {int(grouped_layout[g])} of group {g} after end {int(grouped_layout[g - 1])} of group {g - 1}",
+                "Pass the running sum of the groups' row counts, each group starting at the previous end rounded up to the alignment.",
+            )
     m_indices = _psum_to_indices(op, grouped_layout, m, get_mk_alignment_for_contiguous_layout())
     if not values_within(m_indices, -1, groups):  # derived rows: whole aligned blocks already, checked as the contract says
         expect_in_range(op, "grouped_layout", m_indices, -1, groups, what=f"group ids (-1 for padding; b has G={groups})", fix="Each row's group must index b.")

@@ -481,6 +481,8 @@ def test_grouped_layouts_that_passed_do_not_excuse_different_ones():
         dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, layout, recipe=(1, 1, 128), recipe_a=(1, 64), use_psum_layout=True)
     with pytest.raises(ValueRangeError, match="grouped_layout"):  # contents: every call
         dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, torch.tensor([60, m + 1], dtype=torch.int32), recipe=(1, 1, 128), use_psum_layout=True)
+    with pytest.raises(ValueRangeError, match="non-decreasing"):  # a group ending before the previous one: no layout (it was mapped silently)
+        dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d, torch.tensor([m - 10, 60], dtype=torch.int32), recipe=(1, 1, 128), use_psum_layout=True)
     with pytest.raises(DTypeError, match="'d'"):
         dg.m_grouped_fp8_gemm_nt_contiguous(qa, qb, d.float(), layout, recipe=(1, 1, 128), use_psum_layout=True)
 
