@@ -172,11 +172,13 @@ def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | Non
 
 def write_sum(d: torch.Tensor, product: torch.Tensor, c: torch.Tensor) -> None:
     """``d = product + c`` with one rounding: the fp32 sum, then d's dtype (torch adds bf16 or fp32
-    ``c`` in fp32 and rounds on the store). One pass, ``d`` given as ``c`` included; through a
-    temporary when c and d overlap only in part (torch refuses that before writing anything)."""
-    try:
+    ``c`` in fp32 and rounds on the store). In one pass into ``d`` when ``c`` is ``d`` or lies in
+    another storage; through a temporary when ``c`` is another view of d's memory (torch detects
+    only some overlaps: an expanded or strided ``c`` over d's rows would be read after they were
+    written)."""
+    if c is d or c.untyped_storage().data_ptr() != d.untyped_storage().data_ptr():
         torch.add(product, c, out=d)
-    except RuntimeError:
+    else:
         d.copy_(product + c.float())
 
 

@@ -522,6 +522,19 @@ def test_accumulating_into_d_given_as_c_is_one_rounding_of_the_sum(out_dtype):
     storage[1:] = c
     dg.fp8_gemm_nt(qa, qb, storage[:16], c=storage[1:])
     assert torch.equal(storage[:16], expected)
+    # views of d's memory torch cannot see overlap in (an expanded row, a strided view): d's rows
+    # must not be read after they were written
+    d = c.clone()
+    first = d[:1].expand(16, 128)
+    expected_first = (product + first.float()).to(out_dtype)
+    dg.fp8_gemm_nt(qa, qb, d, c=first)
+    assert torch.equal(d, expected_first)
+    base = torch.cat([c, c * 2])
+    d = base[:16]
+    every_other = base.as_strided((16, 128), (256, 2), 1)  # odd elements of rows 0, 2, 4, ...: over d's rows, not dense
+    expected_strided = (product + every_other.float()).to(out_dtype)
+    dg.fp8_gemm_nt(qa, qb, d, c=every_other)
+    assert torch.equal(d, expected_strided)
 
 
 def test_typed_errors():

@@ -75,6 +75,7 @@
 #ifndef MLA_QK_CHUNK
 #define MLA_QK_CHUNK 48
 #endif
+_Static_assert(MLA_PAIRS % MLA_QK_CHUNK == 0, "MLA_QK_CHUNK must divide the 288 channel pairs");
 #define MLA_PAGE 64    /* keys per page */
 #define MLA_RB_MAX 128 /* most rows per work item */
 #define MLA_MAX_SPLITS 64
