@@ -93,15 +93,23 @@ def _pair(op: str, name: str, operand: object) -> tuple[torch.Tensor, torch.Tens
     return values, scales
 
 
+def _recipe(op: str, name: str, value: object) -> tuple[object, ...]:
+    """A recipe as a tuple to compare: a tuple or list (DeepGEMM's ``std::optional<std::tuple>``
+    takes either); anything else is a typed error, not Python's TypeError from ``tuple()``."""
+    if not isinstance(value, (tuple, list)):
+        raise ArgumentError(op, name, "a tuple of ints, or None", repr(value), "Pass e.g. (1, 128, 128), or leave it out.")
+    return tuple(value)
+
+
 def _recipe_rows(op: str, n: int, sfb_rows: int, recipe: object, recipe_b: object) -> int:
     """1 (per-token RHS scales) or 128 (128x128 blocks): from the recipe when given, else sfb's rows."""
     wanted = None
     if recipe is not None:
-        if tuple(recipe) not in ((1, 128, 128), (1, 1, 128)):
+        if _recipe(op, "recipe", recipe) not in ((1, 128, 128), (1, 1, 128)):
             raise ValueRangeError(op, "recipe", "(1, 128, 128) or (1, 1, 128)", repr(recipe), "Other granularities are DeepGEMM's FP4 / SM100 recipes.")
         wanted = recipe[1]
     elif recipe_b is not None:
-        if tuple(recipe_b) not in ((128, 128), (1, 128)):
+        if _recipe(op, "recipe_b", recipe_b) not in ((128, 128), (1, 128)):
             raise ValueRangeError(op, "recipe_b", "(128, 128) or (1, 128)", repr(recipe_b), "Use 128 channels per scale along K.")
         wanted = recipe_b[0]
     blocks = -(-n // BLOCK)
@@ -203,7 +211,7 @@ def _dense_plan(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor 
     n = bv.shape[0]
     if bv.shape[1] != k:
         raise ShapeError(op, "b[0]", f"K = {k} (a's)", f"K = {bv.shape[1]}", "Give a and b the same K.")
-    if recipe_a is not None and tuple(recipe_a) != (1, 128):
+    if recipe_a is not None and _recipe(op, "recipe_a", recipe_a) != (1, 128):
         raise ValueRangeError(op, "recipe_a", "(1, 128)", repr(recipe_a), "The LHS is scaled per token and 128 channels.")
     kb = -(-k // BLOCK)
     asf = unpack_ue8m0_scales(op, "a[1]", asf, kb)
@@ -344,7 +352,7 @@ def _grouped_plan(op: str, a: object, b: object, d: torch.Tensor, grouped_layout
     groups, n = bv.shape[0], bv.shape[1]
     if bv.shape[2] != k:
         raise ShapeError(op, "b[0]", f"K = {k} (a's)", f"K = {bv.shape[2]}", "Give a and b the same K.")
-    if recipe_a is not None and tuple(recipe_a) != (1, 128):
+    if recipe_a is not None and _recipe(op, "recipe_a", recipe_a) != (1, 128):
         raise ValueRangeError(op, "recipe_a", "(1, 128)", repr(recipe_a), "The LHS is scaled per token and 128 channels.")
     kb = -(-k // BLOCK)
     asf = unpack_ue8m0_scales(op, "a[1]", asf, kb)
@@ -555,7 +563,7 @@ def k_grouped_fp8_gemm_tn_contiguous(a, b, d, ks_cpu, grouped_layout, c=None, re
     if use_psum_layout and torch.compiler.is_compiling():  # the ends are read on the host: one node reads them when the graph runs
         (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
         return torch.ops.hal.k_grouped_fp8_gemm_tn_psum(av, asf, bv, bsf, d, c, grouped_layout, _listed(recipe))
-    if tuple(recipe) != (1, 1, 128):
+    if _recipe(op, "recipe", recipe) != (1, 1, 128):
         raise ValueRangeError(op, "recipe", "(1, 1, 128)", repr(recipe), "hal scales per 128 channels of K.")
     (av, asf), (bv, bsf) = _pair(op, "a", a), _pair(op, "b", b)
     expect_tensor(op, "a[0]", av, dtypes=FP8, shape=(None, None), dims=("sum_k", "M"))
@@ -577,7 +585,7 @@ def k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks_cpu, grouped_layout, c=None, re
     """MoE weight gradients (DeepGEMM's SM90 form): a = (fp8 flat [sum_k * M], sfa [M, sum_g k_g/128]) holds
     each group's [M, k_g] K-major block in turn, b likewise with N; ``d[g] = c[g] + a_g @ b_g.T``."""
     op = "k_grouped_fp8_gemm_nt_contiguous"
-    if tuple(recipe) != (1, 1, 128):
+    if _recipe(op, "recipe", recipe) != (1, 1, 128):
         raise ValueRangeError(op, "recipe", "(1, 1, 128)", repr(recipe), "The SM90 k-grouped GEMM scales per token.")
     if use_psum_layout:
         raise ValueRangeError(op, "use_psum_layout", "False (DeepGEMM's FP8 NT form has no psum layout)", "True", "Pass ks_cpu.")

@@ -543,6 +543,9 @@ def test_typed_errors():
     d = torch.empty(8, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueRangeError, match="recipe"):
         dg.fp8_gemm_nt(qa, qb, d, recipe=(1, 128, 64))
+    for name in ("recipe", "recipe_a", "recipe_b"):  # not a tuple at all: typed, not Python's TypeError
+        with pytest.raises(ArgumentError, match=name):
+            dg.fp8_gemm_nt(qa, qb, d, **{name: 128})
     with pytest.raises(ShapeError, match="b\\[1\\]"):
         dg.fp8_gemm_nt(qa, qb, d, recipe=(1, 1, 128))  # per-token recipe with per-block scales
     with pytest.raises(OperatorNotSupportedError, match="FP4"):
