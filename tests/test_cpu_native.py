@@ -180,6 +180,41 @@ def test_few_rows_pair_every_position_of_k(lib, m, k):
         assert _same(out.float(), a[:, :256].float()), "a K position met the wrong one of B"
 
 
+# Long K: past 32 KiB of A's rotations (2 KiB per K block at 5-8 rows, 1 at 3-4, 0.5 at 2) the
+# lane-group kernel runs each column run K range by K range, a column's sums kept between ranges.
+LONG_K = [(8, 37, 5120), (5, 130, 7168), (3, 41, 9216), (2, 67, 16384)]
+
+
+@pytest.mark.parametrize("m, n, k", LONG_K)
+def test_few_rows_at_long_k_match_the_reference(lib, m, n, k):
+    gen = torch.Generator().manual_seed(m + n + k)
+    (a, sa), (b, sb) = _lhs(m, k, gen), _rhs(n, k, gen)
+    expected = _expected(a, sa, b, sb)
+    for dtype in (torch.bfloat16, torch.float32):
+        out = torch.full((m, n), math.nan, dtype=dtype)
+        gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+        _assert_conforms(out, expected)
+
+
+@pytest.mark.parametrize("m, n, k", LONG_K)
+def test_few_rows_at_long_k_meet_every_k_range(lib, m, n, k):
+    """Column j of B is 1.0 at one K position only, spread over every K range and block (its scale
+    2^j % 5), so out[r, j] must be A's value there times that scale: a range skipped, counted twice
+    or its sums lost between ranges shows."""
+    gen = torch.Generator().manual_seed(k + m)
+    a = (torch.randn(m, k, generator=gen) * 4).to(FP8)
+    positions = torch.randperm(k, generator=gen)[:n]
+    b = torch.zeros(n, k)
+    b[torch.arange(n), positions] = 1.0
+    b = b.to(FP8)
+    sa = torch.ones(m, k // 128)
+    sb = torch.ones(n, k // 128)
+    sb[torch.arange(n), positions // 128] = 2.0 ** (torch.arange(n) % 5).float()
+    out = torch.empty(m, n)
+    gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)  # sb [N, K/128]: per-token B scales
+    assert _same(out, a.float()[:, positions] * 2.0 ** (torch.arange(n) % 5).float())
+
+
 @pytest.mark.parametrize("m, k", FEW_ROWS)
 @pytest.mark.parametrize("n", [1, 3, 130, 203])
 def test_few_rows_nan_and_infinite_scales_and_a_strided_output(lib, m, k, n):

@@ -765,19 +765,43 @@ static inline __attribute__((always_inline)) __m512 group_sums(const int G, __m5
     return v;
 }
 
+/* K ranges. At 5-8 rows A's rotations take 2 KiB per K block (16 KiB at K = 2048; 112 KiB at
+ * K = 7168, 256 KiB at K = 16384), so at long K every column read them from L2. Past GL_A_SPLIT
+ * bytes of them, a run of columns is computed K range by K range, each range's rotations (at most
+ * GL_A_BYTES) staying in L1 while every column of the run goes through it; a column's promoted
+ * sums wait in memory between ranges (the same additions in the same order: results bit for bit
+ * as before), and the prefetch, which then cannot follow a column's own stream, fetches the same
+ * chunk GL_PF_COLS columns on. Measured (interleaved, one process, weights cycled through memory,
+ * GB/s of weight bytes): m=8 n=2112 K=7168 21-22 -> 30-32, n=4096 K=7168 22-24 -> 33-34,
+ * n=7168 K=16384 20 -> 34-35, m=6 alike; K <= 2048 unsplit (unchanged); 2-4 rows the same
+ * either way (0.95-1.05x). Ranges of 16 or 24 KiB measured alike; prefetching 2 columns on was
+ * 5-10% slower than 4 or 8. */
+#ifndef GL_A_BYTES
+#define GL_A_BYTES 24576
+#endif
+#ifndef GL_A_SPLIT
+#define GL_A_SPLIT 32768
+#endif
+#ifndef GL_PF_COLS
+#define GL_PF_COLS 4
+#endif
+
 /* Columns per gl_cols call: 4, or 2 for 8 row slots (16 accumulators either way); column_run hands
  * out whole groups of 4, which both divide. */
 #define GL_NCOL(g) ((g) == 2 ? 2 : 4)
 
-/* Columns [n, n + NCOL) of out for every row: NCOL x R accumulators (at most 16). */
-static inline __attribute__((always_inline)) void gl_cols(const int G, const int NCOL, const gl_problem *q, const decoder *d, long n) {
+/* Columns [n, n + NCOL) of out for every row: NCOL x R accumulators (at most 16), over K blocks
+ * [kb0, kb1): the promoted sums start from cv (16 floats per column) unless kb0 is 0, and are left
+ * there unless kb1 is the last block, where the output is written. */
+static inline __attribute__((always_inline)) void gl_cols(const int G, const int NCOL, const gl_problem *q, const decoder *d, long n, long kb0, long kb1, float *cv) {
     const problem *p = q->p;
     const long KB = p->KB;
     const int R = 16 / G, gi = G == 8 ? 0 : (G == 4 ? 1 : 2);
+    const int ranged = kb0 > 0 || kb1 < KB;
     __m512 Cv[4];
 #pragma GCC unroll 4
-    for (int c = 0; c < NCOL; c++) Cv[c] = _mm512_setzero_ps();
-    for (long kb = 0; kb < KB; kb++) {
+    for (int c = 0; c < NCOL; c++) Cv[c] = kb0 ? _mm512_load_ps(cv + 16 * c) : _mm512_setzero_ps();
+    for (long kb = kb0; kb < kb1; kb++) {
         __m512 acc[4][8];
 #pragma GCC unroll 4
         for (int c = 0; c < NCOL; c++)
@@ -791,7 +815,7 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
 #pragma GCC unroll 4
                 for (int c = 0; c < NCOL; c++) {
                     const uint8_t *src = p->b + (n + c) * p->ldb + ch * 64;
-                    _mm_prefetch(slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
+                    _mm_prefetch(ranged ? (const char *)(p->b + (n + c + GL_PF_COLS) * p->ldb + ch * 64) : slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
                     __m512i w[2];
                     decode64(d, _mm512_loadu_si512(src), &w[0], &w[1]);
 #pragma GCC unroll 2
@@ -806,7 +830,7 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
 #pragma GCC unroll 4
             for (int c = 0; c < NCOL; c++) {
                 const uint8_t *src = p->b + (n + c) * p->ldb + ch * 64;
-                _mm_prefetch(slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
+                _mm_prefetch(ranged ? (const char *)(p->b + (n + c + GL_PF_COLS) * p->ldb + ch * 64) : slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
                 decode64(d, _mm512_loadu_si512(src), &u[c][0], &u[c][1]);
             }
             /* Columns innermost: each of A's vectors is loaded once for all NCOL columns (registers:
@@ -860,6 +884,11 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
             }
         }
     }
+    if (kb1 < KB) { /* the next K range goes on from these sums */
+#pragma GCC unroll 4
+        for (int c = 0; c < NCOL; c++) _mm512_store_ps(cv + 16 * c, Cv[c]);
+        return;
+    }
     if (G >= 4 && NCOL == 4) {
         __attribute__((aligned(64))) float v16[16];
         _mm512_store_ps(v16, Cv[0]);
@@ -875,10 +904,15 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
 }
 
 #define GL_FN(g)                                                                                     \
-    static void gl_run_##g(const gl_problem *q, const decoder *d, long n0, long n1) {               \
-        long n = n0;                                                                                 \
-        for (; n + GL_NCOL(g) <= n1; n += GL_NCOL(g)) gl_cols(g, GL_NCOL(g), q, d, n);              \
-        for (; n < n1; n++) gl_cols(g, 1, q, d, n);                                                  \
+    static void gl_run_##g(const gl_problem *q, const decoder *d, long n0, long n1, float *cv) {    \
+        const long KB = q->p->KB, per_kb = 16 / (g) * 256;                                          \
+        const long ranges = KB * per_kb <= GL_A_SPLIT ? 1 : (KB * per_kb + GL_A_BYTES - 1) / GL_A_BYTES; \
+        const long step = (KB + ranges - 1) / ranges;                                                \
+        for (long kb0 = 0; kb0 < KB; kb0 += step) {                                                  \
+            long kb1 = kb0 + step < KB ? kb0 + step : KB, n = n0;                                    \
+            for (; n + GL_NCOL(g) <= n1; n += GL_NCOL(g)) gl_cols(g, GL_NCOL(g), q, d, n, kb0, kb1, cv + (n - n0) * 16); \
+            for (; n < n1; n++) gl_cols(g, 1, q, d, n, kb0, kb1, cv + (n - n0) * 16);               \
+        }                                                                                            \
     }
 GL_FN(2) GL_FN(4) GL_FN(8)
 
@@ -888,12 +922,17 @@ static void item_gl(void *ctx, long item, int tid) {
     (void)tid;
     const gl_problem *q = ctx;
     long n0 = item * q->cols_per_item, n1 = column_run_end(q->p, n0, q->cols_per_item);
+    float *cv = scratch((size_t)(n1 - n0 + 4) * 64); /* each column's sums between K ranges */
+    if (!cv) {
+        __atomic_store_n((int *)&q->p->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
     decoder d;
     decoder_init(&d);
     int G = gl_pairs(q->p->M);
-    if (G == 8) gl_run_8(q, &d, n0, n1);
-    else if (G == 4) gl_run_4(q, &d, n0, n1);
-    else gl_run_2(q, &d, n0, n1);
+    if (G == 8) gl_run_8(q, &d, n0, n1, cv);
+    else if (G == 4) gl_run_4(q, &d, n0, n1, cv);
+    else gl_run_2(q, &d, n0, n1, cv);
 }
 
 /* 2 <= M <= GL_MAX_ROWS (K a multiple of 128; see the dispatch in hal_fp8_gemm): returns 0, or ENOMEM. */
@@ -931,7 +970,7 @@ static int gemm_lane_groups(problem *p, int nthreads) {
     parallel_for(item_gl, &q, (p->N + per - 1) / per, nthreads);
     free(apack);
     free(as_lanes);
-    return 0;
+    return p->failed ? ENOMEM : 0;
 }
 
 #define APACK_ELEM 2 /* bytes per decoded A value */
