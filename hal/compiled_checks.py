@@ -5,7 +5,11 @@ ids) reads them on CPU tensors before its kernel runs, so that an index out of r
 typed error instead of reading past a buffer (see :mod:`hal.checks`). In torch, each such check is
 a reduction and two ``item()`` reads: about 2.5 us a tensor, and a DeepSeek-V3.2 decode step with
 its extra cache has four of them. Here one call checks several tensors in a few lines of C
-(``csrc/value_ranges.c``), about 0.7 us for one tensor and 1.2 us for four.
+(``csrc/value_ranges.c``), about 0.7 us for one tensor and 1.2 us for four. Where a caller
+remembers an argument layout (:class:`hal.layouts.Layouts`), :func:`fixed_ranges` keeps what that
+layout fixes (element counts, sizes, bounds) and a call passes only the tensors' addresses
+(:class:`FixedRanges`). DeepGEMM's contiguous layout (:func:`contiguous_blocks`) and a paged
+batch's lengths and pages (:func:`pages_within`) are checked in one pass each.
 
 The library is compiled lazily, once per machine, with this machine's C compiler (see
 :mod:`hal.ccompiler`) into ``$HAL_CACHE_DIR/checks/<key>.so``, ``key`` hashing the source, the
