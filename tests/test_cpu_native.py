@@ -215,6 +215,24 @@ def test_few_rows_at_long_k_meet_every_k_range(lib, m, n, k):
     assert _same(out, a.float()[:, positions] * 2.0 ** (torch.arange(n) % 5).float())
 
 
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 40])
+def test_nan_of_any_payload_is_written_as_torchs_bf16_nan(lib, m):
+    """A NaN scale whose payload fills the mantissa (0x7fffffff: rounding it as a number carries into
+    the sign, -0.0) reaches the bfloat16 output as 0x7fc0, on every kernel's output path; the other
+    rows round to nearest even as torch rounds the fp32 result."""
+    gen = torch.Generator().manual_seed(m)
+    (a, sa), (b, sb) = _lhs(m, 256, gen), _rhs(37, 256, gen)
+    sa = sa.clone()
+    sa[m // 2, 1] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    out = torch.empty(m, 37, dtype=torch.bfloat16)
+    gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+    wide = torch.empty(m, 37)
+    gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, wide)
+    assert torch.equal(out.view(torch.int16)[m // 2], torch.full((37,), 0x7FC0, dtype=torch.int16))
+    others = torch.arange(m) != m // 2
+    assert torch.equal(out.view(torch.int16)[others], wide.to(torch.bfloat16).view(torch.int16)[others])
+
+
 @pytest.mark.parametrize("m, k", FEW_ROWS)
 @pytest.mark.parametrize("n", [1, 3, 130, 203])
 def test_few_rows_nan_and_infinite_scales_and_a_strided_output(lib, m, k, n):
