@@ -153,10 +153,7 @@ def first_outside(checks: Sequence[tuple[torch.Tensor, int, int]]) -> int | None
     functions = _function()
     if functions is None or len(checks) > _MOST:
         return None
-    try:
-        buffer, address = _local.spec
-    except AttributeError:
-        buffer, address = _spec_buffer()
+    buffer, address = getattr(_local, "spec", None) or _spec_buffer()
     offset = 0
     try:
         for tensor, low, high in checks:
@@ -195,10 +192,7 @@ class FixedRanges:
         functions = _function()
         if functions is None or _tracing():
             return None
-        try:
-            buffer, address = _local.spec
-        except AttributeError:
-            buffer, address = _spec_buffer()
+        buffer, address = getattr(_local, "spec", None) or _spec_buffer()
         self._pack(buffer, 0, *[0 if tensor is None else tensor.data_ptr() for tensor in tensors])
         found = functions[3](self._count, address, self._address)
         return found - 1 if found >= 0 else None
@@ -237,10 +231,7 @@ def contiguous_blocks(ids: torch.Tensor, align: int, groups: int) -> list[int] |
         return None
     count = ids.shape[0] // align if type(align) is int and align > 0 else 0
     firsts = (ctypes.c_int32 * count)()
-    try:
-        buffer, address = _local.spec
-    except AttributeError:
-        buffer, address = _spec_buffer()
+    buffer, address = getattr(_local, "spec", None) or _spec_buffer()
     try:
         _pack(buffer, 0, ids.data_ptr(), ids.shape[0], align, groups, ctypes.addressof(firsts))
     except struct.error:
@@ -262,10 +253,7 @@ def pages_within(table: torch.Tensor, lengths: torch.Tensor, most: int, high: in
     rows, cols = table.shape
     if size is None or not 1 <= lengths.dim() <= 2 or lengths.shape[0] != rows:
         return None
-    try:
-        buffer, address = _local.spec
-    except AttributeError:
-        buffer, address = _spec_buffer()
+    buffer, address = getattr(_local, "spec", None) or _spec_buffer()
     try:
         _pack9(buffer, 0, table.data_ptr(), rows, cols, size, lengths.data_ptr(), lengths.shape[1] if lengths.dim() == 2 else 1, most, high, per_entry)
     except struct.error:
@@ -276,6 +264,8 @@ def pages_within(table: torch.Tensor, lengths: torch.Tensor, most: int, high: in
 
 
 def _spec_buffer() -> tuple[ctypes.Array, int]:
+    """This thread's spec buffer and its address, made on its first use (a call writes the spec
+    there, then the C function reads it)."""
     buffer = ctypes.create_string_buffer(40 * _MOST)
     _local.spec = (buffer, ctypes.addressof(buffer))
     return _local.spec

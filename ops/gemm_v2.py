@@ -101,6 +101,12 @@ def _recipe(op: str, name: str, value: object) -> tuple[object, ...]:
     return tuple(value)
 
 
+def _check_recipe_a(op: str, recipe_a: object) -> None:
+    """The LHS recipe, when given, is DeepGEMM's per-token one: (1, 128)."""
+    if recipe_a is not None and _recipe(op, "recipe_a", recipe_a) != (1, 128):
+        raise ValueRangeError(op, "recipe_a", "(1, 128)", repr(recipe_a), "The LHS is scaled per token and 128 channels.")
+
+
 def _recipe_rows(op: str, n: int, sfb_rows: int, recipe: object, recipe_b: object) -> int:
     """1 (per-token RHS scales) or 128 (128x128 blocks): from the recipe when given, else sfb's rows."""
     wanted = None
@@ -211,8 +217,7 @@ def _dense_plan(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor 
     n = bv.shape[0]
     if bv.shape[1] != k:
         raise ShapeError(op, "b[0]", f"K = {k} (a's)", f"K = {bv.shape[1]}", "Give a and b the same K.")
-    if recipe_a is not None and _recipe(op, "recipe_a", recipe_a) != (1, 128):
-        raise ValueRangeError(op, "recipe_a", "(1, 128)", repr(recipe_a), "The LHS is scaled per token and 128 channels.")
+    _check_recipe_a(op, recipe_a)
     kb = -(-k // BLOCK)
     asf = unpack_ue8m0_scales(op, "a[1]", asf, kb)
     bsf = unpack_ue8m0_scales(op, "b[1]", bsf, kb)
@@ -352,8 +357,7 @@ def _grouped_plan(op: str, a: object, b: object, d: torch.Tensor, grouped_layout
     groups, n = bv.shape[0], bv.shape[1]
     if bv.shape[2] != k:
         raise ShapeError(op, "b[0]", f"K = {k} (a's)", f"K = {bv.shape[2]}", "Give a and b the same K.")
-    if recipe_a is not None and _recipe(op, "recipe_a", recipe_a) != (1, 128):
-        raise ValueRangeError(op, "recipe_a", "(1, 128)", repr(recipe_a), "The LHS is scaled per token and 128 channels.")
+    _check_recipe_a(op, recipe_a)
     kb = -(-k // BLOCK)
     asf = unpack_ue8m0_scales(op, "a[1]", asf, kb)
     bsf = unpack_ue8m0_scales(op, "b[1]", bsf, kb)

@@ -22,21 +22,24 @@
 RANGE_OF(int32_t, INT32_MIN, INT32_MAX)
 RANGE_OF(int64_t, INT64_MIN, INT64_MAX)
 
+/* Whether one of count values of size bytes (4: int32, 8: int64) at values lies outside
+ * [low, high): 1 or 0; -1 for another size. */
+static int outside(const void *values, int64_t size, int64_t count, int64_t low, int64_t high) {
+    if (size == 4)
+        return outside_int32_t((const int32_t *)values, count, low, high);
+    if (size == 8)
+        return outside_int64_t((const int64_t *)values, count, low, high);
+    return -1;
+}
+
 /* 1 + the position of the first tensor holding a value outside its range; 0 when none does;
  * -1 - the position of a tensor whose element size is neither 4 nor 8. */
 int hal_first_outside(int n, const int64_t *spec) {
     for (int t = 0; t < n; t++) {
         const int64_t *s = spec + 5 * t;
-        const void *values = (const void *)(intptr_t)s[0];
-        int bad;
-        if (s[2] == 4)
-            bad = outside_int32_t((const int32_t *)values, s[1], s[3], s[4]);
-        else if (s[2] == 8)
-            bad = outside_int64_t((const int64_t *)values, s[1], s[3], s[4]);
-        else
-            return -1 - t;
+        int bad = outside((const void *)(intptr_t)s[0], s[2], s[1], s[3], s[4]);
         if (bad)
-            return t + 1;
+            return bad < 0 ? -1 - t : t + 1;
     }
     return 0;
 }
@@ -49,18 +52,9 @@ int hal_first_outside(int n, const int64_t *spec) {
 int hal_first_outside_fixed(int n, const int64_t *addresses, const int64_t *fixed) {
     for (int t = 0; t < n; t++) {
         const int64_t *s = fixed + 4 * t;
-        const void *values = (const void *)(intptr_t)addresses[t];
-        int bad;
-        if (s[0] == 0)
-            continue;
-        if (s[1] == 4)
-            bad = outside_int32_t((const int32_t *)values, s[0], s[2], s[3]);
-        else if (s[1] == 8)
-            bad = outside_int64_t((const int64_t *)values, s[0], s[2], s[3]);
-        else
-            return -1 - t;
+        int bad = outside((const void *)(intptr_t)addresses[t], s[1], s[0], s[2], s[3]);
         if (bad)
-            return t + 1;
+            return bad < 0 ? -1 - t : t + 1;
     }
     return 0;
 }
@@ -112,12 +106,7 @@ int hal_pages_within(const int64_t *spec) {
         }
         int64_t used = (longest + per_entry - 1) / per_entry;
         used = used < cols ? used : cols;
-        int bad;
-        if (table_size == 4)
-            bad = outside_int32_t((const int32_t *)table + r * cols, used, 0, high);
-        else
-            bad = outside_int64_t((const int64_t *)table + r * cols, used, 0, high);
-        if (bad)
+        if (outside(table + r * cols * table_size, table_size, used, 0, high))
             return 0;
     }
     return 1;

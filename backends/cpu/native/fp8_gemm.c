@@ -812,6 +812,12 @@ static inline __attribute__((always_inline)) __m512 group_sums(const int G, __m5
  * out whole groups of 4, which both divide. */
 #define GL_NCOL(g) ((g) == 2 ? 2 : 4)
 
+/* What to prefetch while column n reads its 64-byte chunk ch: within a K range (ranged) the same
+ * chunk GL_PF_COLS columns on, else DOT_PREFETCH bytes on along the column's slot (slot_ahead). */
+static inline const char *gl_ahead(const problem *p, long n, int ncol, long ch, int ranged) {
+    return ranged ? (const char *)(p->b + (n + GL_PF_COLS) * p->ldb + ch * 64) : slot_ahead(p, n, ncol, ch * 64);
+}
+
 /* Columns [n, n + NCOL) of out for every row: NCOL x R accumulators (at most 16), over K blocks
  * [kb0, kb1): the promoted sums start from cv (16 floats per column) unless kb0 is 0, and are left
  * there unless kb1 is the last block, where the output is written. */
@@ -837,7 +843,7 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
 #pragma GCC unroll 4
                 for (int c = 0; c < NCOL; c++) {
                     const uint8_t *src = p->b + (n + c) * p->ldb + ch * 64;
-                    _mm_prefetch(ranged ? (const char *)(p->b + (n + c + GL_PF_COLS) * p->ldb + ch * 64) : slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
+                    _mm_prefetch(gl_ahead(p, n + c, NCOL, ch, ranged), STREAM_HINT);
                     __m512i w[2];
                     decode64(d, _mm512_loadu_si512(src), &w[0], &w[1]);
 #pragma GCC unroll 2
@@ -852,7 +858,7 @@ static inline __attribute__((always_inline)) void gl_cols(const int G, const int
 #pragma GCC unroll 4
             for (int c = 0; c < NCOL; c++) {
                 const uint8_t *src = p->b + (n + c) * p->ldb + ch * 64;
-                _mm_prefetch(ranged ? (const char *)(p->b + (n + c + GL_PF_COLS) * p->ldb + ch * 64) : slot_ahead(p, n + c, NCOL, ch * 64), STREAM_HINT);
+                _mm_prefetch(gl_ahead(p, n + c, NCOL, ch, ranged), STREAM_HINT);
                 decode64(d, _mm512_loadu_si512(src), &u[c][0], &u[c][1]);
             }
             /* Columns innermost: each of A's vectors is loaded once for all NCOL columns (registers:
