@@ -97,12 +97,13 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
     return torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], expected[~nan])
 
 
-# m: 1 (dot products along K), 2, 7 and 6 (lane groups, 2-8 rows at any K); 1 row strip of 10 rows; 13 = 7 + 6; 15, 16 (rows in lanes, 12-column groups); 17; 33 (three strips: packed per K block);
+# m: 1 (dot products along K), 2, 7 and 6 (lane groups, 2-8 rows at any K); 1 row strip of 10 rows; 13 = 7 + 6; 15, 16 (rows in lanes, 8-column groups; 1 and 5 K blocks: the decode
+# of the next block and of the next group's first block); 17; 33 (three strips: packed per K block);
 # 255, 257 (many strips in groups: B packed once per strip of columns). n: one partial half, a
 # partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
 @pytest.mark.parametrize(
     "m, n, k",
-    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
+    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (16, 61, 128), (15, 333, 640), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
 )
 @pytest.mark.parametrize("per_token", [False, True])
 def test_dense_matches_the_reference(lib, m, n, k, per_token):
@@ -283,6 +284,24 @@ def test_nan_codes_infinite_and_nan_scales_and_zero_rows(lib, m):
         gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
         _assert_conforms(out, expected)
         assert torch.equal(torch.isinf(out), torch.isinf(expected)) and torch.equal(torch.isnan(out), torch.isnan(expected))
+
+
+@pytest.mark.parametrize("m", [15, 16])
+def test_a_partial_column_group_never_sees_the_columns_before_it(lib, m):
+    """The rows-in-lanes kernel decodes 8 columns side by side into a scratch that the next group
+    reuses: a last group of 1 column follows 8 columns of NaN (and of +-448) whose decoded values
+    are still there. Only the one column's sums may reach out."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 8 * 17 + 1, 384
+    (a, sa), (b, sb) = _lhs(m, k, gen), _rhs(n, k, gen)
+    b.view(torch.uint8)[128:136, ::2] = 0x7F
+    b.view(torch.uint8)[128:136, 1::2] = 0x7E
+    expected = _expected(a, sa, b, sb)
+    assert torch.isfinite(expected[:, 136]).all() and torch.isnan(expected[:, 128:136]).all()
+    for dtype in (torch.bfloat16, torch.float32):
+        out = torch.full((m, n), math.nan, dtype=dtype)
+        gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+        _assert_conforms(out, expected)
 
 
 @pytest.mark.parametrize("m", [16, 17])

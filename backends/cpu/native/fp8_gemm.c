@@ -451,91 +451,147 @@ static inline const char *slot_ahead(const problem *p, long n, int ncol, long at
     return (const char *)(p->b + (n + rows * ncol) * p->ldb + ahead);
 }
 
+/* One 64-byte chunk of fp8 decoded to bf16 pairs: two table lookups (low and high byte of each
+ * bf16), the sign bit put back, then an in-lane byte interleave, which leaves the pairs in the
+ * order 0-3, 8-11, 16-19, 24-27 (u0) and 4-7, 12-15, 20-23, 28-31 (u1). Every kernel that streams
+ * B decodes A with it too, so the pairs match lane for lane. */
+static inline __attribute__((always_inline)) void decode64(const decoder *d, __m512i x, __m512i *u0, __m512i *u1) {
+    __m512i lo = _mm512_permutex2var_epi8(d->lo0, x, d->lo1);
+    __m512i hi = _mm512_permutex2var_epi8(d->hi0, x, d->hi1);
+    hi = _mm512_ternarylogic_epi32(hi, x, d->sign, 0xF8); /* hi | (x & 0x80) */
+    *u0 = _mm512_unpacklo_epi8(lo, hi);
+    *u1 = _mm512_unpackhi_epi8(lo, hi);
+}
+
+/* A's rows decoded as decode64 leaves each 64-byte chunk: [M][K/64][2] zmm at dst. */
+static void decode_rows(const problem *p, __m512i *dst) {
+    const long chunks = p->K / 64;
+    decoder d;
+    decoder_init(&d);
+    for (long r = 0; r < p->M; r++)
+        for (long c = 0; c < chunks; c++) {
+            __m512i u0, u1;
+            decode64(&d, _mm512_loadu_si512(p->a + r * p->lda + 64 * c), &u0, &u1);
+            _mm512_store_si512(dst + (r * chunks + c) * 2, u0);
+            _mm512_store_si512(dst + (r * chunks + c) * 2 + 1, u1);
+        }
+}
+
 /* ---- rows in lanes: RL_MIN_ROWS <= M <= 16 ----------------------------------------------------------
  * With few rows the column-lane tiles above spend as much time transposing B as multiplying. Here
- * the lanes of an accumulator are (row, pair parity): 8 rows x 2 consecutive K pairs, two
- * accumulators per column for 16 rows. Each vpbroadcastq puts two bf16 pairs of one column of B
- * (decoded row-major: two table lookups and an interleave per 64 bytes, no transpose) in every
- * lane pair, and serves both accumulators. At the end of each K block the two parities are added,
- * then promoted. Same vdpbf16ps count as column-lane tiles of 16 rows. */
-#define NG 12 /* columns side by side: 24 accumulators (a work item is a run of such groups) */
+ * the lanes of an accumulator are (row, pair parity): 8 rows x 2 K pairs, two accumulators per
+ * column for 16 rows. B is decoded row-major by decode64 (no transpose) into a small scratch, from
+ * which each vpbroadcastq puts two bf16 pairs of one column in every lane pair and serves both
+ * accumulators; A is packed in decode64's pair order, so lane parity t of step s multiplies
+ * position 2s + t of the decoded block on both sides. Same vdpbf16ps count as column-lane tiles of
+ * 16 rows. At the end of each K block the parities are added and the two accumulators of a column
+ * folded into one vector (lane 2r: row r, lane 2r + 1: row 8 + r), then promoted.
+ * Besides the products, the cost is B's decode (a load, two table lookups, the sign, two unpacks
+ * and two stores per 64 bytes): done as a burst before each K block's products it left the
+ * product pipes idle (hot, one thread: 62% of the vdpbf16ps peak; 1.4x with the decode taken out).
+ * So the next K block is decoded into a second buffer while this one is multiplied, a chunk every
+ * second step, and the last block of a group decodes the next group's first: 78-84% of the peak.
+ * Measured against the kernel before (burst decode with vpermt2b interleaves, 12 columns whose
+ * promoted sums spilled, A packed by scalar lookups, out written element by element), interleaved
+ * in one process, weights from memory, 16 rows, 2 threads: 1.2-1.3x at the six DeepSeek-V3 shapes,
+ * 23.7-26.7 GB/s of weights. */
+#define NG 8 /* columns side by side: 16 accumulators + 8 promoted sums, none spilled (12 measured 0.9-1.0x) */
+_Static_assert(PAIRS / 2 == 4 * NG, "rl_group decodes a 64-byte chunk every second of a K block's 32 steps: 2 chunks x NG columns");
 #ifndef RL_MIN_ROWS
 #define RL_MIN_ROWS 15 /* measured: below it the column-lane tiles are faster (fewer products) */
 #endif
 
 typedef struct {
     const problem *p;
-    const uint32_t *apack; /* [K/4][2][16] dwords: pair step s, rows 8h..8h+7, lane 2r + t = pair 2s + t */
-    const float *as32;     /* [KB][2][16]: the scale of row 8h + lane / 2 */
+    const uint64_t *apack; /* [K/4][16] qwords: step s of K block kb, row r = decoded positions 2s, 2s + 1 of row r's block */
+    const float *as16;     /* [KB][16]: the scale of lane 2r -> row r, lane 2r + 1 -> row 8 + r (0 past M) */
     long cols_per_item;    /* a multiple of NG */
-    __m512i ilv0, ilv1;    /* byte interleaves of the low and high halves of a decoded chunk */
 } rl_problem;
 
-/* Columns [n0, n0 + cols) of out, cols <= NG; bdec: [NG][64] dwords of scratch whose columns past
- * cols are zeros. */
-static void rl_group(const rl_problem *q, const decoder *d, uint32_t *bdec, float *C, long n0, int cols) {
+/* Chunk h (64 bytes) of K block kb of column n0 + c decoded into blk (one K block of NG columns,
+ * [NG][64] dwords in decode64 order); the slot's stream prefetched DOT_PREFETCH bytes ahead. */
+static inline __attribute__((always_inline)) void rl_decode(const problem *p, const decoder *d, uint32_t *blk, long n0, int c, long kb, int h) {
+    _mm_prefetch(slot_ahead(p, n0 + c, NG, kb * BLK + 64 * h), STREAM_HINT);
+    __m512i u0, u1;
+    decode64(d, _mm512_loadu_si512(p->b + (n0 + c) * p->ldb + kb * BLK + 64 * h), &u0, &u1);
+    _mm512_store_si512(blk + c * PAIRS + 32 * h, u0);
+    _mm512_store_si512(blk + c * PAIRS + 32 * h + 16, u1);
+}
+
+/* Columns [n0, n0 + cols) of out, cols <= NG. bdec: two K blocks of decoded B ([2][NG][64] dwords);
+ * block kb of this group is in half (phase + kb) & 1, block 0 decoded already. While block kb is
+ * multiplied, the next block is decoded into the other half, one 64-byte chunk every second step,
+ * so decoding and products share every stretch of the loop; during the last block, block 0 of the
+ * next group (columns [n0 + NG, n0 + NG + next_cols), next_cols 0: none). Columns past cols hold
+ * whatever was decoded there before: their sums are never written. C: [NG][16] floats of scratch. */
+static void rl_group(const rl_problem *q, const decoder *d, uint32_t *bdec, float *C, long n0, int cols, int phase, int next_cols) {
     const problem *p = q->p;
-    __m512 acc[NG][2], Cv[NG][2];
-    for (int c = 0; c < NG; c++) Cv[c][0] = Cv[c][1] = _mm512_setzero_ps();
-    const uint8_t *brow = p->b + n0 * p->ldb;
+    const __mmask16 odd = 0xAAAA;
+    __m512 acc[NG][2], Cv[NG];
+    for (int c = 0; c < NG; c++) Cv[c] = _mm512_setzero_ps();
     for (long kb = 0; kb < p->KB; kb++) {
-        for (int c = 0; c < cols; c++) {
-            const uint8_t *src = brow + c * p->ldb + kb * BLK;
-            _mm_prefetch(slot_ahead(p, n0 + c, NG, kb * BLK), STREAM_HINT);
-            _mm_prefetch(slot_ahead(p, n0 + c, NG, kb * BLK + 64), STREAM_HINT);
-            for (int h = 0; h < 2; h++) {
-                __m512i x = _mm512_loadu_si512(src + 64 * h);
-                __m512i lo = _mm512_permutex2var_epi8(d->lo0, x, d->lo1);
-                __m512i hi = _mm512_permutex2var_epi8(d->hi0, x, d->hi1);
-                hi = _mm512_ternarylogic_epi32(hi, x, d->sign, 0xF8);
-                _mm512_store_si512(bdec + c * PAIRS + 32 * h, _mm512_permutex2var_epi8(lo, q->ilv0, hi));
-                _mm512_store_si512(bdec + c * PAIRS + 32 * h + 16, _mm512_permutex2var_epi8(lo, q->ilv1, hi));
-            }
-        }
-#pragma GCC unroll 12
+        const uint32_t *cur = bdec + ((phase + kb) & 1) * NG * PAIRS;
+        uint32_t *next = bdec + ((phase + kb + 1) & 1) * NG * PAIRS;
+        const int last = kb + 1 == p->KB;
+        const long nn = last ? n0 + NG : n0, nkb = last ? 0 : kb + 1;
+        const int ncols = last ? next_cols : cols;
+#pragma GCC unroll 8
         for (int c = 0; c < NG; c++) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
-        const uint32_t *ap = q->apack + kb * (PAIRS / 2) * 32;
+        const uint64_t *ap = q->apack + kb * (PAIRS / 2) * 16;
         for (int st = 0; st < PAIRS / 2; st++) {
-            __m512bh a0 = (__m512bh)_mm512_load_si512(ap + st * 32), a1 = (__m512bh)_mm512_load_si512(ap + st * 32 + 16);
-#pragma GCC unroll 12
+            if ((st & 1) == 0 && st / 4 < ncols) rl_decode(p, d, next, nn, st / 4, nkb, (st / 2) & 1);
+            __m512bh a0 = (__m512bh)_mm512_load_si512(ap + st * 16), a1 = (__m512bh)_mm512_load_si512(ap + st * 16 + 8);
+#pragma GCC unroll 8
             for (int c = 0; c < NG; c++) {
                 long long two;
-                memcpy(&two, bdec + c * PAIRS + 2 * st, 8);
+                memcpy(&two, cur + c * PAIRS + 2 * st, 8);
                 __m512bh bv = (__m512bh)_mm512_set1_epi64(two);
                 acc[c][0] = _mm512_dpbf16_ps(acc[c][0], a0, bv);
                 acc[c][1] = _mm512_dpbf16_ps(acc[c][1], a1, bv);
             }
         }
-        __m512 sa0 = _mm512_load_ps(q->as32 + kb * 32), sa1 = _mm512_load_ps(q->as32 + kb * 32 + 16);
-#pragma GCC unroll 12
+        __m512 sa = _mm512_load_ps(q->as16 + kb * 16);
+#pragma GCC unroll 8
         for (int c = 0; c < NG; c++) {
+            /* x + swap(y): lane 2r gets rows r's two parities (acc[c][0]), lane 2r + 1 row 8 + r's (acc[c][1]) */
+            __m512 x = _mm512_mask_blend_ps(odd, acc[c][0], acc[c][1]);
+            __m512 y = _mm512_mask_blend_ps(odd, acc[c][1], acc[c][0]);
+            __m512 v = _mm512_add_ps(x, _mm512_permute_ps(y, 0xB1));
             __m512 sb = _mm512_set1_ps(c < cols ? col_scale(p, n0 + c, kb) : 0.0f);
-            __m512 v0 = _mm512_add_ps(acc[c][0], _mm512_permute_ps(acc[c][0], 0xB1)); /* both parities in each lane */
-            __m512 v1 = _mm512_add_ps(acc[c][1], _mm512_permute_ps(acc[c][1], 0xB1));
-            Cv[c][0] = _mm512_add_ps(Cv[c][0], _mm512_mul_ps(_mm512_mul_ps(v0, sa0), sb));
-            Cv[c][1] = _mm512_add_ps(Cv[c][1], _mm512_mul_ps(_mm512_mul_ps(v1, sa1), sb));
+            Cv[c] = _mm512_add_ps(Cv[c], _mm512_mul_ps(_mm512_mul_ps(v, sa), sb));
         }
     }
+    const __mmask8 valid = (__mmask8)((1u << cols) - 1);
     if (p->out_f32) {
-        for (int c = 0; c < NG; c++) {
-            _mm512_store_ps(C + c * 32, Cv[c][0]);
-            _mm512_store_ps(C + c * 32 + 16, Cv[c][1]);
-        }
-        for (long r = 0; r < p->M; r++) {
-            const float *src = C + (r / 8) * 16 + 2 * (r % 8); /* + c * 32 */
-            for (int c = 0; c < cols; c++) ((float *)p->out)[r * p->ldo + n0 + c] = src[c * 32];
+        /* rows r and 8 + r are lanes 2r and 2r + 1 of every Cv[c]: one gather collects both rows' columns */
+        for (int c = 0; c < NG; c++) _mm512_store_ps(C + c * 16, Cv[c]);
+        const __m512i at = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 1, 17, 33, 49, 65, 81, 97, 113);
+        for (long r = 0; r < 8 && r < p->M; r++) {
+            __m512 v = _mm512_i32gather_ps(at, C + 2 * r, 4);
+            float *dst = (float *)p->out + r * p->ldo + n0;
+            _mm256_mask_storeu_ps(dst, valid, _mm512_castps512_ps256(v));
+            if (8 + r < p->M) _mm256_mask_storeu_ps(dst + 8 * p->ldo, valid, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
         }
         return;
     }
-    uint16_t *H = (uint16_t *)C; /* [NG][32] bfloat16 bits, rounded in the vectors (put_out's rounding) */
-    for (int c = 0; c < NG; c++) {
-        _mm256_store_si256((__m256i *)(H + c * 32), _mm512_cvtepi32_epi16(bf16_bits(Cv[c][0])));
-        _mm256_store_si256((__m256i *)(H + c * 32 + 16), _mm512_cvtepi32_epi16(bf16_bits(Cv[c][1])));
+    /* bfloat16 (put_out's rounding): columns 2k, 2k + 1 in one dword per lane, then a 4 x 16 dword
+     * transpose leaves lane l's 8 columns (16 bytes, one row of out) in 128-bit lane l / 4 of t[l % 4] */
+    __m512i w[4], u[4], t[4];
+    for (int k = 0; k < 4; k++) w[k] = _mm512_or_si512(bf16_bits(Cv[2 * k]), _mm512_slli_epi32(bf16_bits(Cv[2 * k + 1]), 16));
+    u[0] = _mm512_unpacklo_epi32(w[0], w[1]); u[1] = _mm512_unpackhi_epi32(w[0], w[1]);
+    u[2] = _mm512_unpacklo_epi32(w[2], w[3]); u[3] = _mm512_unpackhi_epi32(w[2], w[3]);
+    t[0] = _mm512_unpacklo_epi64(u[0], u[2]); t[1] = _mm512_unpackhi_epi64(u[0], u[2]);
+    t[2] = _mm512_unpacklo_epi64(u[1], u[3]); t[3] = _mm512_unpackhi_epi64(u[1], u[3]);
+    __m128i rowv[16];
+    for (int j = 0; j < 4; j++) {
+        rowv[j] = _mm512_castsi512_si128(t[j]);
+        rowv[4 + j] = _mm512_extracti32x4_epi32(t[j], 1);
+        rowv[8 + j] = _mm512_extracti32x4_epi32(t[j], 2);
+        rowv[12 + j] = _mm512_extracti32x4_epi32(t[j], 3);
     }
-    for (long r = 0; r < p->M; r++) {
-        const uint16_t *src = H + (r / 8) * 16 + 2 * (r % 8); /* + c * 32 */
-        uint16_t *dst = (uint16_t *)p->out + r * p->ldo + n0;
-        for (int c = 0; c < cols; c++) dst[c] = src[c * 32];
+    for (int l = 0; l < 16; l++) {
+        long r = l % 2 ? 8 + l / 2 : l / 2;
+        if (r < p->M) _mm_mask_storeu_epi16((uint16_t *)p->out + r * p->ldo + n0, valid, rowv[l]);
     }
 }
 
@@ -545,58 +601,58 @@ static void item_rl(void *ctx, long item, int tid) {
     (void)tid;
     const rl_problem *q = ctx;
     const problem *p = q->p;
-    /* bdec: [NG][64] dwords (one K block of each column, pairs in order), C: [NG][2][16] fp32 */
-    char *mem = scratch(NG * PAIRS * 4 + NG * 2 * 16 * 4);
+    /* bdec: [2][NG][64] dwords (two K blocks of each column, decode64 order), C: [NG][16] fp32 */
+    char *mem = scratch(2 * NG * PAIRS * 4 + NG * 16 * 4);
     if (!mem) {
         __atomic_store_n((int *)&p->failed, 1, __ATOMIC_RELAXED);
         return;
     }
     uint32_t *bdec = (uint32_t *)mem;
-    float *C = (float *)(mem + NG * PAIRS * 4);
+    float *C = (float *)(mem + 2 * NG * PAIRS * 4);
     decoder d;
     decoder_init(&d);
     long n0 = item * q->cols_per_item, n1 = column_run_end(p, n0, q->cols_per_item);
+    int phase = 0;
+    for (int c = 0; c < NG && n0 + c < n1; c++)
+        for (int h = 0; h < 2; h++) rl_decode(p, &d, bdec, n0, c, 0, h);
     for (long n = n0; n < n1; n += NG) {
         int cols = (int)(n1 - n < NG ? n1 - n : NG);
-        if (cols < NG) memset(bdec + cols * PAIRS, 0, (size_t)(NG - cols) * PAIRS * 4);
-        rl_group(q, &d, bdec, C, n, cols);
+        long rest = n1 - n - NG;
+        rl_group(q, &d, bdec, C, n, cols, phase, (int)(rest <= 0 ? 0 : rest < NG ? rest : NG));
+        phase = (int)((phase + p->KB) & 1);
     }
 }
 
 /* RL_MIN_ROWS <= M <= 16 (K a multiple of 128): returns 0, or ENOMEM. */
 static int gemm_rows_in_lanes(problem *p, int nthreads) {
-    long steps = p->K / 4;
-    uint32_t *apack = NULL;
-    float *as32 = NULL;
+    const long steps = p->K / 4; /* 4 K values (a qword of bf16) per step */
+    uint64_t *apack = NULL, *rows = NULL;
+    float *as16 = NULL;
     if (posix_memalign((void **)&apack, 64, (size_t)steps * 128) != 0) return ENOMEM;
-    if (posix_memalign((void **)&as32, 64, (size_t)p->KB * 128) != 0) {
+    if (posix_memalign((void **)&rows, 64, (size_t)p->M * steps * 8) != 0 ||
+        posix_memalign((void **)&as16, 64, (size_t)p->KB * 64) != 0) {
         free(apack);
+        free(rows);
         return ENOMEM;
     }
+    /* rows: [M][K/4] qwords, each K block in decode64 order, which is the order bdec has; apack is
+     * its transpose (16 rows per step, zeros past M). */
+    decode_rows(p, (__m512i *)rows);
     for (long st = 0; st < steps; st++)
-        for (int lane = 0; lane < 32; lane++) {
-            long r = 8 * (lane / 16) + (lane % 16) / 2, k = 4 * st + 2 * (lane % 2);
-            const uint8_t *row = p->a + r * p->lda;
-            apack[st * 32 + lane] = r < p->M ? (uint32_t)lut_bf16[row[k]] | ((uint32_t)lut_bf16[row[k + 1]] << 16) : 0;
-        }
+        for (int r = 0; r < 16; r++) apack[st * 16 + r] = r < p->M ? rows[r * steps + st] : 0;
     for (long kb = 0; kb < p->KB; kb++)
-        for (int lane = 0; lane < 32; lane++) {
-            long r = 8 * (lane / 16) + (lane % 16) / 2;
-            as32[kb * 32 + lane] = r < p->M ? p->as[r * p->KB + kb] : 0.0f;
+        for (int lane = 0; lane < 16; lane++) {
+            long r = lane % 2 ? 8 + lane / 2 : lane / 2;
+            as16[kb * 16 + lane] = r < p->M ? p->as[r * p->KB + kb] : 0.0f;
         }
-    uint8_t in0[64], in1[64];
-    for (int i = 0; i < 32; i++) {
-        in0[2 * i] = (uint8_t)i; in0[2 * i + 1] = (uint8_t)(64 + i);
-        in1[2 * i] = (uint8_t)(32 + i); in1[2 * i + 1] = (uint8_t)(96 + i);
-    }
+    free(rows);
     long per = column_run(p, nthreads, NG);
-    rl_problem q = {p, apack, as32, per, _mm512_loadu_si512(in0), _mm512_loadu_si512(in1)};
+    rl_problem q = {p, apack, as16, per};
     parallel_for(item_rl, &q, (p->N + per - 1) / per, nthreads);
     free(apack);
-    free(as32);
+    free(as16);
     return p->failed ? ENOMEM : 0;
 }
-
 
 
 /* ---- rows as dot products: M <= DOT_MAX_ROWS ------------------------------------------------
@@ -621,14 +677,6 @@ typedef struct {
     const __m512i *apack; /* [M][K/64][2]: each 64-byte chunk of A's rows as decode64 leaves it */
     long cols_per_item;
 } dot_problem;
-
-static inline __attribute__((always_inline)) void decode64(const decoder *d, __m512i x, __m512i *u0, __m512i *u1) {
-    __m512i lo = _mm512_permutex2var_epi8(d->lo0, x, d->lo1);
-    __m512i hi = _mm512_permutex2var_epi8(d->hi0, x, d->hi1);
-    hi = _mm512_ternarylogic_epi32(hi, x, d->sign, 0xF8); /* hi | (x & 0x80) */
-    *u0 = _mm512_unpacklo_epi8(lo, hi);
-    *u1 = _mm512_unpackhi_epi8(lo, hi);
-}
 
 /* The lane sums of v[0..3] as [sum v0, sum v1, sum v2, sum v3]. */
 static inline __attribute__((always_inline)) __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
@@ -704,20 +752,6 @@ static void item_dot(void *ctx, long item, int tid) {
     decoder d;
     decoder_init(&d);
     dot_runs[q->p->M](q->p, q->apack, &d, n0, n1);
-}
-
-/* A's rows decoded as decode64 leaves each 64-byte chunk: [M][K/64][2] zmm at dst. */
-static void decode_rows(const problem *p, __m512i *dst) {
-    const long chunks = p->K / 64;
-    decoder d;
-    decoder_init(&d);
-    for (long r = 0; r < p->M; r++)
-        for (long c = 0; c < chunks; c++) {
-            __m512i u0, u1;
-            decode64(&d, _mm512_loadu_si512(p->a + r * p->lda + 64 * c), &u0, &u1);
-            _mm512_store_si512(dst + (r * chunks + c) * 2, u0);
-            _mm512_store_si512(dst + (r * chunks + c) * 2 + 1, u1);
-        }
 }
 
 /* 1 <= M <= DOT_MAX_ROWS (K a multiple of 128): returns 0, or ENOMEM. */
@@ -1004,14 +1038,18 @@ static int gemm_lane_groups(problem *p, int nthreads) {
     }
     decode_rows(p, rows);
     const uint32_t *dec = (const uint32_t *)rows; /* [M][chunks][32] pairs */
-    uint32_t *ap = (uint32_t *)apack;
+    /* Rotation s takes lanes [gG, gG + G) from row (g + s) mod R: a blend of the R rows' vectors. */
     for (long c = 0; c < chunks; c++)
-        for (int v = 0; v < 2; v++)
-            for (int s = 0; s < R; s++)
-                for (int lane = 0; lane < 16; lane++) {
-                    long r = (lane / G + s) % R;
-                    ap[((c * 2 + v) * R + s) * 16 + lane] = r < p->M ? dec[(r * chunks + c) * 32 + 16 * v + lane] : 0;
-                }
+        for (int v = 0; v < 2; v++) {
+            __m512i row[GL_MAX_ROWS];
+            for (int r = 0; r < R; r++)
+                row[r] = r < p->M ? _mm512_load_si512(dec + (r * chunks + c) * 32 + 16 * v) : _mm512_setzero_si512();
+            for (int s = 0; s < R; s++) {
+                __m512i out = _mm512_setzero_si512();
+                for (int g = 0; g < R; g++) out = _mm512_mask_mov_epi32(out, (__mmask16)(((1u << G) - 1) << (g * G)), row[(g + s) % R]);
+                _mm512_store_si512(apack + (c * 2 + v) * R + s, out);
+            }
+        }
     for (long kb = 0; kb < p->KB; kb++)
         for (int lane = 0; lane < 16; lane++) {
             long r = lane / G;
