@@ -23,7 +23,7 @@
  *     microkernel broadcasts one dword per row and pair.
  *   - The microkernel keeps mr x 32 fp32 partial sums in registers over one K block (64 pairs),
  *     then promotes them into the mr x 32 fp32 accumulator tile: (p * sa) * sb, then +.
- *   - 15 or 16 rows take another kernel whose lanes are rows (see "rows in lanes"): it decodes B
+ *   - 9 to 16 rows take another kernel whose lanes are rows (see "rows in lanes"): it decodes B
  *     without the transpose, which at so few rows costs as much as the products.
  *   - Decode batches stream B instead (each thread a contiguous run of its rows, decoded in place):
  *     one row takes dot products along K ("rows as dot products"), 2-8 rows rotate A's rows
@@ -498,7 +498,9 @@ static void decode_rows(const problem *p, __m512i *dst) {
 #define NG 8 /* columns side by side: 16 accumulators + 8 promoted sums, none spilled (12 measured 0.9-1.0x) */
 _Static_assert(PAIRS / 2 == 4 * NG, "rl_group decodes a 64-byte chunk every second of a K block's 32 steps: 2 chunks x NG columns");
 #ifndef RL_MIN_ROWS
-#define RL_MIN_ROWS 15 /* measured: below it the column-lane tiles are faster (fewer products) */
+#define RL_MIN_ROWS 9 /* from 9 rows: against the column-lane tiles (which compute only the rows there are),
+                         * interleaved, 2 threads, weights from memory: 10-14 rows 1.06-1.45x at n 2112/7168;
+                         * 9 rows 0.83-0.95x at (2112, 7168) and (4096, 7168), 1.06-1.42x at the other four */
 #endif
 
 typedef struct {
