@@ -525,7 +525,8 @@ static inline __attribute__((always_inline)) void rl_decode(const problem *p, co
  * multiplied, the next block is decoded into the other half, one 64-byte chunk every second step,
  * so decoding and products share every stretch of the loop; during the last block, block 0 of the
  * next group (columns [n0 + NG, n0 + NG + next_cols), next_cols 0: none). Columns past cols hold
- * whatever was decoded there before: their sums are never written. C: [NG][16] floats of scratch. */
+ * zeros or whatever an earlier group decoded there: their sums are never written. C: [NG][16]
+ * floats of scratch. */
 static void rl_group(const rl_problem *q, const decoder *d, uint32_t *bdec, float *C, long n0, int cols, int phase, int next_cols) {
     const problem *p = q->p;
     const __mmask16 odd = 0xAAAA;
@@ -615,6 +616,7 @@ static void item_rl(void *ctx, long item, int tid) {
     decoder_init(&d);
     long n0 = item * q->cols_per_item, n1 = column_run_end(p, n0, q->cols_per_item);
     int phase = 0;
+    memset(bdec, 0, 2 * NG * PAIRS * 4); /* columns a partial group never decodes: zeros, never uninitialised memory */
     for (int c = 0; c < NG && n0 + c < n1; c++)
         for (int h = 0; h < 2; h++) rl_decode(p, &d, bdec, n0, c, 0, h);
     for (long n = n0; n < n1; n += NG) {
