@@ -1,6 +1,6 @@
 """The cpu backend's native FP8 GEMM kernels (hal.backends.cpu.native): the reference's numerics
-across every tile, strip and panel edge (row strips of up to 12 rows, 32-column strips, 16-column
-halves, 64-wide K steps of the packing, 128-wide K blocks), both scale layouts, both outputs,
+across every kernel and every tile, strip and panel edge (row strips of up to 12 rows from 17 rows
+on, 32-column strips, 16-column halves, 64-wide K steps of the packing, 128-wide K blocks), both scale layouts, both outputs,
 non-finite values, every e4m3 code; the build cache and its failures; the
 fallback to the torch kernels. The portable C path (built without AVX-512 BF16) is held to the same
 cases. Skipped where the library cannot be built (no C compiler). The grouped layouts through
@@ -97,8 +97,9 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
     return torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], expected[~nan])
 
 
-# m: 1 (dot products along K), 2, 7 and 6 (lane groups, 2-8 rows at any K); 1 row strip of 10 rows; 13 = 7 + 6; 15, 16 (rows in lanes, 8-column groups; 1 and 5 K blocks: the decode
-# of the next block and of the next group's first block); 17; 33 (three strips: packed per K block);
+# m: 1 (dot products along K), 2, 7 and 6 (lane groups, 2-8 rows at any K); 10, 13, 15, 16 (rows in
+# lanes, 9-16 rows, 8-column groups; 1 and 5 K blocks: the decode of the next block and of the
+# next group's first block); 17 (tiles: strips of 12 + 5 rows); 33 (three strips: packed per K block);
 # 255, 257 (many strips in groups: B packed once per strip of columns). n: one partial half, a
 # partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
 @pytest.mark.parametrize(

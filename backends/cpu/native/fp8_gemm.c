@@ -1149,7 +1149,7 @@ int hal_fp8_gemm(const uint8_t *a, long lda, const float *as, const uint8_t *b, 
     p.pf_rest = DOT_PREFETCH % K;
     if (M <= DOT_MAX_ROWS && K % BLK == 0) return gemm_dot(&p, nthreads);
     if (M <= GL_MAX_ROWS && K % BLK == 0) return gemm_lane_groups(&p, nthreads);
-    if (M >= RL_MIN_ROWS && M <= 16) return gemm_rows_in_lanes(&p, nthreads);
+    if (M >= RL_MIN_ROWS && M <= 16 && K % BLK == 0) return gemm_rows_in_lanes(&p, nthreads);
 #endif
     p.ncs = (N + NR - 1) / NR;
     long ms = A_PACK_BYTES / (APACK_ELEM * K);
