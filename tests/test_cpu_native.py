@@ -1,5 +1,5 @@
 """The cpu backend's native FP8 GEMM kernels (hal.backends.cpu.native): the reference's numerics
-across every kernel and every tile, strip and panel edge (row strips of up to 12 rows from 17 rows
+across every kernel and every tile, strip and panel edge (row strips of up to 12 rows from 65 rows
 on, 32-column strips, 16-column halves, 64-wide K steps of the packing, 128-wide K blocks), both scale layouts, both outputs,
 non-finite values, every e4m3 code; the build cache and its failures; the
 fallback to the torch kernels. The portable C path (built without AVX-512 BF16) is held to the same
@@ -99,12 +99,13 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 # m: 1 (dot products along K), 2, 7 and 6 (lane groups, 2-8 rows at any K); 10, 13, 15, 16 (rows in
 # lanes, 9-16 rows, 8-column groups; 1 and 5 K blocks: the decode of the next block and of the
-# next group's first block); 17 (tiles: strips of 12 + 5 rows); 33 (three strips: packed per K block);
-# 255, 257 (many strips in groups: B packed once per strip of columns). n: one partial half, a
+# next group's first block); 17, 33, 40 (16-row passes, the last 1 / 1 / 8 rows by the one-row and
+# lane-group kernels); 65 (tiles: six strips, the last of 5 rows; packed per K block); 255, 257
+# (many strips in groups: B packed once per strip of columns). n: one partial half, a
 # partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
 @pytest.mark.parametrize(
     "m, n, k",
-    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (16, 61, 128), (15, 333, 640), (17, 200, 128), (33, 48, 256), (255, 130, 256), (257, 200, 384)],
+    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (16, 61, 128), (15, 333, 640), (17, 200, 128), (33, 48, 256), (40, 70, 384), (65, 130, 256), (255, 130, 256), (257, 200, 384)],
 )
 @pytest.mark.parametrize("per_token", [False, True])
 def test_dense_matches_the_reference(lib, m, n, k, per_token):

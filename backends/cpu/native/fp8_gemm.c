@@ -24,7 +24,8 @@
  *   - The microkernel keeps mr x 32 fp32 partial sums in registers over one K block (64 pairs),
  *     then promotes them into the mr x 32 fp32 accumulator tile: (p * sa) * sb, then +.
  *   - 9 to 16 rows take another kernel whose lanes are rows (see "rows in lanes"): it decodes B
- *     without the transpose, which at so few rows costs as much as the products.
+ *     without the transpose, which at so few rows costs as much as the products; 17 to 64 rows
+ *     go through it 16 rows at a time (the last 1-16 rows by their own kernel).
  *   - Decode batches stream B instead (each thread a contiguous run of its rows, decoded in place):
  *     one row takes dot products along K ("rows as dot products"), 2-8 rows rotate A's rows
  *     through groups of lanes ("rows in lane groups").
@@ -497,6 +498,12 @@ static void decode_rows(const problem *p, __m512i *dst) {
  * 23.7-26.7 GB/s of weights. */
 #define NG 8 /* columns side by side: 16 accumulators + 8 promoted sums, none spilled (12 measured 0.9-1.0x) */
 _Static_assert(PAIRS / 2 == 4 * NG, "rl_group decodes a 64-byte chunk every second of a K block's 32 steps: 2 chunks x NG columns");
+#ifndef PASS_MAX_ROWS
+#define PASS_MAX_ROWS 64 /* 17 to 64 rows: passes of 16 rows (see hal_fp8_gemm). Against the column-lane tiles,
+                          * interleaved, 2 threads, weights from memory, at four of the DeepSeek-V3 shapes:
+                          * 17-32 rows 1.02-1.48x, 40-48 rows 1.0-1.3x, 64 rows 0.98-1.18x, 96 rows
+                          * 0.97-1.08x (so not past 64) */
+#endif
 #ifndef RL_MIN_ROWS
 #define RL_MIN_ROWS 9 /* from 9 rows: against the column-lane tiles (which compute only the rows there are),
                          * interleaved, 2 threads, weights from memory: 10-14 rows 1.06-1.45x at n 2112/7168;
@@ -1145,6 +1152,18 @@ int hal_fp8_gemm(const uint8_t *a, long lda, const float *as, const uint8_t *b, 
         return 0;
     }
 #if HAL_FAST
+    if (M > 16 && M <= PASS_MAX_ROWS && K % BLK == 0) {
+        /* 16 rows at a time (the rows-in-lanes kernel), the last 1-16 rows by their own kernel:
+         * each pass reads and decodes B again, which up to PASS_MAX_ROWS rows costs less than the
+         * tiles' transpose of B (rows are independent: the same sums as one call would give). */
+        for (long r0 = 0; r0 < M; r0 += 16) {
+            long rows = M - r0 < 16 ? M - r0 : 16;
+            int rc = hal_fp8_gemm(a + r0 * lda, lda, as + r0 * p.KB, b, ldb, bs, b_per_token,
+                                  (char *)out + r0 * ldo * (out_f32 ? 4 : 2), ldo, out_f32, rows, N, K, nthreads);
+            if (rc) return rc;
+        }
+        return 0;
+    }
     p.pf_rows = DOT_PREFETCH / K; /* K >= BLK here */
     p.pf_rest = DOT_PREFETCH % K;
     if (M <= DOT_MAX_ROWS && K % BLK == 0) return gemm_dot(&p, nthreads);
