@@ -1,5 +1,5 @@
 """The cpu backend's native FP8 GEMM kernels (hal.backends.cpu.native): the reference's numerics
-across every kernel and every tile, strip and panel edge (row strips of up to 12 rows from 65 rows
+across every kernel and every tile, strip and panel edge (row strips of up to 12 rows from 49 rows
 on, 32-column strips, 16-column halves, 64-wide K steps of the packing, 128-wide K blocks), both scale layouts, both outputs,
 non-finite values, every e4m3 code; the build cache and its failures; the
 fallback to the torch kernels. The portable C path (built without AVX-512 BF16) is held to the same

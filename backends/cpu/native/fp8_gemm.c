@@ -24,7 +24,7 @@
  *   - The microkernel keeps mr x 32 fp32 partial sums in registers over one K block (64 pairs),
  *     then promotes them into the mr x 32 fp32 accumulator tile: (p * sa) * sb, then +.
  *   - 9 to 16 rows take another kernel whose lanes are rows (see "rows in lanes"): it decodes B
- *     without the transpose, which at so few rows costs as much as the products; 17 to 64 rows
+ *     without the transpose, which at so few rows costs as much as the products; 17 to 48 rows
  *     go through it 16 rows at a time (the last 1-16 rows by their own kernel).
  *   - Decode batches stream B instead (each thread a contiguous run of its rows, decoded in place):
  *     one row takes dot products along K ("rows as dot products"), 2-8 rows rotate A's rows
@@ -499,10 +499,10 @@ static void decode_rows(const problem *p, __m512i *dst) {
 #define NG 8 /* columns side by side: 16 accumulators + 8 promoted sums, none spilled (12 measured 0.9-1.0x) */
 _Static_assert(PAIRS / 2 == 4 * NG, "rl_group decodes a 64-byte chunk every second of a K block's 32 steps: 2 chunks x NG columns");
 #ifndef PASS_MAX_ROWS
-#define PASS_MAX_ROWS 64 /* 17 to 64 rows: passes of 16 rows (see hal_fp8_gemm). Against the column-lane tiles,
-                          * interleaved, 2 threads, weights from memory, at four of the DeepSeek-V3 shapes:
-                          * 17-32 rows 1.02-1.48x, 40-48 rows 1.0-1.3x, 64 rows 0.98-1.18x, 96 rows
-                          * 0.97-1.08x (so not past 64) */
+#define PASS_MAX_ROWS 48 /* 17 to 48 rows: passes of 16 rows (see hal_fp8_gemm). Against the column-lane tiles,
+                          * interleaved, 2 threads, weights from memory, GB/s of weights: 17-32 rows 1.02-1.48x
+                          * (three shapes), 48 rows 1.01-1.34x (all six DeepSeek-V3 shapes); 64 rows 0.94-1.25x
+                          * (the tiles ahead at K 7168-16384), 96 rows 0.97-1.08x: the tiles from 49 rows */
 #endif
 #ifndef RL_MIN_ROWS
 #define RL_MIN_ROWS 9 /* from 9 rows: against the column-lane tiles (which compute only the rows there are),
