@@ -22,6 +22,7 @@ of the bounds its checks compare it with it reaches, not its value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -118,8 +119,9 @@ class Layouts:
     it cannot describe them, or ``values`` is None: check every call) and what :meth:`remember`
     stored under it (None when the layout was not checked before). After the checks pass,
     ``remember(values, key, value)`` with the key lookup gave (``value`` must not be None; a None
-    key remembers nothing). ``limit`` layouts at most: a workload of ever-changing shapes starts
-    over.
+    key remembers nothing). ``recall(values, check, *args)`` is both where the checks are one
+    function whose result is the value. ``limit`` layouts at most: a workload of ever-changing
+    shapes starts over.
     """
 
     __slots__ = ("_known", "_guarded", "_repeats", "_limit")
@@ -153,6 +155,14 @@ class Layouts:
         if value is not None and pattern is not None:  # known, but not guarded (pushed out of its list)
             self._guard(pattern, tensors, key, value)
         return key, value
+
+    def recall(self, values: tuple[Any, ...] | None, check: Callable[..., Any], *args: Any) -> Any:
+        """What ``check(*args)`` returned for this layout before, else its result now (remembered)."""
+        key, value = self.lookup(values)
+        if value is None:
+            value = check(*args)
+            self.remember(values, key, value)
+        return value
 
     def remember(self, values: tuple[Any, ...] | None, key: tuple[Any, ...] | None, value: Any = True) -> None:
         if key is None or value is None:

@@ -157,11 +157,7 @@ def _dense(op: str, a: object, b: object, d: torch.Tensor, c: torch.Tensor | Non
         return
     pairs = type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
     values = (op, *a, *b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b) if pairs else None
-    key, plan = _DENSE_PLANS.lookup(values)
-    if plan is None:
-        plan = _dense_plan(op, a, b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
-        _DENSE_PLANS.remember(values, key, plan)
-    m, n, k, features = plan
+    m, n, k, features = _DENSE_PLANS.recall(values, _dense_plan, op, a, b, d, c, recipe, recipe_a, recipe_b, transpose_a, transpose_b)
     (av, asf), (bv, bsf) = a, b
     if transpose_a:
         av, asf = av.transpose(0, 1), asf.transpose(0, 1)
@@ -323,11 +319,7 @@ def _grouped(op: str, a: object, b: object, d: torch.Tensor, grouped_layout: tor
         return
     pairs = type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
     values = (op, *a, *b, d, grouped_layout, recipe, recipe_a, recipe_b, use_psum_layout, transpose_b) if pairs else None
-    key, plan = _GROUPED_PLANS.lookup(values)
-    if plan is None:
-        plan = _grouped_plan(op, a, b, d, grouped_layout, recipe, recipe_a, recipe_b, use_psum_layout, transpose_b)
-        _GROUPED_PLANS.remember(values, key, plan)
-    m, n, groups, features = plan
+    m, n, groups, features = _GROUPED_PLANS.recall(values, _grouped_plan, op, a, b, d, grouped_layout, recipe, recipe_a, recipe_b, use_psum_layout, transpose_b)
     (av, asf), (bv, bsf) = a, b
     if transpose_b:
         bv, bsf = bv.transpose(1, 2), bsf.transpose(-1, -2)
@@ -461,10 +453,7 @@ def m_grouped_fp8_gemm_nt_masked(
     pairs = type(a) is tuple and type(b) is tuple and len(a) == len(b) == 2
     # expected_m (a hint that may change every step) is keyed by whether it is an int >= 1
     values = (op, *a, *b, d, masked_m, int_bucket(expected_m, 1), recipe, recipe_a, recipe_b) if pairs else None
-    key, per_token = _MASKED_PLANS.lookup(values)
-    if per_token is None:
-        per_token = _masked_plan(op, a, b, d, masked_m, expected_m, recipe, recipe_b)
-        _MASKED_PLANS.remember(values, key, per_token)
+    per_token = _MASKED_PLANS.recall(values, _masked_plan, op, a, b, d, masked_m, expected_m, recipe, recipe_b)
     (av, asf), (bv, bsf) = a, b
     kb = -(-av.shape[2] // BLOCK)
     asf, bsf = unpack_ue8m0_scales(op, "a[1]", asf, kb), unpack_ue8m0_scales(op, "b[1]", bsf, kb)  # values: every call

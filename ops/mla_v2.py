@@ -325,10 +325,7 @@ def flash_mla_sparse_fwd(
         return torch.ops.hal.mla_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
     op = _PREFILL_OP
     values = (q, kv, indices, d_v, attn_sink, topk_length)
-    key, features = _PREFILL_LAYOUTS.lookup(values)
-    if features is None:
-        features = _check_prefill_layouts(q, kv, indices, d_v, attn_sink, topk_length)
-        _PREFILL_LAYOUTS.remember(values, key, features)
+    features = _PREFILL_LAYOUTS.recall(values, _check_prefill_layouts, q, kv, indices, d_v, attn_sink, topk_length)
     if not positive_finite(sm_scale):
         raise ValueRangeError(op, "sm_scale", "a positive finite float", repr(sm_scale), "Pass d_qk ** -0.5 for the usual scale.")
     if topk_length is not None and not values_within(topk_length, 0, indices.shape[2] + 1):
