@@ -101,11 +101,12 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
 # lanes, 9-16 rows, 8-column groups; 1 and 5 K blocks: the decode of the next block and of the
 # next group's first block); 17, 33, 40 (16-row passes, the last 1 / 1 / 8 rows by the one-row and
 # lane-group kernels); 65 (tiles: six strips, the last of 5 rows; packed per K block); 255, 257
-# (many strips in groups: B packed once per strip of columns). n: one partial half, a
-# partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
+# (many strips in groups: B packed once per strip of columns); 70 at 65 K blocks (B packed in two
+# chunks of K: the rows are written after the last). n: one partial half, a partial second half,
+# whole strips plus a 2-column tail. k: 1-3 K blocks.
 @pytest.mark.parametrize(
     "m, n, k",
-    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (16, 61, 128), (15, 333, 640), (17, 200, 128), (33, 48, 256), (40, 70, 384), (65, 130, 256), (255, 130, 256), (257, 200, 384)],
+    [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (16, 61, 128), (15, 333, 640), (17, 200, 128), (33, 48, 256), (40, 70, 384), (65, 130, 256), (255, 130, 256), (257, 200, 384), (70, 40, 65 * 128)],
 )
 @pytest.mark.parametrize("per_token", [False, True])
 def test_dense_matches_the_reference(lib, m, n, k, per_token):
@@ -306,12 +307,12 @@ def test_a_partial_column_group_never_sees_the_columns_before_it(lib, m):
         _assert_conforms(out, expected)
 
 
-@pytest.mark.parametrize("m", [16, 17])
+@pytest.mark.parametrize("m", [16, 17, 65])
 def test_row_slice_and_strided_outputs_leave_the_rest_untouched(lib, m):
     gen = torch.Generator().manual_seed(4)
     (a, sa), (b, sb) = _lhs(m, 256, gen), _rhs(70, 256, gen)
     expected = _expected(a, sa, b, sb)
-    big = torch.full((30, 70), math.nan, dtype=torch.bfloat16)
+    big = torch.full((m + 14, 70), math.nan, dtype=torch.bfloat16)
     gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, big[6:6 + m])
     _assert_conforms(big[6:6 + m], expected)
     assert torch.isnan(big[:6].float()).all() and torch.isnan(big[6 + m:].float()).all()
