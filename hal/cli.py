@@ -24,6 +24,7 @@ from rich.table import Table
 
 import hal
 from hal import cli_bench, cli_conformance
+from hal.cli_console import console as make_console
 from hal.report import backends_report
 from hal.selection import honoured_variables, parse_chain
 
@@ -109,9 +110,9 @@ def _cmd_backends(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.features:
-        _print_features(report, Console())
+        _print_features(report, make_console())
     else:
-        _print_backends(report, Console())
+        _print_backends(report, make_console())
     return 0
 
 
@@ -122,7 +123,7 @@ def _cmd_capabilities(args: argparse.Namespace) -> int:
     if args.check is not None:
         current = args.check.read_text() if args.check.exists() else ""
         if current != text:
-            Console(stderr=True).print(f"[red]{escape(str(args.check))} is stale:[/] run hal capabilities --write {escape(str(args.check))}")
+            make_console(stderr=True).print(f"[red]{escape(str(args.check))} is stale:[/] run hal capabilities --write {escape(str(args.check))}")
             return 1
         return 0
     if args.write is not None:
@@ -139,9 +140,9 @@ def _cmd_new_backend(args: argparse.Namespace) -> int:
     try:
         written = write_backend_package(args.name, directory)
     except (ValueError, FileExistsError) as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
+        make_console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
         return 2
-    console = Console()
+    console = make_console()
     for path in written:
         console.print(f"wrote {path}")
     console.print(f"Next: pip install -e {directory} && hal backends && {directory}/ci/conformance.sh")
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except hal.HalError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
+        make_console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
         return 2
     except BrokenPipeError:
         # The reader went away (`hal backends --json | head`): stop quietly, as Unix tools do.

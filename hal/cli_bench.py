@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hal.cli_cases import add_case_filters, resolve_backends, selected_cases
+from hal.cli_console import console as make_console
 from hal.errors import HalError
 
 if TYPE_CHECKING:
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         cases, mode = [], "ep"
     backends = resolve_backends(args.backend, "hal bench")
-    console = Console(stderr=args.json)
+    console = make_console(stderr=args.json)
     console.print(
         f"Benchmark ({mode}): {len(cases)} cases" + (f" + {len(ep_cases)} EP cases" if ep_cases else "")
         + f", backends {', '.join(backends)}" + ("" if args.no_peers else " + peers") + f"; memory budget {budget.describe()}"

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from hal import registry
 from hal.cli_cases import add_case_filters, resolve_backends, selected_cases
+from hal.cli_console import console as make_console
 
 _STYLE = {"pass": "green", "fail": "red", "error": "dark_orange", "timeout": "magenta", "crash": "bold red", "unsupported": "dim"}
 
@@ -70,7 +71,7 @@ def run_record(args: argparse.Namespace) -> int:
     cases, _ = selected_cases(args)
     (backend,) = resolve_backends([args.backend], "hal conformance record")
     manifest = record(backend, cases, args.out)
-    Console().print(f"Recorded {len(cases)} case(s) from {backend} into {manifest.parent} ({manifest.name})")
+    make_console().print(f"Recorded {len(cases)} case(s) from {backend} into {manifest.parent} ({manifest.name})")
     return 0
 
 
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from hal.conformance.report import write_reports
     from hal.conformance.runner import run_backend
 
-    console = Console()
+    console = make_console()
     recorded = None
     if args.golden is not None:
         from hal.conformance.golden import load_goldens
@@ -226,7 +227,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from hal.conformance.catalogue import all_cases
     from hal.conformance.runner import run_backend
 
-    console = Console()
+    console = make_console()
     try:
         cert = certificate.load(args.certificate)
     except certificate.CertificateError as exc:

@@ -18,8 +18,8 @@ def run_hal(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     executable = shutil.which("hal", path=os.path.dirname(sys.executable)) or shutil.which("hal")
     command = [executable] if executable else [sys.executable, "-m", "hal.cli"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HAL_BACKEND")}
-    environment.update(env or {})
     environment["COLUMNS"] = "240"  # wide enough that no reason wraps inside its table cell
+    environment.update(env or {})
     return subprocess.run(command + list(args), capture_output=True, text=True, env=environment, timeout=120)
 
 
@@ -95,3 +95,17 @@ def test_the_capability_matrix_in_docs_is_current():
     path = Path(__file__).resolve().parents[1] / "docs" / "capabilities.md"
     assert path.read_text() == render(), "docs/capabilities.md is stale: run hal capabilities --write docs/capabilities.md"
     assert run_hal("capabilities", "--check", str(path)).returncode == 0
+
+
+
+def test_piped_output_is_not_folded_to_80_columns(monkeypatch):
+    from hal.cli_console import LOG_WIDTH, console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert console().width == LOG_WIDTH  # pytest captures stdout: not a terminal
+    monkeypatch.setenv("COLUMNS", "123")
+    assert console().width == 123
+    result = run_hal("backends", env={"COLUMNS": ""})  # piped, no width given: as in a CI log
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) > 80
+    assert "unavailable: no CUDA device" in result.stdout
