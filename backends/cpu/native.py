@@ -1,6 +1,6 @@
-"""The cpu backend's native kernels (FP8 GEMMs, MLA decode, combine's reduction): a small C library built on this machine, loaded with ctypes.
+"""The cpu backend's native kernels (FP8 GEMMs, MLA decode, combine's reduction, the BF16 GEMMs' range scan): a small C library built on this machine, loaded with ctypes.
 
-The sources are ``native/fp8_gemm.c``, ``native/mla_decode.c`` and ``native/ep_reduce.c`` beside this module (plain C11
+The sources are ``native/fp8_gemm.c``, ``native/mla_decode.c``, ``native/ep_reduce.c`` and ``native/bf16_range.c`` beside this module (plain C11
 with AVX-512 BF16 intrinsics where the compiler targets them, a portable C path elsewhere; their
 headers say how they work) and ``native/parallel.h``, their work sharing (torch's OpenMP threads,
 else a small pthread pool), compiled together into one library. It is
@@ -52,9 +52,9 @@ from hal.ccompiler import write_atomically as _write_atomically
 __all__ = ["ENV_NATIVE", "SOURCES", "FLAGS", "Build", "enabled", "build", "library", "load", "describe", "canary_key", "expected_fast"]
 
 ENV_NATIVE = "HAL_CPU_NATIVE"
-# One library, one build: the FP8 GEMMs, MLA decode and the combine reduction (each file
-# self-contained, exporting only hal_fp8_*, hal_mla_* and hal_ep_* symbols).
-SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("fp8_gemm.c", "mla_decode.c", "ep_reduce.c"))
+# One library, one build: the FP8 GEMMs, MLA decode, the combine reduction and the BF16 GEMMs'
+# range scan (each file self-contained, exporting only hal_fp8_*, hal_mla_*, hal_ep_* and hal_bf16_* symbols).
+SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("fp8_gemm.c", "mla_decode.c", "ep_reduce.c", "bf16_range.c"))
 # Headers the sources include: part of the build key (an edit rebuilds), not of the command line.
 HEADERS = tuple(Path(__file__).parent / "native" / name for name in ("parallel.h",))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-pthread")
@@ -199,6 +199,8 @@ def _load(path: Path) -> ctypes.CDLL | str:
                 lib.hal_fp8_path.restype = ctypes.c_char_p
                 lib.hal_mla_path.argtypes = []
                 lib.hal_mla_path.restype = ctypes.c_char_p
+                lib.hal_bf16_has_tiny.argtypes = [c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, c_int]
+                lib.hal_bf16_has_tiny.restype = c_int
                 _loaded[path] = lib
             except (OSError, AttributeError) as exc:
                 _loaded[path] = f"the built library does not load: {exc}"

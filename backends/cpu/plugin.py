@@ -1,11 +1,13 @@
-"""cpu backend plugin: DeepGEMM's FP8 GEMMs (dense, MoE contiguous, MoE masked), FlashMLA's dense
-MLA decode and the EP combine reduction on CPU tensors.
+"""cpu backend plugin: DeepGEMM's FP8 GEMMs (dense, MoE contiguous, MoE masked) and BF16 GEMMs
+(the same three), FlashMLA's dense MLA decode and the EP combine reduction on CPU tensors.
 
 A partial backend: it implements the three FP8 GEMM hooks at contract version 2 (float32 outputs
-and per-token RHS scales included), ``mla_decode`` (with the one-part schedule from its own
-``get_mla_metadata``: its kernel walks every sequence whole) and ``ep_combine_reduce``
-(:mod:`hal.backends.cpu.ep`). Selection is per operator: every other operator falls through to
-the next backend that implements it, as for any backend that lacks a hook.
+and per-token RHS scales included), the three BF16 GEMM hooks (:mod:`hal.backends.cpu.gemm_bf16`:
+torch's bf16 matmul where a native range scan shows it exact, else the fp32 matmul),
+``mla_decode`` (with the one-part schedule from its own ``get_mla_metadata``: its kernel walks
+every sequence whole) and ``ep_combine_reduce`` (:mod:`hal.backends.cpu.ep`). Selection is per
+operator: every other operator falls through to the next backend that implements it, as for any
+backend that lacks a hook.
 
 MLA decode runs on the native kernel (:mod:`hal.backends.cpu.mla_native`: ``vdpbf16ps`` scores,
 online softmax in fp32, P @ V in fp32) or, without it, on the reference formulation
@@ -51,6 +53,7 @@ from hal.backends.cpu import native
 from hal.canary import canaries_enabled, proving
 from hal.ops.ep_local import EP_COMBINE_REDUCE
 from hal.ops.gemm import GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED
+from hal.ops.gemm_bf16 import GEMM_BF16_NT, M_GROUPED_BF16_CONTIGUOUS, M_GROUPED_BF16_MASKED
 from hal.ops.mla import MLA_DECODE
 from hal.ops.mla_schedule import one_part_scheduler
 from hal.plugin import Availability, BackendInfo, hookimpl
@@ -69,7 +72,11 @@ def hal_backend_info() -> BackendInfo:
         description="CPU FP8 GEMMs and MLA decode: native C kernels (AVX-512 BF16 dot products) built here, else torch CPU kernels",
         priority=priority(),
         device_types=("cpu",),
-        contract_versions={op.name: op.version for op in (GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED, MLA_DECODE, EP_COMBINE_REDUCE)},
+        contract_versions={
+            op.name: op.version
+            for op in (GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED, GEMM_BF16_NT, M_GROUPED_BF16_CONTIGUOUS, M_GROUPED_BF16_MASKED,
+                       MLA_DECODE, EP_COMBINE_REDUCE)
+        },
     )
 
 
@@ -128,6 +135,27 @@ def hal_m_grouped_gemm_fp8_nt_masked(a, a_scales, b, b_scales, out, masked_m, ex
     from hal.backends.cpu.gemm_fp8 import m_grouped_masked
 
     m_grouped_masked(a, a_scales, b, b_scales, out, masked_m)
+
+
+@hookimpl
+def hal_gemm_bf16_nt(a, b, out):
+    from hal.backends.cpu.gemm_bf16 import gemm_bf16_nt
+
+    gemm_bf16_nt(_kernels(), a, b, out)
+
+
+@hookimpl
+def hal_m_grouped_gemm_bf16_nt_contiguous(a, b, out, m_indices):
+    from hal.backends.cpu.gemm_bf16 import m_grouped_contiguous
+
+    m_grouped_contiguous(_kernels(), a, b, out, m_indices)
+
+
+@hookimpl
+def hal_m_grouped_gemm_bf16_nt_masked(a, b, out, masked_m, expected_m):
+    from hal.backends.cpu.gemm_bf16 import m_grouped_masked
+
+    m_grouped_masked(_kernels(), a, b, out, masked_m)
 
 
 @hookimpl
