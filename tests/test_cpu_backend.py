@@ -22,6 +22,7 @@ from hal.ops.gemm_reference import blockwise_fp8_matmul
 FP8 = torch.float8_e4m3fn
 GEMMS = ("gemm_fp8_nt", "m_grouped_gemm_fp8_nt_contiguous", "m_grouped_gemm_fp8_nt_masked")
 BF16_GEMMS = ("gemm_bf16_nt", "m_grouped_gemm_bf16_nt_contiguous", "m_grouped_gemm_bf16_nt_masked")
+CASTS = ("per_token_cast_to_fp8", "per_block_cast_to_fp8")
 
 
 def _lhs(m: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +172,7 @@ def test_masked_groups_leave_rows_beyond_the_count_untouched(grouped_kernels):
 def test_quick_conformance_passes_on_every_operator_it_implements():
     results = run_backend("cpu", select_cases(quick=True))
     ran = {r.op for r in results if r.status != "unsupported"}
-    assert ran == set(GEMMS) | set(BF16_GEMMS) | {"ep_combine_reduce", "mla_decode"}
+    assert ran == set(GEMMS) | set(BF16_GEMMS) | set(CASTS) | {"ep_combine_reduce", "mla_decode"}
     assert all(r.passed for r in results if r.op in ran), [(r.case_id, r.reason) for r in results if r.op in ran and not r.passed]
 
 
@@ -249,7 +250,7 @@ def test_cpu_outranks_opencl_only_with_its_native_fast_path(op):
 
 def test_other_operators_fall_through_to_the_backends_below():
     cpu = hal.get_backend("cpu")
-    served = set(GEMMS) | set(BF16_GEMMS) | {"ep_combine_reduce", "mla_decode"}
+    served = set(GEMMS) | set(BF16_GEMMS) | set(CASTS) | {"ep_combine_reduce", "mla_decode"}
     assert sorted(h.removeprefix("hal_") for h in cpu.implemented_hooks()) == sorted(served | {"get_mla_metadata"})  # its MLA schedule
     assert hal.select("ep_combine_reduce", "cpu").backend.name == "cpu", "opencl has none: cpu outranks the numpy example"
     below = sorted((b for b in registry.backends().values() if b.name != "cpu"), key=lambda b: (-b.priority, b.name))

@@ -1,6 +1,6 @@
-"""The cpu backend's native kernels (FP8 GEMMs, MLA decode, combine's reduction, the BF16 GEMMs' range scan): a small C library built on this machine, loaded with ctypes.
+"""The cpu backend's native kernels (FP8 GEMMs, MLA decode, combine's reduction, the BF16 GEMMs' range scan, FP8 casts): a small C library built on this machine, loaded with ctypes.
 
-The sources are ``native/fp8_gemm.c``, ``native/mla_decode.c``, ``native/ep_reduce.c`` and ``native/bf16_range.c`` beside this module (plain C11
+The sources are ``native/fp8_gemm.c``, ``native/mla_decode.c``, ``native/ep_reduce.c``, ``native/bf16_range.c`` and ``native/fp8_cast.c`` beside this module (plain C11
 with AVX-512 BF16 intrinsics where the compiler targets them, a portable C path elsewhere; their
 headers say how they work) and ``native/parallel.h``, their work sharing (torch's OpenMP threads,
 else a small pthread pool), compiled together into one library. It is
@@ -52,9 +52,10 @@ from hal.ccompiler import write_atomically as _write_atomically
 __all__ = ["ENV_NATIVE", "SOURCES", "FLAGS", "Build", "enabled", "build", "library", "load", "describe", "canary_key", "expected_fast"]
 
 ENV_NATIVE = "HAL_CPU_NATIVE"
-# One library, one build: the FP8 GEMMs, MLA decode, the combine reduction and the BF16 GEMMs'
-# range scan (each file self-contained, exporting only hal_fp8_*, hal_mla_*, hal_ep_* and hal_bf16_* symbols).
-SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("fp8_gemm.c", "mla_decode.c", "ep_reduce.c", "bf16_range.c"))
+# One library, one build: the FP8 GEMMs, MLA decode, the combine reduction, the BF16 GEMMs' range
+# scan and the FP8 casts (each file self-contained, exporting only hal_fp8_*, hal_mla_*, hal_ep_*,
+# hal_bf16_* and hal_cast_* symbols).
+SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("fp8_gemm.c", "mla_decode.c", "ep_reduce.c", "bf16_range.c", "fp8_cast.c"))
 # Headers the sources include: part of the build key (an edit rebuilds), not of the command line.
 HEADERS = tuple(Path(__file__).parent / "native" / name for name in ("parallel.h",))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-pthread")
@@ -201,6 +202,9 @@ def _load(path: Path) -> ctypes.CDLL | str:
                 lib.hal_mla_path.restype = ctypes.c_char_p
                 lib.hal_bf16_has_tiny.argtypes = [c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, c_int]
                 lib.hal_bf16_has_tiny.restype = c_int
+                for cast in (lib.hal_cast_per_token, lib.hal_cast_per_block):
+                    cast.argtypes = [c_void_p, c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, c_void_p, c_void_p, c_int]
+                    cast.restype = c_int
                 _loaded[path] = lib
             except (OSError, AttributeError) as exc:
                 _loaded[path] = f"the built library does not load: {exc}"

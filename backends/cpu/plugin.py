@@ -1,10 +1,11 @@
-"""cpu backend plugin: DeepGEMM's FP8 GEMMs (dense, MoE contiguous, MoE masked) and BF16 GEMMs
-(the same three), FlashMLA's dense MLA decode and the EP combine reduction on CPU tensors.
+"""cpu backend plugin: DeepGEMM's FP8 GEMMs (dense, MoE contiguous, MoE masked), BF16 GEMMs (the
+same three) and FP8 casts, FlashMLA's dense MLA decode and the EP combine reduction on CPU tensors.
 
 A partial backend: it implements the three FP8 GEMM hooks at contract version 2 (float32 outputs
 and per-token RHS scales included), the three BF16 GEMM hooks (:mod:`hal.backends.cpu.gemm_bf16`:
-torch's bf16 matmul where a native range scan shows it exact, else the fp32 matmul),
-``mla_decode`` (with the one-part schedule from its own ``get_mla_metadata``: its kernel walks
+torch's bf16 matmul where a native range scan shows it exact, else the fp32 matmul), the two
+FP8 casts (:mod:`hal.backends.cpu.casts`, the reference's codes and scales; the reference itself
+without the native library), ``mla_decode`` (with the one-part schedule from its own ``get_mla_metadata``: its kernel walks
 every sequence whole) and ``ep_combine_reduce`` (:mod:`hal.backends.cpu.ep`). Selection is per
 operator: every other operator falls through to the next backend that implements it, as for any
 backend that lacks a hook.
@@ -53,6 +54,7 @@ from hal.backends.cpu import native
 from hal.canary import canaries_enabled, proving
 from hal.ops.ep_local import EP_COMBINE_REDUCE
 from hal.ops.gemm import GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED
+from hal.ops.fp8_quant import PER_BLOCK_CAST, PER_TOKEN_CAST, per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_bf16 import GEMM_BF16_NT, M_GROUPED_BF16_CONTIGUOUS, M_GROUPED_BF16_MASKED
 from hal.ops.mla import MLA_DECODE
 from hal.ops.mla_schedule import one_part_scheduler
@@ -75,7 +77,7 @@ def hal_backend_info() -> BackendInfo:
         contract_versions={
             op.name: op.version
             for op in (GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED, GEMM_BF16_NT, M_GROUPED_BF16_CONTIGUOUS, M_GROUPED_BF16_MASKED,
-                       MLA_DECODE, EP_COMBINE_REDUCE)
+                       PER_TOKEN_CAST, PER_BLOCK_CAST, MLA_DECODE, EP_COMBINE_REDUCE)
         },
     )
 
@@ -156,6 +158,26 @@ def hal_m_grouped_gemm_bf16_nt_masked(a, b, out, masked_m, expected_m):
     from hal.backends.cpu.gemm_bf16 import m_grouped_masked
 
     m_grouped_masked(_kernels(), a, b, out, masked_m)
+
+
+@hookimpl
+def hal_per_token_cast_to_fp8(x):
+    lib = _kernels()
+    if lib is None:
+        return per_token_cast_reference(x)
+    from hal.backends.cpu.casts import per_token_cast
+
+    return per_token_cast(lib, x)
+
+
+@hookimpl
+def hal_per_block_cast_to_fp8(x):
+    lib = _kernels()
+    if lib is None:
+        return per_block_cast_reference(x)
+    from hal.backends.cpu.casts import per_block_cast
+
+    return per_block_cast(lib, x)
 
 
 @hookimpl
