@@ -31,6 +31,7 @@ def _within_fp32_summation(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
     assert bool(((got.double() - exact).abs() <= bound).all()), float(((got.double() - exact).abs() / bound).max())
 
 
+@pytest.mark.skipif(not gemm_bf16.X86_64, reason="the bf16 matmul path (and its scan) runs on x86-64 only")
 def test_the_scan_sees_every_tiny_code_and_nothing_else():
     x = torch.zeros(3, 133, dtype=BF16)  # an odd width: the vector loop's tail
     bits = x.view(torch.int16)
@@ -57,6 +58,13 @@ def test_dense_is_the_fp32_sum_rounded_once(m, n, k, dtype):
     _within_fp32_summation(out, a, b)
 
 
+def test_other_architectures_take_the_fp32_path(monkeypatch):
+    monkeypatch.setattr(gemm_bf16, "X86_64", False)
+    x = torch.ones(2, 128, dtype=BF16)
+    assert not gemm_bf16.bf16_matmul_is_exact(_LIB, x)
+
+
+@pytest.mark.skipif(not gemm_bf16.X86_64, reason="the bf16 matmul path runs on x86-64 only")
 def test_subnormal_products_are_summed_not_flushed():
     """Every product of 2^-70 values is 2^-140, subnormal in fp32: a bf16 matmul returns zeros
     (vdpbf16ps flushes them), the contract the exact sum; one such row beside ordinary ones."""
@@ -112,7 +120,7 @@ def test_grouped_layouts_write_their_rows_only():
             _within_fp32_summation(out[rows], a[rows], b[group])
     masked_m = torch.tensor([5, 0, 17], dtype=torch.int32)
     a3 = torch.randn(groups, 20, k, generator=gen).to(BF16)
-    a3[1, 0, 0] = 1e-30  # a tiny value in a row nobody reads: the exact path, the same sums
+    a3[1, 0, 0] = 1e-30  # a tiny value in a row nobody reads: the scan reads all of a, so the fp32 path; the same sums
     out3 = torch.full((groups, 20, n), math.nan, dtype=BF16)
     gemm_bf16.m_grouped_masked(_LIB, a3, b, out3, masked_m)
     for g, rows in enumerate(masked_m.tolist()):

@@ -101,9 +101,9 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
 # lanes, 9-16 rows, 8-column groups; 1 and 5 K blocks: the decode of the next block and of the
 # next group's first block); 17, 33, 40 (16-row passes, the last 1 / 1 / 8 rows by the one-row and
 # lane-group kernels); 65 (tiles: six strips, the last of 5 rows; packed per K block); 255, 257
-# (many strips in groups: B packed once per strip of columns); 70 at 65 K blocks (B packed in two
-# chunks of K: the rows are written after the last). n: one partial half, a partial second half,
-# whole strips plus a 2-column tail. k: 1-3 K blocks.
+# (many strips in groups: B packed once per strip of columns); 70 at 65 K blocks (with one thread
+# B is packed in two chunks of K, see test_tiles_with_b_packed_in_two_chunks_of_k). n: one partial
+# half, a partial second half, whole strips plus a 2-column tail. k: 1-3 K blocks.
 @pytest.mark.parametrize(
     "m, n, k",
     [(1, 200, 128), (2, 130, 256), (7, 32, 384), (6, 130, 1280), (10, 130, 1280), (13, 33, 256), (15, 200, 256), (16, 130, 384), (16, 61, 128), (15, 333, 640), (17, 200, 128), (33, 48, 256), (40, 70, 384), (65, 130, 256), (255, 130, 256), (257, 200, 384), (70, 40, 65 * 128)],
@@ -305,6 +305,24 @@ def test_a_partial_column_group_never_sees_the_columns_before_it(lib, m):
         out = torch.full((m, n), math.nan, dtype=dtype)
         gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
         _assert_conforms(out, expected)
+
+
+def test_tiles_with_b_packed_in_two_chunks_of_k(lib):
+    """65 K blocks: B strips are packed 64 blocks at a time when a work item has more than two row
+    strips, which with one thread it does (with more threads the items get thinner: one block at a
+    time); the rows are written after the last chunk."""
+    gen = torch.Generator().manual_seed(6)
+    (a, sa), (b, sb) = _lhs(70, 65 * 128, gen), _rhs(40, 65 * 128, gen)
+    expected = _expected(a, sa, b, sb)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for dtype in (torch.bfloat16, torch.float32):
+            out = torch.full((70, 40), math.nan, dtype=dtype)
+            gemm_native.gemm_fp8_nt(lib, a, sa, b, sb, out)
+            _assert_conforms(out, expected)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("m", [16, 17, 65])

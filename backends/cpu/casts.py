@@ -27,6 +27,8 @@ def per_token_cast(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, tor
     """x [M, K] (K % 128 == 0) -> (float8_e4m3fn [M, K], float32 [M, K // 128])."""
     x = _rows(x)
     m, k = x.shape
+    if k % 128:
+        raise ValueError(f"native per-token cast: K={k} is not a multiple of 128 (the ops layer pads or rejects it)")
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     scales = torch.empty(m, k // 128, dtype=torch.float32)
     if m and k:

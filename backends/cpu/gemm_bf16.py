@@ -6,15 +6,19 @@ multiple of 128; ``out`` bf16 or float32 (grouped: bf16), written in place.
 
 Two formulations:
 
-- **bf16 matmul** (``torch.mm`` on the bf16 operands, bf16 out): oneDNN's kernels, AVX-512 BF16
-  ``vdpbf16ps`` or AMX ``tdpbf16ps`` where the CPU has them, with fp32 accumulators and one rounding
-  at the end: the contract's numerics, at the machine's bf16 matmul rate (4-5x the fp32 matmul on
-  the 2-core Zen 5 host). Those instructions treat subnormal inputs as zero and flush subnormal
-  results, so it runs only when no nonzero |a| or |b| is below 2^-56, which makes every product and
-  every fp32 partial sum a multiple of 2^-126: never subnormal, nothing flushed (the reasoning and
-  the scan are in ``native/bf16_range.c``; the scan reads each operand once at memory speed).
+- **bf16 matmul** (``torch.mm`` on the bf16 operands, bf16 out), on x86-64: oneDNN's kernels,
+  AVX-512 BF16 ``vdpbf16ps`` (or AMX ``tdpbf16ps``) where the CPU has them, fp32 widening and fp32
+  FMAs where it does not, with fp32 accumulators and one rounding at the end: the contract's
+  numerics, at the machine's bf16 matmul rate (4-5x the fp32 matmul on the 2-core Zen 5 host; on
+  that host ``vdpbf16ps`` measured as two IEEE fp32 additions, ``(acc + p1) + p0``, in 2M random
+  cases). Those instructions treat subnormal inputs as zero and flush subnormal results, so it runs
+  only when no nonzero |a| or |b| is below 2^-56, which makes every product and every fp32 partial
+  sum a multiple of 2^-126: never subnormal, nothing flushed (the reasoning and the scan are in
+  ``native/bf16_range.c``; the scan reads each operand once at memory speed).
 - **fp32 matmul** of the widened operands: float32 outputs (a bf16 matmul rounds its output to
-  bf16), operands with tiny values, and a process without the native library (the scan is native).
+  bf16), operands with tiny values, a process without the native library (the scan is native), and
+  every CPU but x86-64: Arm's BFDOT/BFMMLA, which torch's bf16 matmul uses there, round each pair
+  sum to odd without FEAT_EBF16, which is not the contract's arithmetic.
 
 DeepGEMM's own numbers for these shapes come from tensor cores that keep subnormals; so does the
 fp32 path, and the bf16 path never meets one.
@@ -23,6 +27,7 @@ fp32 path, and the bf16 path never meets one.
 from __future__ import annotations
 
 import ctypes
+import platform
 
 import torch
 
@@ -39,10 +44,14 @@ def _has_tiny(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     return bool(lib.hal_bf16_has_tiny(x.data_ptr(), x.numel() // cols, cols, cols, torch.get_num_threads()))
 
 
+# Where torch's bf16 matmul is known to sum products in IEEE fp32 (see the module docstring).
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def bf16_matmul_is_exact(lib: ctypes.CDLL | None, *operands: torch.Tensor) -> bool:
     """Whether torch's bf16 matmul computes the contract's sums for these contiguous bf16 operands:
-    the native scan finds no nonzero magnitude below 2^-56 in any of them."""
-    return lib is not None and not any(_has_tiny(lib, x) for x in operands)
+    on x86-64, when the native scan finds no nonzero magnitude below 2^-56 in any of them."""
+    return X86_64 and lib is not None and not any(_has_tiny(lib, x) for x in operands)
 
 
 def _fp32_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:

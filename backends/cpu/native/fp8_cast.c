@@ -7,8 +7,9 @@
  *           reference's `448.0 / amax` as a reciprocal, then a product (Tensor.__rdiv__), and one
  *           division instead moves products onto the other side of an e4m3 tie (bf16 inputs,
  *           whose short mantissas make ties common: 30 of 50k codes in a test). The product is
- *           rounded to fp32, then converted as torch converts (round to nearest even; past 448:
- *           448, inf included; NaN: 0x7f; sign kept)
+ *           rounded to fp32, then converted as torch 2.13 converts (round to nearest even; past
+ *           448: 448, inf included, where older torch gave NaN from 480 up: no scaled value
+ *           gets there, |x| <= amax; NaN: 0x7f; sign kept)
  *   scale = amax / 448.0f
  *
  * Built with the other native kernels (cc -O3 -march=native -std=c11 -ffp-contract=off ...) and

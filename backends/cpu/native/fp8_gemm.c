@@ -343,9 +343,9 @@ static void write_rows(const problem *p, long row0, int rows, long n0, long widt
 }
 
 /* The lines of out under rows [row0, row0 + rows) x columns [n0, n0 + width) fetched for writing
- * (prefetchw where the CPU has it). A strip's 32 columns are one 64-byte line per row, and with
- * out's rows a power of two apart (n = 32768 bf16: 64 KiB) all of an item's lines fall in one L1
- * set and two L2 sets: written all at the item's end (up to 768 rows), each store missed and
+ * (prefetchw where the CPU has it). A strip's 32 columns are one or two 64-byte lines per row (one
+ * for bf16 rows aligned to 64 bytes), and with out's rows a power of two apart (n = 32768 bf16:
+ * 64 KiB) all of an item's lines fall in one L1 set and two L2 sets: written all at the item's end (up to 768 rows), each store missed and
  * evicted the lines before it. Measured against that (interleaved, 2 threads, weights from memory,
  * GFLOP/s): K = 512, n = 32768: m = 64 541 -> 597, 128 1.12x, 256 692 -> 781, 1024 713 -> 791;
  * K = 2048 1.00-1.04x; K = 7168 alike. With out's rows 64 elements apart (no misses, wrong sums)
