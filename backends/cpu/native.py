@@ -57,7 +57,7 @@ ENV_NATIVE = "HAL_CPU_NATIVE"
 # hal_bf16_* and hal_cast_* symbols).
 SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("fp8_gemm.c", "mla_decode.c", "ep_reduce.c", "bf16_range.c", "fp8_cast.c"))
 # Headers the sources include: part of the build key (an edit rebuilds), not of the command line.
-HEADERS = tuple(Path(__file__).parent / "native" / name for name in ("parallel.h",))
+HEADERS = tuple(Path(__file__).parent / "native" / name for name in ("parallel.h", "float_bits.h"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-pthread")
 # The preprocessor symbols whose presence selects the fast path in fp8_gemm.c (HAL_FAST).
 _FAST_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512VBMI__", "__AVX512BF16__")

@@ -160,24 +160,24 @@ def hal_m_grouped_gemm_bf16_nt_masked(a, b, out, masked_m, expected_m):
     m_grouped_masked(_kernels(), a, b, out, masked_m)
 
 
-@hookimpl
-def hal_per_token_cast_to_fp8(x):
+def _cast(x, native_cast: str, reference):
+    """The native cast named ``native_cast`` in :mod:`hal.backends.cpu.casts`, or the reference without the library."""
     lib = _kernels()
     if lib is None:
-        return per_token_cast_reference(x)
-    from hal.backends.cpu.casts import per_token_cast
+        return reference(x)
+    from hal.backends.cpu import casts
 
-    return per_token_cast(lib, x)
+    return getattr(casts, native_cast)(lib, x)
+
+
+@hookimpl
+def hal_per_token_cast_to_fp8(x):
+    return _cast(x, "per_token_cast", per_token_cast_reference)
 
 
 @hookimpl
 def hal_per_block_cast_to_fp8(x):
-    lib = _kernels()
-    if lib is None:
-        return per_block_cast_reference(x)
-    from hal.backends.cpu.casts import per_block_cast
-
-    return per_block_cast(lib, x)
+    return _cast(x, "per_block_cast", per_block_cast_reference)
 
 
 @hookimpl

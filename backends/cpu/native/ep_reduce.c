@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "float_bits.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -30,31 +32,10 @@
 enum { EP_BF16 = 0, EP_F16 = 1, EP_F32 = 2 };
 #define EP_CHUNK 1024 /* fp32 channels accumulated at a time: 4 KiB */
 
-static inline float ep_bits_f32(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint32_t ep_f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
 static inline uint16_t ep_f32_bf16(float f) {
-    uint32_t u = ep_f32_bits(f);
+    uint32_t u = fb_bits(f);
     /* NaN stays a (quiet) NaN; otherwise round to nearest even, as torch's conversion. */
     return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float ep_f16_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    if (exp == 0x1fu) return ep_bits_f32(sign | 0x7f800000u | (man << 13)); /* inf, NaN */
-    if (exp != 0) return ep_bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
-    /* zero and subnormals: man * 2^-24, exact in fp32 */
-    float v = (float)man * ep_bits_f32(0x33800000u);
-    return sign ? -v : v;
 }
 
 static inline uint16_t ep_f32_f16(float f) {
@@ -63,12 +44,12 @@ static inline uint16_t ep_f32_f16(float f) {
      * exponent of f (at least fp16's smallest normal, so subnormals round at their own ulp) leaves
      * exactly fp16's 10 mantissa bits above the rounding point. The same algorithm as torch's
      * fp16 conversion, hence the same results. */
-    const uint32_t w = ep_f32_bits(f), twice = w + w, sign = w & 0x80000000u;
-    float base = (ep_bits_f32(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = fb_bits(f), twice = w + w, sign = w & 0x80000000u;
+    float base = (fb_float(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
     uint32_t bias = twice & 0xff000000u;
     if (bias < 0x71000000u) bias = 0x71000000u;
-    base = ep_bits_f32((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = ep_f32_bits(base);
+    base = fb_float((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = fb_bits(base);
     const uint32_t magnitude = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
     return (uint16_t)((sign >> 16) | (twice > 0xff000000u ? 0x7e00u : magnitude));
 }
@@ -100,11 +81,11 @@ enum { EP_FIRST, EP_MIDDLE, EP_LAST, EP_ONLY };
         }                                                                                                              \
     }
 
-#define EP_BF16_LOAD(h) ep_bits_f32((uint32_t)(h) << 16)
+#define EP_BF16_LOAD(h) fb_float((uint32_t)(h) << 16)
 #define EP_F32_LOAD(f) (f)
 #define EP_F32_STORE(f) (f)
 EP_PASS(ep_pass_bf16, uint16_t, EP_BF16_LOAD, uint16_t, ep_f32_bf16)
-EP_PASS(ep_pass_f16, uint16_t, ep_f16_f32, uint16_t, ep_f32_f16)
+EP_PASS(ep_pass_f16, uint16_t, fb_f16_f32, uint16_t, ep_f32_f16)
 EP_PASS(ep_pass_f32, float, EP_F32_LOAD, float, EP_F32_STORE)
 
 /* Returns 0, or 1 for an argument the caller should never pass (bad dtype, a row outside every segment). */

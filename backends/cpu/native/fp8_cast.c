@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "float_bits.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -31,32 +33,13 @@ enum { CAST_BF16 = 0, CAST_F16 = 1, CAST_F32 = 2 };
 #define CAST_BLOCK 128
 #define CAST_MIN_PARALLEL (1L << 16) /* elements: below this one thread (a decode batch of 16 x 7168 is 115k) */
 
-static inline uint32_t cast_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static inline float cast_float(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline float cast_f16_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    const float sub = (float)man * cast_float(0x33800000u); /* zero and subnormals: man * 2^-24, exact */
-    const uint32_t normal = exp == 0x1fu ? 0x7f800000u | (man << 13) : ((exp + 112u) << 23) | (man << 13);
-    return exp == 0 ? cast_float(cast_bits(sub) | sign) : cast_float(normal | sign);
-}
-
 /* torch's float -> float8_e4m3fn (c10::detail::fp8e4m3fn_from_fp32_value), every path computed and one selected. */
 static inline uint8_t cast_e4m3(float f) {
-    uint32_t bits = cast_bits(f);
+    uint32_t bits = fb_bits(f);
     const uint32_t sign = bits & 0x80000000u;
     bits ^= sign;
     const uint32_t denorm_magic = 141u << 23;
-    const uint8_t tiny = (uint8_t)(cast_bits(cast_float(bits) + cast_float(denorm_magic)) - denorm_magic);
+    const uint8_t tiny = (uint8_t)(fb_bits(fb_float(bits) + fb_float(denorm_magic)) - denorm_magic);
     uint8_t normal = (uint8_t)((bits + ((uint32_t)(7 - 127) << 23) + 0x7ffffu + ((bits >> 20) & 1u)) >> 20);
     normal = normal == 0x7f ? 0x7e : normal;
     const uint8_t big = bits > 0x7f800000u ? 0x7f : 0x7e;
@@ -68,10 +51,10 @@ static inline uint8_t cast_e4m3(float f) {
 static inline void cast_widen(const void *x, int dtype, int64_t n, float *restrict v) {
     if (dtype == CAST_BF16) {
         const uint16_t *h = x;
-        for (int64_t i = 0; i < n; i++) v[i] = cast_float((uint32_t)h[i] << 16);
+        for (int64_t i = 0; i < n; i++) v[i] = fb_float((uint32_t)h[i] << 16);
     } else if (dtype == CAST_F16) {
         const uint16_t *h = x;
-        for (int64_t i = 0; i < n; i++) v[i] = cast_f16_f32(h[i]);
+        for (int64_t i = 0; i < n; i++) v[i] = fb_f16_f32(h[i]);
     } else {
         memcpy(v, x, (size_t)n * sizeof(float));
     }
@@ -83,7 +66,7 @@ static inline void cast_widen(const void *x, int dtype, int64_t n, float *restri
 static inline void cast_amax(const float *restrict v, int64_t n, uint32_t *top) {
     uint32_t m = *top;
     for (int64_t i = 0; i < n; i++) {
-        const uint32_t a = cast_bits(v[i]) & 0x7fffffffu;
+        const uint32_t a = fb_bits(v[i]) & 0x7fffffffu;
         m = a > m ? a : m;
     }
     *top = m;
@@ -91,8 +74,8 @@ static inline void cast_amax(const float *restrict v, int64_t n, uint32_t *top) 
 
 /* The slice's amax after the floor, or NaN (as torch's amax, then clamp, give it). */
 static inline float cast_floor(uint32_t top) {
-    if (top > 0x7f800000u) return cast_float(0x7fc00000u);
-    const float amax = cast_float(top);
+    if (top > 0x7f800000u) return fb_float(0x7fc00000u);
+    const float amax = fb_float(top);
     return amax < 1e-4f ? 1e-4f : amax;
 }
 

@@ -1,0 +1,30 @@
+/* Bit-level float helpers shared by unihal's native CPU kernels (static inline: each kernel file
+ * that includes this has its own copy, and exports nothing from it). */
+#ifndef HAL_NATIVE_FLOAT_BITS_H
+#define HAL_NATIVE_FLOAT_BITS_H
+
+#include <stdint.h>
+#include <string.h>
+
+static inline uint32_t fb_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float fb_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* fp16 bits -> the same value in fp32 (exact; inf and NaN kept, NaN payload shifted along). Every
+ * path is computed and one selected, so that loops over it vectorise. */
+static inline float fb_f16_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    const float sub = (float)man * fb_float(0x33800000u); /* zero and subnormals: man * 2^-24, exact */
+    const uint32_t normal = exp == 0x1fu ? 0x7f800000u | (man << 13) : ((exp + 112u) << 23) | (man << 13);
+    return exp == 0 ? fb_float(fb_bits(sub) | sign) : fb_float(normal | sign);
+}
+
+#endif /* HAL_NATIVE_FLOAT_BITS_H */
