@@ -739,6 +739,17 @@ def _context_past_width(a: Args, r: random.Random) -> Args:
     return _replace(a, context_lens=lens, width=int(lens.max()) - 1)
 
 
+def _table_past_cache(a: Args, r: random.Random) -> Args:
+    """Every block id past the cache, and a page that is read (when every context was empty, the
+    first sequence's rows get length 1: entries no row reads may hold anything)."""
+    lens = a["context_lens"].clone()
+    width = a["width"]
+    if int(lens.max()) == 0:
+        lens[0] = 1
+        width = max(width, 1)
+    return _replace(a, table=a["table"] + a["cache"].shape[0], context_lens=lens, width=width)
+
+
 PAGED_MQA_LOGITS = Operator(
     "paged_mqa_logits",
     _make_paged,
@@ -750,7 +761,7 @@ PAGED_MQA_LOGITS = Operator(
         Mutation("every context empty", lambda a, r: _replace(a, context_lens=torch.zeros_like(a["context_lens"])), True),
         Mutation("NaN scale in a block", lambda a, r: _replace(a, cache=_nan_scale(a["cache"])), True),
         Mutation("context past max_context_len", _context_past_width, False),
-        Mutation("block id past the cache", lambda a, r: _replace(a, table=a["table"] + a["cache"].shape[0]), False),
+        Mutation("block id past the cache", _table_past_cache, False),
         Mutation("cache of D + 3 bytes", lambda a, r: _replace(a, cache=a["cache"][..., :-1]), False),
         Mutation("q float32", lambda a, r: _replace(a, q=a["q"].float()), False),
         Mutation("weights of another row count", lambda a, r: _replace(a, weights=torch.cat([a["weights"], a["weights"]])), False),
