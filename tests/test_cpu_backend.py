@@ -22,7 +22,7 @@ from hal.ops.gemm_reference import blockwise_fp8_matmul
 FP8 = torch.float8_e4m3fn
 GEMMS = ("gemm_fp8_nt", "m_grouped_gemm_fp8_nt_contiguous", "m_grouped_gemm_fp8_nt_masked")
 BF16_GEMMS = ("gemm_bf16_nt", "m_grouped_gemm_bf16_nt_contiguous", "m_grouped_gemm_bf16_nt_masked")
-CASTS = ("per_token_cast_to_fp8", "per_block_cast_to_fp8")
+CASTS = ("per_token_cast_to_fp8", "per_block_cast_to_fp8", "quantize_mla_kv_cache")
 
 
 def _lhs(m: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,3 +84,41 @@ def test_the_public_casts_run_here(monkeypatch):
     assert hal.select("per_block_cast_to_fp8", "cpu").backend.name == "cpu"
     x = torch.randn(16, 512).to(torch.bfloat16)
     _assert_same(hal.per_token_cast_to_fp8(x), per_token_cast_reference(x))
+
+
+def _assert_same_records(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """FlashMLA FP8 records (codes, 4 fp32 scales, 64 bf16 rope values) equal, NaNs compared as NaN
+    (a NaN's bits depend on which of torch's conversions ran: 0x7fc0, 0xffff or its payload)."""
+    got, expected = got.view(torch.uint8).reshape(-1, 656), expected.view(torch.uint8).reshape(-1, 656)
+    _assert_same((got[:, :512].view(torch.float8_e4m3fn), got[:, 512:528].contiguous().view(torch.float32)),
+                 (expected[:, :512].view(torch.float8_e4m3fn), expected[:, 512:528].contiguous().view(torch.float32)))
+    rope, want = got[:, 528:].contiguous().view(torch.bfloat16), expected[:, 528:].contiguous().view(torch.bfloat16)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(rope), nan) and torch.equal(rope[~nan].view(torch.int16), want[~nan].view(torch.int16)), "rope differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_mla_kv_cache_records_match_the_reference(dtype):
+    from hal.ops.mla_fp8_cache import quantize_mla_kv_cache_reference
+
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 64, 1, 576, generator=gen) * torch.exp(torch.randn(3, 64, 1, 1, generator=gen) * 5)).to(dtype)
+    x[0, 0, 0, 5] = math.nan  # a NaN tile: NaN scale, NaN codes
+    x[0, 1, 0, 300] = math.inf  # an inf tile: inf scale, zeros and a NaN
+    x[1, 2, 0, :128] = 0.0  # an all-zero tile: the 1e-4 floor
+    x[2, 3, 0, 520] = -math.nan  # a NaN rope value
+    for view in (x, x[:, ::3], x[1:]):  # token and block strides
+        _assert_same_records(casts.mla_kv_cache(_LIB, view), quantize_mla_kv_cache_reference(view))
+    codes = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16 if dtype != torch.float16 else dtype)
+    every = torch.cat([codes, codes[: 576 * 114 - (1 << 16)]]).reshape(114, 1, 1, 576)
+    _assert_same_records(casts.mla_kv_cache(_LIB, every), quantize_mla_kv_cache_reference(every))
+
+
+def test_mla_kv_cache_through_the_api():
+    if not native.expected_fast():
+        pytest.skip("the cpu backend ranks below opencl here")
+    assert hal.select("quantize_mla_kv_cache", "cpu").backend.name == "cpu"
+    x = torch.randn(2, 16, 1, 576).to(torch.bfloat16)
+    from hal.ops.mla_fp8_cache import quantize_mla_kv_cache_reference
+
+    _assert_same_records(hal.quantize_mla_kv_cache(x), quantize_mla_kv_cache_reference(x))

@@ -1,4 +1,4 @@
-"""DeepGEMM's FP8 casts on the native kernels (``native/fp8_cast.c``): ctypes calls on the tensors' memory.
+"""DeepGEMM's FP8 casts and FlashMLA's FP8 KV cache quantisation on the native kernels (``native/fp8_cast.c``): ctypes calls on the tensors' memory.
 
 Bit for bit :func:`hal.ops.fp8_quant.per_token_cast_reference` and
 :func:`~hal.ops.fp8_quant.per_block_cast_reference` (codes and scales; the sign bit of a NaN code or
@@ -14,7 +14,7 @@ import ctypes
 
 import torch
 
-__all__ = ["per_token_cast", "per_block_cast"]
+__all__ = ["per_token_cast", "per_block_cast", "mla_kv_cache"]
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -49,3 +49,17 @@ def per_block_cast(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, tor
         if rc:
             raise ValueError(f"native per-block cast: unexpected dtype {x.dtype}")
     return codes, scales
+
+
+def mla_kv_cache(lib: ctypes.CDLL, k_cache: torch.Tensor) -> torch.Tensor:
+    """k_cache [blocks, page, 1, 576] bf16/fp16/fp32 (any block and token strides) -> FlashMLA's FP8
+    records, float8_e4m3fn [blocks, page, 1, 656] (:func:`hal.ops.mla_fp8_cache.quantize_mla_kv_cache_reference`'s
+    bytes; a NaN tile's scale is the canonical NaN)."""
+    x = k_cache if k_cache.stride(3) == 1 else k_cache.contiguous()
+    blocks, page = x.shape[:2]
+    out = torch.empty(blocks, page, 656, dtype=torch.uint8)
+    if blocks and page:
+        rc = lib.hal_cast_mla_kv_cache(x.data_ptr(), _DTYPES[x.dtype], blocks, page, x.stride(0), x.stride(1), out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native MLA KV cache quantisation: unexpected dtype {x.dtype}")
+    return out.view(torch.float8_e4m3fn).view(blocks, page, 1, 656)

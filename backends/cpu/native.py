@@ -205,6 +205,8 @@ def _load(path: Path) -> ctypes.CDLL | str:
                 for cast in (lib.hal_cast_per_token, lib.hal_cast_per_block):
                     cast.argtypes = [c_void_p, c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, c_void_p, c_void_p, c_int]
                     cast.restype = c_int
+                lib.hal_cast_mla_kv_cache.argtypes = [c_void_p, c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, c_void_p, c_int]
+                lib.hal_cast_mla_kv_cache.restype = c_int
                 _loaded[path] = lib
             except (OSError, AttributeError) as exc:
                 _loaded[path] = f"the built library does not load: {exc}"

@@ -4,8 +4,8 @@ same three) and FP8 casts, FlashMLA's dense MLA decode and the EP combine reduct
 A partial backend: it implements the three FP8 GEMM hooks at contract version 2 (float32 outputs
 and per-token RHS scales included), the three BF16 GEMM hooks (:mod:`hal.backends.cpu.gemm_bf16`:
 torch's bf16 matmul where a native range scan shows it exact, else the fp32 matmul), the two
-FP8 casts (:mod:`hal.backends.cpu.casts`, the reference's codes and scales; the reference itself
-without the native library), ``mla_decode`` (with the one-part schedule from its own ``get_mla_metadata``: its kernel walks
+FP8 casts and ``quantize_mla_kv_cache`` (:mod:`hal.backends.cpu.casts`, the reference's codes,
+scales and records; the reference itself without the native library), ``mla_decode`` (with the one-part schedule from its own ``get_mla_metadata``: its kernel walks
 every sequence whole) and ``ep_combine_reduce`` (:mod:`hal.backends.cpu.ep`). Selection is per
 operator: every other operator falls through to the next backend that implements it, as for any
 backend that lacks a hook.
@@ -57,6 +57,7 @@ from hal.ops.gemm import GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED
 from hal.ops.fp8_quant import PER_BLOCK_CAST, PER_TOKEN_CAST, per_block_cast_reference, per_token_cast_reference
 from hal.ops.gemm_bf16 import GEMM_BF16_NT, M_GROUPED_BF16_CONTIGUOUS, M_GROUPED_BF16_MASKED
 from hal.ops.mla import MLA_DECODE
+from hal.ops.mla_fp8_cache import QUANTIZE_MLA_KV_CACHE, quantize_mla_kv_cache_reference
 from hal.ops.mla_schedule import one_part_scheduler
 from hal.plugin import Availability, BackendInfo, hookimpl
 
@@ -77,7 +78,7 @@ def hal_backend_info() -> BackendInfo:
         contract_versions={
             op.name: op.version
             for op in (GEMM_FP8_NT, M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED, GEMM_BF16_NT, M_GROUPED_BF16_CONTIGUOUS, M_GROUPED_BF16_MASKED,
-                       PER_TOKEN_CAST, PER_BLOCK_CAST, MLA_DECODE, EP_COMBINE_REDUCE)
+                       PER_TOKEN_CAST, PER_BLOCK_CAST, QUANTIZE_MLA_KV_CACHE, MLA_DECODE, EP_COMBINE_REDUCE)
         },
     )
 
@@ -161,7 +162,7 @@ def hal_m_grouped_gemm_bf16_nt_masked(a, b, out, masked_m, expected_m):
 
 
 def _cast(x, native_cast: str, reference):
-    """The native cast named ``native_cast`` in :mod:`hal.backends.cpu.casts`, or the reference without the library."""
+    """The native cast (or KV cache quantisation) named ``native_cast`` in :mod:`hal.backends.cpu.casts`, or the reference without the library."""
     lib = _kernels()
     if lib is None:
         return reference(x)
@@ -178,6 +179,11 @@ def hal_per_token_cast_to_fp8(x):
 @hookimpl
 def hal_per_block_cast_to_fp8(x):
     return _cast(x, "per_block_cast", per_block_cast_reference)
+
+
+@hookimpl
+def hal_quantize_mla_kv_cache(k_cache):
+    return _cast(k_cache, "mla_kv_cache", quantize_mla_kv_cache_reference)
 
 
 @hookimpl

@@ -32,12 +32,6 @@
 enum { EP_BF16 = 0, EP_F16 = 1, EP_F32 = 2 };
 #define EP_CHUNK 1024 /* fp32 channels accumulated at a time: 4 KiB */
 
-static inline uint16_t ep_f32_bf16(float f) {
-    uint32_t u = fb_bits(f);
-    /* NaN stays a (quiet) NaN; otherwise round to nearest even, as torch's conversion. */
-    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 static inline uint16_t ep_f32_f16(float f) {
     /* Round to nearest even by letting an fp32 addition do it: scaling |f| up by 2^112 then down by
      * 2^-110 keeps it exact (saturating to inf past fp16's range), and adding 2^(e+13) for e the
@@ -84,7 +78,7 @@ enum { EP_FIRST, EP_MIDDLE, EP_LAST, EP_ONLY };
 #define EP_BF16_LOAD(h) fb_float((uint32_t)(h) << 16)
 #define EP_F32_LOAD(f) (f)
 #define EP_F32_STORE(f) (f)
-EP_PASS(ep_pass_bf16, uint16_t, EP_BF16_LOAD, uint16_t, ep_f32_bf16)
+EP_PASS(ep_pass_bf16, uint16_t, EP_BF16_LOAD, uint16_t, fb_f32_bf16)
 EP_PASS(ep_pass_f16, uint16_t, fb_f16_f32, uint16_t, ep_f32_f16)
 EP_PASS(ep_pass_f32, float, EP_F32_LOAD, float, EP_F32_STORE)
 

@@ -27,4 +27,10 @@ static inline float fb_f16_f32(uint16_t h) {
     return exp == 0 ? fb_float(fb_bits(sub) | sign) : fb_float(normal | sign);
 }
 
+/* fp32 -> bf16 bits as torch rounds: to nearest even; NaN: 0x7fc0. */
+static inline uint16_t fb_f32_bf16(float f) {
+    const uint32_t u = fb_bits(f);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 #endif /* HAL_NATIVE_FLOAT_BITS_H */

@@ -1,5 +1,6 @@
-/* DeepGEMM's FP8 casts (per_token_cast_to_fp8, per_block_cast_to_fp8) for the cpu backend of
- * unihal, bit for bit the reference's (hal.ops.fp8_quant):
+/* DeepGEMM's FP8 casts (per_token_cast_to_fp8, per_block_cast_to_fp8) and FlashMLA's FP8 KV cache
+ * records (quantize_mla_kv_cache, at the end of this file) for the cpu backend of unihal. The
+ * casts, bit for bit the reference's (hal.ops.fp8_quant):
  *
  *   amax  = max |x| over the slice (128 channels of one token, or a 128 x 128 block; NaN if any
  *           element is NaN), clamped below at 1e-4f (NaN stays NaN)
@@ -13,10 +14,10 @@
  *   scale = amax / 448.0f
  *
  * Built with the other native kernels (cc -O3 -march=native -std=c11 -ffp-contract=off ...) and
- * called through ctypes by hal.backends.cpu.casts. Self-contained: exported symbols are prefixed
- * hal_cast_, all else is static. Plain C written for the compiler to vectorise: the conversion is
- * computed for every path and selected (no branch per element), so a slice is a few passes over
- * 128 values in L1. Tokens (or rows of blocks) are independent: OpenMP threads take them in chunks
+ * called through ctypes by hal.backends.cpu.casts. Self-contained (with float_bits.h): exported
+ * symbols are prefixed hal_cast_, all else is static. Plain C written for the compiler to
+ * vectorise: the conversion is computed for every path and selected (no branch per element), so a
+ * slice is a few passes over 128 values in L1. Tokens (or rows of blocks) are independent: OpenMP threads take them in chunks
  * when there is enough work to pay for waking them.
  */
 
@@ -142,6 +143,58 @@ int hal_cast_per_block(const void *x, int dtype, int64_t n, int64_t k, int64_t l
             cast_codes(v, width, factor, q + r * k + c0);
         }
         s[br * bcols + bc] = amax / 448.0f;
+    }
+    return 0;
+}
+
+/* FlashMLA's FP8 KV cache (quantize_mla_kv_cache; hal.ops.mla_fp8_cache), record for record the
+ * reference's: per token, the 512 latent channels in 4 tiles of 128, each with a power-of-two
+ * scale (ue8m0: the smallest 2^e >= max(amax / 448, 1e-4); NaN stays NaN, inf stays inf), codes
+ * e4m3fn(x / scale); then the 4 scales (fp32) and the 64 rope channels as bf16 (rounded to nearest
+ * even, NaN as 0x7fc0, as torch converts). Record: 512 code bytes, 16 scale bytes, 128 rope bytes. */
+#define KV_LATENT 512
+#define KV_ROPE 64
+#define KV_TILES (KV_LATENT / CAST_BLOCK)
+#define KV_RECORD (KV_LATENT + 4 * KV_TILES + 2 * KV_ROPE)
+
+static inline float kv_ue8m0(float amax) {
+    float x = amax / 448.0f;
+    x = x < 1e-4f ? 1e-4f : x; /* NaN stays */
+    const uint32_t bits = fb_bits(x), exponent = bits & 0x7f800000u;
+    if (exponent == 0x7f800000u) return x; /* inf, NaN */
+    return fb_float((bits & 0x7fffffu) == 0 ? exponent : exponent + (1u << 23));
+}
+
+/* x: tokens of 576 channels (dtype), token t at x + (t / page) * block_stride + (t % page) * token_stride
+ * elements, channels contiguous; out: tokens x KV_RECORD bytes. Returns 0, or 1 for a bad dtype. */
+int hal_cast_mla_kv_cache(const void *x, int dtype, int64_t blocks, int64_t page, int64_t block_stride, int64_t token_stride,
+                          uint8_t *out, int threads) {
+    if (dtype < CAST_BF16 || dtype > CAST_F32) return 1;
+    const size_t es = cast_esize(dtype);
+    const int64_t tokens = blocks * page;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (tokens * (KV_LATENT + KV_ROPE) >= CAST_MIN_PARALLEL)
+#else
+    (void)threads;
+#endif
+    for (int64_t t = 0; t < tokens; t++) {
+        const char *src = (const char *)x + ((size_t)(t / page) * (size_t)block_stride + (size_t)(t % page) * (size_t)token_stride) * es;
+        uint8_t *rec = out + t * KV_RECORD;
+        float v[CAST_BLOCK] __attribute__((aligned(64)));
+        float scales[KV_TILES];
+        for (int tile = 0; tile < KV_TILES; tile++) {
+            cast_widen(src + (size_t)tile * CAST_BLOCK * es, dtype, CAST_BLOCK, v);
+            uint32_t top = 0;
+            cast_amax(v, CAST_BLOCK, &top);
+            const float scale = kv_ue8m0(top > 0x7f800000u ? fb_float(0x7fc00000u) : fb_float(top));
+            for (int i = 0; i < CAST_BLOCK; i++) rec[tile * CAST_BLOCK + i] = cast_e4m3(v[i] / scale);
+            scales[tile] = scale;
+        }
+        memcpy(rec + KV_LATENT, scales, sizeof scales);
+        cast_widen(src + (size_t)KV_LATENT * es, dtype, KV_ROPE, v);
+        uint16_t rope[KV_ROPE];
+        for (int i = 0; i < KV_ROPE; i++) rope[i] = fb_f32_bf16(v[i]);
+        memcpy(rec + KV_LATENT + 4 * KV_TILES, rope, sizeof rope);
     }
     return 0;
 }
