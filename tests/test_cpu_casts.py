@@ -109,9 +109,22 @@ def test_mla_kv_cache_records_match_the_reference(dtype):
     x[2, 3, 0, 520] = -math.nan  # a NaN rope value
     for view in (x, x[:, ::3], x[1:]):  # token and block strides
         _assert_same_records(casts.mla_kv_cache(_LIB, view), quantize_mla_kv_cache_reference(view))
-    codes = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16 if dtype != torch.float16 else dtype)
-    every = torch.cat([codes, codes[: 576 * 114 - (1 << 16)]]).reshape(114, 1, 1, 576)
+    if dtype == torch.float32:  # random bit patterns: every class of fp32 value, NaNs and infs included
+        every = torch.randint(-(2**31), 2**31, (114, 1, 1, 576), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    else:  # every bit pattern
+        codes = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+        every = torch.cat([codes, codes[: 576 * 114 - (1 << 16)]]).reshape(114, 1, 1, 576)
     _assert_same_records(casts.mla_kv_cache(_LIB, every), quantize_mla_kv_cache_reference(every))
+    # ue8m0 rounds amax / 448 up to a power of two exactly: one ulp above 448 * 2^-9 takes 2^-8
+    edge = torch.full((1, 4, 1, 576), 0.25, dtype=dtype)
+    edge[0, 0, 0, 7] = 0.875
+    edge[0, 1, 0, 7] = torch.nextafter(torch.tensor(0.875, dtype=torch.float32), torch.tensor(1.0)).to(dtype) if dtype == torch.float32 else 0.87890625
+    edge[0, 2, 0, 7] = 448.0 * 2.0 ** -20
+    edge[0, 3, 0, 7] = 1e-4 * 448  # at the floor
+    got = casts.mla_kv_cache(_LIB, edge)
+    _assert_same_records(got, quantize_mla_kv_cache_reference(edge))
+    scales = got.view(torch.uint8).reshape(4, 656)[:, 512:516].contiguous().view(torch.float32).flatten()
+    assert scales[0] == 2.0 ** -9 and scales[1] == 2.0 ** -8
 
 
 def test_mla_kv_cache_through_the_api():

@@ -54,7 +54,8 @@ def per_block_cast(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, tor
 def mla_kv_cache(lib: ctypes.CDLL, k_cache: torch.Tensor) -> torch.Tensor:
     """k_cache [blocks, page, 1, 576] bf16/fp16/fp32 (any block and token strides) -> FlashMLA's FP8
     records, float8_e4m3fn [blocks, page, 1, 656] (:func:`hal.ops.mla_fp8_cache.quantize_mla_kv_cache_reference`'s
-    bytes; a NaN tile's scale is the canonical NaN)."""
+    bytes, NaN bits aside: a NaN tile's scale is the canonical NaN, a NaN rope value 0x7fc0 where
+    the reference's vectorised conversion writes 0xffff)."""
     x = k_cache if k_cache.stride(3) == 1 else k_cache.contiguous()
     blocks, page = x.shape[:2]
     out = torch.empty(blocks, page, 656, dtype=torch.uint8)

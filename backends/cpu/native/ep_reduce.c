@@ -4,8 +4,8 @@
  *
  * Built on the user's machine together with the other native kernels (cc -O3 -march=native
  * -std=c11 -ffp-contract=off [-fopenmp] -fPIC -shared) and called through ctypes by
- * hal.backends.cpu.ep. Self-contained: the exported symbols are prefixed hal_ep_, all else is
- * static. Plain C written for the compiler to vectorise (widening bf16 is a shift, rounding to
+ * hal.backends.cpu.ep. Self-contained (with float_bits.h): the exported symbols are prefixed
+ * hal_ep_, all else is static. Plain C written for the compiler to vectorise (widening bf16 is a shift, rounding to
  * bf16 integer arithmetic); -ffp-contract=off keeps the product w * x rounded before it is added,
  * as in the reference.
  *

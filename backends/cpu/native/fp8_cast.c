@@ -16,8 +16,8 @@
  * Built with the other native kernels (cc -O3 -march=native -std=c11 -ffp-contract=off ...) and
  * called through ctypes by hal.backends.cpu.casts. Self-contained (with float_bits.h): exported
  * symbols are prefixed hal_cast_, all else is static. Plain C written for the compiler to
- * vectorise: the conversion is computed for every path and selected (no branch per element), so a
- * slice is a few passes over 128 values in L1. Tokens (or rows of blocks) are independent: OpenMP threads take them in chunks
+ * vectorise: the conversions are computed for every path and selected (no branch per element), so
+ * a slice is a few passes over 128 values in L1. Tokens (or rows of blocks) are independent: OpenMP threads take them in chunks
  * when there is enough work to pay for waking them.
  */
 
@@ -151,7 +151,8 @@ int hal_cast_per_block(const void *x, int dtype, int64_t n, int64_t k, int64_t l
  * reference's: per token, the 512 latent channels in 4 tiles of 128, each with a power-of-two
  * scale (ue8m0: the smallest 2^e >= max(amax / 448, 1e-4); NaN stays NaN, inf stays inf), codes
  * e4m3fn(x / scale); then the 4 scales (fp32) and the 64 rope channels as bf16 (rounded to nearest
- * even, NaN as 0x7fc0, as torch converts). Record: 512 code bytes, 16 scale bytes, 128 rope bytes. */
+ * even as torch rounds; a NaN as 0x7fc0, where the reference's vectorised conversion writes 0xffff).
+ * Record: 512 code bytes, 16 scale bytes, 128 rope bytes. */
 #define KV_LATENT 512
 #define KV_ROPE 64
 #define KV_TILES (KV_LATENT / CAST_BLOCK)
