@@ -89,6 +89,7 @@ typedef uint32_t mla_u32a __attribute__((may_alias, aligned(1)));
 /* ------------------------------------------------------------------------------------------ */
 /* threads: OpenMP (torch's threads), else a small pthread pool                               */
 
+#include "float_bits.h"
 #include "parallel.h"
 
 /* ------------------------------------------------------------------------------------------ */
@@ -164,38 +165,17 @@ static int mla_get_scratch(int ldq, int widen, mla_scratch *sc) {
 /* ------------------------------------------------------------------------------------------ */
 /* scalar conversions                                                                         */
 
-static inline float mla_bits_f32(uint32_t u) {
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint32_t mla_f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-static inline float mla_bf16_f32(uint16_t h) { return mla_bits_f32((uint32_t)h << 16); }
-
-static inline float mla_f16_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    if (exp == 0x1f) return mla_bits_f32(sign | 0x7f800000u | (man << 13));
-    if (exp == 0) { /* zero or subnormal: man * 2^-24, exact */
-        float v = (float)man * (1.0f / 16777216.0f);
-        return sign ? -v : v;
-    }
-    return mla_bits_f32(sign | ((exp + 112) << 23) | (man << 13));
-}
+/* fb_bits, fb_float and the fp16 widening fb_f16_f32 are float_bits.h's */
+static inline float mla_bf16_f32(uint16_t h) { return fb_float((uint32_t)h << 16); }
 
 static inline uint16_t mla_f32_bf16(float f) {
-    uint32_t u = mla_f32_bits(f);
+    uint32_t u = fb_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 static inline uint16_t mla_f32_f16(float f) {
-    uint32_t u = mla_f32_bits(f);
+    uint32_t u = fb_bits(f);
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
     uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u) return sign | 0x7e00;           /* NaN */
@@ -698,7 +678,7 @@ static void mla_item(void *ctx, long idx, int tid) {
 /* ------------------------------------------------------------------------------------------ */
 /* portable path: the same item structure in plain C (fp32 products and sums, libm expf)      */
 
-static inline float mla_load(const mla_prob *p, const uint16_t *x) { return p->fp16 ? mla_f16_f32(*x) : mla_bf16_f32(*x); }
+static inline float mla_load(const mla_prob *p, const uint16_t *x) { return p->fp16 ? fb_f16_f32(*x) : mla_bf16_f32(*x); }
 
 static void mla_item(void *ctx, long idx, int tid) {
     (void)tid;
