@@ -13,7 +13,8 @@
  * Built with the other native kernels (cc -O3 -march=native ...) and called through ctypes.
  * Self-contained: the exported symbol is prefixed hal_bf16_, all else is static. Plain C written
  * for the compiler to vectorise: one pass, a bit OR per element, at memory speed (4096 x 7168 on the
- * 2-core Zen 5 host: 0.8 ms; the same test as torch elementwise ops 53-67 ms, about the GEMM's own time).
+ * 2-core Zen 5 host: 0.8 ms; the same test as torch elementwise ops 53-67 ms, half of the
+ * m = 4096, n = 2112, k = 7168 GEMM itself).
  */
 
 #include <stdint.h>
