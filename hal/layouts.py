@@ -119,7 +119,7 @@ class Layouts:
     it cannot describe them, or ``values`` is None: check every call) and what :meth:`remember`
     stored under it (None when the layout was not checked before). After the checks pass,
     ``remember(values, key, value)`` with the key lookup gave (``value`` must not be None; a None
-    key remembers nothing). ``recall(values, check, *args)`` is both where the checks are one
+    key remembers nothing). ``recall(values, check, *args)`` does both when the checks are one
     function whose result is the value. ``limit`` layouts at most: a workload of ever-changing
     shapes starts over.
     """

@@ -5,10 +5,10 @@ A partial backend: it implements the three FP8 GEMM hooks at contract version 2 
 and per-token RHS scales included), the three BF16 GEMM hooks (:mod:`hal.backends.cpu.gemm_bf16`:
 torch's bf16 matmul where a native range scan shows it exact, else the fp32 matmul), the two
 FP8 casts and ``quantize_mla_kv_cache`` (:mod:`hal.backends.cpu.casts`, the reference's codes,
-scales and records; the reference itself without the native library), ``mla_decode`` (with the one-part schedule from its own ``get_mla_metadata``: its kernel walks
-every sequence whole) and ``ep_combine_reduce`` (:mod:`hal.backends.cpu.ep`). Selection is per
-operator: every other operator falls through to the next backend that implements it, as for any
-backend that lacks a hook.
+scales and records; the reference itself without the native library), ``mla_decode`` (with the
+one-part schedule from its own ``get_mla_metadata``: its kernel walks every sequence whole) and
+``ep_combine_reduce`` (:mod:`hal.backends.cpu.ep`). Selection is per operator: every other
+operator falls through to the next backend that implements it, as for any backend that lacks a hook.
 
 MLA decode runs on the native kernel (:mod:`hal.backends.cpu.mla_native`: ``vdpbf16ps`` scores,
 online softmax in fp32, P @ V in fp32) or, without it, on the reference formulation

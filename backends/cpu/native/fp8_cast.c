@@ -17,8 +17,8 @@
  * called through ctypes by hal.backends.cpu.casts. Self-contained (with float_bits.h): exported
  * symbols are prefixed hal_cast_, all else is static. Plain C written for the compiler to
  * vectorise: the conversions are computed for every path and selected (no branch per element), so
- * a slice is a few passes over 128 values in L1. Tokens (or rows of blocks) are independent: OpenMP threads take them in chunks
- * when there is enough work to pay for waking them.
+ * a slice is a few passes over 128 values in L1. Tokens (or rows of blocks) are independent:
+ * OpenMP threads take them in chunks when there is enough work to pay for waking them.
  */
 
 #include <stdint.h>
@@ -73,11 +73,13 @@ static inline void cast_amax(const float *restrict v, int64_t n, uint32_t *top) 
     *top = m;
 }
 
+/* The slice's amax from cast_amax's bits: NaN if any element was NaN (as torch's amax gives it). */
+static inline float cast_amax_value(uint32_t top) { return top > 0x7f800000u ? fb_float(0x7fc00000u) : fb_float(top); }
+
 /* The slice's amax after the floor, or NaN (as torch's amax, then clamp, give it). */
 static inline float cast_floor(uint32_t top) {
-    if (top > 0x7f800000u) return fb_float(0x7fc00000u);
-    const float amax = fb_float(top);
-    return amax < 1e-4f ? 1e-4f : amax;
+    const float amax = cast_amax_value(top);
+    return amax < 1e-4f ? 1e-4f : amax; /* NaN stays */
 }
 
 /* The reference's 448.0 / amax as torch computes it: 1 / amax rounded, times 448 rounded. */
@@ -187,8 +189,10 @@ int hal_cast_mla_kv_cache(const void *x, int dtype, int64_t blocks, int64_t page
             cast_widen(src + (size_t)tile * CAST_BLOCK * es, dtype, CAST_BLOCK, v);
             uint32_t top = 0;
             cast_amax(v, CAST_BLOCK, &top);
-            const float scale = kv_ue8m0(top > 0x7f800000u ? fb_float(0x7fc00000u) : fb_float(top));
-            for (int i = 0; i < CAST_BLOCK; i++) rec[tile * CAST_BLOCK + i] = cast_e4m3(v[i] / scale);
+            const float scale = kv_ue8m0(cast_amax_value(top));
+            /* x / scale as x * (1 / scale): the scale is a power of two from 2^-13 to 2^120 (its
+             * reciprocal exact and normal), inf (x * 0: the same zeros, inf * 0 NaN) or NaN */
+            cast_codes(v, CAST_BLOCK, 1.0f / scale, rec + tile * CAST_BLOCK);
             scales[tile] = scale;
         }
         memcpy(rec + KV_LATENT, scales, sizeof scales);
